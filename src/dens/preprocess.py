@@ -1,0 +1,322 @@
+"""The one route from a file to the canonical image: ``load(path, cfg) -> (uint8 [S, S], ImageInfo)``.
+
+Training, validation, inference and Grad-CAM all call :func:`load`; augmentation happens after it, in
+training only. numpy/OpenCV only, never torch, so decode workers stay light.
+
+Steps: decode (reduced resolution where it is cheap) -> Modality LUT -> VOI (window or LUT, min-max when
+there is none) -> MONOCHROME1 inverted -> breast crop -> chest wall to the left -> aspect-preserving
+resize, padded to S -> uint8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dens import dicom
+from dens.config import PreprocessConfig
+from dens.dicom import Reason, UnusableFile
+
+__all__ = ["PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
+
+PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
+# A first guess of how much of the image's long side the breast spans, so that most files decode once;
+# the measured breast box corrects it when the guess was too deep.
+_ASSUMED_BREAST_FILL = 0.8
+_MASK_SIDE = 256  # the breast is found on a thumbnail of this long side
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`load` learnt about a file: identity, geometry and the route its pixels took."""
+
+    path: str
+    patient_id: str = ""
+    accession: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    laterality: str = ""
+    laterality_source: str = ""  # 'tag' or 'pixels'
+    view: str = ""
+    transfer_syntax: str = ""
+    photometric: str = ""
+    rows: int = 0
+    cols: int = 0
+    decode_route: str = ""
+    reduce_level: int = 0
+    flipped: bool = False
+    crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 in full-resolution pixels
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- pixel maths: pure (array, dataset) -> array functions ------------------------------------------
+
+
+def apply_rescale(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT: a Modality LUT Sequence when present, else RescaleSlope/Intercept."""
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        return _apply_lut(pixels, seq[0], normalise=False)
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    if slope == 1.0 and intercept == 0.0:
+        return pixels.astype(np.float32, copy=False)
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def apply_voi(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI to [0, 1]: the first VOI LUT Sequence item, else the first window with its VOILUTFunction
+    (LINEAR, LINEAR_EXACT, SIGMOID), else min-max over the image."""
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        return _apply_lut(pixels, seq[0], normalise=True)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+        return window(pixels, center, width, function)
+    return min_max(pixels)
+
+
+def window(pixels: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing, output in [0, 1]."""
+    x = pixels.astype(np.float32, copy=False)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0).astype(np.float32)
+    if function != "LINEAR":
+        raise ValueError(f"unknown VOILUTFunction {function!r}")
+    width = max(width, 1.0)
+    if width == 1.0:
+        return (x > center - 0.5).astype(np.float32)
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def min_max(pixels: np.ndarray) -> np.ndarray:
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.zeros(pixels.shape, np.float32)
+    return ((pixels.astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _first(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _apply_lut(pixels: np.ndarray, item: Dataset, *, normalise: bool) -> np.ndarray:
+    count, first, bits = (int(v) for v in item.LUTDescriptor)
+    count = count or 65536
+    raw = item.LUTData
+    if isinstance(raw, bytes):
+        lut = np.frombuffer(raw, dtype="<u2" if bits > 8 else np.uint8)
+    else:
+        lut = np.asarray(raw if hasattr(raw, "__len__") else [raw])
+    lut = lut[:count].astype(np.float32)
+    index = np.clip(np.rint(pixels).astype(np.int64) - first, 0, len(lut) - 1)
+    out = lut[index]
+    if normalise:
+        # Some vendors declare 16 bits but fill 12: normalise by what the declared depth allows,
+        # unless the data overflows it.
+        top = max(float((1 << bits) - 1), float(lut.max()))
+        out = out / top
+    return out.astype(np.float32)
+
+
+def to_unit(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> [0, 1] with tissue bright: Modality LUT, VOI, MONOCHROME1 inverted."""
+    unit = apply_voi(apply_rescale(pixels, ds), ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit
+
+
+# --- geometry -------------------------------------------------------------------------------------
+
+
+def breast_mask(unit: np.ndarray) -> tuple[np.ndarray, float]:
+    """The breast as the largest bright component on a thumbnail; returns (mask, thumbnail scale).
+
+    Burnt-in markers and labels are separate components and drop out; so does speckle.
+    """
+    h, w = unit.shape
+    scale = min(1.0, _MASK_SIDE / max(h, w))
+    small = cv2.resize(unit, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    thumb = np.clip(small * 255.0, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    below = thumb[thumb <= otsu]
+    background = float(np.median(below)) if below.size else 0.0
+    # Otsu alone can cut a fatty breast's periphery off; a threshold nearer the background keeps it.
+    threshold = background + 0.25 * (otsu - background)
+    mask = (thumb > threshold).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return np.zeros_like(mask, dtype=bool), scale
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == largest, scale
+
+
+def _box(mask: np.ndarray, scale: float, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    h, w = shape
+    if not mask.any():
+        return 0, h, 0, w
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    pad = margin * max(h, w)
+    y0 = max(0, int(np.floor(ys[0] / scale - pad)))
+    y1 = min(h, int(np.ceil((ys[-1] + 1) / scale + pad)))
+    x0 = max(0, int(np.floor(xs[0] / scale - pad)))
+    x1 = min(w, int(np.ceil((xs[-1] + 1) / scale + pad)))
+    return y0, y1, x0, x1
+
+
+def chest_wall_from_pixels(mask: np.ndarray) -> str:
+    """'left' or 'right': the chest wall is the edge the breast leans on, where most tissue lies."""
+    if not mask.any():
+        return "left"
+    cols = mask.sum(axis=0).astype(np.float64)
+    third = max(1, len(cols) // 3)
+    return "left" if cols[:third].sum() >= cols[-third:].sum() else "right"
+
+
+def initial_level(rows: int, cols: int, cfg: PreprocessConfig) -> int:
+    """The deepest level that should leave the breast at least S on its long side."""
+    if not cfg.reduce:
+        return 0
+    long_side, level = max(rows, cols) * _ASSUMED_BREAST_FILL, 0
+    while level < cfg.max_reduce_levels and long_side / 2 ** (level + 1) >= cfg.size:
+        level += 1
+    return level
+
+
+def _needed_level(breast_long_full: float, cfg: PreprocessConfig) -> int:
+    level = 0
+    while level < cfg.max_reduce_levels and breast_long_full / 2 ** (level + 1) >= cfg.size:
+        level += 1
+    return level
+
+
+def fit_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Aspect-preserving resize so the long side is ``size``, left-aligned (chest wall), vertically
+    centred, zero-padded."""
+    h, w = image.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    canvas = np.zeros((size, size), dtype=image.dtype)
+    top = (size - nh) // 2
+    canvas[top : top + nh, :nw] = resized
+    return canvas
+
+
+# --- plain images (PNG, PGM, TIFF) ----------------------------------------------------------------
+
+
+@dataclass
+class _PlainImage:
+    path: str
+    pixels: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape
+
+    def decode(self, level: int) -> tuple[np.ndarray, int, str]:
+        return dicom.reduce_like_j2k(self.pixels, level), level, f"opencv:lowpass{level}" if level else "opencv"
+
+    def to_unit(self, pixels: np.ndarray) -> np.ndarray:
+        # 8-bit files are display-ready; 16-bit ones often hold 10-14 bits, so stretch them.
+        if self.pixels.dtype == np.uint8:
+            return (pixels / 255.0).astype(np.float32)
+        return min_max(pixels)
+
+
+def _read_plain(path: str) -> _PlainImage:
+    pixels = cv2.imread(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE)
+    if pixels is None or pixels.size == 0:
+        reason = Reason.EMPTY_FILE if Path(path).stat().st_size == 0 else Reason.CORRUPT_PIXELS
+        raise UnusableFile(reason, "OpenCV could not read this image file", path)
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise UnusableFile(Reason.NOT_GRAYSCALE, f"unsupported pixel type {pixels.dtype}", path)
+    return _PlainImage(path, pixels)
+
+
+# --- the route -----------------------------------------------------------------------------------
+
+
+def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, ImageInfo]:
+    """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [S, S]`` image and its info.
+
+    Raises :class:`dens.dicom.UnusableFile` (with a reason code) for files that yield no image.
+    """
+    cfg = cfg or PreprocessConfig()
+    path = str(path)
+    if path.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+        source = _read_plain(path)
+        unit_of: Callable[[np.ndarray], np.ndarray] = source.to_unit
+        tags: dict = {}
+    else:
+        source = dicom.read(path)
+        unit_of = lambda px: to_unit(px, source.ds)  # noqa: E731
+        tags = {**source.identity, "view": source.view, "transfer_syntax": source.transfer_syntax,
+                "photometric": source.photometric}
+    rows, cols = source.shape
+
+    level = initial_level(rows, cols, cfg)
+    while True:
+        pixels, reached, route = source.decode(level)
+        unit = unit_of(pixels)
+        mask, scale = breast_mask(unit)
+        box = _box(mask, scale, unit.shape, cfg.crop_margin) if cfg.crop else (0, unit.shape[0], 0, unit.shape[1])
+        breast_long_full = max(box[1] - box[0], box[3] - box[2]) * 2**reached
+        wanted = min(reached, _needed_level(breast_long_full, cfg)) if cfg.reduce else 0
+        if wanted >= reached:
+            break
+        level = wanted  # the first guess was too deep for this breast: decode once more, shallower
+
+    laterality = getattr(source, "laterality", "")
+    side = getattr(source, "chest_wall_side", "")
+    pixel_side = chest_wall_from_pixels(mask)
+    if not side:
+        # Without PatientOrientation, the laterality tag and the display convention (chest wall of a
+        # right breast on the right edge) tell the side; failing both, the pixels do.
+        side = {"L": "left", "R": "right"}.get(laterality, pixel_side)
+    laterality_source = "tag" if laterality else "pixels"
+    if not laterality:
+        laterality = "L" if pixel_side == "left" else "R"
+
+    y0, y1, x0, x1 = box
+    image = unit[y0:y1, x0:x1]
+    flipped = cfg.orient and side == "right"
+    if flipped:
+        image = image[:, ::-1]
+    canonical = np.rint(np.clip(fit_to_square(np.ascontiguousarray(image), cfg.size), 0, 1) * 255).astype(np.uint8)
+
+    factor = 2**reached
+    info = ImageInfo(
+        path=path,
+        **tags,
+        laterality=laterality,
+        laterality_source=laterality_source,
+        rows=rows,
+        cols=cols,
+        decode_route=route,
+        reduce_level=reached,
+        flipped=bool(flipped),
+        crop_box=(y0 * factor, min(rows, y1 * factor), x0 * factor, min(cols, x1 * factor)),
+    )
+    return canonical, info
