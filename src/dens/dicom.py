@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -219,7 +221,9 @@ class DicomFile:
                     continue
                 return pixels, lvl, f"pillow-j2k:reduce{lvl}"
         full, route = self._decode_full()
-        return reduce_like_j2k(full, level), level, f"{route}:lowpass{level}" if level else route
+        # Clip the low-pass overshoot at sharp edges as the JPEG 2000 route does, so the two agree.
+        pixels = _check_range(reduce_like_j2k(full, level), self, clip=True)
+        return pixels, level, f"{route}:lowpass{level}" if level else route
 
     def _decode_full(self) -> tuple[np.ndarray, str]:
         if self._full is not None:
@@ -260,8 +264,11 @@ def _decode_gdcm(f: DicomFile) -> np.ndarray:
     dtype = _GDCM_DTYPES.get(image.GetPixelFormat().GetScalarTypeAsString())
     if dtype is None:
         raise RuntimeError(f"unsupported GDCM pixel type {image.GetPixelFormat().GetScalarTypeAsString()}")
-    # GDCM's Python binding returns the buffer as a str of surrogate-escaped bytes.
-    raw = image.GetBuffer().encode("utf-8", "surrogateescape")
+    # GDCM's Python binding returns the buffer as a str of surrogate-escaped bytes (None when it fails).
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise RuntimeError("gdcm could not decode the pixel data")
+    raw = buffer.encode("utf-8", "surrogateescape")
     return np.frombuffer(raw, dtype=dtype)[: rows * cols].reshape(rows, cols)
 
 
@@ -271,9 +278,17 @@ def _decode_j2k_pillow(f: DicomFile, level: int) -> np.ndarray:
 
     codestream = next(generate_frames(f.ds.PixelData, number_of_frames=1))
     params = openjpeg.get_parameters(codestream)
-    if params["is_signed"] or params["samples_per_pixel"] != 1 or params["precision"] > 16:
+    # A signed header over an unsigned codestream (pydicom's J2K_pixelrep_mismatch.dcm) needs
+    # pydicom's sign correction: leave it to the full decode.
+    signed = params["is_signed"] or int(f.ds.get("PixelRepresentation") or 0) == 1
+    if signed or params["samples_per_pixel"] != 1 or params["precision"] > 16:
         raise ValueError("Pillow route handles unsigned single-component codestreams up to 16 bits")
     with Image.open(io.BytesIO(codestream)) as im:
+        if level:
+            # Pillow rounds the reduced size where JPEG 2000 takes the ceiling, and then fails on every
+            # side not divisible by 2**level (5355x4915 at level 3): give it a size that rounds right.
+            power = 1 << level
+            im._size = tuple(-(-n // power) * power - power // 2 for n in im.size)
         im.reduce = level
         im.load()
         mode = im.mode
@@ -342,6 +357,12 @@ def read(path: str | Path, *, any_modality: bool = False) -> DicomFile:
     if not any_modality:
         _check_mammography(f)
         _check_view(f)
+    for keyword in ("NumberOfFrames", "RescaleSlope", "RescaleIntercept"):
+        # Text numbers (IS, DS) come back as the raw string when malformed ('1A'): an error, not a crash.
+        try:
+            float(ds.get(keyword) or 0)
+        except (TypeError, ValueError):
+            raise UnusableFile(Reason.UNREADABLE, f"{keyword} {ds.get(keyword)!r} is not a number", path) from None
     if int(ds.get("NumberOfFrames") or 1) > 1:
         raise UnusableFile(Reason.MULTI_FRAME, f"{ds.NumberOfFrames} frames (tomosynthesis?)", path)
     if int(ds.get("SamplesPerPixel") or 1) != 1 or f.photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -373,6 +394,7 @@ def _parse(path: str) -> Dataset:
         raise UnusableFile(Reason.UNREADABLE, f"DICOM header unreadable ({type(exc).__name__}: {exc})", path) from exc
     if not has_preamble and not _looks_like_dicom(ds):
         raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no preamble, no DICOM identity)", path)
+    _check_complete(ds, path)
     try:
         # pydicom parses lazily: touch every top-level element now so a truncated header is an error here.
         for _ in ds:
@@ -380,6 +402,28 @@ def _parse(path: str) -> Dataset:
     except Exception as exc:
         raise UnusableFile(Reason.UNREADABLE, f"DICOM header truncated or corrupt ({exc})", path) from exc
     return ds
+
+
+def _check_complete(ds: Dataset, path: str) -> None:
+    """pydicom reads a truncated file without a word: a short last value, a few bytes of a next element
+    ignored, or (encapsulated pixel data cut short) an empty data set. Those are errors, not skips."""
+    if not len(ds):
+        raise UnusableFile(Reason.UNREADABLE, "no data set after the file meta (file truncated?)", path)
+    last = ds.get_item(next(reversed(ds.keys())))
+    syntax = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
+    if (not isinstance(last, RawDataElement) or last.value is None or last.length == 0xFFFFFFFF
+            or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian):  # fmt: skip
+        return  # no byte positions to check (a sequence, an undefined length, an inflated stream)
+    end = last.value_tell + last.length
+    stray = 0 < os.path.getsize(path) - end < 8  # too short for an element: the start of one, cut
+    if stray:
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            stray = any(fh.read())  # zero padding, which some writers leave, is no truncation
+    if len(last.value) < last.length or stray:
+        reason = Reason.CORRUPT_PIXELS if last.tag == 0x7FE00010 else Reason.UNREADABLE
+        raise UnusableFile(reason, f"file truncated (it ends in or just after element {last.tag}); copy it again "
+                                   "from its source", path)  # fmt: skip
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:

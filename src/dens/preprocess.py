@@ -129,9 +129,10 @@ def _apply_lut(pixels: np.ndarray, item: Dataset, *, normalise: bool) -> np.ndar
     index = np.clip(np.rint(pixels).astype(np.int64) - first, 0, len(lut) - 1)
     out = lut[index]
     if normalise:
-        # Some vendors declare 16 bits but fill 12: normalise by what the declared depth allows,
-        # unless the data overflows it.
-        top = max(float((1 << bits) - 1), float(lut.max()))
+        # Some vendors declare 16 bits per entry but fill only 12: normalise by the depth the entries
+        # really use (never more than declared, unless the data overflows the declaration).
+        used_bits = min(bits, max(1, int(lut.max()).bit_length())) if lut.max() <= (1 << bits) - 1 else bits
+        top = max(float((1 << used_bits) - 1), float(lut.max()))
         out = out / top
     return out.astype(np.float32)
 
@@ -170,16 +171,19 @@ def breast_mask(unit: np.ndarray) -> tuple[np.ndarray, float]:
     return labels == largest, scale
 
 
-def _box(mask: np.ndarray, scale: float, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+def _box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
     h, w = shape
     if not mask.any():
         return 0, h, 0, w
     ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     pad = margin * max(h, w)
-    y0 = max(0, int(np.floor(ys[0] / scale - pad)))
-    y1 = min(h, int(np.ceil((ys[-1] + 1) / scale + pad)))
-    x0 = max(0, int(np.floor(xs[0] / scale - pad)))
-    x1 = min(w, int(np.ceil((xs[-1] + 1) / scale + pad)))
+    # The thumbnail's own scale on each axis (its sides were rounded), so that a mirrored image
+    # gets the mirrored box.
+    sy, sx = mask.shape[0] / h, mask.shape[1] / w
+    y0 = max(0, int(np.floor(ys[0] / sy - pad)))
+    y1 = min(h, int(np.ceil((ys[-1] + 1) / sy + pad)))
+    x0 = max(0, int(np.floor(xs[0] / sx - pad)))
+    x1 = min(w, int(np.ceil((xs[-1] + 1) / sx + pad)))
     return y0, y1, x0, x1
 
 
@@ -236,7 +240,9 @@ class _PlainImage:
         return self.pixels.shape
 
     def decode(self, level: int) -> tuple[np.ndarray, int, str]:
-        return dicom.reduce_like_j2k(self.pixels, level), level, f"opencv:lowpass{level}" if level else "opencv"
+        # Clip the low-pass overshoot to the file's range, as the DICOM routes clip to BitsStored's.
+        pixels = np.clip(dicom.reduce_like_j2k(self.pixels, level), 0, np.iinfo(self.pixels.dtype).max)
+        return pixels, level, f"opencv:lowpass{level}" if level else "opencv"
 
     def to_unit(self, pixels: np.ndarray) -> np.ndarray:
         # 8-bit files are display-ready; 16-bit ones often hold 10-14 bits, so stretch them.
@@ -280,8 +286,8 @@ def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndar
     while True:
         pixels, reached, route = source.decode(level)
         unit = unit_of(pixels)
-        mask, scale = breast_mask(unit)
-        box = _box(mask, scale, unit.shape, cfg.crop_margin) if cfg.crop else (0, unit.shape[0], 0, unit.shape[1])
+        mask, _ = breast_mask(unit)
+        box = _box(mask, unit.shape, cfg.crop_margin) if cfg.crop else (0, unit.shape[0], 0, unit.shape[1])
         breast_long_full = max(box[1] - box[0], box[3] - box[2]) * 2**reached
         wanted = min(reached, _needed_level(breast_long_full, cfg)) if cfg.reduce else 0
         if wanted >= reached:
