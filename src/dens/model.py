@@ -1,0 +1,259 @@
+"""The density classifier (a 1-channel ResNet that takes uint8) and its checkpoint file.
+
+The graph starts at the bytes: ``forward`` casts, scales and normalises, so PyTorch, ONNX and Grad-CAM
+all feed the same ``uint8 [N, 1, S, S]`` batch and no caller can normalise differently. A checkpoint
+carries the model's constructor args, the PreprocessConfig and the classes, so it describes itself.
+Checkpoints and weight files are untrusted input: they are read with ``torch.load(weights_only=True)``
+only, which refuses anything but tensors and plain data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
+
+from dens.config import PreprocessConfig
+from dens.labels import CLASSES, NUM_CLASSES
+
+FORMAT_VERSION = 1
+# The ImageNet RGB mean/std averaged over the channels: the summed 1-channel conv1 sees grey input.
+GREY_MEAN, GREY_STD = 0.449, 0.226
+# Random-init constructors and the torchvision weights whose file `weights="imagenet"` reads.
+ARCHS = {"resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2), "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+_KEYS = ("format_version", "model_args", "state_dict", "preprocess", "classes", "temperature", "summary", "extra")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message names the file and what to do."""
+
+
+class DensityNet(nn.Module):
+    """uint8 ``[N, 1, S, S]`` (or float in 0..255) -> logits ``[N, num_classes]``; the ResNet is ``backbone``."""
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, mean: float = GREY_MEAN,
+                 std: float = GREY_STD):  # fmt: skip
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        self.model_args = {"arch": arch, "num_classes": int(num_classes), "mean": float(mean), "std": float(std)}
+        self.backbone = ARCHS[arch][0](weights=None)  # weights=None: torchvision never downloads
+        self.backbone.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
+        self.backbone.fc = nn.Linear(self.backbone.fc.in_features, int(num_classes))
+        # Buffers, not Python floats, so they appear as initialisers in the exported graph.
+        self.register_buffer("mean", torch.tensor(float(mean)).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(float(std)).view(1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * (1.0 / 255.0)  # no dtype branch: the ONNX trace must hold the cast for uint8 input
+        return self.backbone((x - self.mean) / self.std)
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where ``weights="imagenet"`` looks: torchvision's file in the torch hub cache (TORCH_HOME moves it)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ARCHS[arch][1].url).name
+
+
+def build_model(arch: str = "resnet50", weights: str | os.PathLike | None = None, num_classes: int = NUM_CLASSES,
+                *, mean: float = GREY_MEAN, std: float = GREY_STD) -> DensityNet:  # fmt: skip
+    """A DensityNet with random (``None``/``"none"``), ImageNet (``"imagenet"``, from the torch hub cache)
+    or local-file (a path to a torchvision-style ResNet state dict) starting weights. Never downloads.
+
+    A pretrained 3-channel conv1 is summed over RGB into the 1-channel stem; the pretrained fc is dropped.
+    """
+    net = DensityNet(arch, num_classes, mean, std)
+    if weights is None or weights == "none":
+        return net
+    if weights == "imagenet":
+        path = imagenet_weights_path(arch)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ImageNet weights for {arch} not found: expected the file {path.name} in {path.parent} (the torch "
+                f"hub cache; setting TORCH_HOME moves it). Copy {ARCHS[arch][1].url} there from a machine with "
+                "network access, or pass --weights PATH to a local copy, or --weights none to train from scratch.")
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} not found (--weights takes 'imagenet', 'none' or a path)")
+    _load_backbone(net, path)
+    return net
+
+
+def _load_backbone(net: DensityNet, path: Path) -> None:
+    state = _read(path, "weights file")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a dens or trainer checkpoint
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict (a dict of name -> tensor)")
+    state = strip_prefixes(state, (*_WRAPPER_PREFIXES, "backbone."))
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3:
+        state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)  # grey = R + G + B feeds all three filters
+    # The class head is always new; a dens checkpoint's mean/std buffers belong to this model, not the file.
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and k not in ("mean", "std")}
+    arch = net.model_args["arch"]
+    try:
+        missing, unexpected = net.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches are raised even with strict=False
+        raise CheckpointError(f"{path}: its weights do not fit a {arch}: {exc}") from exc
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} is not a torchvision {arch} state dict: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (another arch?)")
+
+
+def strip_prefixes(state: dict[str, Any], prefixes: tuple[str, ...] = _WRAPPER_PREFIXES) -> dict[str, Any]:
+    """``state`` with wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile) removed from its keys."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(prefixes):
+            key = key[len(next(p for p in prefixes if key.startswith(p))) :]
+        out[key] = value
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` is made of what ``torch.load(weights_only=True)`` accepts."""
+    # Exact types: numpy scalars subclass float/int but are refused by weights_only loading.
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(value) in (list, tuple, set, torch.Size):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds only "
+                        "tensors and plain data (dict, list, tuple, str, int, float, bool, None) so that it loads "
+                        "with weights_only=True; convert it first (a numpy scalar: .item())")  # fmt: skip
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, preprocess: PreprocessConfig, *,
+                    classes: tuple[str, ...] | list[str] = CLASSES, summary: dict | None = None,
+                    temperature: float = 1.0, extra: dict | None = None) -> str:  # fmt: skip
+    """Write ``model`` (DDP / torch.compile wrappers removed) and what describes it to ``path``, atomically
+    (a crash mid-write leaves the previous file). ``summary`` is JSON-able; ``extra`` is tensors and plain
+    data (optimizer/scheduler/scaler state, epoch). Returns the file's sha256."""
+    net = _unwrap(model)
+    if not isinstance(getattr(net, "model_args", None), dict):
+        raise TypeError(f"save_checkpoint needs a DensityNet (from build_model), got {type(net).__name__}")
+    summary, extra = dict(summary or {}), dict(extra or {})
+    json.dumps(summary)  # TypeError now, not a checkpoint the ONNX metadata cannot carry later
+    _check_plain(summary, "summary")
+    _check_plain(extra, "extra")
+    classes = [str(c) for c in classes]
+    if len(classes) != net.model_args["num_classes"]:
+        raise ValueError(f"{len(classes)} classes for a model with {net.model_args['num_classes']} outputs")
+    blob = {"format_version": FORMAT_VERSION, "model_args": dict(net.model_args),
+            "state_dict": {k: v.detach().cpu() for k, v in strip_prefixes(model.state_dict()).items()},
+            "preprocess": preprocess.to_dict(), "classes": classes, "temperature": float(temperature),
+            "summary": summary, "extra": extra}  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sha
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model (eval mode) and everything that travels with it."""
+
+    model: DensityNet
+    preprocess: PreprocessConfig
+    classes: tuple[str, ...]
+    temperature: float
+    summary: dict
+    extra: dict
+    sha256: str
+    path: Path
+
+
+def _read(path: Path, what: str, map_location: Any = "cpu") -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling refusals, truncated or foreign files: all unusable the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot be read as a {what} ({first}). Files are loaded with "
+                              "torch.load(weights_only=True), which refuses anything but tensors and plain data; "
+                              "was it written by dens / torchvision, and is it complete?") from exc  # fmt: skip
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only) and rebuild its model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    sha = file_sha256(path)
+    blob = _read(path, "dens checkpoint", map_location)
+    if not isinstance(blob, dict) or "format_version" not in blob:
+        raise CheckpointError(f"{path} is not a dens checkpoint (no format_version); a bare state dict is a "
+                              "--weights file, not a checkpoint")  # fmt: skip
+    if blob["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {blob['format_version']!r}; this dens reads format "
+                              f"{FORMAT_VERSION} (a newer file needs a newer dens)")  # fmt: skip
+    missing = [k for k in _KEYS if k not in blob]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: a truncated or hand-made checkpoint?")
+    try:
+        model = build_model(weights=None, **blob["model_args"])
+        model.load_state_dict(strip_prefixes(blob["state_dict"]), strict=True)
+        preprocess = PreprocessConfig.from_dict(blob["preprocess"])
+        classes = tuple(str(c) for c in blob["classes"])
+        if len(classes) != model.model_args["num_classes"]:
+            raise ValueError(f"{len(classes)} classes for {model.model_args['num_classes']} outputs")
+        temperature = float(blob["temperature"])
+        if not temperature > 0:
+            raise ValueError(f"temperature {temperature} is not positive")
+        if not isinstance(blob["summary"], dict) or not isinstance(blob["extra"], dict):
+            raise ValueError("summary and extra must be dicts")
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: inconsistent checkpoint: {exc}") from exc
+    if isinstance(map_location, str | torch.device):
+        model.to(map_location)
+    return Checkpoint(model.eval(), preprocess, classes, temperature, blob["summary"], blob["extra"], sha, path)
