@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench demo clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,23 @@ test: lint
 
 bench: setup
 	$(PY) bench/decode.py
+
+# The demo runs on any 2-core machine in a few minutes: it trains a small model (resnet18 at S=128,
+# from scratch) on a synthetic cohort, not the default ResNet-50 at 512, and says so.
+DEMO ?= demo
+demo: setup
+	@echo "== dens demo: a small synthetic cohort and a small model (resnet18, S=128, random init) =="
+	$(VENV)/bin/dens-synth $(DEMO)/cohort --patients 60 --size small --seed 1 --overwrite
+	$(VENV)/bin/dens-synth $(DEMO)/studies --patients 6 --size small --seed 2 --overwrite
+	$(VENV)/bin/dens-train --data $(DEMO)/cohort --out $(DEMO)/runs/demo --arch resnet18 --weights none \
+		--size 128 --epochs 4 --batch-size 16 --lr 1e-3 --cache $(DEMO)/.cache --no-progress
+	$(VENV)/bin/dens-export --onnx --checkpoint $(DEMO)/runs/demo/best.pt --no-progress
+	$(VENV)/bin/dens-infer $(DEMO)/studies --model $(DEMO)/runs/demo/model.onnx --out $(DEMO)/preds.csv --overwrite
+	@echo "== outputs =="
+	@echo "run directory (checkpoints, metrics.json, plots): $(DEMO)/runs/demo"
+	@echo "ONNX model and parity report:                      $(DEMO)/runs/demo/model.onnx, model.parity.json"
+	@echo "predictions (one row per file):                    $(DEMO)/preds.csv"
+	@echo "breast and exam level:                             $(DEMO)/preds.breast.csv, $(DEMO)/preds.exam.csv"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

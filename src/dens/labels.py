@@ -31,6 +31,9 @@ P_DENSE = "p_dense"
 DENSE = "dense"
 STATUS = "status"
 REASON = "reason"
+FLAGGED = "flagged"
+MODEL_SHA256 = "model_sha256"
+GRADCAM = "gradcam"  # preds.csv: the Grad-CAM overlay PNG, relative to preds.csv's folder
 
 IDENTITY_COLUMNS: tuple[str, ...] = (PATIENT_ID, ACCESSION, STUDY_UID, SERIES_UID, SOP_UID, LATERALITY, VIEW)
 

@@ -1,0 +1,83 @@
+"""dens-gradcam: click options -> GradcamConfig -> :func:`run` (which calls :func:`dens.explain.run_gradcam`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from dens.explain.run import GradcamError, run_gradcam
+from dens.flags import parse_flag
+
+
+@dataclass(frozen=True)
+class GradcamConfig:
+    """Everything one dens-gradcam run needs; see :func:`dens.explain.run_gradcam`."""
+
+    preds: Path
+    out: Path
+    model: Path | None = None
+    checkpoint: Path | None = None
+    flag: str | None = None
+    layer: str | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int | None = None
+    thumbnails: str = "flagged"
+    report: bool = True
+    progress: bool = True
+
+
+def run(cfg: GradcamConfig) -> pd.DataFrame:
+    """Run Grad-CAM as configured; returns the updated preds table (see :func:`dens.explain.run_gradcam`)."""
+    return run_gradcam(cfg.preds, cfg.out, checkpoint=cfg.checkpoint, model_path=cfg.model, flag=cfg.flag,
+                       layer=cfg.layer, batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
+                       thumbnails=cfg.thumbnails, report=cfg.report, progress=cfg.progress)  # fmt: skip
+
+
+def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        parse_flag(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("preds", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the overlays (<sop_uid>.png), raw maps (<sop_uid>.npy) and thumbnails.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path),
+              help="The ONNX model that wrote PREDS [default: runs/latest/model.onnx]; its sha256 must match.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="The PyTorch checkpoint the ONNX model was exported from [default: the one its metadata names].")
+@click.option("--flag", callback=_check_flag,
+              help="Which rows get maps: classes ('C,D') or a threshold ('p_dense>=0.5') [default: PREDS' flagged "
+                   "column].")  # fmt: skip
+@click.option("--layer", default=None, help="Target layer, dotted [default: backbone.layer4.-1, the last block].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode threads [min(4, cores)].")
+@click.option("--thumbnails", type=click.Choice(["flagged", "all", "none"]), default="flagged", show_default=True,
+              help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
+                   "again), or none.")  # fmt: skip
+@click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def main(**options) -> None:
+    """Grad-CAM maps for the flagged rows of an existing PREDS (a dens-infer preds.csv), without rerunning
+    inference: an overlay and a raw map per flagged image, the preds.csv `gradcam` column, and report.html."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = GradcamConfig(**options)
+    try:
+        table = run(cfg)
+    except (GradcamError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = table.attrs.get("report")
+    click.echo(f"dens-gradcam: {table.attrs['summary'].line()}; maps in {cfg.out}"
+               + (f"; review page {report}" if report else ""))  # fmt: skip
+
+
+__all__ = ["GradcamConfig", "main", "run"]

@@ -1,0 +1,316 @@
+"""Grad-CAM over a preds.csv: find and check the model, re-load the flagged images through the one
+preprocessing route, write an overlay and a raw map per image, the ``gradcam`` column and report.html.
+
+The map is computed in PyTorch on exactly the canonical image the ONNX model saw (``dens.preprocess.load``
+with the preprocessing stored in the model's metadata), for the class preds.csv reports. The checkpoint must
+be the one the ONNX file was exported from (sha256 in its metadata), and the ONNX file the one that wrote
+preds.csv (``model_sha256``): otherwise the maps would explain a different model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dens import labels, runs
+from dens.config import PreprocessConfig
+from dens.dicom import UnusableFile
+from dens.explain.gradcam import GradCAM, assign_stems
+from dens.flags import Flag, parse_flag
+
+log = logging.getLogger(__name__)
+
+GRADCAM, MODEL_SHA256 = labels.GRADCAM, labels.MODEL_SHA256
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when there is one; ``cuda`` without one falls back to CPU with a warning."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda" if device == "auto" else device)
+    if device != "auto":
+        log.warning("CUDA is not available here: Grad-CAM runs on the CPU")
+    return torch.device("cpu")
+
+
+def load_batches(
+    items: Sequence[tuple[int, str]], cfg: PreprocessConfig, batch_size: int, workers: int
+) -> Iterator[list[tuple[int, np.ndarray | Exception]]]:
+    """Canonical images of ``(row, path)`` items through ``dens.preprocess.load``, in batches of
+    ``(row, image or the exception)``, decoding one batch ahead on a thread pool (the decoders and OpenCV
+    release the GIL). Memory holds two batches at most."""
+    from dens.preprocess import load  # the one route from a file to pixels
+
+    def one(path: str) -> np.ndarray | Exception:
+        try:
+            return load(path, cfg)[0]
+        except (UnusableFile, OSError, ValueError, RuntimeError) as exc:  # the file changed since inference
+            return exc
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: list[tuple[int, Future]] = []
+        for start in range(0, len(items) + batch_size, batch_size):
+            ahead = [(row, pool.submit(one, path)) for row, path in items[start : start + batch_size]]
+            if pending:
+                yield [(row, future.result()) for row, future in pending]
+            pending = ahead
+
+
+@dataclass(frozen=True)
+class GradcamSummary:
+    """What a run did, for the one-line summary."""
+
+    rows: int
+    flagged: int
+    maps: int
+    errors: int
+    disagreements: int  # PyTorch's argmax differs from preds.csv's call (the map is for preds.csv's)
+    seconds: float
+    device: str
+
+    def line(self) -> str:
+        rate = self.maps / self.seconds if self.seconds > 0 else 0.0
+        extra = f", {self.disagreements} where PyTorch's call differs from preds.csv" if self.disagreements else ""
+        return (f"{self.rows} rows, {self.flagged} flagged, {self.maps} maps, {self.errors} errors{extra}, "
+                f"{rate:.2f} img/s on {self.device}")  # fmt: skip
+
+
+def run_gradcam(
+    preds_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    model_path: str | Path | None = None,
+    flag: str | Flag | None = None,
+    layer: str | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    workers: int | None = None,
+    thumbnails: str = "flagged",
+    report: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Grad-CAM for the flagged rows of ``preds_csv``: an overlay PNG and the raw map ``.npy`` per image
+    under ``out_dir``, preds.csv's ``gradcam`` column rewritten (atomically), ``report.html`` beside it.
+
+    ``flag``: see :func:`dens.flags.parse_flag` (default: preds.csv's ``flagged`` column).
+    ``model_path`` defaults to the newest run's ``model.onnx``, ``checkpoint`` to the one its metadata names.
+    ``thumbnails``: which views the page shows: ``flagged`` (all views of exams with a flagged image),
+    ``all`` (every ok row; decodes every file again) or ``none``. Returns the updated table (strings, as
+    read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`) and ``report`` (its path).
+    Raises :class:`GradcamError` for what a user must fix (wrong model, missing checkpoint, bad preds.csv).
+    """
+    from dens.explain import report as pages
+
+    if thumbnails not in ("flagged", "all", "none"):
+        raise ValueError(f"thumbnails must be flagged, all or none, got {thumbnails!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    preds_csv, out_dir = Path(preds_csv), Path(out_dir)
+    preds = read_preds(preds_csv)
+    selected = parse_flag(flag).select(preds).to_numpy()
+    stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
+    resolved = resolve_model(preds, preds_csv, model_path=model_path, checkpoint=checkpoint,
+                             need_weights=bool(selected.any()))  # fmt: skip
+    workers = workers or min(4, os.cpu_count() or 1)
+    dev = pick_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def items(rows) -> list[tuple[int, str]]:
+        return [(int(i), resolve_input(preds.at[i, labels.PATH], preds_csv)) for i in rows]
+
+    overlays: dict[int, str] = {}
+    thumbs: dict[int, Path] = {}
+    errors = disagreements = 0
+    if selected.any():
+        model = resolved.model.to(dev).eval()
+        bar = tqdm(total=int(selected.sum()), desc="grad-cam", unit="img", disable=not progress)
+        with GradCAM(model, layer) as cam:
+            for batch in load_batches(items(np.flatnonzero(selected)), resolved.preprocess, batch_size, workers):
+                good = [(row, image) for row, image in batch if isinstance(image, np.ndarray)]
+                errors += _log_failures(batch, preds, "grad-cam")
+                if good:
+                    targets = [resolved.class_index(preds.at[row, labels.DENSITY]) for row, _ in good]
+                    result = cam(np.stack([image for _, image in good])[:, None], targets)
+                    disagreements += int((result.logits.argmax(1) != result.targets).sum())
+                    for (row, image), cam_map in zip(good, result.maps, strict=True):
+                        overlay = pages.write_cam_files(out_dir, stems[row], image, cam_map)
+                        overlays[row] = Path(os.path.relpath(overlay.resolve(), preds_csv.parent.resolve())).as_posix()
+                        thumbs[row] = out_dir / pages.THUMBS / f"{stems[row]}.png"
+                bar.update(len(batch))
+        bar.close()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    preds[GRADCAM] = [overlays.get(i, "") for i in range(len(preds))]
+    write_preds(preds, preds_csv)
+    if report:
+        wanted = [i for i in _thumbnail_rows(preds, selected, thumbnails) if i not in thumbs]
+        bar = tqdm(total=len(wanted), desc="thumbnails", unit="img", disable=not progress or not wanted)
+        for batch in load_batches(items(wanted), resolved.preprocess, batch_size, workers):
+            _log_failures(batch, preds, "thumbnail")
+            for row, image in batch:
+                if isinstance(image, np.ndarray):
+                    thumbs[row] = pages.write_thumbnail(out_dir, stems[row], image)
+            bar.update(len(batch))
+        bar.close()
+        preds.attrs["report"] = pages.write_report(preds, preds_csv, thumbs, overlays=overlays,
+                                                   exam_calls=_read_exam_calls(preds_csv))  # fmt: skip
+    preds.attrs["summary"] = GradcamSummary(len(preds), int(selected.sum()), len(overlays), errors, disagreements,
+                                            time.perf_counter() - started, str(dev))  # fmt: skip
+    return preds
+
+
+def _log_failures(batch: list[tuple[int, np.ndarray | Exception]], preds: pd.DataFrame, what: str) -> int:
+    failed = [(row, exc) for row, exc in batch if not isinstance(exc, np.ndarray)]
+    for row, exc in failed:
+        log.warning("%s: %s: %s", what, preds.at[row, labels.PATH], exc)
+    return len(failed)
+
+
+def _thumbnail_rows(preds: pd.DataFrame, selected: np.ndarray, thumbnails: str) -> list[int]:
+    from dens.infer.aggregate import exam_key
+
+    if thumbnails == "none":
+        return []
+    records = preds.to_dict("index")
+    ok = [i for i, r in records.items() if r[labels.STATUS] == "ok"]
+    if thumbnails == "all":
+        return ok
+    flagged_exams = {exam_key(records[i]) for i in np.flatnonzero(selected)}
+    return [i for i in ok if exam_key(records[i]) in flagged_exams]
+
+
+def _read_exam_calls(preds_csv: Path) -> pd.DataFrame | None:
+    """preds.exam.csv beside preds.csv (written by dens-infer), when there is one."""
+    from dens.infer.aggregate import aggregate_paths
+
+    path = aggregate_paths(preds_csv)[1]
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The ONNX file that wrote preds.csv, its metadata, and (when maps are needed) its PyTorch twin."""
+
+    onnx_path: Path
+    metadata: dict
+    preprocess: PreprocessConfig
+    classes: tuple[str, ...]
+    model: nn.Module | None
+    checkpoint_path: Path | None
+
+    def class_index(self, density: str) -> int:
+        key = str(density).strip().upper()
+        if key not in self.classes:
+            raise GradcamError(f"preds.csv has density {density!r}, which the model's classes {self.classes} lack")
+        return self.classes.index(key)
+
+
+def resolve_model(
+    preds: pd.DataFrame,
+    preds_csv: Path,
+    *,
+    model_path: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    need_weights: bool = True,
+) -> ResolvedModel:
+    """Find and check the model behind preds.csv: the ONNX file must be the one that wrote it (sha256 =
+    ``model_sha256``), and the checkpoint the one the ONNX file was exported from (its metadata's sha256)."""
+    from dens.export.onnx import OnnxMetadataError, read_metadata  # lazily: only here is export needed
+    from dens.model import CheckpointError, file_sha256, load_checkpoint
+
+    try:
+        onnx_path = Path(model_path) if model_path else runs.latest_file("model.onnx")
+    except FileNotFoundError as exc:
+        raise GradcamError(f"{exc} (--model)") from exc
+    if not onnx_path.is_file():
+        raise GradcamError(f"model {onnx_path} not found: name the ONNX file that wrote {preds_csv} with --model")
+    wanted = sorted({s for s in preds.loc[preds[labels.STATUS] == "ok", MODEL_SHA256] if s})
+    if len(wanted) > 1:
+        raise GradcamError(f"{preds_csv} mixes rows from {len(wanted)} models ({', '.join(w[:12] for w in wanted)}); "
+                           "run dens-gradcam on the rows of one model")  # fmt: skip
+    sha = file_sha256(onnx_path)
+    if wanted and sha != wanted[0]:
+        raise GradcamError(f"{onnx_path} (sha256 {sha[:12]}) is not the model that wrote {preds_csv} "
+                           f"(model_sha256 {wanted[0][:12]}): pass that model with --model")  # fmt: skip
+    try:
+        meta = read_metadata(onnx_path)  # checked there: classes, preprocess, checkpoint_sha256, ...
+    except OnnxMetadataError as exc:
+        raise GradcamError(str(exc)) from exc
+    cfg = PreprocessConfig.from_dict(meta["preprocess"])
+    classes = tuple(meta["classes"])
+    if not need_weights:
+        return ResolvedModel(onnx_path, meta, cfg, classes, None, None)
+
+    ckpt_path = _find_checkpoint(checkpoint, meta, onnx_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except (CheckpointError, OSError) as exc:
+        raise GradcamError(str(exc)) from exc
+    if ckpt.sha256 != meta["checkpoint_sha256"]:
+        raise GradcamError(f"checkpoint {ckpt_path} (sha256 {ckpt.sha256[:12]}) is not the one {onnx_path} was "
+                           f"exported from (sha256 {meta['checkpoint_sha256'][:12]}): pass that one with "
+                           "--checkpoint")  # fmt: skip
+    return ResolvedModel(onnx_path, meta, cfg, classes, ckpt.model, ckpt_path)
+
+
+def _find_checkpoint(checkpoint: str | Path | None, meta: dict, onnx_path: Path) -> Path:
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise GradcamError(f"checkpoint {checkpoint} not found")
+        return Path(checkpoint)
+    named = meta.get("checkpoint_path") or ""
+    # The metadata records the path as exported; try it as written, then beside the ONNX file.
+    for candidate in (Path(named), onnx_path.parent / named, onnx_path.parent / Path(named).name):
+        if named and candidate.is_file():
+            return candidate
+    raise GradcamError(f"the checkpoint {named or '(none named)'} that {onnx_path} was exported from is not found "
+                       "(as written, or beside the ONNX file): pass it with --checkpoint")  # fmt: skip
+
+
+def read_preds(preds_csv: Path) -> pd.DataFrame:
+    """preds.csv as strings, exactly as written (UIDs stay text, empty cells stay empty)."""
+    if not preds_csv.is_file():
+        raise GradcamError(f"{preds_csv} not found: run `dens-infer` first, or name the right preds.csv")
+    preds = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
+    missing = [c for c in (labels.PATH, labels.STATUS, labels.SOP_UID, labels.DENSITY, MODEL_SHA256)
+               if c not in preds]  # fmt: skip
+    if missing:
+        raise GradcamError(f"{preds_csv} lacks the column(s) {', '.join(missing)}: is it a dens-infer preds.csv?")
+    return preds
+
+
+def write_preds(preds: pd.DataFrame, preds_csv: Path) -> None:
+    """Rewrite preds.csv atomically (a reader never sees half a file)."""
+    tmp = preds_csv.with_name(f".{preds_csv.name}.tmp{os.getpid()}")
+    preds.to_csv(tmp, index=False, lineterminator="\n")  # as dens-infer writes it
+    os.replace(tmp, preds_csv)
+
+
+def resolve_input(path: str, preds_csv: Path) -> str:
+    """An input path as preds.csv holds it: as written when it exists (absolute or from the working
+    directory), else relative to preds.csv's folder."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    beside = preds_csv.parent / path
+    return str(beside) if beside.exists() else path
+
+
+class GradcamError(Exception):
+    """A problem the user must fix (wrong model, missing checkpoint, not a preds.csv); the message says how."""

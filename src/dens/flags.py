@@ -1,0 +1,81 @@
+"""Which calls are flagged for review (and Grad-CAM): one rule, shared by dens-infer and dens-gradcam.
+
+torch-free, so the inference process never imports torch for it.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dens import labels
+from dens.labels import FLAGGED
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_THRESHOLD = re.compile(r"^\s*(p_[A-Za-z]+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Which calls are flagged: density classes (``C,D``) or a probability threshold (``p_dense>=0.5``).
+
+    A Flag is a dens-infer flag rule too, ``flag(density, {"A": p_A, ...}) -> bool``, so that inference and
+    Grad-CAM can flag alike. ``Flag()`` (no classes, no column) is the C/D rule, and in :meth:`select` it
+    means preds.csv's own ``flagged`` column (whatever rule dens-infer used).
+    """
+
+    classes: tuple[str, ...] = ()
+    column: str = ""
+    op: str = ""
+    threshold: float = 0.0
+
+    def __call__(self, density: str, probs: Mapping[str, float]) -> bool:
+        if self.column == labels.P_DENSE:  # as written in preds.csv when given, else the dense classes' sum
+            value = probs[labels.P_DENSE] if labels.P_DENSE in probs else sum(probs[c] for c in labels.DENSE_CLASSES)
+            return bool(_OPS[self.op](value, self.threshold))
+        if self.column:
+            return bool(_OPS[self.op](probs[self.column.removeprefix("p_")], self.threshold))
+        return str(density).strip().upper() in (self.classes or labels.DENSE_CLASSES)
+
+    def select(self, preds: pd.DataFrame) -> pd.Series:
+        """The ok rows of preds.csv (strings, as read) that this flag picks."""
+        ok = preds[labels.STATUS] == "ok"
+        if not self.classes and not self.column and FLAGGED in preds:
+            return ok & preds[FLAGGED].str.strip().str.lower().isin({"true", "1", "yes"})
+        columns = [*labels.PROB_COLUMNS, labels.P_DENSE]
+        values = preds[columns].apply(pd.to_numeric, errors="coerce").to_numpy()
+        keys = [*labels.CLASSES, labels.P_DENSE]
+        picked = [bool(is_ok) and self(density, dict(zip(keys, row, strict=True)))
+                  for is_ok, density, row in zip(ok, preds[labels.DENSITY], values, strict=True)]  # fmt: skip
+        return pd.Series(picked, index=preds.index)
+
+    def __str__(self) -> str:
+        if self.classes:
+            return ",".join(self.classes)
+        return f"{self.column}{self.op}{self.threshold:g}" if self.column else FLAGGED
+
+
+def parse_flag(spec: str | Flag | None) -> Flag:
+    """``None``/``""`` -> preds.csv's ``flagged`` column; ``"C,D"`` -> those classes; ``"p_dense>=0.5"`` or
+    ``"p_D>0.3"`` -> a threshold on that column."""
+    if isinstance(spec, Flag):
+        return spec
+    if not spec or spec.strip().lower() == FLAGGED:
+        return Flag()
+    match = _THRESHOLD.match(spec)
+    if match:
+        column, op, value = match.groups()
+        if column not in (*labels.PROB_COLUMNS, labels.P_DENSE):
+            raise ValueError(f"--flag {spec!r}: unknown column {column!r}; use one of "
+                             f"{', '.join((*labels.PROB_COLUMNS, labels.P_DENSE))}")  # fmt: skip
+        return Flag(column=column, op=op, threshold=float(value))
+    classes = tuple(c.strip().upper() for c in spec.split(",") if c.strip())
+    bad = [c for c in classes if c not in labels.CLASSES]
+    if bad or not classes:
+        raise ValueError(f"--flag {spec!r}: expected density classes like 'C,D' or a threshold like "
+                         f"'p_dense>=0.5' (classes are {', '.join(labels.CLASSES)})")  # fmt: skip
+    return Flag(classes=classes)

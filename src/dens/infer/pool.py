@@ -1,0 +1,338 @@
+"""Decode worker processes: files in, canonical ``uint8 [S, S]`` images out, in input order.
+
+Each worker runs the one route from a file to pixels (``dens.preprocess.load``) and sends back the small
+canonical image (resizing inside the worker: a 512x512 image crosses the pipe almost free, a 27 MB frame
+does not). The pool is hand-made rather than ``concurrent.futures``: a worker killed by a codec (a
+segfault on a hostile file) must cost that one file an ``error`` row while the run carries on, and a
+``ProcessPoolExecutor`` is broken for good after one death. Each worker has its own pipe and at most
+``per_worker`` tasks, so the pool always knows which file a dead worker was reading.
+
+Work in flight is bounded (tasks at the workers + results waiting to be consumed), so memory stays flat
+however large the archive. Workers are spawned (never forked from a process that holds an ONNX Runtime
+session or OpenCV's thread pool) with BLAS/OpenMP pinned to one thread through the environment they
+start with, and ``cv2.setNumThreads(0)``: the parallelism is the processes.
+
+This module imports only the standard library at the top: a spawned worker imports it before it pins
+its threads, and numpy must not be loaded by then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")  # fmt: skip
+# Test hook, set only by tests: a worker that meets a file with this base name kills itself with
+# SIGSEGV, as a crashing codec would.
+CRASH_ENV = "DENS_INFER_TEST_CRASH_ON"
+WORKER_CRASHED = "worker_crashed"
+UNEXPECTED = "unexpected_error"
+_DONE = object()
+
+
+@dataclass
+class Decoded:
+    """One file's outcome. ``image`` (uint8 [S, S]) and ``info`` (``ImageInfo.to_dict()``) when ``status``
+    is ``ok``; otherwise ``reason`` says why (``code: detail``). ``seconds``: time in the worker."""
+
+    index: int
+    path: str
+    status: str
+    reason: str = ""
+    image: Any = None
+    info: dict | None = None
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _pinned_env():
+    """One thread per BLAS/OpenMP pool in processes started inside this block (the parent's own pools
+    were sized when it imported numpy/torch and do not change; restoring keeps later children free)."""
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update(dict.fromkeys(THREAD_ENV, "1"))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _worker(conn: Connection) -> None:
+    """Worker main: the PreprocessConfig dict first, then ``(index, path)`` in and ``(index, status, reason,
+    image, info, seconds)`` out. The config comes over the pipe so that a worker can start (imports take a
+    second) while the parent is still opening the model that says what the config is."""
+    os.environ.update(dict.fromkeys(THREAD_ENV, "1"))  # before numpy loads, whatever started us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our pipe
+    import cv2
+
+    cv2.setNumThreads(0)  # sequential OpenCV: the parallelism is the processes
+    from dens.config import PreprocessConfig
+    from dens.dicom import UnusableFile
+    from dens.preprocess import load
+
+    try:
+        cfg = conn.recv()
+    except (EOFError, OSError):
+        return
+    if cfg is None:
+        return
+    config = PreprocessConfig.from_dict(cfg)
+    crash_on = os.environ.get(CRASH_ENV, "")
+    conn.send(("ready", os.getpid(), cv2.getNumThreads()))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None:
+            return
+        index, path = task
+        if crash_on and os.path.basename(path) == crash_on:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        start = time.perf_counter()
+        try:
+            image, info = load(path, config)
+            result = (index, "ok", "", image, info.to_dict())
+        except UnusableFile as exc:
+            result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, None)
+        except Exception as exc:  # a decoder bug costs one file an error row, never the run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            result = (index, "error", f"{UNEXPECTED}: {type(exc).__name__}: {first}", None, None)
+        try:
+            conn.send((*result, time.perf_counter() - start))
+        except (BrokenPipeError, EOFError, OSError):
+            return
+
+
+class PoolError(RuntimeError):
+    """The pool cannot run at all (a worker dies before it is ready)."""
+
+
+class _Worker:
+    def __init__(self, ctx, cfg: dict | None):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="dens-decode")
+        with _pinned_env():
+            self.proc.start()
+        child.close()
+        if cfg is not None:
+            self.configure(cfg)
+        self.pending: deque[tuple[int, str]] = deque()
+        self.ready = False
+        self.cv2_threads: int | None = None
+
+    def configure(self, cfg: dict) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is found by its sentinel
+            self.conn.send(cfg)
+
+    def ask_to_stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Wait ``timeout`` for the worker to leave (after :meth:`ask_to_stop`), then kill it."""
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout)
+        self.conn.close()
+
+
+def _death_note(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+class DecodePool:
+    """``workers`` decode processes running ``dens.preprocess.load(path, cfg)``. Without ``cfg`` the workers
+    start (and import) at once and wait for :meth:`configure`, so their start-up overlaps the caller's.
+
+    ``per_worker``: tasks handed to one worker at a time (2: one running, one waiting, so a worker never
+    idles on the round trip). ``buffer``: decoded results held for the consumer (set it to about two
+    batches). Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
+    """
+
+    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._cfg: dict | None = cfg.to_dict() if cfg is not None else None
+        self._ctx = multiprocessing.get_context("spawn")
+        self.per_worker = per_worker
+        self.buffer = max(1, buffer)
+        self.crashes = 0
+        self._workers = [_Worker(self._ctx, self._cfg) for _ in range(workers)]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def configure(self, cfg) -> None:
+        """Send the PreprocessConfig to the workers (once, before :meth:`map`)."""
+        if self._cfg is not None:
+            raise RuntimeError("the pool is already configured")
+        self._cfg = cfg.to_dict()
+        for w in self._workers:
+            w.configure(self._cfg)
+
+    @property
+    def cv2_threads(self) -> list[int | None]:
+        """``cv2.getNumThreads()`` as each worker reported it when ready (for tests and logs)."""
+        return [w.cv2_threads for w in self._workers]
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the dispatcher and the workers (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for w in self._workers:  # all told first, so they wind down together
+            w.ask_to_stop()
+        deadline = time.monotonic() + 2.0
+        for w in self._workers:
+            w.stop(max(0.0, deadline - time.monotonic()))
+
+    def map(self, items: Iterable[tuple[str, str]]) -> Iterator[Decoded]:
+        """Decode ``(path, problem)`` items; an item with a ``problem`` (from the walk) is not decoded and
+        comes back as an ``error`` with that reason. Yields in input order; single use per pool."""
+        if self._cfg is None:
+            raise RuntimeError("configure the pool (DecodePool(..., cfg) or .configure(cfg)) before map()")
+        out: queue.Queue = queue.Queue(maxsize=self.buffer)
+        self._thread = threading.Thread(target=self._dispatch, args=(iter(items), out), daemon=True,
+                                        name="dens-decode-dispatch")  # fmt: skip
+        self._thread.start()
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # --- the dispatcher thread: all pipe traffic happens here, so decoding goes on while the main
+    # thread runs the model ----------------------------------------------------------------------------
+
+    def _put(self, out: queue.Queue, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _dispatch(self, items: Iterator[tuple[str, str]], out: queue.Queue) -> None:
+        try:
+            self._loop(items, out)
+        except BaseException as exc:  # surfaced in the consumer's thread
+            self._put(out, exc)
+            return
+        self._put(out, _DONE)
+
+    def _loop(self, items: Iterator[tuple[str, str]], out: queue.Queue) -> None:
+        done: dict[int, Decoded] = {}
+        retry: deque[tuple[int, str]] = deque()  # the tasks a dead worker had not started
+        next_in = next_out = 0
+        exhausted = False
+        while not self._stop.is_set():
+            # Hand out work while the window allows: results not yet consumed count against it.
+            while True:
+                in_flight = sum(len(w.pending) for w in self._workers) + len(done)
+                free = min(self._workers, key=lambda w: len(w.pending))
+                if in_flight >= self.buffer + len(self._workers) * self.per_worker:
+                    break
+                if len(free.pending) >= self.per_worker:
+                    break
+                if retry:
+                    task = retry.popleft()
+                else:
+                    if exhausted:
+                        break
+                    try:
+                        path, problem = next(items)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    task, next_in = (next_in, path), next_in + 1
+                    if problem:
+                        done[task[0]] = Decoded(task[0], path, "error", problem)
+                        continue
+                self._send(free, task)
+            while next_out in done:
+                if not self._put(out, done.pop(next_out)):
+                    return
+                next_out += 1
+            if exhausted and not retry and not done and not any(w.pending for w in self._workers):
+                return
+            # Idle workers too: one that dies idle (the OOM killer) is replaced, and no file is blamed.
+            workers = list(self._workers)
+            ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=0.2)
+            for w in workers:
+                if w.conn in ready or w.proc.sentinel in ready:
+                    self._service(w, done, retry)
+
+    def _send(self, w: _Worker, task: tuple[int, str]) -> None:
+        w.pending.append(task)
+        # A dead worker's pipe refuses the task: its sentinel reports the death and the task is retried.
+        with contextlib.suppress(BrokenPipeError, OSError):
+            w.conn.send(task)
+
+    def _service(self, w: _Worker, done: dict[int, Decoded], retry: deque) -> None:
+        closed = False
+        try:
+            while w.conn.poll():
+                self._receive(w, w.conn.recv(), done)
+        except (EOFError, OSError):
+            closed = True  # the worker's end is gone: it died (its last results were read above)
+        if closed or not w.proc.is_alive():
+            self._replace(w, done, retry)
+
+    def _receive(self, w: _Worker, msg: tuple, done: dict[int, Decoded]) -> None:
+        if msg[0] == "ready":
+            w.ready, w.cv2_threads = True, msg[2]
+            return
+        index, status, reason, image, info, seconds = msg
+        task = w.pending.popleft()
+        assert task[0] == index, (task, index)  # one pipe, handled in order
+        done[index] = Decoded(index, task[1], status, reason, image, info, seconds)
+
+    def _replace(self, w: _Worker, done: dict[int, Decoded], retry: deque) -> None:
+        w.proc.join(5)
+        if w.proc.is_alive():  # its pipe broke but it lingers: make sure it is gone
+            w.proc.kill()
+            w.proc.join()
+        note = _death_note(w.proc.exitcode)
+        if not w.ready:
+            raise PoolError(f"a decode worker died while starting ({note}); its error is printed above")
+        if w.pending:
+            index, path = w.pending.popleft()
+            self.crashes += 1
+            log.warning("%s: the decode worker died reading this file (%s); it gets an error row", path, note)
+            done[index] = Decoded(index, path, "error", f"{WORKER_CRASHED}: decode worker {note} reading this file")
+            retry.extendleft(reversed(w.pending))
+        w.conn.close()
+        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._cfg)

@@ -1,0 +1,252 @@
+"""One ONNX Runtime session: provider choice, the model's own metadata, batched uint8 in, probabilities out.
+
+``onnxruntime-gpu`` lists TensorRT and CUDA among its available providers on a machine with no GPU, and a
+session asked for them there logs an error and runs on the CPU. So GPU providers are requested only when
+a CUDA device really answers (the driver's ``cuDeviceGetCount``), and the provider in use is read from
+the session after it is created: an explicit ``cuda``/``tensorrt`` request that the session did not
+honour is an error, never a silent CPU run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from dens.config import PreprocessConfig
+from dens.infer import DEVICES
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# Batch sizes that keep each provider busy without holding many decoded images: on the CPU a bigger
+# batch buys nothing (ResNet-50 at 512: the same img/s at batch 2, 4 and 8; the convolutions already fill
+# the cores) and a smaller one starts the model sooner; a GPU wants dozens per launch.
+DEFAULT_BATCH = {"tensorrt": 64, "cuda": 64, "cpu": 4}
+METADATA_KEY = "dens"
+INPUT, OUTPUT = "image", "probs"
+REQUIRED_METADATA = ("classes", "preprocess")
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used here; the message says why and what to do."""
+
+
+class ModelError(ValueError):
+    """The ONNX file is not a usable dens model; the message names the file and what to do."""
+
+
+def gpu_present() -> bool:
+    """True when the CUDA driver loads and reports at least one device (no torch import needed)."""
+    name = "libcuda.so.1" if os.name == "posix" else ctypes.util.find_library("nvcuda")
+    try:
+        lib = ctypes.CDLL(name)
+        count = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def tensorrt_present() -> bool:
+    """True when TensorRT's runtime library can be loaded (the TensorRT provider needs it)."""
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", ctypes.util.find_library("nvinfer")):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _wanted(device: str) -> list[str]:
+    """Providers to ask for, best first, for ``device``; raises DeviceError when the hardware is absent."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return ["cpu"]
+    gpu = gpu_present()
+    if device == "auto":
+        if not gpu:
+            return ["cpu"]
+        return ["tensorrt", "cuda", "cpu"] if tensorrt_present() else ["cuda", "cpu"]
+    if not gpu:
+        raise DeviceError(f"--device {device}: no CUDA GPU found on this machine (the CUDA driver reports none); "
+                          "use --device cpu or auto")  # fmt: skip
+    if device == "tensorrt" and not tensorrt_present():
+        raise DeviceError("--device tensorrt: TensorRT's runtime (libnvinfer) is not installed or not on the library "
+                          "path; install TensorRT, or use --device cuda")  # fmt: skip
+    return ["tensorrt", "cuda"] if device == "tensorrt" else ["cuda"]
+
+
+def default_parallelism(device: str, cores: int | None = None) -> tuple[int, int]:
+    """(decode workers, ONNX Runtime threads) for ``device`` on ``cores`` CPUs (default: this process's).
+
+    On a GPU the model costs the host almost nothing: every core but one (the main process batches and
+    feeds the GPU) decodes. On the CPU the model is most of the work (ResNet-50 at 512, bench/pipeline.py:
+    1.2 img/s on two ORT threads against 4.3 img/s decoding on one core), so ORT gets every core and half
+    as many decode workers share them, ORT's idle threads not spinning. On the shared 2-core machine every
+    (workers, threads) pair in 1..2 x 1..2 measured the same within noise (bench/pipeline.py --sweep).
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device in ("cuda", "tensorrt"):
+        return max(1, cores - 1), 1
+    return max(1, cores // 2), max(1, cores)
+
+
+def planned_device(device: str) -> str:
+    """The device ``device`` resolves to here, before any session exists (``auto`` -> the best present);
+    raises DeviceError for an explicit GPU choice without the hardware."""
+    return _wanted(device)[0]
+
+
+def _provider_options(name: str, size: int, batch: int) -> tuple[str, dict]:
+    if name == "tensorrt":
+        cache = Path(os.environ.get("DENS_TRT_CACHE", Path.home() / ".cache" / "dens" / "tensorrt"))
+        cache.mkdir(parents=True, exist_ok=True)
+        shape = f"{INPUT}:{{}}x1x{size}x{size}"
+        # An optimisation profile over the batch sizes the run feeds (1 .. batch) and an engine cache,
+        # so the engine is built once per model and machine, not per run.
+        return PROVIDERS[name], {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                                 "trt_timing_cache_enable": True, "trt_profile_min_shapes": shape.format(1),
+                                 "trt_profile_opt_shapes": shape.format(batch),
+                                 "trt_profile_max_shapes": shape.format(batch)}  # fmt: skip
+    if name == "cuda":
+        return PROVIDERS[name], {"device_id": 0}
+    return PROVIDERS[name], {}
+
+
+def read_session_metadata(session: ort.InferenceSession, model_path: Path) -> dict:
+    """The ``dens`` JSON that ``dens-export`` writes into the model's metadata_props, checked."""
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if not raw:
+        raise ModelError(f"{model_path} has no '{METADATA_KEY}' metadata: it was not written by dens-export. "
+                         "Export the checkpoint with `dens-export --onnx`")  # fmt: skip
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{model_path}: its '{METADATA_KEY}' metadata is not JSON ({exc}); re-export it") from exc
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelError(f"{model_path}: its '{METADATA_KEY}' metadata lacks {', '.join(missing)}; re-export it "
+                         "with dens-export")  # fmt: skip
+    return meta
+
+
+@dataclass
+class Runtime:
+    """An open session and what it was opened with. :meth:`predict` takes uint8 ``[N, 1, S, S]``."""
+
+    session: ort.InferenceSession
+    model_path: Path
+    metadata: dict
+    preprocess: PreprocessConfig
+    classes: tuple[str, ...]
+    provider: str  # the provider ONNX Runtime put first, e.g. CPUExecutionProvider
+    device: str  # tensorrt | cuda | cpu
+    batch_size: int
+    threads: int
+    _device_input: dict = field(default_factory=dict, repr=False)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities ``[N, len(classes)]`` (float32) for a uint8 batch."""
+        if self.device == "cpu":
+            return self.session.run([OUTPUT], {INPUT: batch})[0]
+        # IO binding: the uint8 batch is copied once into a device buffer reused across batches of one
+        # shape (one byte a pixel crosses the bus); only the small probability matrix comes back.
+        value = self._device_input.get(batch.shape)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(batch.shape, np.uint8, "cuda", 0)
+            self._device_input = {batch.shape: value} if len(self._device_input) >= 2 else {
+                **self._device_input, batch.shape: value}  # fmt: skip
+        value.update_inplace(np.ascontiguousarray(batch))
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(INPUT, value)
+        binding.bind_output(OUTPUT, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_size: int | None = None,
+                 threads: int | None = None, spinning: bool = False) -> Runtime:  # fmt: skip
+    """Open ``model_path`` on ``device`` (auto = TensorRT, then CUDA, then CPU, GPU ones only when a GPU is
+    present). ``threads``: ONNX Runtime's intra-op threads (the CPU provider's compute; on a GPU they only
+    feed it; default: :func:`default_parallelism`). ``spinning``: let idle ORT threads spin, which steals
+    cores from the decode workers that share them."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelError(f"model {model_path} not found: export one with `dens-export --onnx` or pass --model")
+    wanted = _wanted(device)
+    if wanted[0] != "cpu":
+        try:
+            ort.preload_dlls()  # the CUDA/cuDNN libraries torch's wheels installed, for ORT's CUDA build
+        except Exception as exc:  # absent libraries surface below as a provider that did not load
+            log.debug("onnxruntime.preload_dlls: %s", exc)
+    chosen = threads
+    threads = max(1, threads or default_parallelism(wanted[0])[1])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us, once
+    probe_size = _input_size(model_path) if "tensorrt" in wanted else 0
+    probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
+    providers = [_provider_options(name, probe_size, probe_batch) for name in wanted]
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=[p for p, _ in providers],
+                                       provider_options=[o for _, o in providers])  # fmt: skip
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{model_path}: ONNX Runtime cannot open it ({first})") from exc
+    provider = session.get_providers()[0]
+    used = next(name for name, full in PROVIDERS.items() if full == provider)
+    if device != "auto" and used != device:
+        raise DeviceError(f"--device {device}: ONNX Runtime could not start {PROVIDERS[device]} (it fell back to "
+                          f"{provider}); check the CUDA/cuDNN/TensorRT libraries, or use --device auto")  # fmt: skip
+    if used != wanted[0]:  # auto: a GPU is there but its provider did not load
+        log.warning("%s was requested but did not load; running on %s", PROVIDERS[wanted[0]], provider)
+        if used == "cpu" and chosen is None:  # reopen with the CPU's thread count, not the GPU's
+            return open_runtime(model_path, "cpu", batch_size=batch_size, spinning=spinning)
+    meta = read_session_metadata(session, model_path)
+    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    classes = tuple(str(c) for c in meta["classes"])
+    _check_io(session, model_path, preprocess.size, len(classes))
+    return Runtime(session, model_path, meta, preprocess, classes, provider, used,
+                   batch_size or DEFAULT_BATCH[used], threads)  # fmt: skip
+
+
+def _input_size(model_path: Path) -> int:
+    """S from the metadata, read before the session exists (TensorRT's optimisation profile needs it)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        return int(json.loads(props[METADATA_KEY])["preprocess"]["size"])
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _check_io(session: ort.InferenceSession, model_path: Path, size: int, num_classes: int) -> None:
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    image = inputs.get(INPUT)
+    if image is None or OUTPUT not in outputs:
+        raise ModelError(f"{model_path}: expected input '{INPUT}' and output '{OUTPUT}', found inputs "
+                         f"{sorted(inputs)} and outputs {sorted(outputs)}; re-export it with dens-export")  # fmt: skip
+    if image.type != "tensor(uint8)" or len(image.shape) != 4 or list(image.shape[1:]) != [1, size, size]:
+        raise ModelError(f"{model_path}: input '{INPUT}' is {image.type} {image.shape}; dens-infer feeds uint8 "
+                         f"[N, 1, {size}, {size}] as its metadata's preprocess.size says; re-export it")  # fmt: skip
+    width = outputs[OUTPUT].shape[-1]
+    if isinstance(width, int) and width != num_classes:
+        raise ModelError(f"{model_path}: '{OUTPUT}' has {width} columns for {num_classes} classes; re-export it")
