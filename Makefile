@@ -24,6 +24,8 @@ test: lint
 
 bench: setup
 	$(PY) bench/decode.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/gradcam.py --device cpu
 
 # The demo runs on any 2-core machine in a few minutes: it trains a small model (resnet18 at S=128,
 # from scratch) on a synthetic cohort, not the default ResNet-50 at 512, and says so.
@@ -35,12 +37,14 @@ demo: setup
 	$(VENV)/bin/dens-train --data $(DEMO)/cohort --out $(DEMO)/runs/demo --arch resnet18 --weights none \
 		--size 128 --epochs 4 --batch-size 16 --lr 1e-3 --cache $(DEMO)/.cache --no-progress
 	$(VENV)/bin/dens-export --onnx --checkpoint $(DEMO)/runs/demo/best.pt --no-progress
-	$(VENV)/bin/dens-infer $(DEMO)/studies --model $(DEMO)/runs/demo/model.onnx --out $(DEMO)/preds.csv --overwrite
+	$(VENV)/bin/dens-infer $(DEMO)/studies --model $(DEMO)/runs/demo/model.onnx --out $(DEMO)/preds.csv --overwrite \
+		--gradcam $(DEMO)/gradcam
 	@echo "== outputs =="
 	@echo "run directory (checkpoints, metrics.json, plots): $(DEMO)/runs/demo"
 	@echo "ONNX model and parity report:                      $(DEMO)/runs/demo/model.onnx, model.parity.json"
 	@echo "predictions (one row per file):                    $(DEMO)/preds.csv"
 	@echo "breast and exam level:                             $(DEMO)/preds.breast.csv, $(DEMO)/preds.exam.csv"
+	@echo "Grad-CAM overlays for the flagged (C/D) images:    $(DEMO)/gradcam/, review page $(DEMO)/report.html"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

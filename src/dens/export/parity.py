@@ -1,0 +1,263 @@
+"""Parity of an exported ONNX graph with the PyTorch checkpoint it came from.
+
+ONNX Runtime runs the graph on random uint8 images and on real files preprocessed by the one route
+(``dens.preprocess.load`` with the checkpoint's PreprocessConfig), at every requested batch size through
+the same session; PyTorch (float32, CPU) gives the reference logits and probabilities are
+``softmax(logits / temperature)`` computed here in float64, so a graph without the temperature fails.
+Each image is run at every batch size, which also shows that the batch axis is truly dynamic and that
+an image's result does not depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dens.dicom import UnusableFile
+from dens.export.onnx import INPUT, LOGITS, PROBS, read_metadata
+from dens.model import Checkpoint, file_sha256, load_checkpoint
+from dens.preprocess import load
+
+DEFAULT_BATCH_SIZES = (1, 3, 8)
+DEFAULT_MAX_IMAGES = 32
+RANDOM_IMAGES = 8  # random uint8 images; at least the largest batch size is used
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What parity means. An argmax may differ only where PyTorch's top-two probabilities are within
+    ``2 * prob_atol`` (a near-tie that the allowed difference can flip)."""
+
+    prob_atol: float  # largest allowed |p_onnx - p_torch|
+    logit_rtol: float  # largest allowed |l_onnx - l_torch| / max(1, largest |l_torch|)
+
+    @property
+    def decisive_margin(self) -> float:
+        return 2 * self.prob_atol
+
+
+# fp32: both runtimes compute in float32; measured differences are ~1e-6 (reduction order, kernel choice).
+# fp16: weights and activations rounded to float16 (~3 significant digits) through ~50 layers, compared
+# with float32 PyTorch.
+THRESHOLDS = {"fp32": Thresholds(prob_atol=1e-4, logit_rtol=1e-4), "fp16": Thresholds(prob_atol=2e-2, logit_rtol=2e-2)}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Real images through the preprocessing route, and what happened to every file."""
+
+    source: str
+    images: np.ndarray  # uint8 [N, 1, S, S]
+    files: int
+    used: list[str]
+    skipped: dict[str, int]  # reason -> count, for files that yield no image (UnusableFile)
+    errors: dict[str, str]  # path -> message, for files that failed otherwise
+
+
+def load_images(directory: str | os.PathLike, checkpoint: Checkpoint, *, max_images: int = DEFAULT_MAX_IMAGES,
+                progress: bool = False) -> ImageSet:  # fmt: skip
+    """Up to ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made by
+    ``dens.preprocess.load`` with the checkpoint's PreprocessConfig; unusable files are counted, not fatal."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} not found (--images takes a folder of DICOM/PNG files)")
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    images, used, skipped, errors = [], [], Counter(), {}
+    bar = tqdm(files, desc="parity: images", unit="file", disable=not progress, leave=False)
+    for path in bar:
+        if len(used) >= max_images:
+            break
+        try:
+            image, _ = load(path, checkpoint.preprocess)
+        except UnusableFile as exc:
+            skipped[exc.reason.value] += 1
+            continue
+        except Exception as exc:  # one bad file must not stop the check; it is reported
+            errors[str(path)] = f"{type(exc).__name__}: {exc}"
+            continue
+        images.append(image[None])
+        used.append(str(path))
+    bar.close()
+    size = checkpoint.preprocess.size
+    array = np.stack(images) if images else np.zeros((0, 1, size, size), np.uint8)
+    return ImageSet(str(directory), array, len(files), used, dict(skipped), errors)
+
+
+def check_parity(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike | Checkpoint, *,
+                 images: str | os.PathLike | ImageSet | None = None, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 atol: float | None = None, logit_rtol: float | None = None, max_images: int = DEFAULT_MAX_IMAGES,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), seed: int = 0,
+                 progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Compare ONNX Runtime with PyTorch; returns the parity report (``report["passed"]``, ``["failures"]``).
+
+    ``images``: a folder of files (or an already loaded :class:`ImageSet`) for the real-image check.
+    ``atol`` / ``logit_rtol`` override the thresholds of the model's precision (:data:`THRESHOLDS`).
+    """
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    onnx_path = Path(onnx_path)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    meta = read_metadata(onnx_path)
+    base = THRESHOLDS.get(meta["precision"], THRESHOLDS["fp16"])
+    limits = Thresholds(base.prob_atol if atol is None else atol, base.logit_rtol if logit_rtol is None else logit_rtol)
+    batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
+
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=list(providers))
+    except Exception as exc:  # ORT's own exception types; a graph that does not load fails parity, loudly
+        session, interface = None, [f"ONNX Runtime cannot load the graph: {type(exc).__name__}: {exc}"]
+    else:
+        interface = _check_interface(session, ckpt.preprocess.size, len(ckpt.classes))
+    failures = list(interface)
+    if meta["checkpoint_sha256"] != ckpt.sha256:
+        failures.append(f"the model was exported from checkpoint sha256 {meta['checkpoint_sha256'][:12]}, not from "
+                        f"{ckpt.path} (sha256 {ckpt.sha256[:12]})")  # fmt: skip
+    size = ckpt.preprocess.size
+    rng = np.random.default_rng(seed)
+    sets = {"random": rng.integers(0, 256, (max(RANDOM_IMAGES, batch_sizes[-1]), 1, size, size), dtype=np.uint8)}
+    image_report = None
+    if images is not None:
+        image_set = images if isinstance(images, ImageSet) else load_images(images, ckpt, max_images=max_images,
+                                                                            progress=progress)  # fmt: skip
+        image_report = {k: v for k, v in dataclasses.asdict(image_set).items() if k != "images"}
+        if len(image_set.images):
+            sets["images"] = image_set.images
+        else:
+            failures.append(f"no usable image among the {image_set.files} files under {image_set.source}")
+
+    results = {}
+    if not interface:  # a graph with the wrong inputs or outputs cannot be run against the reference
+        for name, batch in sets.items():
+            results[name] = _compare_set(session, ckpt, batch, batch_sizes, limits, progress=progress, name=name)
+            failures += [f"{name}: {f}" for f in results[name].pop("failures")]
+    if image_report is not None:
+        results["images"] = {**image_report, **results.get("images", {})}
+
+    overall = _overall(results)
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "onnx_path": str(onnx_path.resolve()),
+        "onnx_sha256": file_sha256(onnx_path),
+        "precision": meta["precision"],
+        "opset": meta["opset"],
+        "checkpoint_path": str(Path(ckpt.path).resolve()),
+        "checkpoint_sha256": ckpt.sha256,
+        "providers": session.get_providers() if session else [],
+        "thresholds": {**dataclasses.asdict(limits), "decisive_margin": limits.decisive_margin},
+        "criteria": "pass when, at every batch size, max |p_onnx - p_torch| <= prob_atol, max |l_onnx - l_torch| / "
+                    "max(1, max |l_torch|) <= logit_rtol, and the argmax agrees on every decisive image (PyTorch's "
+                    "top-two probabilities more than decisive_margin apart), with finite outputs; p_torch = "
+                    "softmax(l_torch / T) in float64; and the graph's interface and source checkpoint are the expected "
+                    "ones",
+        "reference": "PyTorch float32 on CPU",
+        "temperature": ckpt.temperature,
+        "batch_sizes": list(batch_sizes),
+        **overall,
+        **results,
+        "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+
+
+def _check_interface(session, size: int, num_classes: int) -> list[str]:
+    """The graph's inputs and outputs against the contract: image uint8 [N,1,S,S]; probs, logits float [N,C]."""
+    failures = []
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT] or inputs[0].type != "tensor(uint8)":
+        failures.append(f"inputs are {[(i.name, i.type) for i in inputs]}, expected one '{INPUT}' of uint8")
+    elif isinstance(inputs[0].shape[0], int) or list(inputs[0].shape[1:]) != [1, size, size]:
+        failures.append(f"input shape {inputs[0].shape}, expected [N, 1, {size}, {size}] with a symbolic N")
+    names = [o.name for o in outputs]
+    if names != [PROBS, LOGITS] or any(o.type != "tensor(float)" for o in outputs):
+        failures.append(f"outputs are {[(o.name, o.type) for o in outputs]}, expected float '{PROBS}', '{LOGITS}'")
+    elif any(o.shape[-1] != num_classes for o in outputs):
+        failures.append(f"outputs have shapes {[o.shape for o in outputs]}, expected [N, {num_classes}]")
+    return failures
+
+
+def _reference(ckpt: Checkpoint, batch: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    model = ckpt.model.float().eval()
+    with torch.no_grad():
+        logits = np.concatenate([model(torch.from_numpy(batch[i : i + chunk])).numpy()
+                                 for i in range(0, len(batch), chunk)])  # fmt: skip
+    scaled = logits.astype(np.float64) / ckpt.temperature
+    exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True), logits
+
+
+def _compare_set(session, ckpt: Checkpoint, batch: np.ndarray, batch_sizes: tuple[int, ...], limits: Thresholds,
+                 *, progress: bool, name: str) -> dict[str, Any]:  # fmt: skip
+    ref_probs, ref_logits = _reference(ckpt, batch, batch_sizes[-1])
+    top2 = np.sort(ref_probs, axis=1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > limits.decisive_margin
+    logit_scale = max(1.0, float(np.abs(ref_logits).max()))
+    by_size, failures = {}, []
+    steps = sum(-(-len(batch) // b) for b in batch_sizes)
+    bar = tqdm(total=steps, desc=f"parity: {name}", unit="batch", disable=not progress, leave=False)
+    for b in batch_sizes:
+        outs = []
+        try:
+            for i in range(0, len(batch), b):
+                outs.append(session.run([PROBS, LOGITS], {INPUT: batch[i : i + b]}))
+                bar.update()
+        except Exception as exc:  # e.g. a batch axis that is not dynamic after all
+            by_size[str(b)] = {"error": f"{type(exc).__name__}: {exc}"}
+            failures.append(f"batch {b}: ONNX Runtime failed: {by_size[str(b)]['error']}")
+            continue
+        probs = np.concatenate([o[0] for o in outs])
+        logits = np.concatenate([o[1] for o in outs])
+        agree = probs.argmax(1) == ref_probs.argmax(1)
+        stats = {
+            "max_abs_prob_diff": float(np.abs(probs - ref_probs).max()),
+            "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
+            "logit_rel_diff": float(np.abs(logits - ref_logits).max() / logit_scale),
+            "argmax_agreement": float(agree.mean()),
+            "argmax_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
+            "finite": bool(np.isfinite(probs).all() and np.isfinite(logits).all()),
+        }
+        by_size[str(b)] = stats
+        where = f"batch {b}"
+        if not stats["finite"]:
+            failures.append(f"{where}: non-finite outputs")
+        if not stats["max_abs_prob_diff"] <= limits.prob_atol:
+            failures.append(f"{where}: max |Δp| {stats['max_abs_prob_diff']:.3g} > {limits.prob_atol:g}")
+        if not stats["logit_rel_diff"] <= limits.logit_rtol:
+            failures.append(f"{where}: relative logit difference {stats['logit_rel_diff']:.3g} > {limits.logit_rtol:g}")
+        if not agree[decisive].all():
+            failures.append(f"{where}: argmax differs on {int((~agree[decisive]).sum())} of {int(decisive.sum())} "
+                            "decisive images")  # fmt: skip
+    bar.close()
+    ran = [s for s in by_size.values() if "error" not in s]
+    worst = {k: max((s[k] for s in ran), default=None)  # None: no batch size ran at all
+             for k in ("max_abs_prob_diff", "max_abs_logit_diff", "logit_rel_diff")}  # fmt: skip
+    return {"count": len(batch), "decisive": int(decisive.sum()), **worst,
+            "argmax_agreement": min((s["argmax_agreement"] for s in ran), default=None),
+            "by_batch_size": by_size, "failures": failures}  # fmt: skip
+
+
+def _overall(results: dict[str, dict]) -> dict[str, Any]:
+    """The headline figures over every image set and batch size."""
+    runs = [r for r in results.values() if r.get("max_abs_prob_diff") is not None]
+    if not runs:
+        return {"images_compared": 0}
+    return {
+        "images_compared": sum(r["count"] for r in runs),
+        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in runs),
+        "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in runs),
+        "logit_rel_diff": max(r["logit_rel_diff"] for r in runs),
+        "argmax_agreement": min(r["argmax_agreement"] for r in runs),
+    }
