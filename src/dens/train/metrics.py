@@ -1,0 +1,228 @@
+"""Every figure `dens-train` reports, computed from labels and probabilities with numpy.
+
+One confusion matrix feeds all the class metrics, so they cannot disagree with each other; the tests hold
+them equal to scikit-learn's on fixed inputs. Dense-vs-not uses ``p_dense = p_C + p_D >= 0.5``, the same
+probability inference reports, so the training figures describe what a deployed model flags.
+Temperature scaling (Guo et al. 2017) is fitted on validation logits and stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dens.labels import CLASSES, DENSE_CLASSES
+
+NUM = len(CLASSES)
+DENSE_INDEX = [CLASSES.index(c) for c in DENSE_CLASSES]
+ECE_BINS = 15
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], k: int = NUM) -> np.ndarray:
+    """Counts ``[true, predicted]`` over ``k`` classes (rows: truth)."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def _div(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def weighted_kappa(cm: np.ndarray, weights: str | None = "quadratic") -> float:
+    """Cohen's kappa from a confusion matrix; ``weights`` None, 'linear' or 'quadratic'."""
+    cm = np.asarray(cm, np.float64)
+    k = cm.shape[0]
+    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    if weights is None:
+        w = (i != j).astype(np.float64)
+    elif weights == "linear":
+        w = np.abs(i - j).astype(np.float64)
+    elif weights == "quadratic":
+        w = ((i - j) ** 2).astype(np.float64)
+    else:
+        raise ValueError(f"unknown kappa weights {weights!r}")
+    n = cm.sum()
+    if not n:
+        return float("nan")
+    expected = np.outer(cm.sum(1), cm.sum(0)) / n
+    return 1.0 - _div((w * cm).sum(), (w * expected).sum())
+
+
+def class_metrics(cm: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, kappas and per-class sensitivity/specificity from ``cm``.
+
+    Balanced accuracy and macro-F1 average over the classes present in the truth (scikit-learn's choice
+    for balanced accuracy; for F1 a class absent from truth and predictions would otherwise count as 0).
+    """
+    cm = np.asarray(cm, np.int64)
+    n = int(cm.sum())
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1).astype(np.float64), cm.sum(0).astype(np.float64)
+    present = support > 0
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    counted = present | (predicted > 0)  # sklearn's macro-F1 averages over labels seen in truth or predictions
+    negatives = n - support
+    specificity = np.divide(n - support - predicted + tp, negatives, out=np.full_like(tp, np.nan),
+                            where=negatives > 0)  # fmt: skip
+    per_class = {
+        c: {"support": int(support[i]), "sensitivity": float(recall[i]) if present[i] else float("nan"),
+            "specificity": float(specificity[i]), "precision": float(precision[i]) if predicted[i] else float("nan"),
+            "f1": float(f1[i])}
+        for i, c in enumerate(CLASSES[: cm.shape[0]])
+    }  # fmt: skip
+    return {
+        "n": n,
+        "accuracy": _div(tp.sum(), n),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "macro_f1": float(f1[counted].mean()) if counted.any() else float("nan"),
+        "kappa_linear": weighted_kappa(cm, "linear"),
+        "kappa_quadratic": weighted_kappa(cm, "quadratic"),
+        "per_class": per_class,
+    }
+
+
+def binary_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict:
+    """Accuracy, sensitivity and specificity of boolean flags against boolean truth."""
+    truth, flagged = np.asarray(truth, bool), np.asarray(flagged, bool)
+    tp, tn = int((truth & flagged).sum()), int((~truth & ~flagged).sum())
+    pos, neg = int(truth.sum()), int((~truth).sum())
+    return {"n": len(truth), "positives": pos, "accuracy": _div(tp + tn, len(truth)),
+            "sensitivity": _div(tp, pos), "specificity": _div(tn, neg)}  # fmt: skip
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class."""
+    p = np.clip(np.asarray(probs, np.float64)[np.arange(len(y)), np.asarray(y)], 1e-12, 1.0)
+    return float(-np.log(p).mean()) if len(y) else float("nan")
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: |accuracy - confidence| of the top class, weighted over equal-width bins."""
+    probs, y = np.asarray(probs, np.float64), np.asarray(y)
+    if not len(y):
+        return float("nan")
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    correct = (predicted == y).astype(np.float64)
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; confidence is always > 1/K > 0.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = index == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(total)
+
+
+def evaluate(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Every figure for one set of predictions: class metrics, dense-vs-not, confusion matrices, NLL, ECE."""
+    probs, y = np.asarray(probs, np.float64), np.asarray(y, np.int64)
+    cm = confusion(y, probs.argmax(1) if len(y) else y)
+    out = class_metrics(cm)
+    p_dense = probs[:, DENSE_INDEX].sum(1) if len(y) else np.zeros(0)
+    out["dense"] = binary_metrics(np.isin(y, DENSE_INDEX), p_dense >= 0.5)
+    out["confusion"] = cm.tolist()
+    rows = cm.sum(1, keepdims=True)
+    out["confusion_normalised"] = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0).round(4).tolist()
+    out["nll"] = nll(probs, y)
+    out["ece"] = ece(probs, y)
+    return out
+
+
+def breast_level(keys: pd.DataFrame, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of each breast's view probabilities, and its density (the most common label of its views).
+
+    ``keys`` has one row per image and the columns that name a breast (patient, study, laterality).
+    """
+    frame = keys.reset_index(drop=True).astype(str)
+    group = frame.groupby(list(frame.columns), sort=True, dropna=False).ngroup().to_numpy()
+    count = group.max() + 1 if len(group) else 0
+    sums = np.zeros((count, probs.shape[1]))
+    np.add.at(sums, group, probs)
+    mean = sums / np.bincount(group, minlength=count)[:, None]
+    votes = np.zeros((count, probs.shape[1]), np.int64)
+    np.add.at(votes, (group, np.asarray(y)), 1)
+    return mean, votes.argmax(1)
+
+
+def report(logits: np.ndarray, y: np.ndarray, breast_keys: pd.DataFrame, temperature: float = 1.0) -> dict:
+    """``{"image": ..., "breast": ...}``: :func:`evaluate` on the images and on their breasts."""
+    probs = softmax(logits, temperature)
+    breast_probs, breast_y = breast_level(breast_keys, probs, y)
+    return {"image": evaluate(probs, y), "breast": evaluate(breast_probs, breast_y)}
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
+    if not len(y):
+        return 1.0
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    target = torch.as_tensor(np.array(y, dtype=np.int64))
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    # A degenerate fit (every prediction right: the NLL falls forever as T -> 0) must not blow up the logits.
+    return float(np.clip(t, 0.05, 20.0)) if math.isfinite(t) else 1.0
+
+
+def calibration(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
+    """NLL and ECE before and after dividing the logits by ``temperature``."""
+    before, after = softmax(logits), softmax(logits, temperature)
+    return {"temperature": temperature, "nll_before": nll(before, y), "nll_after": nll(after, y),
+            "ece_before": ece(before, y), "ece_after": ece(after, y)}  # fmt: skip
+
+
+def jsonable(value):
+    """NaN/inf -> None and numpy scalars -> Python, recursively, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def table(results: dict[str, dict]) -> str:
+    """A short fixed-width table of the headline figures, one column per result (e.g. image, breast)."""
+    rows = [("accuracy", "accuracy"), ("balanced acc", "balanced_accuracy"), ("macro-F1", "macro_f1"),
+            ("kappa linear", "kappa_linear"), ("kappa quadratic", "kappa_quadratic")]  # fmt: skip
+    names = list(results)
+    lines = [f"{'':<18}" + "".join(f"{n:>10}" for n in names)]
+    for label, key in rows:
+        lines.append(f"{label:<18}" + "".join(f"{fmt(results[n].get(key)):>10}" for n in names))
+    for key in ("accuracy", "sensitivity", "specificity"):
+        cells = "".join(f"{fmt(results[n]['dense'][key]):>10}" for n in names)
+        lines.append(f"{'dense ' + key[:4] + '.':<18}" + cells)
+    for c in CLASSES:
+        cells = "".join(f"{fmt(results[n]['per_class'][c]['sensitivity']):>10}" for n in names)
+        lines.append(f"{'sensitivity ' + c:<18}" + cells)
+    lines.append(f"{'n':<18}" + "".join(f"{results[n]['n']:>10}" for n in names))
+    return "\n".join(lines)
+
+
+def fmt(value) -> str:
+    """A figure with three decimals, or "-" when it is undefined (None or NaN)."""
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"

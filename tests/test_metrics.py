@@ -1,0 +1,116 @@
+"""dens.train.metrics: every figure agrees with scikit-learn (or with a hand count) on fixed inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from dens.train import metrics
+
+RNG = np.random.default_rng(7)
+Y_TRUE = RNG.choice(4, size=300, p=[0.1, 0.4, 0.4, 0.1])
+# Predictions near the truth, with ordinal slips and no prediction of class 3 at all.
+Y_PRED = np.clip(Y_TRUE + RNG.choice([-2, -1, 0, 0, 0, 1], size=300), 0, 2)
+
+
+def _probs(y_pred: np.ndarray, confidence: float = 0.7) -> np.ndarray:
+    probs = np.full((len(y_pred), 4), (1 - confidence) / 3)
+    probs[np.arange(len(y_pred)), y_pred] = confidence
+    return probs
+
+
+def test_class_metrics_agree_with_scikit_learn():
+    cm = metrics.confusion(Y_TRUE, Y_PRED)
+    np.testing.assert_array_equal(cm, skm.confusion_matrix(Y_TRUE, Y_PRED, labels=range(4)))
+    got = metrics.class_metrics(cm)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(Y_TRUE, Y_PRED))
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(Y_TRUE, Y_PRED))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(Y_TRUE, Y_PRED, average="macro", zero_division=0))
+    for weights in ("linear", "quadratic"):
+        assert got[f"kappa_{weights}"] == pytest.approx(skm.cohen_kappa_score(Y_TRUE, Y_PRED, weights=weights))
+    assert metrics.weighted_kappa(cm, None) == pytest.approx(skm.cohen_kappa_score(Y_TRUE, Y_PRED))
+    recall = skm.recall_score(Y_TRUE, Y_PRED, labels=range(4), average=None, zero_division=0)
+    for i, c in enumerate("ABCD"):
+        # Specificity of class i is the recall of "not i".
+        specificity = skm.recall_score(i != Y_TRUE, i != Y_PRED)
+        assert got["per_class"][c]["sensitivity"] == pytest.approx(recall[i])
+        assert got["per_class"][c]["specificity"] == pytest.approx(specificity)
+        assert got["per_class"][c]["support"] == int((i == Y_TRUE).sum())
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_a_class_absent_from_the_truth_is_left_out_like_scikit_learn():
+    y_true, y_pred = np.array([0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 2, 2, 3])
+    got = metrics.class_metrics(metrics.confusion(y_true, y_pred))
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y_true, y_pred))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert np.isnan(got["per_class"]["D"]["sensitivity"])
+
+
+def test_dense_figures_use_p_c_plus_p_d():
+    y = np.array([0, 1, 2, 3, 2, 1])
+    probs = np.array([
+        [0.7, 0.2, 0.05, 0.05],  # not dense, right
+        [0.1, 0.45, 0.3, 0.15],  # p_dense 0.45: not dense, right
+        [0.1, 0.35, 0.3, 0.25],  # argmax B, yet p_dense 0.55: dense, right
+        [0.0, 0.1, 0.1, 0.8],  # dense, right
+        [0.2, 0.6, 0.1, 0.1],  # dense missed
+        [0.0, 0.3, 0.6, 0.1],  # not dense called dense
+    ])  # fmt: skip
+    dense = metrics.evaluate(probs, y)["dense"]
+    assert dense == {"n": 6, "positives": 3, "accuracy": pytest.approx(4 / 6), "sensitivity": pytest.approx(2 / 3),
+                     "specificity": pytest.approx(2 / 3)}  # fmt: skip
+
+
+def test_evaluate_holds_both_confusion_matrices_and_is_strict_json():
+    got = metrics.jsonable(metrics.evaluate(_probs(Y_PRED), Y_TRUE))
+    assert np.array(got["confusion"]).sum() == len(Y_TRUE)
+    normalised = np.array(got["confusion_normalised"])
+    np.testing.assert_allclose(normalised.sum(1), 1.0, atol=1e-3)
+    assert got["per_class"]["D"]["precision"] is None  # D never predicted: NaN became null
+    json.loads(json.dumps(got, allow_nan=False))
+
+
+def test_ece_by_hand():
+    # Two bins: confidence 0.9 with 50% right (gap 0.4) and confidence 0.6 with 100% right (gap 0.4).
+    probs = np.array([[0.9, 0.1, 0, 0], [0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0], [0.6, 0.4, 0, 0]])
+    y = np.array([0, 1, 0, 0])
+    assert metrics.ece(probs, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert metrics.ece(_probs(np.array([0, 1, 2, 3]), 1.0), np.array([0, 1, 2, 3])) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("sharpen", [4.0, 0.3])
+def test_temperature_scaling_fixes_a_miscalibrated_model(sharpen):
+    rng = np.random.default_rng(0)
+    calibrated = rng.normal(0, 1.5, (4000, 4))
+    # Labels drawn from softmax(calibrated): those logits are calibrated by construction, T = 1 is right.
+    p = metrics.softmax(calibrated)
+    y = (rng.random(4000)[:, None] > p.cumsum(1)).sum(1)
+    logits = calibrated * sharpen  # overconfident (x4) or underconfident (x0.3)
+    t = metrics.fit_temperature(logits, y)
+    assert t == pytest.approx(sharpen, rel=0.15)
+    cal = metrics.calibration(logits, y, t)
+    assert cal["nll_after"] < cal["nll_before"] - 0.05
+    assert cal["ece_after"] < cal["ece_before"]
+    # Temperature never changes the predicted class.
+    np.testing.assert_array_equal(metrics.softmax(logits, t).argmax(1), logits.argmax(1))
+
+
+def test_breast_level_is_the_mean_of_its_views():
+    keys = pd.DataFrame({"patient_id": ["1", "1", "1", "1", "2"], "study_uid": ["s"] * 5,
+                         "laterality": ["L", "L", "R", "R", "L"]})  # fmt: skip
+    probs = np.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 1]])
+    mean, y = metrics.breast_level(keys, probs, np.array([0, 0, 2, 2, 3]))
+    np.testing.assert_allclose(mean, [[0.6, 0.4, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(y, [0, 2, 3])
+
+
+def test_table_lists_the_headline_figures():
+    result = metrics.evaluate(_probs(Y_PRED), Y_TRUE)
+    text = metrics.table({"image": result, "breast": result})
+    assert "kappa quadratic" in text and f"{result['kappa_quadratic']:.3f}" in text
+    assert text.splitlines()[-1].split()[-1] == str(len(Y_TRUE))

@@ -1,0 +1,328 @@
+"""dens-train: manifest, split, decoded cache, the AMP step, a tiny end-to-end run, resume, the CLI and DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from dens import labels, synth
+from dens.model import load_checkpoint
+from dens.preprocess import PreprocessConfig, load
+from dens.train import cli, data, loop
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    synth.generate(out, 10, size="small", seed=5, workers=2, progress=False)
+    return out
+
+
+def _config(cohort: Path, out: Path, **overrides) -> loop.TrainConfig:
+    settings = dict(data=str(cohort), out=str(out), arch="resnet18", weights="none", size=SIZE, epochs=3,
+                    batch_size=4, lr=1e-3, workers=0, decode_workers=2, cache=str(out.parent / "cache"),
+                    progress=False)  # fmt: skip
+    return loop.TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> tuple[loop.TrainConfig, dict]:
+    """One uninterrupted three-epoch run (about 30 training images, 8 steps an epoch), shared by the tests
+    that read its artifacts; two epochs are too few for the loss to fall reliably."""
+    cfg = _config(cohort, tmp_path_factory.mktemp("runs") / "full")
+    return cfg, loop.run(cfg)
+
+
+# --- manifest and split ----------------------------------------------------------------------------------
+
+
+def test_rsna_layout_skips_and_counts_rows_without_density(tmp_path):
+    rows = pd.DataFrame({"site_id": [1, 1, 2], "patient_id": ["10006", "10006", "10011"],
+                         "image_id": ["462822612", "1459541791", "220375232"], "laterality": ["L", "L", "R"],
+                         "view": ["CC", "MLO", "CC"], "density": ["B", "B", ""]})  # fmt: skip
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    frame, info = data.read_manifest(tmp_path)
+    assert info["without_density"] == 1 and info["labelled"] == 2 and info["source"] == "rsna"
+    assert frame[labels.PATH].tolist() == [str(tmp_path / "train_images/10006/462822612.dcm"),
+                                           str(tmp_path / "train_images/10006/1459541791.dcm")]  # fmt: skip
+    assert frame[data.LABEL].tolist() == [1, 1]
+
+
+def test_generic_csv_paths_relative_to_it_numeric_density_and_no_patient(tmp_path, caplog):
+    pd.DataFrame({"path": ["a.png", "/abs/b.png", "c.png"], "density": ["1", "4", "c"]}).to_csv(
+        tmp_path / "labels.csv", index=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        frame, _ = data.read_manifest(tmp_path / "labels.csv")
+    assert frame[labels.DENSITY].tolist() == ["A", "D", "C"]
+    assert frame[labels.PATH].tolist() == [str(tmp_path / "a.png"), "/abs/b.png", str(tmp_path / "c.png")]
+    assert frame[labels.PATIENT_ID].is_unique and "no patient_id" in caplog.text
+    pd.DataFrame({"path": ["a.png", "b.png"], "density": ["B", "E"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match=r"bad.csv: 1 rows have a density.*line 3: 'E'"):
+        data.read_manifest(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="no labels found"):
+        data.read_manifest(tmp_path / "missing")
+
+
+def test_split_keeps_patients_together_and_class_ratios():
+    rng = np.random.default_rng(3)
+    rows = []
+    for patient in range(80):  # about 300 images: 2 to 6 per patient, one density each
+        density = rng.choice(4, p=[0.11, 0.42, 0.42, 0.05])
+        rows += [{"patient_id": f"P{patient}", data.LABEL: density} for _ in range(rng.integers(2, 7))]
+    frame = pd.DataFrame(rows)
+    split = data.assign_split(frame, seed=0)
+    assert split.groupby(frame["patient_id"]).nunique().max() == 1  # no patient in two splits
+    patients = split.groupby(frame["patient_id"]).first().value_counts(normalize=True)
+    for name, share in zip(data.SPLITS, (0.7, 0.15, 0.15), strict=True):
+        assert patients[name] == pytest.approx(share, abs=0.02)
+    by_patient = frame.groupby("patient_id")[data.LABEL].first()
+    for name in data.SPLITS:  # every class within one patient of its quota in every split
+        got = by_patient[split.groupby(frame["patient_id"]).first() == name].value_counts()
+        share = dict(zip(data.SPLITS, (0.7, 0.15, 0.15), strict=True))[name]
+        for c, n in by_patient.value_counts().items():
+            assert abs(got.get(c, 0) - share * n) <= 1.0 + 1e-9, (name, c)
+    assert split.equals(data.assign_split(frame, seed=0))
+    assert not split.equals(data.assign_split(frame, seed=1))
+
+
+def test_tiny_cohort_still_validates_and_tests():
+    frame = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "d"], data.LABEL: [1, 1, 2, 1, 2]})
+    assert set(data.assign_split(frame)) == set(data.SPLITS)
+
+
+# --- decoded cache ---------------------------------------------------------------------------------------
+
+
+def test_cache_is_bit_equal_to_the_shared_route_and_reused(trained, cohort):
+    cfg, result = trained
+    split = pd.read_csv(Path(cfg.out) / "split.csv", dtype=str, keep_default_na=False)
+    paths = split[labels.PATH].tolist()
+    entries, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), cfg.cache, workers=2, progress=False)
+    assert decoded == 0 and result["data"]["decoded_now"] == len(paths)
+    val = split.index[split[data.SPLIT] == "val"]
+    item = data.CachedImages([entries[i].npy for i in val], [0] * len(val))[0][0]
+    expected, _ = load(paths[val[0]], PreprocessConfig(size=SIZE))
+    assert item.dtype == torch.uint8 and item.shape == (1, SIZE, SIZE)
+    np.testing.assert_array_equal(item[0].numpy(), expected)  # what inference sees, bit for bit
+
+
+def test_unusable_files_are_listed_not_fatal(tmp_path, cohort):
+    good = next(cohort.rglob("*.dcm"))
+    (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all" * 10)
+    paths = [str(good), str(tmp_path / "junk.dcm"), str(tmp_path / "gone.dcm")]
+    entries, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
+    assert decoded == 2 and entries[0].npy and not entries[0].reason
+    assert (entries[1].npy, entries[1].reason) == (None, "not_dicom")
+    assert (entries[2].npy, entries[2].reason) == (None, "missing_file")
+    again, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
+    assert decoded == 0 and again == entries  # the unusable file is remembered too
+    _, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE + 8), tmp_path / "c", workers=1, progress=False)
+    assert decoded == 2  # another PreprocessConfig is another cache
+
+
+# --- sampling, weights, augmentation ---------------------------------------------------------------------
+
+
+def test_sampler_deals_disjoint_shares_fixed_by_seed_and_epoch():
+    targets = np.array([0] * 10 + [1] * 30 + [2] * 50 + [3] * 10)
+    ranks = [data.EpochSampler(targets, seed=1, rank=r, world=3) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(2)
+    shares = [list(s) for s in ranks]
+    assert all(len(s) == 34 for s in shares) and set().union(*shares) == set(range(100))
+    one = data.EpochSampler(targets, seed=1)
+    one.set_epoch(2)
+    order = list(one)
+    one.set_epoch(2, start=40)
+    assert list(one) == order[40:] and len(one) == 60
+    one.set_epoch(3)
+    assert list(one) != order
+    balanced = data.EpochSampler(targets, balanced=True, seed=0)
+    counts = np.bincount(targets[[i for e in range(20) for i in (balanced.set_epoch(e) or balanced)]], minlength=4)
+    assert counts.min() / counts.max() > 0.8  # classes drawn about equally despite 10/30/50/10
+
+
+def test_class_weights_are_inverse_frequency_with_mean_one():
+    targets = np.array([0] * 10 + [1] * 40 + [2] * 50)
+    w = data.class_weights(targets).numpy()
+    assert w[3] == 0 and w[0] / w[2] == pytest.approx(5.0)
+    assert (w[targets]).mean() == pytest.approx(1.0)
+
+
+def test_augment_is_small_seeded_and_keeps_the_chest_wall_left():
+    image = torch.zeros(4, 1, SIZE, SIZE, dtype=torch.uint8)
+    image[..., 8:56, :28] = 200  # a breast leaning on the left edge
+    first = data.augment(image, torch.Generator().manual_seed(1))
+    assert first.dtype == torch.uint8 and first.shape == image.shape
+    assert torch.equal(first, data.augment(image, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, image) and not torch.equal(first[0], first[1])
+    columns = first.float().sum(dim=(1, 2))
+    assert (columns[:, : SIZE // 2].sum(1) > 5 * columns[:, SIZE // 2 :].sum(1)).all()  # never mirrored
+    changed = (first.float() - image.float()).abs().mean() / 200
+    assert changed < 0.25
+
+
+# --- the AMP step ----------------------------------------------------------------------------------------
+
+
+class _Probe(torch.nn.Module):
+    """A tiny classifier that records whether autocast was on during its forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(4, 4))  # fmt: skip
+        self.autocast_seen: list[bool] = []
+
+    def forward(self, x):
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return self.net(x.float() / 255)
+
+
+def _step(amp_dtype, scaler: torch.amp.GradScaler, optim=torch.optim.SGD):
+    torch.manual_seed(0)
+    model = _Probe()
+    optimizer = optim(model.parameters(), lr=0.1)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = (torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    loss = loop.train_step(model, batch, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
+    after = [p.detach() for p in model.parameters()]
+    return model, loss, len(steps), before, after
+
+
+def test_train_step_fp32_steps_once_without_autocast():
+    model, loss, steps, before, after = _step(None, torch.amp.GradScaler("cpu", enabled=False))
+    assert steps == 1 and model.autocast_seen == [False]
+    assert loss.dtype == torch.float32 and not loss.requires_grad and torch.isfinite(loss)
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_train_step_runs_the_forward_under_autocast():
+    model, loss, steps, _, _ = _step(torch.bfloat16, torch.amp.GradScaler("cpu", enabled=False))
+    assert model.autocast_seen == [True] and steps == 1
+    assert loss.dtype == torch.float32  # the loss is computed in fp32 from the autocast logits
+
+
+def test_train_step_with_a_grad_scaler_unscales_and_steps_once():
+    _, _, steps_plain, _, plain = _step(None, torch.amp.GradScaler("cpu", enabled=False))
+    _, _, steps_scaled, _, scaled = _step(None, torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True))
+    assert steps_plain == steps_scaled == 1
+    for p, s in zip(plain, scaled, strict=True):  # the same SGD update: gradients were unscaled before it
+        torch.testing.assert_close(p, s)
+
+
+def test_cpu_training_is_fp32_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="dens.train"):
+        assert loop.resolve_precision("auto", torch.device("cpu")) is None
+        assert loop.resolve_precision("bf16", torch.device("cpu")) is None
+    assert "fp32 on CPU" in caplog.text and "needs a CUDA device" in caplog.text
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+
+def test_tiny_training_learns_and_writes_every_artifact(trained):
+    cfg, result = trained
+    out = Path(cfg.out)
+    for name in ("best.pt", "last.pt", "metrics.json", "split.csv", "config.yaml", "unusable.csv", "loss.png",
+                 "accuracy.png", "lr.png", "confusion_image.png", "confusion_image_normalised.png",
+                 "confusion_breast.png", "confusion_breast_normalised.png"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out.parent / "latest").resolve() == out.resolve()
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2  # it learns
+    assert history[0]["lr"] == pytest.approx(1e-3) and history[2]["lr"] == pytest.approx(0.25e-3)  # cosine, 3 epochs
+    saved = json.loads((out / "metrics.json").read_text())
+    for level in ("image", "breast"):
+        test = saved["test"][level]
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "kappa_linear", "kappa_quadratic", "dense",
+                    "per_class", "confusion", "confusion_normalised", "ece"):  # fmt: skip
+            assert key in test, (level, key)
+        assert set(test["per_class"]["B"]) >= {"sensitivity", "specificity"}
+    assert saved["test"]["breast"]["n"] < saved["test"]["image"]["n"]  # views pooled into breasts
+    cal = saved["calibration"]["validation"]
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9 and {"ece_before", "ece_after"} <= set(cal)
+    split = pd.read_csv(out / "split.csv", dtype=str)
+    assert len(split) == saved["data"]["labelled"] and set(split[data.SPLIT]) == set(data.SPLITS)
+    assert split.groupby(labels.PATIENT_ID)[data.SPLIT].nunique().max() == 1
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["arch"] == "resnet18" and config["preprocess"]["size"] == SIZE
+    assert config["resolved"]["precision"] == "fp32"
+    best = load_checkpoint(out / "best.pt")
+    assert best.temperature == pytest.approx(cal["temperature"])
+    assert best.preprocess == PreprocessConfig(size=SIZE) and tuple(best.classes) == labels.CLASSES
+    assert best.summary["data"] == {s: saved["data"][s]["images"] for s in data.SPLITS}
+    assert best.summary["test"]["image"]["kappa_quadratic"] == pytest.approx(saved["test"]["image"]["kappa_quadratic"])
+    assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none"
+
+
+def test_interrupted_run_resumes_to_the_same_weights(trained, cohort):
+    full_cfg, full = trained
+    out = Path(full_cfg.out).parent / "resumed"
+    cfg = _config(cohort, out)
+    # Stopped in the middle of the second epoch, as Ctrl-C would.
+    stopped = loop.run(cfg, should_stop=lambda epoch, step: (epoch, step) == (1, 2))
+    assert stopped == {"interrupted": True, "epoch": 1, "step": 3, "out": str(out)}
+    extra = load_checkpoint(out / "last.pt").extra
+    assert (extra["epoch"], extra["step"]) == (1, 3) and "optimizer" in extra and "scheduler" in extra
+    with pytest.raises(ValueError, match="already holds a run"):
+        loop.run(cfg)
+    # The CLI reads the run's own config.yaml: --out and --resume are all it needs.
+    outcome = CliRunner().invoke(cli.main, ["--out", str(out), "--resume", "--no-progress"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "kappa quadratic" in outcome.output and "dens-train:" in outcome.output
+    resumed, uninterrupted = load_checkpoint(out / "last.pt"), load_checkpoint(Path(full_cfg.out) / "last.pt")
+    assert resumed.extra["epoch"] == 3
+    for (name, a), b in zip(resumed.model.state_dict().items(), uninterrupted.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in full["history"]])
+
+
+def test_cli_flags_override_the_yaml_file_which_overrides_the_recipe(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(loop, "run", lambda cfg: seen.append(cfg) or {"interrupted": True, "epoch": 0, "step": 0})
+    (tmp_path / "recipe.yaml").write_text("arch: resnet18\nepochs: 3\nbatch-size: 4\nlr: 1e-3\n")
+    outcome = CliRunner().invoke(cli.main, ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config",
+                                            str(tmp_path / "recipe.yaml"), "--epochs", "5"])  # fmt: skip
+    assert outcome.exit_code == 130, outcome.output
+    (cfg,) = seen
+    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet18", 5, 4, 0.001)
+    assert (cfg.optimizer, cfg.weight_decay, cfg.size, cfg.balance) == ("adam", 3e-3, 512, "weighted-loss")
+    for text, message in (("epoch: 3\n", "unknown options epoch"), ("arch: resnet34\n", "'resnet34' is not one of")):
+        (tmp_path / "bad.yaml").write_text(text)
+        outcome = CliRunner().invoke(cli.main, ["--data", str(tmp_path), "--config", str(tmp_path / "bad.yaml")])
+        assert outcome.exit_code == 2 and message in outcome.output, outcome.output
+    assert len(seen) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(cohort, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dens.train.cli",
+               "--data", str(cohort), "--out", str(out), "--arch", "resnet18", "--weights", "none", "--size", str(SIZE),
+               "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--cache", str(tmp_path / "c"),
+               "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["batch_per_process"] == 4
+    assert done.stdout.count("dens-train:") == 1  # rank 0 alone reports
+    assert json.loads((out / "metrics.json").read_text())["test"]["image"]["n"] > 0
