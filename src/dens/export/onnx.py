@@ -164,28 +164,33 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # a protobuf decode error says little; what matters is the file is not ONNX
         raise OnnxMetadataError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-    props = {p.key: p.value for p in model.metadata_props}
+    return parse_metadata({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY), path)
+
+
+def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check the ``dens`` metadata value ``text`` (None: absent) of the model at ``where``. For a
+    caller that already holds it, e.g. from ``InferenceSession.get_modelmeta().custom_metadata_map``."""
     hint = "re-export it with `dens-export --onnx --checkpoint CHECKPOINT --out FILE`"
-    if METADATA_KEY not in props:
-        raise OnnxMetadataError(f"{path} has no '{METADATA_KEY}' metadata: it was not written by dens-export; {hint}")
+    if text is None:
+        raise OnnxMetadataError(f"{where} has no '{METADATA_KEY}' metadata: it was not written by dens-export; {hint}")
     try:
-        meta = json.loads(props[METADATA_KEY])
+        meta = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise OnnxMetadataError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({exc}); {hint}") from exc
+        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not valid JSON ({exc}); {hint}") from exc
     if not isinstance(meta, dict):
-        raise OnnxMetadataError(f"{path}: its '{METADATA_KEY}' metadata is not a JSON object; {hint}")
+        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not a JSON object; {hint}")
     if meta.get("format_version") != METADATA_FORMAT:
-        raise OnnxMetadataError(f"{path} has dens metadata format {meta.get('format_version')!r}; this dens "
+        raise OnnxMetadataError(f"{where} has dens metadata format {meta.get('format_version')!r}; this dens "
                                 f"{dens.__version__} reads format {METADATA_FORMAT} (a newer file needs a newer dens)")
     bad = [k for k, t in _REQUIRED.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
     if bad:
-        raise OnnxMetadataError(f"{path}: its dens metadata lacks or mistypes {', '.join(bad)}; {hint}")
+        raise OnnxMetadataError(f"{where}: its dens metadata lacks or mistypes {', '.join(bad)}; {hint}")
     try:
         PreprocessConfig.from_dict(meta["preprocess"])
     except (TypeError, ValueError) as exc:
-        raise OnnxMetadataError(f"{path}: its dens metadata has an unusable preprocess config ({exc}); {hint}") from exc
+        raise OnnxMetadataError(f"{where}: its dens metadata has an unusable preprocess ({exc}); {hint}") from exc
     if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]) or not meta["temperature"] > 0:
-        raise OnnxMetadataError(f"{path}: its dens metadata has empty classes or a non-positive temperature; {hint}")
+        raise OnnxMetadataError(f"{where}: its dens metadata has empty classes or a non-positive temperature; {hint}")
     return meta
 
 
