@@ -32,10 +32,10 @@ bench: setup
 DEMO ?= demo
 demo: setup
 	@echo "== dens demo: a small synthetic cohort and a small model (resnet18, S=128, random init) =="
-	$(VENV)/bin/dens-synth $(DEMO)/cohort --patients 60 --size small --seed 1 --overwrite
+	$(VENV)/bin/dens-synth $(DEMO)/cohort --patients 100 --size small --seed 1 --overwrite
 	$(VENV)/bin/dens-synth $(DEMO)/studies --patients 6 --size small --seed 2 --overwrite
 	$(VENV)/bin/dens-train --data $(DEMO)/cohort --out $(DEMO)/runs/demo --arch resnet18 --weights none \
-		--size 128 --epochs 4 --batch-size 16 --lr 1e-3 --cache $(DEMO)/.cache --no-progress
+		--size 128 --epochs 6 --batch-size 16 --lr 1e-3 --cache $(DEMO)/.cache --no-progress
 	$(VENV)/bin/dens-export --onnx --checkpoint $(DEMO)/runs/demo/best.pt --no-progress
 	$(VENV)/bin/dens-infer $(DEMO)/studies --model $(DEMO)/runs/demo/model.onnx --out $(DEMO)/preds.csv --overwrite \
 		--gradcam $(DEMO)/gradcam

@@ -17,6 +17,20 @@ MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 REAL_MAMMO = Path(__file__).resolve().parents[2] / "shared/data/real-mammo"
 
 
+# The real files in ../shared/data/real-mammo (SOURCES.md): every JPEG 2000 one, then the JPEG Extended copy.
+REAL_J2K = [
+    "rsna-kaggle-train/462822612.dcm",
+    "rsna-kaggle-train/1874946579.dcm",
+    "rsna-kaggle-train/1864590858.dcm",
+    "rsna-kaggle-test/1591370361.dcm",
+    "rsna-kaggle-test/361203119.dcm",
+    "rsna-kaggle-test/68070693.dcm",
+    "rsna-kaggle-test/736471439.dcm",
+    "wg04-nema-MG1/MG1_J2KI",
+]
+REAL_FILES = [*REAL_J2K, "wg04-nema-MG1/MG1_JPLY"]
+
+
 @pytest.fixture(scope="session")
 def real_mammo() -> Path:
     """The real DICOM samples, kept outside the repository (their terms forbid redistribution)."""

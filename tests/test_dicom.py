@@ -26,20 +26,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from conftest import REAL_J2K
 from dens import dicom, preprocess
 from dens.config import PreprocessConfig
 from dens.dicom import Reason, UnusableFile
-
-REAL_J2K = [
-    "rsna-kaggle-train/462822612.dcm",
-    "rsna-kaggle-train/1874946579.dcm",
-    "rsna-kaggle-train/1864590858.dcm",
-    "rsna-kaggle-test/1591370361.dcm",
-    "rsna-kaggle-test/361203119.dcm",
-    "rsna-kaggle-test/68070693.dcm",
-    "rsna-kaggle-test/736471439.dcm",
-    "wg04-nema-MG1/MG1_J2KI",
-]
 
 
 def _codestream(f: dicom.DicomFile) -> bytes:

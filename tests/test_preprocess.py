@@ -24,6 +24,7 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 
+from conftest import REAL_FILES
 from dens import dicom, preprocess
 from dens.dicom import Reason, UnusableFile
 from dens.preprocess import PreprocessConfig
@@ -370,17 +371,6 @@ def test_canonical_image_is_square_uint8_with_the_breast_left_aligned(make_dicom
 
 # --- real mammograms ------------------------------------------------------------------------------
 
-REAL_FILES = [
-    "rsna-kaggle-train/462822612.dcm",
-    "rsna-kaggle-train/1874946579.dcm",
-    "rsna-kaggle-train/1864590858.dcm",
-    "rsna-kaggle-test/1591370361.dcm",
-    "rsna-kaggle-test/361203119.dcm",
-    "rsna-kaggle-test/68070693.dcm",
-    "rsna-kaggle-test/736471439.dcm",
-    "wg04-nema-MG1/MG1_J2KI",
-    "wg04-nema-MG1/MG1_JPLY",
-]
 # WG04 MG1 has no CSV row: what its SOURCES.md entry and header say.
 _MG1 = {"patient_id": "3MG1", "image_id": "5457", "laterality": "L", "view": "MLO"}
 
