@@ -19,7 +19,7 @@ import dens
 from dens import runs
 from dens.config import PreprocessConfig
 from dens.export.cli import main
-from dens.export.onnx import OnnxMetadataError, read_metadata, to_fp16
+from dens.export.onnx import Fp16ConversionError, OnnxMetadataError, read_metadata, to_fp16
 from dens.export.parity import THRESHOLDS, check_parity
 from dens.model import build_model, file_sha256, load_checkpoint, save_checkpoint
 from dens.synth import generate
@@ -235,7 +235,7 @@ def test_to_fp16_refuses_ops_it_does_not_handle():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.ones(4, np.float32), "scales")])  # fmt: skip
-    with pytest.raises(NotImplementedError, match="Resize"):
+    with pytest.raises(Fp16ConversionError, match="Resize"):
         to_fp16(helper.make_model(graph))
 
 

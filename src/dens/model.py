@@ -9,7 +9,6 @@ only, which refuses anything but tensors and plain data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, res
 
 from dens.config import PreprocessConfig
 from dens.labels import CLASSES, NUM_CLASSES
+from dens.metadata import file_sha256
 
 FORMAT_VERSION = 1
 # The ImageNet RGB mean/std averaged over the channels: the summed 1-channel conv1 sees grey input.
@@ -133,15 +133,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)

@@ -28,11 +28,16 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import dens
-from dens.config import PreprocessConfig
-from dens.model import Checkpoint, file_sha256, load_checkpoint
+from dens.metadata import (  # noqa: F401  (read_metadata, parse_metadata: re-exported for callers)
+    METADATA_FORMAT,
+    METADATA_KEY,
+    OnnxMetadataError,
+    file_sha256,
+    parse_metadata,
+    read_metadata,
+)
+from dens.model import Checkpoint, load_checkpoint
 
-METADATA_KEY = "dens"
-METADATA_FORMAT = 1
 DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # what the legacy exporter writes (it warns past 20); 13: Softmax over one axis
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
@@ -41,13 +46,10 @@ BATCH_AXIS = "N"
 # standard ONNX ops, so the saved graph still runs on every provider. EXTENDED and above write contrib ops
 # (FusedConv, NCHWc layouts) that tie the file to the provider it was optimised for.
 OPTIMIZATION_LEVEL = "basic"
-_REQUIRED = {"format_version": int, "classes": list, "preprocess": dict, "temperature": (int, float), "arch": str,
-             "model_args": dict, "summary": dict, "checkpoint_sha256": str, "opset": int, "precision": str,
-             "input": str, "outputs": list}  # fmt: skip
 
 
-class OnnxMetadataError(ValueError):
-    """An ONNX file without usable dens metadata; the message names the file and what to do."""
+class Fp16ConversionError(ValueError):
+    """The graph holds something the float16 converter refuses to guess at (an op it does not know)."""
 
 
 class _Exported(nn.Module):
@@ -155,45 +157,6 @@ def _metadata(ckpt: Checkpoint, checkpoint_path: Path, opset: int, precision: st
     }
 
 
-def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
-    """The ``dens`` metadata of an exported model, parsed and checked (raises :class:`OnnxMetadataError`)."""
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} not found")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a protobuf decode error says little; what matters is the file is not ONNX
-        raise OnnxMetadataError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-    return parse_metadata({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY), path)
-
-
-def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check the ``dens`` metadata value ``text`` (None: absent) of the model at ``where``. For a
-    caller that already holds it, e.g. from ``InferenceSession.get_modelmeta().custom_metadata_map``."""
-    hint = "re-export it with `dens-export --onnx --checkpoint CHECKPOINT --out FILE`"
-    if text is None:
-        raise OnnxMetadataError(f"{where} has no '{METADATA_KEY}' metadata: it was not written by dens-export; {hint}")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not valid JSON ({exc}); {hint}") from exc
-    if not isinstance(meta, dict):
-        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not a JSON object; {hint}")
-    if meta.get("format_version") != METADATA_FORMAT:
-        raise OnnxMetadataError(f"{where} has dens metadata format {meta.get('format_version')!r}; this dens "
-                                f"{dens.__version__} reads format {METADATA_FORMAT} (a newer file needs a newer dens)")
-    bad = [k for k, t in _REQUIRED.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
-    if bad:
-        raise OnnxMetadataError(f"{where}: its dens metadata lacks or mistypes {', '.join(bad)}; {hint}")
-    try:
-        PreprocessConfig.from_dict(meta["preprocess"])
-    except (TypeError, ValueError) as exc:
-        raise OnnxMetadataError(f"{where}: its dens metadata has an unusable preprocess ({exc}); {hint}") from exc
-    if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]) or not meta["temperature"] > 0:
-        raise OnnxMetadataError(f"{where}: its dens metadata has empty classes or a non-positive temperature; {hint}")
-    return meta
-
-
 # --- float16 -----------------------------------------------------------------------------------------
 
 # Ops whose float inputs may all become float16 (the ONNX schema allows it and nothing must stay float32).
@@ -224,14 +187,14 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32_after: str = LOGITS) -> onnx.Mo
     nodes = [n for n in graph.node if id(n) in upstream]
     unsupported = sorted({n.op_type for n in nodes} - _FP16_OPS)
     if unsupported:
-        raise NotImplementedError(f"fp16 conversion does not handle the ops {', '.join(unsupported)}")
+        raise Fp16ConversionError(f"fp16 conversion does not handle the ops {', '.join(unsupported)}")
 
     inputs = {i for n in nodes for i in n.input}
     downstream_inputs = {i for n in graph.node if id(n) not in upstream for i in n.input}
     for init in graph.initializer:
         if init.name in inputs and init.data_type == TensorProto.FLOAT:
             if init.name in downstream_inputs:
-                raise NotImplementedError(f"initializer {init.name} feeds both the float16 and the float32 part")
+                raise Fp16ConversionError(f"initializer {init.name} feeds both the float16 and the float32 part")
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
     for node in nodes:
         for attr in node.attribute:

@@ -7,7 +7,6 @@ meanwhile (ONNX Runtime releases the GIL), so decoding and the model overlap.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -25,6 +24,7 @@ from dens.infer import EXIT_ERRORS, EXIT_OK, aggregate, walk
 from dens.infer.pool import Decoded, DecodePool, PoolError
 from dens.infer.runtime import DeviceError, ModelError, Runtime, default_parallelism, open_runtime, planned_device
 from dens.infer.writer import CorruptOutput, FlagRule, OutputExists, PredsWriter, check_output, make_row
+from dens.metadata import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def run(cfg: InferConfig) -> Summary:
             writer = PredsWriter(out, resume=cfg.resume, overwrite=cfg.overwrite)
         except (DeviceError, ModelError, OutputExists, CorruptOutput) as exc:
             raise InferError(str(exc)) from exc
-        sha = _sha256(model_path)
+        sha = file_sha256(model_path)
         summary = Summary(provider=runtime.provider, workers=workers, threads=runtime.threads,
                           batch_size=runtime.batch_size, out=out, already_done=writer.kept)  # fmt: skip
         with writer:
@@ -152,15 +152,6 @@ def run(cfg: InferConfig) -> Summary:
     summary.write_s += time.perf_counter() - t0
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _sha256(path: Path) -> str:
-    # Not dens.model.file_sha256: that module imports torch, seconds of start-up this process never needs.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open(model_path: Path, cfg: InferConfig) -> Runtime:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import onnxruntime as ort
 
 from dens.config import PreprocessConfig
 from dens.infer import DEVICES
+from dens.metadata import METADATA_KEY, OnnxMetadataError, parse_metadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,7 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
 # batch buys nothing (ResNet-50 at 512: the same img/s at batch 2, 4 and 8; the convolutions already fill
 # the cores) and a smaller one starts the model sooner; a GPU wants dozens per launch.
 DEFAULT_BATCH = {"tensorrt": 64, "cuda": 64, "cpu": 4}
-METADATA_KEY = "dens"
 INPUT, OUTPUT = "image", "probs"
-REQUIRED_METADATA = ("classes", "preprocess")
 
 
 class DeviceError(RuntimeError):
@@ -127,19 +125,10 @@ def _provider_options(name: str, size: int, batch: int) -> tuple[str, dict]:
 
 def read_session_metadata(session: ort.InferenceSession, model_path: Path) -> dict:
     """The ``dens`` JSON that ``dens-export`` writes into the model's metadata_props, checked."""
-    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if not raw:
-        raise ModelError(f"{model_path} has no '{METADATA_KEY}' metadata: it was not written by dens-export. "
-                         "Export the checkpoint with `dens-export --onnx`")  # fmt: skip
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{model_path}: its '{METADATA_KEY}' metadata is not JSON ({exc}); re-export it") from exc
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise ModelError(f"{model_path}: its '{METADATA_KEY}' metadata lacks {', '.join(missing)}; re-export it "
-                         "with dens-export")  # fmt: skip
-    return meta
+        return parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), model_path)
+    except OnnxMetadataError as exc:
+        raise ModelError(str(exc)) from exc
 
 
 @dataclass
@@ -227,14 +216,10 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
 
 def _input_size(model_path: Path) -> int:
     """S from the metadata, read before the session exists (TensorRT's optimisation profile needs it)."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
     try:
-        return int(json.loads(props[METADATA_KEY])["preprocess"]["size"])
-    except (KeyError, ValueError, TypeError):
-        return 0
+        return int(read_metadata(model_path)["preprocess"]["size"])
+    except (OnnxMetadataError, OSError):
+        return 0  # the session opened next reports the real problem
 
 
 def _check_io(session: ort.InferenceSession, model_path: Path, size: int, num_classes: int) -> None:

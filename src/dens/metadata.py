@@ -1,0 +1,76 @@
+"""The contract an exported model carries: its ``dens`` metadata and the sha256 that names a file.
+
+torch-free (and onnx-free until a file is read), so that dens-infer's process and its decode workers check a
+model without importing torch; dens-export writes what this module checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import dens
+from dens.config import PreprocessConfig
+
+METADATA_KEY = "dens"
+METADATA_FORMAT = 1
+_REQUIRED = {"format_version": int, "classes": list, "preprocess": dict, "temperature": (int, float), "arch": str,
+             "model_args": dict, "summary": dict, "checkpoint_sha256": str, "opset": int, "precision": str,
+             "input": str, "outputs": list}  # fmt: skip
+
+
+class OnnxMetadataError(ValueError):
+    """An ONNX file without usable dens metadata; the message names the file and what to do."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``dens`` metadata of an exported model, parsed and checked (raises :class:`OnnxMetadataError`)."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} not found")
+    import onnx  # here: inference reads metadata from its ORT session and never needs the onnx package
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a protobuf decode error says little; what matters is the file is not ONNX
+        raise OnnxMetadataError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
+    return parse_metadata({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY), path)
+
+
+def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check the ``dens`` metadata value ``text`` (None: absent) of the model at ``where``. For a
+    caller that already holds it, e.g. from ``InferenceSession.get_modelmeta().custom_metadata_map``."""
+    hint = "re-export it with `dens-export --onnx --checkpoint CHECKPOINT --out FILE`"
+    if text is None:
+        raise OnnxMetadataError(f"{where} has no '{METADATA_KEY}' metadata: it was not written by dens-export; {hint}")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not valid JSON ({exc}); {hint}") from exc
+    if not isinstance(meta, dict):
+        raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not a JSON object; {hint}")
+    if meta.get("format_version") != METADATA_FORMAT:
+        raise OnnxMetadataError(f"{where} has dens metadata format {meta.get('format_version')!r}; this dens "
+                                f"{dens.__version__} reads format {METADATA_FORMAT} (a newer file needs a newer dens)")
+    bad = [k for k, t in _REQUIRED.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    if bad:
+        raise OnnxMetadataError(f"{where}: its dens metadata lacks or mistypes {', '.join(bad)}; {hint}")
+    try:
+        PreprocessConfig.from_dict(meta["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise OnnxMetadataError(f"{where}: its dens metadata has an unusable preprocess ({exc}); {hint}") from exc
+    if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]) or not meta["temperature"] > 0:
+        raise OnnxMetadataError(f"{where}: its dens metadata has empty classes or a non-positive temperature; {hint}")
+    return meta
