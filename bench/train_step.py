@@ -1,4 +1,4 @@
-"""Training throughput (img/s) of one `dens.train.loop.train_step` over architectures, sizes and batches.
+"""Training throughput (img/s) of one `dens.train.step.train_step` over architectures, sizes and batches.
 
     python bench/train_step.py                                  # CPU: resnet18/50 x S 256/512 x batch 8/32, fp32
     python bench/train_step.py --device cuda                    # GPU: resnet50 at 512, fp32 vs bf16 vs fp16,
