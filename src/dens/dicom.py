@@ -5,7 +5,8 @@ synthesis early (``Image.reduce``) and return the image at 1/2**level resolution
 cost; other syntaxes are decoded in full by pydicom's plugins and then downsampled with the same
 low-pass filter, so the model sees nearly the same image whichever syntax a file came in. GDCM's own
 reader is the last resort when pydicom's plugins all fail (it decodes 12-bit JPEG Extended, which they
-cannot).
+cannot). The decoders live in :mod:`dens.decode`, the error type in :mod:`dens.errors`; this module reads the
+header, checks the file is a usable mammogram and picks the decoder.
 
 Files that cannot be used raise :class:`UnusableFile` with a :class:`Reason`; inference turns it into a
 row (``skipped`` or ``error``), training counts it.
@@ -13,71 +14,25 @@ row (``skipped`` or ``error``), training counts it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 
+from dens.decode import _check_range, _decode_gdcm, _decode_j2k_pillow, _decode_pydicom, reduce_like_j2k
+from dens.errors import Reason, UnusableFile
+
+__all__ = [
+    "JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "Reason", "UnusableFile", "read", "reduce_like_j2k",
+]  # fmt: skip
+
 log = logging.getLogger(__name__)
-
-
-class Reason(str, Enum):
-    """Why a file yields no image. ``skip`` reasons are expected in an archive; the rest are errors."""
-
-    NOT_DICOM = "not_dicom"
-    NON_IMAGE_OBJECT = "non_image_object"
-    NO_PIXEL_DATA = "no_pixel_data"
-    NOT_MAMMOGRAPHY = "not_mammography"
-    FOR_PROCESSING = "for_processing"
-    EXCLUDED_VIEW = "excluded_view"
-    MULTI_FRAME = "multi_frame"
-    NOT_GRAYSCALE = "not_grayscale"
-    EMPTY_FILE = "empty_file"
-    UNREADABLE = "unreadable"
-    UNSUPPORTED_SYNTAX = "unsupported_transfer_syntax"
-    CORRUPT_PIXELS = "corrupt_pixel_data"
-
-    @property
-    def is_skip(self) -> bool:
-        return self in _SKIP_REASONS
-
-
-_SKIP_REASONS = {
-    Reason.NOT_DICOM,
-    Reason.NON_IMAGE_OBJECT,
-    Reason.NO_PIXEL_DATA,
-    Reason.NOT_MAMMOGRAPHY,
-    Reason.FOR_PROCESSING,
-    Reason.EXCLUDED_VIEW,
-    Reason.MULTI_FRAME,
-    Reason.NOT_GRAYSCALE,
-}
-
-
-class UnusableFile(Exception):
-    """A file that yields no canonical image, with a machine-readable reason and a human detail."""
-
-    def __init__(self, reason: Reason, detail: str, path: str | Path | None = None):
-        self.reason = Reason(reason)
-        self.detail = detail
-        self.path = str(path) if path is not None else None
-        where = f"{self.path}: " if self.path else ""
-        super().__init__(f"{where}{self.reason.value}: {detail}")
-
-    @property
-    def status(self) -> str:
-        """The preds.csv status this error becomes: ``skipped`` or ``error``."""
-        return "skipped" if self.reason.is_skip else "error"
 
 
 # --- SOP classes and transfer syntaxes -------------------------------------------------------------
@@ -242,93 +197,6 @@ class DicomFile:
             return self._full
         detail = "no decoder could read the pixel data (" + "; ".join(errors) + ")"
         raise UnusableFile(Reason.CORRUPT_PIXELS, detail, self.path)
-
-
-def _decode_pydicom(f: DicomFile) -> np.ndarray:
-    return np.asarray(f.ds.pixel_array)
-
-
-_GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
-                "UINT32": np.uint32, "INT32": np.int32}
-
-
-def _decode_gdcm(f: DicomFile) -> np.ndarray:
-    import gdcm  # imported lazily: large, and only needed when pydicom's plugins fail
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(f.path)
-    if not reader.Read():
-        raise RuntimeError("gdcm.ImageReader could not read the file")
-    image = reader.GetImage()
-    cols, rows = image.GetDimensions()[:2]
-    dtype = _GDCM_DTYPES.get(image.GetPixelFormat().GetScalarTypeAsString())
-    if dtype is None:
-        raise RuntimeError(f"unsupported GDCM pixel type {image.GetPixelFormat().GetScalarTypeAsString()}")
-    # GDCM's Python binding returns the buffer as a str of surrogate-escaped bytes (None when it fails).
-    buffer = image.GetBuffer()
-    if buffer is None:
-        raise RuntimeError("gdcm could not decode the pixel data")
-    raw = buffer.encode("utf-8", "surrogateescape")
-    return np.frombuffer(raw, dtype=dtype)[: rows * cols].reshape(rows, cols)
-
-
-def _decode_j2k_pillow(f: DicomFile, level: int) -> np.ndarray:
-    import openjpeg
-    from PIL import Image
-
-    codestream = next(generate_frames(f.ds.PixelData, number_of_frames=1))
-    params = openjpeg.get_parameters(codestream)
-    # A signed header over an unsigned codestream (pydicom's J2K_pixelrep_mismatch.dcm) needs
-    # pydicom's sign correction: leave it to the full decode.
-    signed = params["is_signed"] or int(f.ds.get("PixelRepresentation") or 0) == 1
-    if signed or params["samples_per_pixel"] != 1 or params["precision"] > 16:
-        raise ValueError("Pillow route handles unsigned single-component codestreams up to 16 bits")
-    with Image.open(io.BytesIO(codestream)) as im:
-        if level:
-            # Pillow rounds the reduced size where JPEG 2000 takes the ceiling, and then fails on every
-            # side not divisible by 2**level (5355x4915 at level 3): give it a size that rounds right.
-            power = 1 << level
-            im._size = tuple(-(-n // power) * power - power // 2 for n in im.size)
-        im.reduce = level
-        im.load()
-        mode = im.mode
-        pixels = np.asarray(im)
-    if mode.startswith("I;16") and params["precision"] < 16:
-        # Pillow scales sub-16-bit precision up to 16 bits; undo it from the codestream's own
-        # precision (SIZ), never from the values, which overshoot at reduced levels.
-        pixels = pixels >> (16 - params["precision"])
-    return _check_range(pixels, f, clip=True).astype(np.float32)
-
-
-def _check_range(pixels: np.ndarray, f: DicomFile, *, clip: bool) -> np.ndarray:
-    """Hold decoded values to BitsStored's range.
-
-    Full-resolution values outside it mean the unused high bits carry something else (overlays,
-    vendor garbage): mask them off. Reduced JPEG 2000 values overshoot a little (wavelet ringing):
-    clip them.
-    """
-    lo, hi = f.stored_range
-    if pixels.size == 0:
-        raise UnusableFile(Reason.CORRUPT_PIXELS, "decoded image is empty", f.path)
-    if pixels.min() >= lo and pixels.max() <= hi:
-        return pixels
-    if clip or lo < 0:
-        return np.clip(pixels, lo, hi)
-    log.info("%s: values above BitsStored=%d masked off", f.path, hi.bit_length())
-    return pixels & np.asarray(hi, dtype=pixels.dtype)
-
-
-_LOWPASS_53 = np.array([-1, 2, 6, 2, -1], dtype=np.float32) / 8.0
-
-
-def reduce_like_j2k(pixels: np.ndarray, level: int) -> np.ndarray:
-    """Downsample by 2**level with the JPEG 2000 5/3 analysis low-pass filter and even-sample
-    decimation: what a reduced-resolution JPEG 2000 decode returns, up to integer rounding."""
-    out = pixels.astype(np.float32, copy=False)
-    for _ in range(level):
-        out = cv2.sepFilter2D(out, cv2.CV_32F, _LOWPASS_53, _LOWPASS_53, borderType=cv2.BORDER_REFLECT_101)
-        out = out[::2, ::2]
-    return np.ascontiguousarray(out)
 
 
 # --- opening and checking a file -------------------------------------------------------------------

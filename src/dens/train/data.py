@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import dens
 import dens.config
+import dens.decode
 import dens.dicom
 import dens.preprocess
 from dens import labels
@@ -169,9 +170,9 @@ def cache_dir_for(root: str | Path, cfg: PreprocessConfig) -> Path:
 
 @functools.cache
 def route_version() -> str:
-    """A digest of the code that turns a file into the canonical image (dens.preprocess, dicom, config)."""
+    """A digest of the code that turns a file into the canonical image (preprocess, dicom, decode, config)."""
     digest = hashlib.sha256(dens.__version__.encode())
-    for module in (dens.preprocess, dens.dicom, dens.config):
+    for module in (dens.preprocess, dens.dicom, dens.decode, dens.config):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:12]
 

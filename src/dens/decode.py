@@ -1,0 +1,109 @@
+"""Decoders: DICOM pixel data -> stored values, and the low-pass that makes every syntax look alike.
+
+JPEG 2000 goes through Pillow, which can stop the wavelet synthesis early (``Image.reduce``); the rest
+through pydicom's plugins, then GDCM's own reader. :class:`dens.dicom.DicomFile` chooses among them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from pydicom.encaps import generate_frames
+
+from dens.errors import Reason, UnusableFile
+
+if TYPE_CHECKING:
+    from dens.dicom import DicomFile
+
+log = logging.getLogger("dens.dicom")
+
+
+def _decode_pydicom(f: DicomFile) -> np.ndarray:
+    return np.asarray(f.ds.pixel_array)
+
+
+_GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
+                "UINT32": np.uint32, "INT32": np.int32}
+
+
+def _decode_gdcm(f: DicomFile) -> np.ndarray:
+    import gdcm  # imported lazily: large, and only needed when pydicom's plugins fail
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(f.path)
+    if not reader.Read():
+        raise RuntimeError("gdcm.ImageReader could not read the file")
+    image = reader.GetImage()
+    cols, rows = image.GetDimensions()[:2]
+    dtype = _GDCM_DTYPES.get(image.GetPixelFormat().GetScalarTypeAsString())
+    if dtype is None:
+        raise RuntimeError(f"unsupported GDCM pixel type {image.GetPixelFormat().GetScalarTypeAsString()}")
+    # GDCM's Python binding returns the buffer as a str of surrogate-escaped bytes (None when it fails).
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise RuntimeError("gdcm could not decode the pixel data")
+    raw = buffer.encode("utf-8", "surrogateescape")
+    return np.frombuffer(raw, dtype=dtype)[: rows * cols].reshape(rows, cols)
+
+
+def _decode_j2k_pillow(f: DicomFile, level: int) -> np.ndarray:
+    import openjpeg
+    from PIL import Image
+
+    codestream = next(generate_frames(f.ds.PixelData, number_of_frames=1))
+    params = openjpeg.get_parameters(codestream)
+    # A signed header over an unsigned codestream (pydicom's J2K_pixelrep_mismatch.dcm) needs
+    # pydicom's sign correction: leave it to the full decode.
+    signed = params["is_signed"] or int(f.ds.get("PixelRepresentation") or 0) == 1
+    if signed or params["samples_per_pixel"] != 1 or params["precision"] > 16:
+        raise ValueError("Pillow route handles unsigned single-component codestreams up to 16 bits")
+    with Image.open(io.BytesIO(codestream)) as im:
+        if level:
+            # Pillow rounds the reduced size where JPEG 2000 takes the ceiling, and then fails on every
+            # side not divisible by 2**level (5355x4915 at level 3): give it a size that rounds right.
+            power = 1 << level
+            im._size = tuple(-(-n // power) * power - power // 2 for n in im.size)
+        im.reduce = level
+        im.load()
+        mode = im.mode
+        pixels = np.asarray(im)
+    if mode.startswith("I;16") and params["precision"] < 16:
+        # Pillow scales sub-16-bit precision up to 16 bits; undo it from the codestream's own
+        # precision (SIZ), never from the values, which overshoot at reduced levels.
+        pixels = pixels >> (16 - params["precision"])
+    return _check_range(pixels, f, clip=True).astype(np.float32)
+
+
+def _check_range(pixels: np.ndarray, f: DicomFile, *, clip: bool) -> np.ndarray:
+    """Hold decoded values to BitsStored's range.
+
+    Full-resolution values outside it mean the unused high bits carry something else (overlays,
+    vendor garbage): mask them off. Reduced JPEG 2000 values overshoot a little (wavelet ringing):
+    clip them.
+    """
+    lo, hi = f.stored_range
+    if pixels.size == 0:
+        raise UnusableFile(Reason.CORRUPT_PIXELS, "decoded image is empty", f.path)
+    if pixels.min() >= lo and pixels.max() <= hi:
+        return pixels
+    if clip or lo < 0:
+        return np.clip(pixels, lo, hi)
+    log.info("%s: values above BitsStored=%d masked off", f.path, hi.bit_length())
+    return pixels & np.asarray(hi, dtype=pixels.dtype)
+
+
+_LOWPASS_53 = np.array([-1, 2, 6, 2, -1], dtype=np.float32) / 8.0
+
+
+def reduce_like_j2k(pixels: np.ndarray, level: int) -> np.ndarray:
+    """Downsample by 2**level with the JPEG 2000 5/3 analysis low-pass filter and even-sample
+    decimation: what a reduced-resolution JPEG 2000 decode returns, up to integer rounding."""
+    out = pixels.astype(np.float32, copy=False)
+    for _ in range(level):
+        out = cv2.sepFilter2D(out, cv2.CV_32F, _LOWPASS_53, _LOWPASS_53, borderType=cv2.BORDER_REFLECT_101)
+        out = out[::2, ::2]
+    return np.ascontiguousarray(out)
