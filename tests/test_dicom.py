@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -360,6 +361,32 @@ def test_corrupt_j2k_codestream_is_a_typed_error(make_dicom, breast):
             with pytest.raises(UnusableFile) as caught:
                 dicom.read(path).decode(level)
             assert (caught.value.reason, caught.value.status) == (Reason.CORRUPT_PIXELS, "error")
+
+
+def test_failing_decoder_plugins_leave_no_tracebacks(make_dicom, breast, caplog, capfd):
+    # pydicom logs a traceback for each of its plugins that fails; the typed error already says it all.
+    stored = breast()
+    frame = openjpeg.encode(stored, bits_stored=12)[:5000]
+    path = make_dicom(stored, syntax=JPEG2000Lossless, bits_stored=12, frame=frame)
+    caplog.set_level("DEBUG", logger="dens.dicom")
+    with pytest.raises(UnusableFile) as caught:
+        dicom.read(path).decode(0)
+    assert "pydicom:" in caught.value.detail and "gdcm:" in caught.value.detail
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") and r.exc_info]
+    assert any("pydicom decoding plugin failed" in r.getMessage() for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_12_bit_jpeg_extended_decodes_quietly(real_mammo, capfd, caplog):
+    # pydicom's plugins all fail on this file and GDCM decodes it, after libjpeg's complaints on stderr.
+    caplog.set_level("DEBUG", logger="dens.dicom")
+    pixels, _, route = dicom.read(real_mammo / "wg04-nema-MG1" / "MG1_JPLY").decode(0)
+    assert route == "gdcm" and pixels.shape == (4664, 3064)
+    captured = capfd.readouterr()
+    assert "JPEG" not in captured.out + captured.err and "Traceback" not in captured.err
+    assert any("Unsupported JPEG data precision 12" in r.getMessage() for r in caplog.records)
+    print("stderr works again", file=sys.stderr)
+    assert "stderr works again" in capfd.readouterr().err
 
 
 _SILENT_J2K = ("JPEG 2000 has no checksum: OpenJPEG decodes overwritten code-block bytes into a wrong image "

@@ -6,8 +6,13 @@ through pydicom's plugins, then GDCM's own reader. :class:`dens.dicom.DicomFile`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import cv2
@@ -21,6 +26,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dens.dicom")
 
+class _PluginFailures(logging.Filter):
+    """pydicom logs a full traceback for every decoding plugin that fails on a frame, then raises once all
+    have failed; dens reports that failure itself (UnusableFile, with each decoder's message), so the
+    per-plugin tracebacks go to dens's debug log instead of the terminal, once per plugin."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            log.debug("a pydicom decoding plugin failed: %s", record.getMessage())
+            return False
+        return True
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailures())
+
 
 def _decode_pydicom(f: DicomFile) -> np.ndarray:
     return np.asarray(f.ds.pixel_array)
@@ -30,7 +49,33 @@ _GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16"
                 "UINT32": np.uint32, "INT32": np.int32}
 
 
+@contextlib.contextmanager
+def _stderr_to_debug_log(what: str) -> Iterator[None]:
+    """Send what C code writes to file descriptor 2 inside this block to dens's debug log. GDCM's JPEG
+    codec tries its 8-bit libjpeg on a 12-bit stream before its 12-bit one, and libjpeg prints "Unsupported
+    JPEG data precision 12" and "Invalid SOS parameters for sequential JPEG" on the terminal for every such
+    file it then decodes correctly. Anything another thread writes to stderr meanwhile goes to the log too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace").strip()
+            if text:
+                log.debug("%s wrote to stderr: %s", what, " | ".join(text.splitlines()))
+
+
 def _decode_gdcm(f: DicomFile) -> np.ndarray:
+    with _stderr_to_debug_log(f"GDCM reading {f.path}"):
+        return _read_with_gdcm(f)
+
+
+def _read_with_gdcm(f: DicomFile) -> np.ndarray:
     import gdcm  # imported lazily: large, and only needed when pydicom's plugins fail
 
     reader = gdcm.ImageReader()
