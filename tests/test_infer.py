@@ -237,6 +237,18 @@ def test_workers_pin_opencv_to_one_thread(studies):
     assert [r.status for r in results] == ["ok", "error"] and results[0].image.shape == (S, S)
 
 
+def test_decode_workers_yield_to_the_model_on_cpu(studies):
+    # On the CPU the model is the bottleneck: the workers decode at a lower priority and fill its gaps.
+    base = os.nice(0)
+    with DecodePool(2, PreprocessConfig(size=S), nice=3) as pool:
+        list(pool.map([(str(studies / "zz-bad" / "IMG0001"), "")]))
+        assert pool.niceness == [base + 3] * 2
+    assert runtime.decode_nice("cpu") == runtime.CPU_DECODE_NICE > 0
+    assert runtime.decode_nice("cuda") == runtime.decode_nice("tensorrt") == 0
+    assert runtime.default_parallelism("cpu", cores=8) == (8, 8)
+    assert runtime.default_parallelism("cuda", cores=8) == (7, 1)
+
+
 def test_work_in_flight_is_bounded(studies):
     # Memory stays flat on any archive: the pool reads ahead of a slow consumer by a fixed window only.
     pulled, ahead = 0, []

@@ -30,7 +30,8 @@ explicit --device, an existing --out); 2 bad options; {EXIT_INTERRUPTED} interru
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per model call [default: 4 on CPU, 64 on CUDA/TensorRT].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Decode processes [default: CPU: half the cores (ORT uses all of them); GPU: cores - 1].")
+              help="Decode processes [default: CPU: all cores, at a lower priority than the model, which uses "
+                   "all of them too; GPU: cores - 1].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime intra-op threads [default: CPU: all cores; GPU: 1].")
 @click.option("--resume", is_flag=True, help="Continue a killed run: skip the files --out already has a row for.")

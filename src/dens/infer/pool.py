@@ -74,12 +74,14 @@ def _pinned_env():
                 os.environ[key] = value
 
 
-def _worker(conn: Connection) -> None:
+def _worker(conn: Connection, nice: int = 0) -> None:
     """Worker main: the PreprocessConfig dict first, then ``(index, path)`` in and ``(index, status, reason,
     image, info, seconds)`` out. The config comes over the pipe so that a worker can start (imports take a
-    second) while the parent is still opening the model that says what the config is."""
+    second) while the parent is still opening the model that says what the config is. ``nice``: added to
+    the worker's scheduling niceness (lower priority than the parent's model)."""
     os.environ.update(dict.fromkeys(THREAD_ENV, "1"))  # before numpy loads, whatever started us
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our pipe
+    niceness = os.nice(nice)
     import cv2
 
     cv2.setNumThreads(0)  # sequential OpenCV: the parallelism is the processes
@@ -95,7 +97,7 @@ def _worker(conn: Connection) -> None:
         return
     config = PreprocessConfig.from_dict(cfg)
     crash_on = os.environ.get(CRASH_ENV, "")
-    conn.send(("ready", os.getpid(), cv2.getNumThreads()))
+    conn.send(("ready", os.getpid(), cv2.getNumThreads(), niceness))
     while True:
         try:
             task = conn.recv()
@@ -126,9 +128,9 @@ class PoolError(RuntimeError):
 
 
 class _Worker:
-    def __init__(self, ctx, cfg: dict | None):
+    def __init__(self, ctx, cfg: dict | None, nice: int):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="dens-decode")
+        self.proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="dens-decode")
         with _pinned_env():
             self.proc.start()
         child.close()
@@ -137,6 +139,7 @@ class _Worker:
         self.pending: deque[tuple[int, str]] = deque()
         self.ready = False
         self.cv2_threads: int | None = None
+        self.niceness: int | None = None
 
     def configure(self, cfg: dict) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is found by its sentinel
@@ -170,10 +173,12 @@ class DecodePool:
 
     ``per_worker``: tasks handed to one worker at a time (2: one running, one waiting, so a worker never
     idles on the round trip). ``buffer``: decoded results held for the consumer (set it to about two
-    batches). Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
+    batches). ``nice``: added to each worker's scheduling niceness, so that on a machine where decoding and
+    the model share the cores, the model (the bottleneck on a CPU) keeps them and decoding fills its gaps.
+    Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
     """
 
-    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16):
+    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16, nice: int = 0):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._cfg: dict | None = cfg.to_dict() if cfg is not None else None
@@ -181,7 +186,8 @@ class DecodePool:
         self.per_worker = per_worker
         self.buffer = max(1, buffer)
         self.crashes = 0
-        self._workers = [_Worker(self._ctx, self._cfg) for _ in range(workers)]
+        self._nice = nice
+        self._workers = [_Worker(self._ctx, self._cfg, nice) for _ in range(workers)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -197,6 +203,11 @@ class DecodePool:
     def cv2_threads(self) -> list[int | None]:
         """``cv2.getNumThreads()`` as each worker reported it when ready (for tests and logs)."""
         return [w.cv2_threads for w in self._workers]
+
+    @property
+    def niceness(self) -> list[int | None]:
+        """Each worker's scheduling niceness as it reported it when ready (for tests and logs)."""
+        return [w.niceness for w in self._workers]
 
     def __enter__(self) -> DecodePool:
         return self
@@ -313,7 +324,7 @@ class DecodePool:
 
     def _receive(self, w: _Worker, msg: tuple, done: dict[int, Decoded]) -> None:
         if msg[0] == "ready":
-            w.ready, w.cv2_threads = True, msg[2]
+            w.ready, w.cv2_threads, w.niceness = True, msg[2], msg[3]
             return
         index, status, reason, image, info, seconds = msg
         task = w.pending.popleft()
@@ -335,4 +346,4 @@ class DecodePool:
             done[index] = Decoded(index, path, "error", f"{WORKER_CRASHED}: decode worker {note} reading this file")
             retry.extendleft(reversed(w.pending))
         w.conn.close()
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._cfg)
+        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._cfg, self._nice)

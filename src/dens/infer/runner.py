@@ -22,7 +22,15 @@ from dens.dicom import Reason
 from dens.flags import parse_flag
 from dens.infer import EXIT_ERRORS, EXIT_OK, aggregate, walk
 from dens.infer.pool import Decoded, DecodePool, PoolError
-from dens.infer.runtime import DeviceError, ModelError, Runtime, default_parallelism, open_runtime, planned_device
+from dens.infer.runtime import (
+    DeviceError,
+    ModelError,
+    Runtime,
+    decode_nice,
+    default_parallelism,
+    open_runtime,
+    planned_device,
+)
 from dens.infer.writer import CorruptOutput, FlagRule, OutputExists, PredsWriter, check_output, make_row
 from dens.metadata import file_sha256
 
@@ -125,7 +133,7 @@ def run(cfg: InferConfig) -> Summary:
     workers = cfg.workers or default_parallelism(device)[0]
     # The workers start (a second of imports each) while the model opens; they learn the preprocessing
     # from its metadata once it is open.
-    with DecodePool(workers) as pool:
+    with DecodePool(workers, nice=decode_nice(device)) as pool:
         try:
             runtime = _open(model_path, cfg)
             writer = PredsWriter(out, resume=cfg.resume, overwrite=cfg.overwrite)

@@ -85,20 +85,31 @@ def _wanted(device: str) -> list[str]:
     return ["tensorrt", "cuda"] if device == "tensorrt" else ["cuda"]
 
 
+# Niceness added to decode workers when the model runs on the CPU (see default_parallelism).
+CPU_DECODE_NICE = 10
+
+
 def default_parallelism(device: str, cores: int | None = None) -> tuple[int, int]:
     """(decode workers, ONNX Runtime threads) for ``device`` on ``cores`` CPUs (default: this process's).
 
     On a GPU the model costs the host almost nothing: every core but one (the main process batches and
-    feeds the GPU) decodes. On the CPU the model is most of the work (ResNet-50 at 512, bench/pipeline.py:
-    1.2 img/s on two ORT threads against 4.3 img/s decoding on one core), so ORT gets every core and half
-    as many decode workers share them, ORT's idle threads not spinning. On the shared 2-core machine every
-    (workers, threads) pair in 1..2 x 1..2 measured the same within noise (bench/pipeline.py --sweep).
+    feeds the GPU) decodes. On the CPU the model is most of the work (ResNet-50 at 512 on 2 cores: 4.6-5.0
+    img/s in ORT alone against about 8 img/s decoding on one core), so ORT gets every core and so do the
+    decode workers, at a lower priority (CPU_DECODE_NICE): the model keeps its cores and decoding fills
+    its gaps. On the 2-core machine that took the model stage inside dens-infer from 66% to about 90% of
+    ORT alone and end to end from 3.0-3.25 to 3.2-3.4 img/s (bench/pipeline.py, bench/scaling.py; notes).
     """
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device in ("cuda", "tensorrt"):
         return max(1, cores - 1), 1
-    return max(1, cores // 2), max(1, cores)
+    return max(1, cores), max(1, cores)
+
+
+def decode_nice(device: str) -> int:
+    """Niceness for decode workers: CPU_DECODE_NICE when the model runs on the CPU, else 0 (on a GPU the
+    decoding is the bottleneck and must not yield to anything)."""
+    return CPU_DECODE_NICE if device == "cpu" else 0
 
 
 def planned_device(device: str) -> str:
