@@ -22,10 +22,17 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+# The suite, one JSON per benchmark in bench/results/, then the plot and bench/README.md's table. The
+# benchmarks share one full-size synthetic cohort (.cache/bench-cohort, made on first use). About 20 minutes
+# on a 2-core machine; each one picks the GPU where there is one. Run it on an otherwise idle machine.
 bench: setup
 	$(PY) bench/decode.py
+	$(PY) bench/model_stage.py
 	$(PY) bench/pipeline.py
-	$(PY) bench/gradcam.py --device cpu
+	$(PY) bench/scaling.py
+	$(PY) bench/train_step.py
+	$(PY) bench/gradcam.py --device auto --models resnet50:512 --batches 1,8 --repeat 2
+	$(PY) bench/summarize.py
 
 # The demo runs on any 2-core machine in a few minutes: it trains a small model (resnet18 at S=128,
 # from scratch) on a synthetic cohort, not the default ResNet-50 at 512, and says so.

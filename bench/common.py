@@ -8,9 +8,52 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The full-size synthetic cohort `make bench` shares between benchmarks: seed 14 covers all four detector
+# sizes of dens.synth (2294x1914, 3328x2560, 4096x3328, 5355x4915) with JPEG 2000 at each, and every transfer
+# syntax dens-synth writes, within its first 6 patients; 12 patients (about 50 files) let the end-to-end
+# runs last long enough that start-up is a small part of them.
+COHORT_SEED, COHORT_PATIENTS = 14, 12
+DEFAULT_COHORT = Path(__file__).resolve().parents[1] / ".cache" / "bench-cohort"  # git-ignored
+
+
+def ensure_cohort(path: Path, patients: int = COHORT_PATIENTS, seed: int = COHORT_SEED) -> Path:
+    """A full-size dens-synth cohort at ``path``, generated there first if it is not complete (no train.csv)."""
+    if not (path / "train.csv").is_file():
+        from dens.synth import generate
+
+        print(f"making a full-size synthetic cohort ({patients} patients, seed {seed}) in {path} ...", flush=True)
+        generate(path, patients=patients, size="full", seed=seed, overwrite=True, progress=False)
+    return path
+
+
+def cores() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def up_to(n: int) -> list[int]:
+    """1, 2, 4 ... below ``n``, then ``n``: the counts a sweep over workers, threads or processes takes."""
+    return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+
+
+def export_models(root: Path, arch: str, size: int, fp16: bool = False) -> tuple[Path, Path, Path | None]:
+    """A random-init checkpoint (speed does not depend on the weights), its ONNX export and, with ``fp16``,
+    the fp16 export: (checkpoint, model.onnx, model-fp16.onnx or None)."""
+    import torch
+
+    from dens.config import PreprocessConfig
+    from dens.export.onnx import export_onnx
+    from dens.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = root / "best.pt"
+    save_checkpoint(checkpoint, build_model(arch), PreprocessConfig(size=size))
+    onnx = export_onnx(checkpoint, root / "model.onnx")
+    return checkpoint, onnx, export_onnx(checkpoint, root / "model-fp16.onnx", fp16=True) if fp16 else None
 
 
 def machine() -> dict:
@@ -21,7 +64,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "affinity": cores(),
         "memory_gib": _memory_gib(),
         "gpu": _gpu_name(),
     }
@@ -68,5 +111,10 @@ def write_result(name: str, payload: dict) -> Path:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     info = machine()
     path = RESULTS / f"{name}-{info['host']}-{stamp}.json"
-    path.write_text(json.dumps({"benchmark": name, "date": stamp, "machine": info, **payload}, indent=2))
+    # The command that made it (for bench/README.md's table) and the load average, which says how much other
+    # work shared the machine while it ran.
+    record = {"benchmark": name, "date": stamp, "machine": info,
+              "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "load_average_end": list(os.getloadavg()), **payload}  # fmt: skip
+    path.write_text(json.dumps(record, indent=2))
     return path

@@ -1,10 +1,14 @@
 """Full- vs reduced-resolution decode time per file, on a full-size synthetic cohort and real files.
 
-    python bench/decode.py [--cohort DIR] [--patients 3] [--real ../shared/data/real-mammo] [--repeat 3]
+    python bench/decode.py [--cohort DIR] [--real ../shared/data/real-mammo] [--repeat 3] [--size 512]
 
-Without --cohort it makes a full-size synthetic cohort in a temporary folder (dens-synth). For each file:
-the full-resolution decode (level 0), the reduced decode at the level `dens.preprocess.load` picks, and
-`load` end to end. Writes bench/results/decode-<host>-<time>.json.
+The cohort defaults to the one `make bench` shares (.cache/bench-cohort, made by dens-synth when absent: all
+four detector sizes, every transfer syntax dens-synth writes). For each file: the full-resolution decode
+(level 0), the reduced decode at the level `dens.preprocess.load` picks, and `load` end to end with and
+without reduction; the best of --repeat. Summaries per transfer syntax, per (size, syntax), and for the
+target the issue sets, JPEG 2000 on full-size files: the median of per-file speed-ups and the throughput
+ratio (summed full-decode time over summed reduced time, which is what img/s sees).
+Writes bench/results/decode-<host>-<time>.json.
 """
 
 from __future__ import annotations
@@ -12,13 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result
+from common import DEFAULT_COHORT, ensure_cohort, write_result
 from dens import dicom
 from dens.dicom import UnusableFile
 from dens.preprocess import PreprocessConfig, load
@@ -61,61 +64,90 @@ def bench_file(path: Path, cfg: PreprocessConfig, repeat: int) -> dict:
     }
 
 
-def summarise(rows: list[dict]) -> dict:
-    by_syntax: dict[str, list[dict]] = {}
-    for row in rows:
-        if "full_decode_ms" in row:
-            by_syntax.setdefault(row["transfer_syntax"], []).append(row)
+JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def _stats(group: list[dict]) -> dict:
+    full = sum(r["full_decode_ms"] for r in group)
+    reduced = sum(r["reduced_decode_ms"] for r in group)
     return {
-        ts: {
-            "files": len(group),
-            "median_full_decode_ms": statistics.median(r["full_decode_ms"] for r in group),
-            "median_reduced_decode_ms": statistics.median(r["reduced_decode_ms"] for r in group),
-            "median_decode_speedup": statistics.median(r["decode_speedup"] for r in group),
-            "median_load_speedup": statistics.median(r["load_speedup"] for r in group),
-        }
-        for ts, group in sorted(by_syntax.items())
+        "files": len(group),
+        "levels": sorted({r["level"] for r in group}),
+        "median_full_decode_ms": statistics.median(r["full_decode_ms"] for r in group),
+        "median_reduced_decode_ms": statistics.median(r["reduced_decode_ms"] for r in group),
+        "median_decode_speedup": statistics.median(r["decode_speedup"] for r in group),
+        "throughput_speedup": round(full / reduced, 2),
+        "median_load_speedup": statistics.median(r["load_speedup"] for r in group),
     }
+
+
+def summarise(rows: list[dict]) -> dict:
+    timed = [r for r in rows if "full_decode_ms" in r]
+    by_syntax: dict[str, list[dict]] = {}
+    by_size: dict[str, list[dict]] = {}
+    for row in timed:
+        by_syntax.setdefault(row["transfer_syntax"], []).append(row)
+        by_size.setdefault(f"{row['shape'][0]}x{row['shape'][1]} {row['transfer_syntax']}", []).append(row)
+    j2k = [r for r in timed if r["transfer_syntax"] in JPEG2000]
+    return {
+        "by_transfer_syntax": {ts: _stats(group) for ts, group in sorted(by_syntax.items())},
+        "by_size_and_syntax": {key: _stats(group) for key, group in sorted(by_size.items())},
+        "jpeg2000": _stats(j2k) if j2k else None,
+    }
+
+
+def per_group(files: list[Path], n: int) -> list[Path]:
+    """The first ``n`` files of each (rows, columns, transfer syntax) group, from their headers."""
+    import pydicom
+
+    kept, seen = [], {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        key = (ds.Rows, ds.Columns, str(ds.file_meta.TransferSyntaxUID))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= n:
+            kept.append(path)
+    return kept
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort", type=Path, help="a dens-synth cohort (default: make a full-size one)")
-    parser.add_argument("--patients", type=int, default=3, help="patients in the generated cohort")
+    parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
+                        help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
     parser.add_argument("--real", type=Path, default=REAL_DEFAULT, help="folder of real DICOM files")
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
     parser.add_argument("--repeat", type=int, default=3, help="timings per file (the best is kept)")
+    parser.add_argument("--per-group", type=int, default=3,
+                        help="synthetic files timed per (size, transfer syntax), the first by name [%(default)s]")
     args = parser.parse_args()
     cfg = PreprocessConfig(size=args.size)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cohort = args.cohort
-        if cohort is None:
-            from dens.synth import generate
+    cohort = ensure_cohort(args.cohort)
+    sets = {"synthetic_full": per_group(sorted(cohort.rglob("*.dcm")), args.per_group)}
+    if args.real.is_dir():
+        sets["real"] = sorted(p for p in args.real.rglob("*") if p.is_file() and p.suffix not in (".csv", ".md"))
+    else:
+        print(f"no real files at {args.real}: synthetic files only")
+    results = {}
+    for name, files in sets.items():
+        rows = []
+        for path in files:
+            row = bench_file(path, cfg, args.repeat)
+            rows.append(row)
+            print(f"{name:15s} {row}", flush=True)
+        results[name] = {"files": rows, **summarise(rows)}
 
-            cohort = Path(tmp) / "cohort"
-            print(f"making a full-size synthetic cohort of {args.patients} patients in {cohort} ...")
-            generate(cohort, patients=args.patients, size="full", seed=7)
-        sets = {"synthetic_full": sorted(cohort.rglob("*.dcm"))}
-        if args.real.is_dir():
-            sets["real"] = sorted(p for p in args.real.rglob("*") if p.is_file() and p.suffix not in (".csv", ".md"))
-        results = {}
-        for name, files in sets.items():
-            rows = []
-            for path in files:
-                row = bench_file(path, cfg, args.repeat)
-                rows.append(row)
-                print(f"{name:15s} {row}")
-            results[name] = {"files": rows, "by_transfer_syntax": summarise(rows)}
-
-    out = write_result("decode", {"settings": {"size": args.size, "repeat": args.repeat,
-                                               "patients": args.patients, "cohort": str(args.cohort or "generated")},
-                                  "results": results})
+    out = write_result("decode", {"settings": {"size": args.size, "repeat": args.repeat, "cohort": str(cohort),
+                                               "per_group": args.per_group,
+                                               "real": str(args.real) if "real" in sets else None},
+                                  "results": results})  # fmt: skip
     for name, res in results.items():
-        for ts, s in res["by_transfer_syntax"].items():
-            print(f"{name:15s} {ts:28s} n={s['files']:3d} full {s['median_full_decode_ms']:7.1f} ms  "
-                  f"reduced {s['median_reduced_decode_ms']:6.1f} ms  x{s['median_decode_speedup']:.1f} "
-                  f"(load x{s['median_load_speedup']:.1f})")
+        for key, s in [*res["by_size_and_syntax"].items(), ("all JPEG 2000", res["jpeg2000"])]:
+            if s:
+                print(f"{name:15s} {key:40s} n={s['files']:2d} level {s['levels']} "
+                      f"full {s['median_full_decode_ms']:7.1f} ms  reduced {s['median_reduced_decode_ms']:6.1f} ms  "
+                      f"x{s['median_decode_speedup']:.1f} "
+                      f"(throughput x{s['throughput_speedup']:.1f}, load x{s['median_load_speedup']:.1f})")
     print(f"wrote {out}")
 
 

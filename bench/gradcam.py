@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "repeat": args.repeat,
-        "command": "python bench/gradcam.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,
     })  # fmt: skip
     print(f"wrote {path}")

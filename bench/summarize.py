@@ -1,0 +1,205 @@
+"""The newest figures per machine: a PNG of img/s by stage and setting, and the table in bench/README.md.
+
+    python bench/summarize.py [--results bench/results] [--readme bench/README.md]
+
+Reads every bench/results/*.json, keeps the newest run of each benchmark on each machine (host, CPU model,
+core count and GPU), and for each machine writes bench/results/summary-<host>.png (left: img/s of every
+stage and setting on a log scale; right: the scaling curve) and a table between the two figures markers
+in bench/README.md, each row naming the result file and the command that made it. Nothing is measured
+here: every figure is read from a result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- figures:start -->", "<!-- figures:end -->"
+SYNTAX_NAMES = {"1.2.840.10008.1.2.1": "uncompressed", "1.2.840.10008.1.2.5": "RLE",
+                "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.4.90": "JPEG 2000",
+                "1.2.840.10008.1.2.4.91": "JPEG 2000 lossy", "1.2.840.10008.1.2.4.51": "JPEG Extended"}  # fmt: skip
+
+
+@dataclass
+class Figure:
+    stage: str
+    setting: str
+    img_per_s: float
+    note: str = ""
+
+
+def machine_key(record: dict) -> tuple:
+    m = record["machine"]
+    return m["host"], m["cpu"], m["affinity"], m.get("gpu")
+
+
+def newest_runs(results: Path) -> dict[tuple, dict[str, tuple[Path, dict]]]:
+    """{machine: {benchmark: (file, record)}}, the newest record of each benchmark on each machine."""
+    runs: dict[tuple, dict[str, tuple[Path, dict]]] = {}
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        if "benchmark" not in record or "machine" not in record:
+            continue
+        mine = runs.setdefault(machine_key(record), {})
+        if record["benchmark"] not in mine or mine[record["benchmark"]][1]["date"] < record["date"]:
+            mine[record["benchmark"]] = (path, record)
+    return runs
+
+
+def _per_s(ms: float) -> float:
+    return round(1000.0 / ms, 2) if ms else 0.0
+
+
+def decode_figures(r: dict) -> list[Figure]:
+    out = []
+    for name, res in r["results"].items():
+        label = "synthetic full-size" if name.startswith("synthetic") else "real files"
+        for ts, s in res["by_transfer_syntax"].items():
+            syntax = SYNTAX_NAMES.get(ts, ts)
+            note = f"x{s['throughput_speedup']} throughput, x{s['median_decode_speedup']} median per file"
+            full, reduced = _per_s(s["median_full_decode_ms"]), _per_s(s["median_reduced_decode_ms"])
+            out.append(Figure("decode (1 core)", f"{syntax}, {label}, full resolution", full))
+            out.append(Figure("decode (1 core)", f"{syntax}, {label}, reduced", reduced,
+                              f"{note}; levels {s['levels']}; n={s['files']}"))  # fmt: skip
+    return out
+
+
+def model_figures(r: dict) -> list[Figure]:
+    out = []
+    for row in r["results"]:
+        setting = f"{row['setting']}, batch {row['batch']}"
+        if "processes" in row:
+            setting += f", {row['processes']} processes x {row['threads']} threads"
+        else:
+            setting += f", {row['threads']} threads"
+        note = f"{row['tflops']} TFLOP/s"
+        if "share_of_fp16_peak" in row:
+            note += f", {row['share_of_fp16_peak']:.1%} of fp16 peak"
+        out.append(Figure(f"model ({r['settings']['arch']} S={r['settings']['size']})", setting, row["img_per_s"],
+                          note))  # fmt: skip
+    return out
+
+
+def pipeline_figures(r: dict) -> list[Figure]:
+    res, s = r["results"], r["settings"]
+    d = res["dens_infer"]
+    stage = f"end to end ({s['arch']} S={s['size']}, {s['images']} files)"
+    note = f"x{res['speedup']} the naive reference" if "speedup" in res else ""
+    out = [Figure(stage, f"dens-infer, {d['workers']} workers, {d['threads']} threads, batch {d['batch_size']}",
+                  d["img_per_s"], note)]  # fmt: skip
+    if "naive" in res:
+        naive = res["naive"]["img_per_s"]
+        out.append(Figure(stage, "naive reference (pydicom full decode, torch eager, batch 1)", naive))
+    if "model_stage" in res:
+        m = res["model_stage"]
+        out.append(Figure(stage, "model stage inside dens-infer", m["in_pipeline_img_per_s"],
+                          f"{m['share']:.0%} of ORT alone ({m['alone_img_per_s']} img/s)"))  # fmt: skip
+    return out
+
+
+def scaling_figures(r: dict) -> list[Figure]:
+    return [Figure("scaling (end to end)", f"{p['workers']} decode workers", p["img_per_s"],
+                   f"{p['bound']}-bound; decode alone {p['decode_pool_img_per_s']} img/s")
+            for p in r["points"]]  # fmt: skip
+
+
+def train_figures(r: dict) -> list[Figure]:
+    return [Figure(f"training step ({r['device']})",
+                   f"{x['arch']} S={x['size']} batch {x['batch']} {x['precision']}"
+                   + (" channels_last" if x.get("channels_last") else ""), x["img_s"],
+                   f"peak {x['peak_memory_gib']} GiB" if x.get("peak_memory_gib") else "")
+            for x in r["results"]]  # fmt: skip
+
+
+def gradcam_figures(r: dict) -> list[Figure]:
+    return [Figure(f"Grad-CAM ({r['device']})", f"{x['arch']} S={x['size']} batch {x['batch']}",
+                   _per_s(x["gradcam_ms_per_image"]), f"x{x['gradcam_over_forward']} a forward pass")
+            for x in r["results"]]  # fmt: skip
+
+
+FIGURES = {"decode": decode_figures, "model": model_figures, "pipeline": pipeline_figures,
+           "scaling": scaling_figures, "train_step": train_figures, "gradcam": gradcam_figures}  # fmt: skip
+
+
+def plot(host: str, figures: list[Figure], scaling: dict | None, out: Path) -> None:
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(16, max(6, 0.28 * len(figures))),
+                                      gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    stages = list(dict.fromkeys(f.stage for f in figures))
+    colours = {stage: plt.cm.tab10(i % 10) for i, stage in enumerate(stages)}
+    labels = [f"{f.stage}: {f.setting}" for f in figures]
+    bars.barh(range(len(figures)), [max(f.img_per_s, 1e-3) for f in figures],
+              color=[colours[f.stage] for f in figures])  # fmt: skip
+    bars.set_yticks(range(len(figures)), labels, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xscale("log")
+    bars.set_xlabel("images per second (log scale)")
+    bars.set_title(f"{host}: img/s by stage and setting")
+    for i, f in enumerate(figures):
+        bars.text(max(f.img_per_s, 1e-3), i, f" {f.img_per_s:g}", va="center", fontsize=6)
+    if scaling:
+        points = scaling["points"]
+        workers = [p["workers"] for p in points]
+        curve.plot(workers, [p["img_per_s"] for p in points], "o-", label="dens-infer end to end")
+        curve.plot(workers, [p["decode_pool_img_per_s"] or 0 for p in points], "s--", label="decode pool alone")
+        curve.axhline(scaling["model_alone"]["img_per_s"], color="grey", linestyle=":", label="model alone (ORT)")
+        for p in points:
+            curve.annotate(p["bound"], (p["workers"], p["img_per_s"]), fontsize=7, textcoords="offset points",
+                           xytext=(3, 5))  # fmt: skip
+        curve.set_xticks(workers)
+        curve.set_xlabel("decode workers")
+        curve.set_ylabel("images per second")
+        curve.set_title("scaling with decode workers")
+        curve.legend(fontsize=7)
+    else:
+        curve.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def table(host_key: tuple, runs: dict[str, tuple[Path, dict]], png: Path) -> str:
+    host, cpu, cores, gpu = host_key
+    lines = [f"### {host}: {cpu}, {cores} cores, GPU: {gpu or 'none'}", "", f"![img/s by stage](results/{png.name})",
+             "", "| benchmark | result | command | load average at the end |", "|---|---|---|---|"]  # fmt: skip
+    for name, (path, record) in runs.items():
+        load = record.get("load_average_end")
+        load_text = f"{load[0]:.1f}" if load else "not recorded"
+        lines.append(f"| {name} | [{path.name}](results/{path.name}) | `{record.get('command', '?')}` | {load_text} |")
+    lines += ["", "| stage | setting | img/s | notes |", "|---|---|---:|---|"]
+    for name, (_, record) in runs.items():
+        lines += [f"| {f.stage} | {f.setting} | {f.img_per_s:g} | {f.note} |" for f in FIGURES[name](record)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--readme", type=Path, default=HERE / "README.md")
+    args = parser.parse_args()
+    sections = []
+    for key, runs in sorted(newest_runs(args.results).items()):
+        ordered = {name: runs[name] for name in FIGURES if name in runs}
+        figures = [f for name, (_, record) in ordered.items() for f in FIGURES[name](record)]
+        png = args.results / f"summary-{key[0]}.png"
+        plot(key[0], figures, ordered.get("scaling", (None, None))[1], png)
+        sections.append(table(key, ordered, png))
+        print(f"wrote {png} ({len(figures)} figures)")
+    readme = args.readme.read_text() if args.readme.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{args.readme}: the markers {START} and {END} are missing")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    args.readme.write_text(f"{head}{START}\n\n" + "\n\n".join(sections) + f"\n\n{END}{tail}")
+    print(f"updated {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
