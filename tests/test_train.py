@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from dens import labels, synth
-from dens.model import load_checkpoint
+from dens.model import build_model, load_checkpoint
 from dens.preprocess import PreprocessConfig, load
 from dens.train import cli, data, loop
 
@@ -226,11 +226,27 @@ def test_train_step_with_a_grad_scaler_unscales_and_steps_once():
         torch.testing.assert_close(p, s)
 
 
-def test_cpu_training_is_fp32_and_says_so(caplog):
+def test_cpu_training_is_fp32_unless_bf16_is_asked_for(caplog):
     with caplog.at_level(logging.INFO, logger="dens.train"):
         assert loop.resolve_precision("auto", torch.device("cpu")) is None
-        assert loop.resolve_precision("bf16", torch.device("cpu")) is None
-    assert "fp32 on CPU" in caplog.text and "needs a CUDA device" in caplog.text
+        assert loop.resolve_precision("fp16", torch.device("cpu")) is None
+        assert loop.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    assert "fp32 on CPU" in caplog.text and "needs a CUDA device" in caplog.text and "bf16 autocast" in caplog.text
+
+
+def test_a_bf16_step_on_cpu_learns():
+    # CPU autocast: the forward in bf16, the loss and the Adam update in fp32.
+    torch.manual_seed(0)
+    net = build_model("resnet18", weights=None).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
+    targets = torch.tensor([0, 1, 2, 3])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses = [float(loop.train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16))
+              for _ in range(8)]  # fmt: skip
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 # --- end to end ------------------------------------------------------------------------------------------

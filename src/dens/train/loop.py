@@ -63,7 +63,7 @@ class TrainConfig:
     decode_workers: int | None = None  # processes that fill the decoded cache [all cores]
     cache: str | None = None  # [~/.cache/dens]
     device: str = "auto"
-    precision: str = "auto"  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: always fp32
+    precision: str = "auto"  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32, or bf16 if asked
     channels_last: bool | None = None  # [on CUDA]
     compile: bool = False
     resume: bool = False
