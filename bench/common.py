@@ -21,12 +21,18 @@ DEFAULT_COHORT = Path(__file__).resolve().parents[1] / ".cache" / "bench-cohort"
 
 
 def ensure_cohort(path: Path, patients: int = COHORT_PATIENTS, seed: int = COHORT_SEED) -> Path:
-    """A full-size dens-synth cohort at ``path``, generated there first if it is not complete (no train.csv)."""
-    if not (path / "train.csv").is_file():
-        from dens.synth import generate
+    """A full-size dens-synth cohort at ``path``. A folder of the user's with a train.csv is used as it is;
+    the default folder is (re)made whenever it does not hold this seed and patient count."""
+    spec = f"dens-synth --size full --seed {seed} --patients {patients}"
+    stamp = path.with_name(path.name + ".spec")  # beside it: dens-synth --overwrite deletes only its own files
+    complete = (path / "train.csv").is_file()
+    if complete and (path != DEFAULT_COHORT or (stamp.is_file() and stamp.read_text() == spec)):
+        return path
+    from dens.synth import generate
 
-        print(f"making a full-size synthetic cohort ({patients} patients, seed {seed}) in {path} ...", flush=True)
-        generate(path, patients=patients, size="full", seed=seed, overwrite=True, progress=False)
+    print(f"making a full-size synthetic cohort in {path} ({spec}) ...", flush=True)
+    generate(path, patients=patients, size="full", seed=seed, overwrite=True, progress=False)
+    stamp.write_text(spec)
     return path
 
 
