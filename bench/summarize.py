@@ -106,7 +106,7 @@ def pipeline_figures(r: dict) -> list[Figure]:
     if "naive" in res:
         naive = res["naive"]["img_per_s"]
         out.append(Figure(stage, "naive reference", naive, "one process, pydicom full decode, torch eager, batch 1"))
-    if "model_stage" in res:
+    if res.get("model_stage", {}).get("share"):
         m = res["model_stage"]
         out.append(Figure(stage, "model stage inside dens-infer", m["in_pipeline_img_per_s"],
                           f"{m['share']:.0%} of ORT alone ({m['alone_img_per_s']} img/s)"))  # fmt: skip
