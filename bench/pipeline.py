@@ -127,13 +127,19 @@ def model_stage(dens_infer: dict, alone: dict) -> dict:
             "share": round(inside / alone["img_per_s"], 3)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def end_to_end_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every end-to-end benchmark takes: the cohort, the model, the device."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
                         help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
     parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
     parser.add_argument("--device", default="auto", choices=DEVICES)
+    return parser
+
+
+def main() -> None:
+    parser = end_to_end_parser(__doc__)
     parser.add_argument("--workers", type=int, default=None, help="dens-infer decode workers [its default]")
     parser.add_argument("--threads", type=int, default=None, help="dens-infer ORT threads [its default]")
     parser.add_argument("--batch-size", type=int, default=None, help="dens-infer batch size [its default]")

@@ -15,17 +15,15 @@ Writes bench/results/scaling-<host>-<time>.json; bench/summarize.py draws it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_COHORT, cores, ensure_cohort, export_models, up_to, write_result
-from dens.infer import DEVICES
+from common import cores, ensure_cohort, export_models, up_to, write_result
 from model_stage import bench_ort
-from pipeline import bench_decode_pool, bench_dens_infer, cohort_files
+from pipeline import bench_decode_pool, bench_dens_infer, cohort_files, end_to_end_parser
 
 WAIT_BOUND, MODEL_BOUND = 0.25, 0.60
 
@@ -41,12 +39,7 @@ def bound(point: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
-                        help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
-    parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
-    parser.add_argument("--size", type=int, default=512, help="canonical image size S")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser = end_to_end_parser(__doc__)
     parser.add_argument("--workers", default=None, help="comma-separated worker counts [1, 2, 4 ... cores]")
     parser.add_argument("--model-seconds", type=float, default=15.0, help="how long the model-only run lasts")
     args = parser.parse_args()
