@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 import yaml
@@ -29,7 +28,7 @@ from dens import labels, runs
 from dens.labels import CLASSES
 from dens.model import build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
 from dens.preprocess import PreprocessConfig
-from dens.train import data, metrics, plots
+from dens.train import data, inputs, metrics, plots
 from dens.train.step import Ranks, resolve_precision, setup_ranks, train_step
 
 log = logging.getLogger("dens.train")
@@ -98,77 +97,6 @@ def _build(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
                 "intends; pass --weights none to train from scratch without this warning, or --weights imagenet to "
                 "make their absence an error.", cfg.arch, path.parent, path.name)  # fmt: skip
     return build_model(cfg.arch, weights=None), "none (imagenet unavailable)"
-
-
-# --- data ------------------------------------------------------------------------------------------------
-
-
-def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> tuple[pd.DataFrame, dict]:
-    """Manifest, split and decoded cache: one row per labelled image with its split and cache file."""
-    frame, info = data.read_manifest(cfg.data)
-    previous = out / "split.csv"
-    if cfg.resume and previous.exists():  # the split of the interrupted run, even if the CSV changed since
-        kept = pd.read_csv(previous, dtype=str, keep_default_na=False).set_index(labels.PATH)[data.SPLIT]
-        frame = frame[frame[labels.PATH].isin(kept.index)].reset_index(drop=True)
-        frame[data.SPLIT] = frame[labels.PATH].map(kept)
-    else:
-        frame[data.SPLIT] = data.assign_split(frame, seed=cfg.seed)
-    root = Path(cfg.cache).expanduser() if cfg.cache else data.default_cache_dir()
-    paths = frame[labels.PATH].tolist()
-    decoded = 0
-    if ranks.main:  # rank 0 fills the cache; the others then find every file in it
-        entries, decoded = data.build_cache(paths, pre, root, cfg.decode_workers, cfg.progress)
-    ranks.barrier()
-    if not ranks.main:
-        entries, _ = data.build_cache(paths, pre, root, 1, progress=False)
-    frame = data.attach_cache(frame, entries)
-    info.update(cache=str(data.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
-    if info["unusable"] and ranks.main:
-        reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
-        log.warning("%d of %d images are unusable and left out (%s); listed in %s", info["unusable"], len(frame),
-                    reasons, out / "unusable.csv")  # fmt: skip
-    return frame, info
-
-
-def _loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, drop_last=False):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=drop_last,
-                                       worker_init_fn=_ignore_sigint if workers else None)  # fmt: skip
-
-
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process stops the run; workers just wait to be closed.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# --- evaluation ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict(net: torch.nn.Module, dataset: data.CachedImages, ranks: Ranks, batch: int, workers: int,
-            amp_dtype: torch.dtype | None, channels_last: bool, desc: str, progress: bool) -> np.ndarray:  # fmt: skip
-    """Logits for every item of ``dataset`` (fp32, dataset order); under DDP each rank does a share."""
-    net.eval()
-    shard = list(range(ranks.rank, len(dataset), ranks.world))
-    loader = _loader(torch.utils.data.Subset(dataset, shard), batch, workers, ranks.device)
-    out = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not (progress and ranks.main)):
-        images = images.to(ranks.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(ranks.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(net(images).float().cpu())
-    mine = torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), np.float32)
-    logits = np.zeros((len(dataset), len(CLASSES)), np.float32)
-    for rank, part in enumerate(ranks.gather(mine)):
-        logits[rank :: ranks.world] = part
-    return logits
-
-
-def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0) -> dict:
-    """Image- and breast-level figures for one split's logits."""
-    keys = frame[[labels.PATIENT_ID, labels.STUDY_UID, labels.LATERALITY]]
-    return metrics.report(logits, frame[data.LABEL].to_numpy(), keys, temperature)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -241,7 +169,7 @@ class Trainer:
         last = load_checkpoint(out / "last.pt") if cfg.resume else None
         net, self.weights = (last.model, last.summary["weights"]) if last else _build(cfg)
 
-        frame, self.data_info = prepare_data(cfg, self.pre, ranks, out)
+        frame, self.data_info = inputs.prepare_data(cfg, self.pre, ranks, out)
         usable = frame[frame["npy"].notna()]
         self.parts = {s: usable[usable[data.SPLIT] == s].reset_index(drop=True) for s in data.SPLITS}
         self.sets = {s: data.CachedImages(p["npy"], p[data.LABEL]) for s, p in self.parts.items()}
@@ -310,7 +238,7 @@ class Trainer:
             _save(self.out / "last.pt", self.net, self.pre, self.summary(), extra=_plain(extra))
 
     def predict(self, split: str) -> np.ndarray:
-        return predict(self.eval_net, self.sets[split], self.ranks, self.batch, self.workers, self.amp_dtype,
+        return inputs.predict(self.eval_net, self.sets[split], self.ranks, self.batch, self.workers, self.amp_dtype,
                        self.channels_last, split, self.cfg.progress)  # fmt: skip
 
     def train_epoch(self, stop: _StopRequest) -> bool:
@@ -320,7 +248,7 @@ class Trainer:
         epoch, first = state["epoch"], state["step"]
         self.sampler.set_epoch(epoch, start=first * self.batch)
         # Whole batches only (BatchNorm dislikes a batch of one), unless the split is smaller than a batch.
-        loader = _loader(self.sets["train"], self.batch, self.workers, ranks.device, self.sampler,
+        loader = inputs.loader(self.sets["train"], self.batch, self.workers, ranks.device, self.sampler,
                          drop_last=self.sampler.per_rank > self.batch)  # fmt: skip
         self.model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
@@ -362,7 +290,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         logits = self.predict("val")
-        val = report(logits, self.parts["val"])
+        val = inputs.report(logits, self.parts["val"])
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[1]),
                "train_img_s": float(totals[1]) / max(state["seconds"], 1e-9),
                "val_loss": metrics.nll(metrics.softmax(logits), self.parts["val"][data.LABEL].to_numpy()),
@@ -392,7 +320,8 @@ class Trainer:
         result = metrics.jsonable({
             "config": self.resolved, "data": self.data_info, "history": self.state["history"],
             "best": {"epoch": self.state["best_epoch"] + 1, "val_kappa_quadratic": self.state["best_kappa"]},
-            "validation": report(val_logits, self.parts["val"], t), "test": report(test_logits, self.parts["test"], t),
+            "validation": inputs.report(val_logits, self.parts["val"], t),
+            "test": inputs.report(test_logits, self.parts["test"], t),
             "calibration": {"validation": metrics.calibration(val_logits, y_val, t),
                             "test": metrics.calibration(test_logits, y_test, t)},
         })  # fmt: skip

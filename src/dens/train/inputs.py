@@ -1,0 +1,96 @@
+"""What a training run feeds the model and reads back: the run's split and decoded cache, the loaders, and a
+split's logits and figures. :mod:`dens.train.loop` drives them."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from dens import labels
+from dens.labels import CLASSES
+from dens.preprocess import PreprocessConfig
+from dens.train import data, metrics
+from dens.train.step import Ranks
+
+if TYPE_CHECKING:
+    from dens.train.loop import TrainConfig
+
+log = logging.getLogger("dens.train")
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> tuple[pd.DataFrame, dict]:
+    """Manifest, split and decoded cache: one row per labelled image with its split and cache file."""
+    frame, info = data.read_manifest(cfg.data)
+    previous = out / "split.csv"
+    if cfg.resume and previous.exists():  # the split of the interrupted run, even if the CSV changed since
+        kept = pd.read_csv(previous, dtype=str, keep_default_na=False).set_index(labels.PATH)[data.SPLIT]
+        frame = frame[frame[labels.PATH].isin(kept.index)].reset_index(drop=True)
+        frame[data.SPLIT] = frame[labels.PATH].map(kept)
+    else:
+        frame[data.SPLIT] = data.assign_split(frame, seed=cfg.seed)
+    root = Path(cfg.cache).expanduser() if cfg.cache else data.default_cache_dir()
+    paths = frame[labels.PATH].tolist()
+    decoded = 0
+    if ranks.main:  # rank 0 fills the cache; the others then find every file in it
+        entries, decoded = data.build_cache(paths, pre, root, cfg.decode_workers, cfg.progress)
+    ranks.barrier()
+    if not ranks.main:
+        entries, _ = data.build_cache(paths, pre, root, 1, progress=False)
+    frame = data.attach_cache(frame, entries)
+    info.update(cache=str(data.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
+    if info["unusable"] and ranks.main:
+        reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
+        log.warning("%d of %d images are unusable and left out (%s); listed in %s", info["unusable"], len(frame),
+                    reasons, out / "unusable.csv")  # fmt: skip
+    return frame, info
+
+
+def loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, drop_last=False):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=drop_last,
+                                       worker_init_fn=_ignore_sigint if workers else None)  # fmt: skip
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the run; workers just wait to be closed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, dataset: data.CachedImages, ranks: Ranks, batch: int, workers: int,
+            amp_dtype: torch.dtype | None, channels_last: bool, desc: str, progress: bool) -> np.ndarray:  # fmt: skip
+    """Logits for every item of ``dataset`` (fp32, dataset order); under DDP each rank does a share."""
+    net.eval()
+    shard = list(range(ranks.rank, len(dataset), ranks.world))
+    batches = loader(torch.utils.data.Subset(dataset, shard), batch, workers, ranks.device)
+    out = []
+    for images, _ in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and ranks.main)):
+        images = images.to(ranks.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ranks.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(net(images).float().cpu())
+    mine = torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), np.float32)
+    logits = np.zeros((len(dataset), len(CLASSES)), np.float32)
+    for rank, part in enumerate(ranks.gather(mine)):
+        logits[rank :: ranks.world] = part
+    return logits
+
+
+def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0) -> dict:
+    """Image- and breast-level figures for one split's logits."""
+    keys = frame[[labels.PATIENT_ID, labels.STUDY_UID, labels.LATERALITY]]
+    return metrics.report(logits, frame[data.LABEL].to_numpy(), keys, temperature)
