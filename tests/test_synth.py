@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from dens import labels, synth
+from dens import labels, phantom, synth
 
 VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
 # RSNA convention: a left breast points right (row direction anterior), a right breast is its mirror.
@@ -112,7 +112,7 @@ def test_tissue_grows_with_density_but_mean_brightness_does_not_give_the_class_a
         spec = synth._plan_patient(0, index, "small")[0][0]
         if len(fraction[spec.density]) >= 25:
             continue
-        drawn = synth._render(np.random.default_rng(index), spec, rows=96)
+        drawn = phantom.render(np.random.default_rng(index), spec, rows=96)
         fraction[spec.density].append(drawn.gland.sum() / drawn.region.sum())
         brightness[spec.density].append(float(drawn.image[drawn.breast].mean()))
     assert all(len(v) >= 15 for v in fraction.values())
