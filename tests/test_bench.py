@@ -67,3 +67,19 @@ def test_every_benchmark_runs_and_summarize_reads_them(cohort, tmp_path):
     assert "naive reference" in text and "decode workers" in text and "training step" in text
     (png,) = results.glob("summary-*.png")
     assert png.stat().st_size > 10_000
+
+
+def test_share_of_peak_and_bound_labels():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from model_stage import fp16_peak
+        from scaling import bound
+    finally:
+        sys.path.remove(str(BENCH))
+    assert fp16_peak("NVIDIA H100 80GB HBM3") == fp16_peak("NVIDIA H200") == 989.4
+    assert fp16_peak("NVIDIA H100 NVL") == 835.0 and fp16_peak("NVIDIA H100 PCIe") == 756.0
+    assert fp16_peak("NVIDIA L40S") == 362.0 and fp16_peak("Tesla T4") is None and fp16_peak(None) is None
+    point = {"run_s": 10.0, "wait_for_decode_s": 0.5, "model_s": 8.0}
+    assert bound(point) == "model"
+    assert bound({**point, "wait_for_decode_s": 3.0}) == "decode"
+    assert bound({**point, "model_s": 4.0}) == "hand-off"
