@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from pydicom.uid import (
 from conftest import REAL_J2K
 from dens import dicom, preprocess
 from dens.config import PreprocessConfig
+from dens.decode import _stderr_to_debug_log
 from dens.dicom import Reason, UnusableFile
 
 
@@ -385,8 +386,40 @@ def test_12_bit_jpeg_extended_decodes_quietly(real_mammo, capfd, caplog):
     captured = capfd.readouterr()
     assert "JPEG" not in captured.out + captured.err and "Traceback" not in captured.err
     assert any("Unsupported JPEG data precision 12" in r.getMessage() for r in caplog.records)
-    print("stderr works again", file=sys.stderr)
+    os.write(2, b"stderr works again\n")  # fd 2 itself: pytest's sys.stderr bypasses it
     assert "stderr works again" in capfd.readouterr().err
+
+
+def test_stderr_capture_in_threads_leaves_stderr_working(capfd, caplog):
+    # Grad-CAM decodes in a thread pool. Two captures around GDCM calls that overlap, the first leaving
+    # first, would each restore what the other had redirected: fd 2 would end on a deleted capture file.
+    caplog.set_level("DEBUG", logger="dens.dicom")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _stderr_to_debug_log("first"):
+            first_in.set()
+            os.write(2, b"C noise 1\n")
+            second_in.wait(timeout=0.5)  # overlapping, the second is inside now; serialised, it never is
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait()
+        with _stderr_to_debug_log("second"):
+            second_in.set()
+            os.write(2, b"C noise 2\n")
+            first_out.wait(timeout=0.5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.write(2, b"stderr after the threads\n")  # fd 2 itself: pytest's sys.stderr bypasses it
+    err = capfd.readouterr().err
+    assert "stderr after the threads" in err and "C noise" not in err
+    logged = sorted(r.getMessage() for r in caplog.records if "wrote to stderr" in r.getMessage())
+    assert logged == ["first wrote to stderr: C noise 1", "second wrote to stderr: C noise 2"]
 
 
 _SILENT_J2K = ("JPEG 2000 has no checksum: OpenJPEG decodes overwritten code-block bytes into a wrong image "

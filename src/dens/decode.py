@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from dens.dicom import DicomFile
 
 log = logging.getLogger("dens.dicom")
+
 
 class _PluginFailures(logging.Filter):
     """pydicom logs a full traceback for every decoding plugin that fails on a frame, then raises once all
@@ -49,15 +51,20 @@ _GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16"
                 "UINT32": np.uint32, "INT32": np.int32}
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _stderr_to_debug_log(what: str) -> Iterator[None]:
     """Send what C code writes to file descriptor 2 inside this block to dens's debug log. GDCM's JPEG
     codec tries its 8-bit libjpeg on a 12-bit stream before its 12-bit one, and libjpeg prints "Unsupported
     JPEG data precision 12" and "Invalid SOS parameters for sequential JPEG" on the terminal for every such
-    file it then decodes correctly. Anything another thread writes to stderr meanwhile goes to the log too."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    file it then decodes correctly. Anything another thread writes to stderr meanwhile goes to the log too.
+    One block at a time per process (Grad-CAM decodes in threads): nested redirections would restore the
+    wrong descriptor and leave stderr pointing at a deleted file."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
             yield
