@@ -41,6 +41,7 @@ demo: setup
 	@echo "== dens demo: a small synthetic cohort and a small model (resnet18, S=128, random init) =="
 	$(VENV)/bin/dens-synth $(DEMO)/cohort --patients 100 --size small --seed 1 --overwrite
 	$(VENV)/bin/dens-synth $(DEMO)/studies --patients 6 --size small --seed 2 --overwrite
+	rm -rf $(DEMO)/runs/demo $(DEMO)/gradcam  # each demo trains afresh (the decoded cache is kept)
 	$(VENV)/bin/dens-train --data $(DEMO)/cohort --out $(DEMO)/runs/demo --arch resnet18 --weights none \
 		--size 128 --epochs 6 --batch-size 16 --lr 1e-3 --cache $(DEMO)/.cache --no-progress
 	$(VENV)/bin/dens-export --onnx --checkpoint $(DEMO)/runs/demo/best.pt --no-progress
