@@ -301,6 +301,32 @@ def test_a_gpu_provider_that_falls_back_to_the_cpu_is_caught(model, monkeypatch)
         runtime.open_runtime(model[1], "tensorrt")
 
 
+def test_the_io_binding_path_matches_the_plain_run(model, monkeypatch):
+    # The CUDA path binds a uint8 input buffer per batch shape (reused, at most two kept) and copies only the
+    # probabilities back. No GPU is needed to check that logic: the same calls on a CPU session, with the
+    # buffers made on the host.
+    import onnxruntime as ort
+
+    rt = runtime.open_runtime(model[1], "cpu")
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 1, S, S), dtype=np.uint8) for n in (2, 3, 2, 1, 3)]
+    expected = [rt.predict(b) for b in batches]
+    made = []
+    host = ort.OrtValue.ortvalue_from_shape_and_type
+
+    def on_host(shape, dtype, device, device_id):
+        assert (device, device_id) == ("cuda", 0)
+        made.append(tuple(shape))
+        return host(shape, dtype, "cpu", 0)
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", staticmethod(on_host))
+    rt.device = "cuda"
+    for batch, want in zip(batches, expected, strict=True):
+        np.testing.assert_allclose(rt.predict(batch), want, rtol=1e-5, atol=1e-6)
+    assert made == [(2, 1, S, S), (3, 1, S, S), (1, 1, S, S), (3, 1, S, S)]  # reused while kept
+    assert len(rt._device_input) <= 2
+
+
 def test_a_model_without_dens_metadata_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
