@@ -7,12 +7,7 @@
 #
 #   bash bench/gpu_wheels.sh            # the versions this checkout's .venv runs, else the newest
 #
-# On the device, one call per part, each within the machine's idle window of the previous one:
-#   call k:  carry [".whl/ort-k"]:  mkdir -p /tmp/ort && cp .whl/ort-k/* /tmp/ort/
-#   last:    carry [".whl/small"]:  cat /tmp/ort/part-* > /tmp/ort/$(cat /tmp/ort/NAME) &&
-#            echo "$(cat /tmp/ort/SHA256)  /tmp/ort/$(cat /tmp/ort/NAME)" | sha256sum -c &&
-#            python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/ort/*.whl .whl/small/*.whl &&
-#            export PYTHONPATH=/tmp/site:$PWD/src  (then the commands in bench/README.md)
+# On the device, bench/gpu_session.sh takes it from there (`part K` once per part, then `install`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART_MIB=${PART_MIB:-50}
