@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cores, export_models, up_to, write_result
+from common import cores, export_models, machine, up_to, write_result
 
 # Dense (no sparsity) fp16 tensor-core peak in TFLOP/s from NVIDIA's data sheets, by a substring of the
 # name nvidia-smi reports; a GPU not listed gets no share-of-peak figure rather than a guessed one.
@@ -188,8 +188,6 @@ def main() -> None:
         checkpoint, onnx, fp16 = export_models(Path(tmp), args.arch, args.size, fp16=True)
         gflop = gflop_per_image(checkpoint)
         rows = (cuda_rows if device == "cuda" else cpu_rows)(onnx, fp16, checkpoint, batches, args.seconds)
-
-    from common import machine
 
     peak = fp16_peak(machine()["gpu"]) if device == "cuda" else None
     for row in rows:
