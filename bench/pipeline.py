@@ -3,6 +3,7 @@ img/s of each stage alone.
 
     python bench/pipeline.py [--cohort DIR] [--arch resnet50] [--size 512] [--device auto]
                              [--workers N] [--threads N] [--batch-size N] [--sweep] [--skip-naive]
+                             [--naive-files N]
 
 The naive reference (written for the purpose, in bench/naive.py) is what a first script does: one process,
 pydicom's full-resolution decode (``ds.pixel_array``), pydicom's Modality LUT and VOI, an OpenCV resize to
@@ -10,8 +11,9 @@ S x S, PyTorch eager on the checkpoint, batch 1. dens-infer runs through ``dens.
 folder and model (exported from the same checkpoint). Stages alone: decode in the worker pool, decode in
 one process, the model alone in ONNX Runtime at the threads and batch dens-infer used (and how much of that
 the model stage keeps inside dens-infer), and the naive pipeline's two halves.
-``--sweep`` also runs dens-infer at each (workers, ORT threads) pair up to the core count, which is how the
-CPU defaults were chosen. Writes bench/results/pipeline-<host>-<time>.json.
+dens-infer is timed from outside (start-up included) and by its own in-process clock; the naive figure
+leaves its start-up out. ``--sweep`` also runs dens-infer at each (workers, ORT threads) pair up to the
+core count. Writes bench/results/pipeline-<host>-<time>.json.
 """
 
 from __future__ import annotations
