@@ -230,9 +230,19 @@ def test_cli_exit_status_and_summary(studies, model, tmp_path):
     assert CliRunner().invoke(infer_main, [str(clean), "--device", "gpu"]).exit_code == 2
 
 
+def _until_all_ready(pool: DecodePool, items: list) -> list:
+    """map() until every worker has reported ready: a fast worker can take a whole short list alone."""
+    for _ in range(50):
+        results = list(pool.map(items))
+        if None not in pool.cv2_threads:
+            break
+    return results
+
+
 def test_workers_pin_opencv_to_one_thread(studies):
     with DecodePool(2, PreprocessConfig(size=S)) as pool:
-        results = list(pool.map([(str(studies / "zz-bad" / "IMG0001"), ""), (str(studies / "nothing"), "gone")]))
+        items = [(str(studies / "zz-bad" / "IMG0001"), ""), (str(studies / "nothing"), "gone")]
+        results = _until_all_ready(pool, items)
         assert pool.cv2_threads == [1, 1]
     assert [r.status for r in results] == ["ok", "error"] and results[0].image.shape == (S, S)
 
@@ -241,8 +251,12 @@ def test_decode_workers_yield_to_the_model_on_cpu(studies):
     # On the CPU the model is the bottleneck: the workers decode at a lower priority and fill its gaps.
     base = os.nice(0)
     with DecodePool(2, PreprocessConfig(size=S), nice=3) as pool:
-        list(pool.map([(str(studies / "zz-bad" / "IMG0001"), "")]))
+        _until_all_ready(pool, [(str(studies / "zz-bad" / "IMG0001"), "")])
         assert pool.niceness == [base + 3] * 2
+    with DecodePool(1) as pool:  # as dens-infer does: the niceness once the model's device is known
+        pool.configure(PreprocessConfig(size=S), nice=2)
+        list(pool.map([(str(studies / "zz-bad" / "IMG0001"), "")]))
+        assert pool.niceness == [base + 2]
     assert runtime.decode_nice("cpu") == runtime.CPU_DECODE_NICE > 0
     assert runtime.decode_nice("cuda") == runtime.decode_nice("tensorrt") == 0
     assert runtime.default_parallelism("cpu", cores=8) == (8, 8)

@@ -74,14 +74,13 @@ def _pinned_env():
                 os.environ[key] = value
 
 
-def _worker(conn: Connection, nice: int = 0) -> None:
-    """Worker main: the PreprocessConfig dict first, then ``(index, path)`` in and ``(index, status, reason,
-    image, info, seconds)`` out. The config comes over the pipe so that a worker can start (imports take a
-    second) while the parent is still opening the model that says what the config is. ``nice``: added to
-    the worker's scheduling niceness (lower priority than the parent's model)."""
+def _worker(conn: Connection) -> None:
+    """Worker main: ``(PreprocessConfig dict, nice)`` first, then ``(index, path)`` in and ``(index, status,
+    reason, image, info, seconds)`` out. The setup comes over the pipe so that a worker can start (imports
+    take a second) while the parent is still opening the model that says what the config is, and on which
+    device (the niceness to add: lower priority than the parent's model on a CPU)."""
     os.environ.update(dict.fromkeys(THREAD_ENV, "1"))  # before numpy loads, whatever started us
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our pipe
-    niceness = os.nice(nice)
     import cv2
 
     cv2.setNumThreads(0)  # sequential OpenCV: the parallelism is the processes
@@ -90,11 +89,13 @@ def _worker(conn: Connection, nice: int = 0) -> None:
     from dens.preprocess import load
 
     try:
-        cfg = conn.recv()
+        setup = conn.recv()
     except (EOFError, OSError):
         return
-    if cfg is None:
+    if setup is None:
         return
+    cfg, nice = setup
+    niceness = os.nice(nice)
     config = PreprocessConfig.from_dict(cfg)
     crash_on = os.environ.get(CRASH_ENV, "")
     conn.send(("ready", os.getpid(), cv2.getNumThreads(), niceness))
@@ -128,22 +129,22 @@ class PoolError(RuntimeError):
 
 
 class _Worker:
-    def __init__(self, ctx, cfg: dict | None, nice: int):
+    def __init__(self, ctx, setup: tuple[dict, int] | None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="dens-decode")
+        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="dens-decode")
         with _pinned_env():
             self.proc.start()
         child.close()
-        if cfg is not None:
-            self.configure(cfg)
+        if setup is not None:
+            self.configure(setup)
         self.pending: deque[tuple[int, str]] = deque()
         self.ready = False
         self.cv2_threads: int | None = None
         self.niceness: int | None = None
 
-    def configure(self, cfg: dict) -> None:
+    def configure(self, setup: tuple[dict, int]) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is found by its sentinel
-            self.conn.send(cfg)
+            self.conn.send(setup)
 
     def ask_to_stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -173,31 +174,31 @@ class DecodePool:
 
     ``per_worker``: tasks handed to one worker at a time (2: one running, one waiting, so a worker never
     idles on the round trip). ``buffer``: decoded results held for the consumer (set it to about two
-    batches). ``nice``: added to each worker's scheduling niceness, so that on a machine where decoding and
-    the model share the cores, the model (the bottleneck on a CPU) keeps them and decoding fills its gaps.
+    batches). ``nice`` (here or in :meth:`configure`): added to each worker's scheduling niceness, so that
+    where decoding and a CPU model share the cores, the model (the bottleneck there) keeps them and
+    decoding fills its gaps.
     Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
     """
 
     def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16, nice: int = 0):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._cfg: dict | None = cfg.to_dict() if cfg is not None else None
+        self._setup: tuple[dict, int] | None = (cfg.to_dict(), nice) if cfg is not None else None
         self._ctx = multiprocessing.get_context("spawn")
         self.per_worker = per_worker
         self.buffer = max(1, buffer)
         self.crashes = 0
-        self._nice = nice
-        self._workers = [_Worker(self._ctx, self._cfg, nice) for _ in range(workers)]
+        self._workers = [_Worker(self._ctx, self._setup) for _ in range(workers)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def configure(self, cfg) -> None:
-        """Send the PreprocessConfig to the workers (once, before :meth:`map`)."""
-        if self._cfg is not None:
+    def configure(self, cfg, nice: int = 0) -> None:
+        """Send the PreprocessConfig and the niceness to the workers (once, before :meth:`map`)."""
+        if self._setup is not None:
             raise RuntimeError("the pool is already configured")
-        self._cfg = cfg.to_dict()
+        self._setup = (cfg.to_dict(), nice)
         for w in self._workers:
-            w.configure(self._cfg)
+            w.configure(self._setup)
 
     @property
     def cv2_threads(self) -> list[int | None]:
@@ -230,7 +231,7 @@ class DecodePool:
     def map(self, items: Iterable[tuple[str, str]]) -> Iterator[Decoded]:
         """Decode ``(path, problem)`` items; an item with a ``problem`` (from the walk) is not decoded and
         comes back as an ``error`` with that reason. Yields in input order; single use per pool."""
-        if self._cfg is None:
+        if self._setup is None:
             raise RuntimeError("configure the pool (DecodePool(..., cfg) or .configure(cfg)) before map()")
         out: queue.Queue = queue.Queue(maxsize=self.buffer)
         self._thread = threading.Thread(target=self._dispatch, args=(iter(items), out), daemon=True,
@@ -346,4 +347,4 @@ class DecodePool:
             done[index] = Decoded(index, path, "error", f"{WORKER_CRASHED}: decode worker {note} reading this file")
             retry.extendleft(reversed(w.pending))
         w.conn.close()
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._cfg, self._nice)
+        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._setup)

@@ -133,7 +133,7 @@ def run(cfg: InferConfig) -> Summary:
     workers = cfg.workers or default_parallelism(device)[0]
     # The workers start (a second of imports each) while the model opens; they learn the preprocessing
     # from its metadata once it is open.
-    with DecodePool(workers, nice=decode_nice(device)) as pool:
+    with DecodePool(workers) as pool:
         try:
             runtime = _open(model_path, cfg)
             writer = PredsWriter(out, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -150,7 +150,7 @@ def run(cfg: InferConfig) -> Summary:
             log.info("dens-infer: model %s (%s, S=%d, sha256 %s) on %s, batch %d, %d ORT thread(s), %d decode "
                      "worker(s)", model_path, runtime.metadata.get("arch", "?"), runtime.preprocess.size, sha[:12],
                      runtime.provider, runtime.batch_size, runtime.threads, workers)  # fmt: skip
-            pool.configure(runtime.preprocess)
+            pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
             pool.buffer = 2 * runtime.batch_size
             _process(studies, [out, *aggregate.aggregate_paths(out)], pool, writer, runtime, sha, cfg, summary, rule)
     if not summary.files and not summary.already_done:
