@@ -179,9 +179,11 @@ def _process(studies: Path, exclude: list[Path], pool: DecodePool, writer: Preds
              cfg: InferConfig, summary: Summary, rule: FlagRule) -> None:  # fmt: skip
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=None if cfg.progress is None else not cfg.progress,
                dynamic_ncols=True)  # fmt: skip
-    # The total comes from a second walk in a thread, so the first file is read at once on any archive.
-    threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in _entries(studies, exclude, writer.done))),
-                     daemon=True).start()  # fmt: skip
+    # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
+    # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing).
+    if not bar.disable:
+        threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in _entries(studies, exclude, writer.done))),
+                         daemon=True).start()  # fmt: skip
     pending: list[Decoded] = []
     images = 0
 
