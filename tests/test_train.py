@@ -106,6 +106,24 @@ def test_tiny_cohort_still_validates_and_tests():
 # --- decoded cache ---------------------------------------------------------------------------------------
 
 
+def test_cache_folder_changes_with_a_decoder_library_version(monkeypatch):
+    # An upgraded codec can change the canonical image: the old cache must not serve it.
+    import importlib.metadata
+
+    cfg = PreprocessConfig(size=64)
+    data.route_version.cache_clear()
+    before = data.cache_dir_for("/c", cfg)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "99.0" if n == "pylibjpeg-openjpeg" else real(n))
+    data.route_version.cache_clear()
+    try:
+        assert data.cache_dir_for("/c", cfg) != before
+    finally:
+        monkeypatch.undo()
+        data.route_version.cache_clear()
+    assert data.cache_dir_for("/c", cfg) == before
+
+
 def test_cache_is_bit_equal_to_the_shared_route_and_reused(trained, cohort):
     cfg, result = trained
     split = pd.read_csv(Path(cfg.out) / "split.csv", dtype=str, keep_default_na=False)

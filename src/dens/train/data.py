@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import multiprocessing as mp
@@ -39,6 +40,7 @@ import dens
 import dens.config
 import dens.decode
 import dens.dicom
+import dens.errors
 import dens.preprocess
 from dens import labels
 from dens.dicom import UnusableFile
@@ -168,12 +170,24 @@ def cache_dir_for(root: str | Path, cfg: PreprocessConfig) -> Path:
     return Path(root).expanduser() / f"{cfg.key()}-{route_version()}"
 
 
+# The libraries whose output is the canonical image's input: an upgraded codec or resize must not serve
+# images the old one made.
+_ROUTE_LIBRARIES = ("numpy", "opencv-python-headless", "Pillow", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg",
+                    "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "python-gdcm")  # fmt: skip
+
+
 @functools.cache
 def route_version() -> str:
-    """A digest of the code that turns a file into the canonical image (preprocess, dicom, decode, config)."""
+    """A digest of the code that turns a file into the canonical image (preprocess, dicom, decode, errors,
+    config) and of the versions of the libraries it decodes and resizes with."""
     digest = hashlib.sha256(dens.__version__.encode())
-    for module in (dens.preprocess, dens.dicom, dens.decode, dens.config):
+    for module in (dens.preprocess, dens.dicom, dens.decode, dens.errors, dens.config):
         digest.update(Path(module.__file__).read_bytes())
+    for name in _ROUTE_LIBRARIES:
+        try:
+            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{name}=absent".encode())
     return digest.hexdigest()[:12]
 
 
