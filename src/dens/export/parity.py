@@ -27,6 +27,7 @@ from dens.dicom import UnusableFile
 from dens.export.onnx import INPUT, LOGITS, PROBS, read_metadata
 from dens.model import Checkpoint, file_sha256, load_checkpoint
 from dens.preprocess import load
+from dens.train.metrics import softmax
 
 DEFAULT_BATCH_SIZES = (1, 3, 8)
 DEFAULT_MAX_IMAGES = 32
@@ -194,9 +195,7 @@ def _reference(ckpt: Checkpoint, batch: np.ndarray, chunk: int) -> tuple[np.ndar
     with torch.no_grad():
         logits = np.concatenate([model(torch.from_numpy(batch[i : i + chunk])).numpy()
                                  for i in range(0, len(batch), chunk)])  # fmt: skip
-    scaled = logits.astype(np.float64) / ckpt.temperature
-    exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True), logits
+    return softmax(logits, ckpt.temperature), logits
 
 
 def _compare_set(session, ckpt: Checkpoint, batch: np.ndarray, batch_sizes: tuple[int, ...], limits: Thresholds,
