@@ -19,8 +19,9 @@ import dens
 from dens import runs
 from dens.config import PreprocessConfig
 from dens.export.cli import main
-from dens.export.onnx import Fp16ConversionError, OnnxMetadataError, read_metadata, to_fp16
+from dens.export.onnx import Fp16ConversionError, to_fp16
 from dens.export.parity import THRESHOLDS, check_parity
+from dens.metadata import OnnxMetadataError, read_metadata
 from dens.model import build_model, file_sha256, load_checkpoint, save_checkpoint
 from dens.synth import generate
 

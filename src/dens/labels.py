@@ -4,12 +4,6 @@ from __future__ import annotations
 
 # BI-RADS 5th edition breast composition categories, in model output order.
 CLASSES: tuple[str, ...] = ("A", "B", "C", "D")
-CLASS_NAMES: dict[str, str] = {
-    "A": "almost entirely fatty",
-    "B": "scattered areas of fibroglandular density",
-    "C": "heterogeneously dense",
-    "D": "extremely dense",
-}
 # C and D are "dense" for the patient notification required in the US since 2024.
 DENSE_CLASSES: tuple[str, ...] = ("C", "D")
 NUM_CLASSES = len(CLASSES)

@@ -232,8 +232,8 @@ def resolve_model(
 ) -> ResolvedModel:
     """Find and check the model behind preds.csv: the ONNX file must be the one that wrote it (sha256 =
     ``model_sha256``), and the checkpoint the one the ONNX file was exported from (its metadata's sha256)."""
-    from dens.export.onnx import OnnxMetadataError, read_metadata  # lazily: only here is export needed
-    from dens.model import CheckpointError, file_sha256, load_checkpoint
+    from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
+    from dens.model import CheckpointError, load_checkpoint
 
     try:
         onnx_path = Path(model_path) if model_path else runs.latest_file("model.onnx")

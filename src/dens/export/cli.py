@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from dens import runs
-from dens.export.onnx import DEFAULT_OPSET, OPSETS, OnnxMetadataError, export_onnx, fp16_path, read_metadata
+from dens.export.onnx import DEFAULT_OPSET, OPSETS, export_onnx, fp16_path
 from dens.export.parity import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, check_parity, load_images
+from dens.metadata import OnnxMetadataError, read_metadata
 from dens.model import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -28,24 +28,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import dens
-from dens.metadata import (  # noqa: F401  (read_metadata, parse_metadata: re-exported for callers)
-    METADATA_FORMAT,
-    METADATA_KEY,
-    OnnxMetadataError,
-    file_sha256,
-    parse_metadata,
-    read_metadata,
-)
+from dens.metadata import METADATA_FORMAT, METADATA_KEY, file_sha256
 from dens.model import Checkpoint, load_checkpoint
 
 DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # what the legacy exporter writes (it warns past 20); 13: Softmax over one axis
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
 BATCH_AXIS = "N"
-# ORT_ENABLE_BASIC only: its rewrites (constant folding, redundant-node removal, Conv+BN/Add/Mul fusion) keep
-# standard ONNX ops, so the saved graph still runs on every provider. EXTENDED and above write contrib ops
-# (FusedConv, NCHWc layouts) that tie the file to the provider it was optimised for.
-OPTIMIZATION_LEVEL = "basic"
 
 
 class Fp16ConversionError(ValueError):
@@ -118,7 +107,10 @@ def _torch_export(module: nn.Module, path: Path, size: int, opset: int) -> None:
 
 
 def _ort_optimize(src: Path, dst: Path) -> Path:
-    """``src`` after ORT's BASIC graph optimisation (see OPTIMIZATION_LEVEL), written to ``dst``."""
+    """``src`` after ORT's BASIC graph optimisation, written to ``dst``. BASIC only: its rewrites (constant
+    folding, redundant-node removal, Conv+BN/Add/Mul fusion) keep standard ONNX ops, so the saved graph
+    still runs on every provider; EXTENDED and above write contrib ops (FusedConv, NCHWc layouts) that tie
+    the file to the provider it was optimised for."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
-from dens.infer import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED
+from dens.infer import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 _EPILOG = f"""\b
 Exit status: 0 every file ok or skipped; {EXIT_ERRORS} the run finished but some files are
 'error' rows (see their reason); {EXIT_FAILED} the run could not start (no model, no GPU for an
-explicit --device, an existing --out); 2 bad options; {EXIT_INTERRUPTED} interrupted (continue with --resume).
+explicit --device, an existing --out); {EXIT_USAGE} bad options; {EXIT_INTERRUPTED} interrupted
+(continue with --resume).
 """
 
 

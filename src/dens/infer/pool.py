@@ -187,7 +187,6 @@ class DecodePool:
         self._ctx = multiprocessing.get_context("spawn")
         self.per_worker = per_worker
         self.buffer = max(1, buffer)
-        self.crashes = 0
         self._workers = [_Worker(self._ctx, self._setup) for _ in range(workers)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -342,7 +341,6 @@ class DecodePool:
             raise PoolError(f"a decode worker died while starting ({note}); its error is printed above")
         if w.pending:
             index, path = w.pending.popleft()
-            self.crashes += 1
             log.warning("%s: the decode worker died reading this file (%s); it gets an error row", path, note)
             done[index] = Decoded(index, path, "error", f"{WORKER_CRASHED}: decode worker {note} reading this file")
             retry.extendleft(reversed(w.pending))

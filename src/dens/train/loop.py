@@ -80,7 +80,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# --- the AMP step ----------------------------------------------------------------------------------------
+# --- the model -------------------------------------------------------------------------------------------
 
 
 def _build(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
