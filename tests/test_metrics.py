@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from dens import labels
+from dens.infer.writer import prediction_cells
 from dens.train import metrics
 
 RNG = np.random.default_rng(7)
@@ -51,19 +53,21 @@ def test_a_class_absent_from_the_truth_is_left_out_like_scikit_learn():
     assert np.isnan(got["per_class"]["D"]["sensitivity"])
 
 
-def test_dense_figures_use_p_c_plus_p_d():
+def test_dense_figures_follow_the_density_call_as_dens_infer_does():
     y = np.array([0, 1, 2, 3, 2, 1])
     probs = np.array([
         [0.7, 0.2, 0.05, 0.05],  # not dense, right
-        [0.1, 0.45, 0.3, 0.15],  # p_dense 0.45: not dense, right
-        [0.1, 0.35, 0.3, 0.25],  # argmax B, yet p_dense 0.55: dense, right
+        [0.1, 0.45, 0.3, 0.15],  # not dense, right
+        [0.1, 0.35, 0.3, 0.25],  # called B although p_dense is 0.55: dense missed, as preds.csv says
         [0.0, 0.1, 0.1, 0.8],  # dense, right
         [0.2, 0.6, 0.1, 0.1],  # dense missed
         [0.0, 0.3, 0.6, 0.1],  # not dense called dense
     ])  # fmt: skip
     dense = metrics.evaluate(probs, y)["dense"]
-    assert dense == {"n": 6, "positives": 3, "accuracy": pytest.approx(4 / 6), "sensitivity": pytest.approx(2 / 3),
+    assert dense == {"n": 6, "positives": 3, "accuracy": pytest.approx(3 / 6), "sensitivity": pytest.approx(1 / 3),
                      "specificity": pytest.approx(2 / 3)}  # fmt: skip
+    called = [prediction_cells(p)[labels.DENSE] == "true" for p in probs]  # dens-infer's own column
+    assert called == [False, False, False, True, False, True]
 
 
 def test_evaluate_holds_both_confusion_matrices_and_is_strict_json():

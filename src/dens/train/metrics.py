@@ -1,8 +1,9 @@
 """Every figure `dens-train` reports, computed from labels and probabilities with numpy.
 
 One confusion matrix feeds all the class metrics, so they cannot disagree with each other; the tests hold
-them equal to scikit-learn's on fixed inputs. Dense-vs-not uses ``p_dense = p_C + p_D >= 0.5``, the same
-probability inference reports, so the training figures describe what a deployed model flags.
+them equal to scikit-learn's on fixed inputs. Dense-vs-not is the density call's (the argmax is C or D),
+the rule behind dens-infer's ``dense`` column and its default flag, so the training figures describe what a
+deployed model calls dense.
 Temperature scaling (Guo et al. 2017) is fitted on validation logits and stored in the checkpoint.
 """
 
@@ -124,8 +125,8 @@ def evaluate(probs: np.ndarray, y: np.ndarray) -> dict:
     probs, y = np.asarray(probs, np.float64), np.asarray(y, np.int64)
     cm = confusion(y, probs.argmax(1) if len(y) else y)
     out = class_metrics(cm)
-    p_dense = probs[:, DENSE_INDEX].sum(1) if len(y) else np.zeros(0)
-    out["dense"] = binary_metrics(np.isin(y, DENSE_INDEX), p_dense >= 0.5)
+    called = np.isin(probs.argmax(1), DENSE_INDEX) if len(y) else np.zeros(0, bool)
+    out["dense"] = binary_metrics(np.isin(y, DENSE_INDEX), called)
     out["confusion"] = cm.tolist()
     rows = cm.sum(1, keepdims=True)
     out["confusion_normalised"] = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0).round(4).tolist()
