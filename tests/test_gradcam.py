@@ -379,6 +379,19 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     assert len(list((out / "thumbs").glob("*.png"))) == ok  # every exam has a flagged view here
 
 
+def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tmp_path):
+    preds_csv = _write_preds(study, tmp_path)
+    exam_csv = tmp_path / "preds.exam.csv"
+    expected = pd.read_csv(exam_csv, dtype=str, keep_default_na=False)
+    exam_csv.unlink()
+    run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], batch_size=3, progress=False)
+    page = (tmp_path / "report.html").read_text()
+    assert 'title="densest image"' not in page and 'title="preds.exam.csv"' not in page
+    for density in expected[labels.DENSITY]:
+        assert f"title=\"dens-infer&#x27;s exam rule, from preds.csv\">{density}<" in page
+    assert page.count("dens-infer&#x27;s exam rule") == len(expected)
+
+
 def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
     from dens.model import load_checkpoint
 

@@ -103,8 +103,8 @@ def write_report(
 
     ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file; ``overlays``: row index ->
     overlay path relative to preds.csv's folder (default: the ``gradcam`` column); ``exam_calls``:
-    preds.exam.csv (dens-infer's exam-level calls: the denser breast) when it is there; an exam it lacks gets
-    its densest image's call.
+    dens-infer's exam-level calls (preds.exam.csv, or ``aggregate.exams`` over preds); an exam it lacks (a
+    stale preds.exam.csv) is shown with its densest image's call, labelled so.
     """
     html_path = preds_csv.parent / REPORT
     base = html_path.parent.resolve()
@@ -179,7 +179,8 @@ def _exam_calls(table: pd.DataFrame | None) -> dict[str, tuple[str, float, str]]
     needed = (EXAM, labels.DENSITY, labels.P_DENSE)
     if table is None or any(c not in table for c in needed):
         return {}
-    return {str(r[EXAM]): (str(r[labels.DENSITY]), _float(r[labels.P_DENSE]), "preds.exam.csv")
+    source = table.attrs.get("source", "preds.exam.csv")
+    return {str(r[EXAM]): (str(r[labels.DENSITY]), _float(r[labels.P_DENSE]), source)
             for r in table.to_dict("records")}  # fmt: skip
 
 

@@ -170,7 +170,7 @@ def run_gradcam(
             bar.update(len(batch))
         bar.close()
         preds.attrs["report"] = pages.write_report(preds, preds_csv, thumbs, overlays=overlays,
-                                                   exam_calls=_read_exam_calls(preds_csv))  # fmt: skip
+                                                   exam_calls=_exam_calls(preds_csv, preds))  # fmt: skip
     preds.attrs["summary"] = GradcamSummary(len(preds), int(selected.sum()), len(overlays), errors, disagreements,
                                             time.perf_counter() - started, str(dev))  # fmt: skip
     return preds
@@ -196,12 +196,17 @@ def _thumbnail_rows(preds: pd.DataFrame, selected: np.ndarray, thumbnails: str) 
     return [i for i in ok if exam_key(records[i]) in flagged_exams]
 
 
-def _read_exam_calls(preds_csv: Path) -> pd.DataFrame | None:
-    """preds.exam.csv beside preds.csv (written by dens-infer), when there is one."""
-    from dens.infer.aggregate import aggregate_paths
+def _exam_calls(preds_csv: Path, preds: pd.DataFrame) -> pd.DataFrame:
+    """preds.exam.csv beside preds.csv (written by dens-infer); without one, the same calls made from
+    preds.csv by dens-infer's own rule (the denser breast), never a second rule."""
+    from dens.infer.aggregate import aggregate_paths, breasts, exams
 
     path = aggregate_paths(preds_csv)[1]
-    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
+    if path.is_file():
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    calls = exams(breasts(preds))
+    calls.attrs["source"] = "dens-infer's exam rule, from preds.csv"
+    return calls
 
 
 @dataclass(frozen=True)
