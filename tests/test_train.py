@@ -270,6 +270,22 @@ def test_a_bf16_step_on_cpu_learns():
 # --- end to end ------------------------------------------------------------------------------------------
 
 
+def test_bf16_training_reports_the_fp32_model_it_ships(cohort, tmp_path, monkeypatch):
+    # Model selection may run under autocast; the temperature and metrics.json come from the float32 model
+    # that dens-export ships.
+    seen = []
+    real = loop.inputs.predict
+
+    def spy(net, dataset, ranks, batch, workers, amp_dtype, *rest):
+        seen.append(amp_dtype)
+        return real(net, dataset, ranks, batch, workers, amp_dtype, *rest)
+
+    monkeypatch.setattr(loop.inputs, "predict", spy)
+    result = loop.run(_config(cohort, tmp_path / "bf16", epochs=1, precision="bf16", device="cpu"))
+    assert result["config"]["resolved"]["precision"] == "bf16"
+    assert seen == [torch.bfloat16, None, None]  # the epoch's validation, then validation and test in fp32
+
+
 def test_tiny_training_learns_and_writes_every_artifact(trained):
     cfg, result = trained
     out = Path(cfg.out)

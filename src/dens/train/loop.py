@@ -237,9 +237,10 @@ class Trainer:
                      **self.state}  # fmt: skip
             _save(self.out / "last.pt", self.net, self.pre, self.summary(), extra=_plain(extra))
 
-    def predict(self, split: str) -> np.ndarray:
-        return inputs.predict(self.eval_net, self.sets[split], self.ranks, self.batch, self.workers, self.amp_dtype,
-                       self.channels_last, split, self.cfg.progress)  # fmt: skip
+    def predict(self, split: str, *, autocast: bool = True) -> np.ndarray:
+        amp_dtype = self.amp_dtype if autocast else None
+        return inputs.predict(self.eval_net, self.sets[split], self.ranks, self.batch, self.workers, amp_dtype,
+                              self.channels_last, split, self.cfg.progress)  # fmt: skip
 
     def train_epoch(self, stop: _StopRequest) -> bool:
         """The rest of the current epoch (all of it, unless resumed mid-way); False when stopped early,
@@ -312,9 +313,10 @@ class Trainer:
 
     def finish(self) -> dict:
         """With the best epoch's weights: temperature fitted on validation, the test split once, every
-        artifact written (rank 0). Returns what metrics.json holds."""
+        artifact written (rank 0). Returns what metrics.json holds. In fp32 whatever the training precision:
+        the temperature and the figures are those of the float32 model that dens-export ships."""
         self.net.load_state_dict(self.best_weights)
-        val_logits, test_logits = self.predict("val"), self.predict("test")
+        val_logits, test_logits = self.predict("val", autocast=False), self.predict("test", autocast=False)
         y_val, y_test = (self.parts[s][data.LABEL].to_numpy() for s in ("val", "test"))
         t = metrics.fit_temperature(val_logits, y_val)
         result = metrics.jsonable({
