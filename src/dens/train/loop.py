@@ -202,7 +202,8 @@ class Trainer:
         if last:
             self.optimizer.load_state_dict(last.extra["optimizer"])
             self.scheduler.load_state_dict(last.extra["scheduler"])
-            self.scaler.load_state_dict(last.extra["scaler"])
+            if last.extra["scaler"]:  # empty when saved without fp16 (CPU, bf16): nothing to carry over
+                self.scaler.load_state_dict(last.extra["scaler"])
             torch.set_rng_state(last.extra["rng"]["torch"])
             self.state.update({k: last.extra[k] for k in self.state})
             if (out / "best.pt").exists():
