@@ -42,6 +42,14 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work, so that a timing covers it (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def up_to(n: int) -> list[int]:
     """1, 2, 4 ... below ``n``, then ``n``: the counts a sweep over workers, threads or processes takes."""
     return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})

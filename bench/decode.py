@@ -64,9 +64,6 @@ def bench_file(path: Path, cfg: PreprocessConfig, repeat: int) -> dict:
     }
 
 
-JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
-
-
 def _stats(group: list[dict]) -> dict:
     full = sum(r["full_decode_ms"] for r in group)
     reduced = sum(r["reduced_decode_ms"] for r in group)
@@ -88,7 +85,7 @@ def summarise(rows: list[dict]) -> dict:
     for row in timed:
         by_syntax.setdefault(row["transfer_syntax"], []).append(row)
         by_size.setdefault(f"{row['shape'][0]}x{row['shape'][1]} {row['transfer_syntax']}", []).append(row)
-    j2k = [r for r in timed if r["transfer_syntax"] in JPEG2000]
+    j2k = [r for r in timed if r["transfer_syntax"] in dicom.JPEG2000_SYNTAXES]
     return {
         "by_transfer_syntax": {ts: _stats(group) for ts, group in sorted(by_syntax.items())},
         "by_size_and_syntax": {key: _stats(group) for key, group in sorted(by_size.items())},
@@ -97,13 +94,16 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def per_group(files: list[Path], n: int) -> list[Path]:
-    """The first ``n`` files of each (rows, columns, transfer syntax) group, from their headers."""
-    import pydicom
-
+    """The first ``n`` files of each (rows, columns, transfer syntax) group, from their headers (an unusable
+    file is kept: bench_file records why)."""
     kept, seen = [], {}
     for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        key = (ds.Rows, ds.Columns, str(ds.file_meta.TransferSyntaxUID))
+        try:
+            f = dicom.read(path)
+        except UnusableFile:
+            kept.append(path)
+            continue
+        key = (*f.shape, f.transfer_syntax)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] <= n:
             kept.append(path)

@@ -26,16 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 
-from common import write_result
+from common import sync, write_result
 from dens.explain import GradCAM
 from dens.explain.report import write_cam_files
 from dens.explain.run import pick_device
 from dens.model import build_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _best_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
@@ -45,10 +40,10 @@ def _best_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeat:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeat + 1):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             if round_:
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: min(t) for name, t in times.items()}

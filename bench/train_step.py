@@ -10,8 +10,9 @@ Each configuration runs the real step (uint8 batch -> model with normalisation i
 cross-entropy -> Adam) on random images held on the device, so the figure is the model's cost with no data
 loading; augmentation (`dens.train.data.augment`) is timed apart as `augment_img_s`. One warm-up step,
 then timed steps until --min-seconds have passed (at least --min-steps). On CUDA the device is synchronised
-around the timed region and peak memory is recorded. bf16 on the CPU is measured for what it would give
-(CPU autocast); dens-train itself trains in fp32 on the CPU. Writes bench/results/train_step-<host>-<time>.json.
+around the timed region and peak memory is recorded. bf16 on the CPU is CPU autocast, what
+`dens-train --precision bf16` runs there (its default on the CPU is fp32).
+Writes bench/results/train_step-<host>-<time>.json.
 """
 
 from __future__ import annotations
@@ -27,16 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result
+from common import sync, write_result
 from dens.model import build_model
 from dens.train import data, loop
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_one(device: torch.device, arch: str, size: int, batch: int, precision: str, channels_last: bool,
@@ -57,23 +53,23 @@ def bench_one(device: torch.device, arch: str, size: int, batch: int, precision:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loop.train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)  # warm-up (and compile)
-    _sync(device)
+    sync(device)
     steps, start = 0, time.perf_counter()
     while steps < min_steps or time.perf_counter() - start < min_seconds:
         loss = loop.train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)
         steps += 1
         if device.type == "cuda" and steps % 10:
             continue
-        _sync(device)
-    _sync(device)
+        sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     g = torch.Generator().manual_seed(0)
     data.augment(images, g)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(3):
         data.augment(images, g)
-    _sync(device)
+    sync(device)
     augment_s = (time.perf_counter() - t0) / 3
     row = {"arch": arch, "size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
            "compile": compile_model, "steps": steps, "seconds": round(seconds, 2),
