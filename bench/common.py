@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dens import usable_cores
+
 # DENS_BENCH_RESULTS: somewhere else to write (the test suite's smoke runs of each benchmark).
 RESULTS = Path(os.environ.get("DENS_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 # The full-size synthetic cohort `make bench` shares between benchmarks: seed 14 covers all four detector
@@ -35,11 +37,6 @@ def ensure_cohort(path: Path, patients: int = COHORT_PATIENTS, seed: int = COHOR
     generate(path, patients=patients, size="full", seed=seed, overwrite=True, progress=False)
     stamp.write_text(spec)
     return path
-
-
-def cores() -> int:
-    """The CPUs this process may run on (a container's or taskset's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def sync(device) -> None:
@@ -79,7 +76,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "affinity": cores(),
+        "affinity": usable_cores(),
         "memory_gib": _memory_gib(),
         "gpu": _gpu_name(),
     }

@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cores, export_models, machine, up_to, write_result
+from common import export_models, machine, up_to, write_result
+from dens import usable_cores
 
 # Dense (no sparsity) fp16 tensor-core peak in TFLOP/s from NVIDIA's data sheets, by a substring of the
 # name nvidia-smi reports; a GPU not listed gets no share-of-peak figure rather than a guessed one.
@@ -141,7 +142,7 @@ def cpu_rows(onnx: Path, fp16: Path, checkpoint: Path, batches: list[int], secon
 
     from dens.infer.runtime import DEFAULT_BATCH
 
-    n, batch = cores(), DEFAULT_BATCH["cpu"]
+    n, batch = usable_cores(), DEFAULT_BATCH["cpu"]
     plan = [("ort fp32", lambda b=b: bench_ort(onnx, "cpu", b, n, seconds)) for b in batches]
     plan += [("ort fp32", lambda t=t: bench_ort(onnx, "cpu", batch, t, seconds)) for t in up_to(n) if t != n]
     plan += [("ort fp32 processes", lambda p=p: bench_ort_processes(onnx, p, n // p, batch, seconds))

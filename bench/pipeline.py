@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_COHORT, cores, ensure_cohort, export_models, write_result
+from common import DEFAULT_COHORT, ensure_cohort, export_models, write_result
+from dens import usable_cores
 from dens.config import PreprocessConfig
 from dens.infer import DEVICES
 from model_stage import bench_ort
@@ -179,7 +180,7 @@ def main() -> None:
         results["model_stage"] = model_stage(d, results["stages"]["model_ort"])
         print(f"stages: {results['stages']}\nmodel stage: {results['model_stage']}", flush=True)
         if args.sweep:
-            pairs = [(w, t) for w in range(1, cores() + 1) for t in range(1, cores() + 1)]
+            pairs = [(w, t) for w in range(1, usable_cores() + 1) for t in range(1, usable_cores() + 1)]
             out = tmp / "preds.csv"
             results["sweep"] = [bench_dens_infer(cohort, onnx_path, out, args.device, w, t, args.batch_size)
                                 for w, t in pairs]

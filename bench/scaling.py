@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cores, ensure_cohort, export_models, up_to, write_result
+from common import ensure_cohort, export_models, up_to, write_result
+from dens import usable_cores
 from model_stage import bench_ort
 from pipeline import bench_decode_pool, bench_dens_infer, cohort_files, end_to_end_parser
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--workers", default=None, help="comma-separated worker counts [1, 2, 4 ... cores]")
     parser.add_argument("--model-seconds", type=float, default=15.0, help="how long the model-only run lasts")
     args = parser.parse_args()
-    counts = [int(w) for w in args.workers.split(",")] if args.workers else up_to(cores())
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else up_to(usable_cores())
     cohort = ensure_cohort(args.cohort)
     files = cohort_files(cohort)
 

@@ -1,3 +1,10 @@
 """dens: BI-RADS breast-density classification from screening mammograms, built for throughput."""
 
+import os
+
 __version__ = "0.1.0"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: a container's or taskset's share, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

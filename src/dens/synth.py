@@ -14,7 +14,6 @@ seed gives the same bytes whatever the worker count.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from tqdm import tqdm
 
+import dens
 from dens import labels, phantom
 from dens.dicom import MAMMO_FOR_PRESENTATION
 from dens.labels import CLASSES
@@ -309,7 +309,7 @@ def generate(
     patients, seed = int(patients), int(seed)
     planned = [item for index in range(patients) for item in _plan_patient(seed, index, size)]
     jobs = [(str(out), spec) for spec, _ in planned]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or dens.usable_cores(), len(jobs))
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(jobs), unit="img", desc="dens-synth", disable=not progress) as bar:
         if workers == 1:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import dens
 from dens import labels, runs
 from dens.config import PreprocessConfig
 from dens.dicom import UnusableFile
@@ -127,7 +128,7 @@ def run_gradcam(
     stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
     resolved = resolve_model(preds, preds_csv, model_path=model_path, checkpoint=checkpoint,
                              need_weights=bool(selected.any()))  # fmt: skip
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or min(4, dens.usable_cores())
     dev = pick_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
 

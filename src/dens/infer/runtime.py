@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+import dens
 from dens.config import PreprocessConfig
 from dens.infer import DEVICES
 from dens.metadata import METADATA_KEY, OnnxMetadataError, parse_metadata, read_metadata
@@ -100,7 +101,7 @@ def default_parallelism(device: str, cores: int | None = None) -> tuple[int, int
     ORT alone and end to end from 3.0-3.25 to 3.2-3.4 img/s (bench/pipeline.py, bench/scaling.py; notes).
     """
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = dens.usable_cores()
     if device in ("cuda", "tensorrt"):
         return max(1, cores - 1), 1
     return max(1, cores), max(1, cores)

@@ -262,7 +262,7 @@ def build_cache(paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, w
             jobs.append((path, str(base), cfg))
         else:
             entries[path] = entry
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    workers = max(1, min(workers or dens.usable_cores(), len(jobs)))
     if jobs:
         log.info("decoding %d of %d images into %s (%d workers)", len(jobs), len(paths), folder, workers)
     with tqdm(total=len(jobs), unit="img", desc="decode", disable=not progress or not jobs) as bar:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -160,7 +159,7 @@ class Trainer:
         self.pre = PreprocessConfig(size=cfg.size)
         self.amp_dtype = resolve_precision(cfg.precision, ranks.device)
         self.channels_last = ranks.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-        self.workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+        self.workers = min(4, dens.usable_cores()) if cfg.workers is None else cfg.workers
         if cfg.batch_size % ranks.world:
             raise ValueError(f"--batch-size {cfg.batch_size} does not divide between {ranks.world} processes")
         self.batch = cfg.batch_size // ranks.world
