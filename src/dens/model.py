@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
 
 from dens.config import PreprocessConfig
+from dens.files import atomic_write
 from dens.labels import CLASSES, NUM_CLASSES
 from dens.metadata import file_sha256
 
@@ -178,17 +179,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, preprocess: Prepr
             "summary": summary, "extra": extra}  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sha
+    with atomic_write(path, "wb", fsync=True) as f:
+        torch.save(blob, f)
+    return file_sha256(path)
 
 
 @dataclass(frozen=True)

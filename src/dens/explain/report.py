@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dens import labels
+from dens.files import atomic_write
 from dens.infer.aggregate import EXAM, exam_key
 
 THUMBS = "thumbs"
@@ -147,9 +148,8 @@ def write_report(
         unusable=_unusable_table(unusable),
         script=_SCRIPT,
     )
-    tmp = html_path.with_name(f".{REPORT}.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, html_path)
+    with atomic_write(html_path, "w", encoding="utf-8") as f:
+        f.write(page)
     return html_path
 
 

@@ -28,6 +28,7 @@ from dens import labels, runs
 from dens.config import PreprocessConfig
 from dens.dicom import UnusableFile
 from dens.explain.gradcam import GradCAM, assign_stems
+from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
 
 log = logging.getLogger(__name__)
@@ -304,9 +305,8 @@ def read_preds(preds_csv: Path) -> pd.DataFrame:
 
 def write_preds(preds: pd.DataFrame, preds_csv: Path) -> None:
     """Rewrite preds.csv atomically (a reader never sees half a file)."""
-    tmp = preds_csv.with_name(f".{preds_csv.name}.tmp{os.getpid()}")
-    preds.to_csv(tmp, index=False, lineterminator="\n")  # as dens-infer writes it
-    os.replace(tmp, preds_csv)
+    with atomic_write(preds_csv, "w", encoding="utf-8", newline="") as f:
+        preds.to_csv(f, index=False, lineterminator="\n")  # as dens-infer writes it
 
 
 def resolve_input(path: str, preds_csv: Path) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from dens import labels
+from dens.files import atomic_write
 from dens.infer.writer import FALSE, FLAGGED, MODEL_SHA256, TRUE, FlagRule, flag_dense, prediction_cells
 
 EXAM = "exam"  # the key column: which identity the grouping used, and its value
@@ -94,7 +95,6 @@ def write_aggregates(preds_csv: str | os.PathLike, rule: FlagRule = flag_dense) 
 
 
 def _write(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        table.to_csv(f, index=False, lineterminator="\n")
 

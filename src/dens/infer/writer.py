@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dens import labels
+from dens.files import atomic_write
 from dens.flags import Flag
 
 log = logging.getLogger(__name__)
@@ -166,14 +167,10 @@ class PredsWriter:
 
     def _rewrite(self, rows: list[list[str]]) -> None:
         """Replace the file with the header and ``rows``, atomically."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with atomic_write(self.path, "w", fsync=True, encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(COLUMNS)
             writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write(self, rows: Iterable[Mapping[str, str]]) -> None:
         """Append ``rows`` (dicts keyed by COLUMNS) in one write, then flush and fsync."""

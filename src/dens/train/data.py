@@ -44,6 +44,7 @@ import dens.errors
 import dens.preprocess
 from dens import labels
 from dens.dicom import UnusableFile
+from dens.files import atomic_write
 from dens.preprocess import PreprocessConfig, load
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,6 @@ def _read_entry(path: str, base: Path) -> CacheEntry | None:
     return None
 
 
-def _write_atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, target)
-
-
 def _decode_job(job: tuple[str, str, PreprocessConfig]) -> CacheEntry:
     """Decode one file into the cache (runs in a worker; only the small entry travels back)."""
     path, base_str, cfg = job
@@ -227,13 +221,16 @@ def _decode_job(job: tuple[str, str, PreprocessConfig]) -> CacheEntry:
     except UnusableFile as exc:
         # Cached too: an unusable file stays unusable until it changes (and its key with it).
         record = {"reason": exc.reason.value, "detail": exc.detail}
-        _write_atomic(base.with_suffix(".err.json"), lambda fh: fh.write(json.dumps(record).encode()))
+        with atomic_write(base.with_suffix(".err.json")) as fh:
+            fh.write(json.dumps(record).encode())
         return CacheEntry(path, None, {}, exc.reason.value, exc.detail)
     except Exception as exc:  # a bug or a transient failure: listed, not cached, never fatal to the run
         return CacheEntry(path, None, {}, "unexpected_error", f"{type(exc).__name__}: {exc}")
-    _write_atomic(base.with_suffix(".npy"), lambda fh: np.save(fh, image, allow_pickle=False))
+    with atomic_write(base.with_suffix(".npy")) as fh:
+        np.save(fh, image, allow_pickle=False)
     blob = json.dumps(info.to_dict())
-    _write_atomic(base.with_suffix(".json"), lambda fh: fh.write(blob.encode()))
+    with atomic_write(base.with_suffix(".json")) as fh:
+        fh.write(blob.encode())
     return CacheEntry(path, str(base.with_suffix(".npy")), json.loads(blob))  # as a cache hit reads it
 
 

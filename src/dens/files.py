@@ -1,0 +1,27 @@
+"""Writing a file all at once: what every artifact dens leaves behind (checkpoints, CSVs, the cache, the
+report) is written through, so that a reader, or a run killed half-way, never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = False, **open_args: Any) -> Iterator[IO]:
+    """Yield a file open on a hidden temporary beside ``path``; when the block ends without an error it is
+    renamed over ``path`` (``fsync``: flushed to the disk first). On an error ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_args) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
