@@ -33,6 +33,7 @@ from common import write_result
 from dens.config import PreprocessConfig
 from dens.export.onnx import export_onnx
 from dens.export.parity import check_parity
+from dens.metadata import INPUT
 from dens.model import build_model, load_checkpoint, save_checkpoint
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -58,7 +59,7 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch_sizes: list[i
         for b, x in inputs.items():
             for name, session in sessions.items():
                 t = time.perf_counter()
-                session.run(None, {"image": x})
+                session.run(None, {INPUT: x})
                 if round_:
                     times[name][b].append((time.perf_counter() - t) * 1000)
         print(f"round {round_}/{repeat}", flush=True)

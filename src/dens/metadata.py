@@ -17,6 +17,8 @@ from dens.config import PreprocessConfig
 
 METADATA_KEY = "dens"
 METADATA_FORMAT = 1
+# The graph's tensors: uint8 images [N, 1, S, S] in; calibrated probabilities and raw logits [N, classes] out.
+INPUT, PROBS, LOGITS = "image", "probs", "logits"
 _REQUIRED = {"format_version": int, "classes": list, "preprocess": dict, "temperature": (int, float), "arch": str,
              "model_args": dict, "summary": dict, "checkpoint_sha256": str, "opset": int, "precision": str,
              "input": str, "outputs": list}  # fmt: skip

@@ -28,12 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import dens
-from dens.metadata import METADATA_FORMAT, METADATA_KEY, file_sha256
+from dens.metadata import INPUT, LOGITS, METADATA_FORMAT, METADATA_KEY, PROBS, file_sha256
 from dens.model import Checkpoint, load_checkpoint
 
 DEFAULT_OPSET = 17
 OPSETS = range(13, 21)  # what the legacy exporter writes (it warns past 20); 13: Softmax over one axis
-INPUT, PROBS, LOGITS = "image", "probs", "logits"
 BATCH_AXIS = "N"
 
 

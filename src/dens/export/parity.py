@@ -24,8 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dens.dicom import UnusableFile
-from dens.export.onnx import INPUT, LOGITS, PROBS
-from dens.metadata import read_metadata
+from dens.metadata import INPUT, LOGITS, PROBS, read_metadata
 from dens.model import Checkpoint, file_sha256, load_checkpoint
 from dens.preprocess import load
 from dens.train.metrics import softmax

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import dens
 from dens.config import PreprocessConfig
 from dens.infer import DEVICES
-from dens.metadata import METADATA_KEY, OnnxMetadataError, parse_metadata, read_metadata
+from dens.metadata import INPUT, METADATA_KEY, PROBS, OnnxMetadataError, parse_metadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
 # batch buys nothing (ResNet-50 at 512: the same img/s at batch 2, 4 and 8; the convolutions already fill
 # the cores) and a smaller one starts the model sooner; a GPU wants dozens per launch.
 DEFAULT_BATCH = {"tensorrt": 64, "cuda": 64, "cpu": 4}
-INPUT, OUTPUT = "image", "probs"
+OUTPUT = PROBS  # dens-infer reads the calibrated probabilities only
 
 
 class DeviceError(RuntimeError):
