@@ -315,6 +315,19 @@ def test_a_gpu_provider_that_falls_back_to_the_cpu_is_caught(model, monkeypatch)
         runtime.open_runtime(model[1], "tensorrt")
 
 
+def test_a_gpu_session_loads_torchs_cuda_libraries_first(model):
+    # ORT's own preload looks for the nvidia packages beside onnxruntime only; torch's import loads them
+    # from wherever torch is. A fresh process, since this one imported torch long ago.
+    code = ("import sys, onnxruntime as ort\nfrom dens.infer import runtime\ncalls = []\n"
+            "ort.preload_dlls = lambda: calls.append('torch' in sys.modules)\n"
+            "runtime.gpu_present = lambda: True\nruntime.tensorrt_present = lambda: False\n"
+            "before = 'torch' in sys.modules\n"
+            f"rt = runtime.open_runtime({str(model[1])!r}, 'auto')\n"
+            "print(before, calls, rt.device)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "False [True] cpu"  # dens-infer's start stays torch-free on a CPU run
+
+
 def test_the_io_binding_path_matches_the_plain_run(model, monkeypatch):
     # The CUDA path binds a uint8 input buffer per batch shape (reused, at most two kept) and copies only the
     # probabilities back. No GPU is needed to check that logic: the same calls on a CPU session, with the

@@ -119,6 +119,24 @@ def planned_device(device: str) -> str:
     return _wanted(device)[0]
 
 
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries ONNX Runtime's CUDA provider needs, before a GPU session opens.
+
+    torch's CUDA wheels (a dens dependency) carry them in the ``nvidia`` packages, and ``import torch``
+    loads them into the process: ONNX Runtime documents that as enough when torch's CUDA major matches its
+    own. ``ort.preload_dlls`` alone looks for those packages beside onnxruntime, which misses them when
+    the two are installed in different places (a ``--target`` or user install of onnxruntime-gpu beside
+    a system torch); it still finds a system CUDA. Failures surface as a provider that did not load."""
+    try:
+        import torch  # noqa: F401  (loads libcudart, cuBLAS and cuDNN from torch's nvidia packages)
+    except Exception as exc:
+        log.debug("import torch (for its CUDA libraries): %s", exc)
+    try:
+        ort.preload_dlls()
+    except Exception as exc:
+        log.debug("onnxruntime.preload_dlls: %s", exc)
+
+
 def _provider_options(name: str, size: int, batch: int) -> tuple[str, dict]:
     if name == "tensorrt":
         cache = Path(os.environ.get("DENS_TRT_CACHE", Path.home() / ".cache" / "dens" / "tensorrt"))
@@ -188,10 +206,7 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
         raise ModelError(f"model {model_path} not found: export one with `dens-export --onnx` or pass --model")
     wanted = _wanted(device)
     if wanted[0] != "cpu":
-        try:
-            ort.preload_dlls()  # the CUDA/cuDNN libraries torch's wheels installed, for ORT's CUDA build
-        except Exception as exc:  # absent libraries surface below as a provider that did not load
-            log.debug("onnxruntime.preload_dlls: %s", exc)
+        load_cuda_libraries()
     chosen = threads
     threads = max(1, threads or default_parallelism(wanted[0])[1])
     options = ort.SessionOptions()
