@@ -1,50 +1,132 @@
 #!/usr/bin/env bash
-# The GPU part of the benchmark suite on a lent GPU machine, one stage per device call (each under the
-# 10-minute limit of a call; the machine keeps /tmp only while it stays warm between calls). Prepare the
-# wheels here first with `bash bench/gpu_wheels.sh`. Results go to $OUT/results (the device returns $OUT);
-# copy them into bench/results/ here and run `python bench/summarize.py`.
+# The GPU part of the benchmark suite on a lent GPU machine, in as few device calls as the onnxruntime-gpu
+# wheel allows. A session has about 15 minutes of device time, machine start included; the wheel travels
+# in parts, one per call (a call carries at most 64 MiB), and the machine keeps /tmp only while it stays
+# warm (about 30 s between calls): so the calls go back to back, and the ones that carry a part also do the
+# GPU work that needs no onnxruntime-gpu (PyTorch is there already).
 #
-#   bash bench/gpu_session.sh part K    # carry .whl/ort-K: one part of onnxruntime-gpu into /tmp/ort
-#   bash bench/gpu_session.sh install   # carry .whl/small: join and check the wheel, install all into /tmp/site
-#   bash bench/gpu_session.sh model     # ORT CUDA fp16/fp32 at batch 1..256, share of fp16 peak; torch eager
-#   bash bench/gpu_session.sh pipeline  # dens-infer end to end on 100 full-size patients, naive on 60 files
-#   bash bench/gpu_session.sh scaling   # end to end against decode workers 1, 2, 4 ... cores
-#   bash bench/gpu_session.sh train     # training step fp32 vs bf16 vs fp16, channels_last off/on
-#   bash bench/gpu_session.sh gradcam   # Grad-CAM on CUDA
+# Here first: `bash bench/gpu_wheels.sh` (into .whl/, git-ignored; it prints the calls). Then one device
+# call each, in order, N being the number of parts (5):
+#   bash bench/gpu_session.sh 1        carry .whl/small .whl/ort-1: the codecs installed, the 100-patient
+#                                      full-size cohort started in the background, training step (fp32, bf16,
+#                                      fp16; channels_last off and on)
+#   bash bench/gpu_session.sh 2        carry .whl/ort-2: Grad-CAM on CUDA
+#   bash bench/gpu_session.sh K        carry .whl/ort-K (3 .. N-1): the part only
+#   bash bench/gpu_session.sh N        carry .whl/ort-N: onnxruntime-gpu joined, checked and installed; the model
+#                                      stage (ORT CUDA fp16/fp32, batch 1..256, IO binding; torch eager); dens-infer
+#                                      end to end against the naive reference
+#   bash bench/gpu_session.sh scaling  end to end against decode workers 1, 2, 4, 8, 16
+# Each call leaves $OUT/results/*.json (copy them into bench/results/ here, then run bench/summarize.py) and
+# $OUT/step-*.log. Estimated device time: 2 min start, 2 min for 1-4, 3.5 min for N, 3 min for scaling.
 #
-# Not yet run on a device (no session so far was lent one): the first run checks this script too.
+# Rehearsal on a CPU machine, every step with tiny settings (run it after changing this script: a mistake
+# found on the device costs minutes of a short budget):
+#   PYVER=3.11 bash bench/gpu_wheels.sh     # wheels for the rehearsing Python
+#   DENS_GPU_REHEARSAL=1 PYTHON=/path/to/python OUT=/tmp/out bash bench/gpu_session.sh 1   # ... N, scaling
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export DENS_BENCH_RESULTS="${OUT:-/tmp/out}/results"
-COHORT=/tmp/bench-c100
+step=${1:-}
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/out}
+STASH=/tmp/dens-ort        # the parts as they arrive
+SITE=/tmp/dens-site        # the wheels installed here (the image's own packages stay untouched)
+COHORT=/tmp/dens-c100      # the end-to-end cohort, made once per warm machine
+mkdir -p "$OUT/results" "$STASH"
+export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export DENS_BENCH_RESULTS="$OUT/results"
+exec > >(tee -a "$OUT/step-$step.log") 2>&1
 
-cohort() {  # the GPU-sized cohort: 100 full-size patients (about 440 files), made once per warm machine
-    [ -f "$COHORT/train.csv" ] || python3 -c "from dens.synth import generate
-generate('$COHORT', patients=100, size='full', seed=14, overwrite=True, progress=False)"
+if [ -n "${DENS_GPU_REHEARSAL:-}" ]; then  # CPU, tiny models and cohort: the script's own steps, not figures
+    DEV=cpu PATIENTS=3 NAIVE=4 WORKERS=1,2
+    export DENS_BENCH_HOST=rehearsal
+    TRAIN=(--arch resnet18 --size 128 --batch 2 --precision fp32 bf16 --min-seconds 0.5)
+    GRADCAM=(--models resnet18:128 --batches 1 --repeat 1)
+    MODEL=(--arch resnet18 --size 128 --seconds 0.5 --batch-sizes 1,2)
+    E2E=(--arch resnet18 --size 128 --model-seconds 1)
+else
+    DEV=cuda PATIENTS=100 NAIVE=30 WORKERS=1,2,4,8,16
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    export DENS_BENCH_HOST=$(echo "$gpu" | grep -oiE '[HAB][0-9]{2,3}|L40S?|L4' | head -1 | tr 'A-Z' 'a-z')
+    : "${DENS_BENCH_HOST:=gpu}"
+    TRAIN=(--batch 32 --min-seconds 3)
+    GRADCAM=(--repeat 3)
+    MODEL=(--seconds 3 --batch-sizes 1,8,32,64,128,256)
+    E2E=(--model-seconds 5)
+fi
+
+stash() {  # stash K: keep part K; the parts before it must still be here (the machine stayed warm)
+    local k=$1 have
+    have=$(find "$STASH" -name 'part-*' | wc -l)
+    if [ "$have" -ne $((k - 1)) ]; then
+        echo "step $k: $have part(s) of onnxruntime-gpu in $STASH, $((k - 1)) expected: the machine went cold" \
+             "between calls (its /tmp is gone) or a step was skipped; start again at step 1" >&2
+        exit 3
+    fi
+    cp .whl/ort-"$k"/* "$STASH"/
 }
 
-case "${1:-}" in
-    part)
-        mkdir -p /tmp/ort && cp ".whl/ort-$2"/* /tmp/ort/ && ls -l /tmp/ort ;;
-    install)
-        name=$(cat /tmp/ort/NAME)
-        cat /tmp/ort/part-* > "/tmp/ort/$name"
-        echo "$(cat /tmp/ort/SHA256)  /tmp/ort/$name" | sha256sum -c
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            "/tmp/ort/$name" .whl/small/*.whl
-        python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
-        nvidia-smi --query-gpu=name,memory.total --format=csv ;;
-    model)
-        python3 bench/model_stage.py --device cuda ;;
-    pipeline)
-        cohort && python3 bench/pipeline.py --device cuda --cohort "$COHORT" --naive-files 60 ;;
+install_wheels() {  # install_wheels WHEEL...: into $SITE, no index, no dependencies (the image has them)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@" 2>&1 |
+        grep -v "already exists\|Target directory" || true
+}
+
+wait_for_cohort() {
+    for _ in $(seq 1 180); do
+        [ -f "$COHORT.done" ] && return 0
+        if [ -f "$COHORT.failed" ]; then
+            tail -20 "$COHORT.log"
+            echo "the cohort could not be made (log above)" >&2
+            exit 4
+        fi
+        sleep 1
+    done
+    echo "the cohort is not ready after 3 minutes; $(find "$COHORT" -name '*.dcm' | wc -l) files so far" >&2
+    exit 4
+}
+
+case "$step" in
+    1)
+        stash 1
+        install_wheels .whl/small/*.whl
+        "$PY" -c "import pydicom, openjpeg, torch; print('pydicom', pydicom.__version__, 'openjpeg', openjpeg.__version__,
+              'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+        [ "$DEV" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        # The cohort, in the background while the GPU steps run: its own process session (a command's other
+        # processes end with it), at low priority, two cores left to the benchmarks.
+        rm -rf "$COHORT" "$COHORT".*
+        cores=$("$PY" -c "import dens; print(max(1, dens.usable_cores() - 2))")
+        setsid nice -n 10 "$PY" -c "
+import sys; from pathlib import Path
+from dens.synth import generate
+try:
+    generate('$COHORT', patients=$PATIENTS, size='full', seed=14, workers=$cores, overwrite=True, progress=False)
+except BaseException:
+    Path('$COHORT.failed').touch(); raise
+Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
+        "$PY" bench/train_step.py --device "$DEV" "${TRAIN[@]}" ;;
     scaling)
-        cohort && python3 bench/scaling.py --device cuda --cohort "$COHORT" ;;
-    train)
-        python3 bench/train_step.py --device cuda ;;
-    gradcam)
-        python3 bench/gradcam.py --device cuda ;;
+        wait_for_cohort
+        "$PY" bench/scaling.py --device "$DEV" --cohort "$COHORT" --workers "$WORKERS" "${E2E[@]}" ;;
+    [2-9])
+        parts=$(cat "$STASH/PARTS" 2>/dev/null || echo 0)
+        stash "$step"
+        if [ "$step" = 2 ]; then
+            "$PY" bench/gradcam.py --device "$DEV" "${GRADCAM[@]}"
+        fi
+        echo "part $step of $parts here; cohort: $(find "$COHORT" -name '*.dcm' 2>/dev/null | wc -l) files" \
+             "$([ -f "$COHORT.done" ] && echo '(done)')"
+        if [ "$step" = "$parts" ]; then
+            name=$(cat "$STASH/NAME")
+            cat "$STASH"/part-* >"/tmp/$name"
+            echo "$(cat "$STASH/SHA256")  /tmp/$name" | sha256sum -c
+            install_wheels "/tmp/$name"
+            rm "/tmp/$name"
+            "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
+            "$PY" bench/model_stage.py --device "$DEV" "${MODEL[@]}"
+            wait_for_cohort
+            "$PY" bench/pipeline.py --device "$DEV" --cohort "$COHORT" --naive-files "$NAIVE" "${E2E[@]}"
+        fi ;;
     *)
-        sed -n '2,14p' "$0"; exit 2 ;;
+        sed -n '2,26p' "$0"
+        exit 2 ;;
 esac

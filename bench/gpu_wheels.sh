@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Before a session on a lent GPU machine (its image has torch, onnxruntime CPU, opencv, pandas, matplotlib,
 # click, tqdm, pyyaml for Python 3.12, and no internet): fetch, here, the wheels dens needs that it lacks,
-# for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored). onnxruntime-gpu (about 255 MB) is split into
-# parts small enough for one device call each (the device carries at most 64 MiB a call, the working tree
-# included); the small wheels go in .whl/small/.
+# for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored). onnxruntime-gpu (about 245 MiB) is split into
+# parts small enough for one device call each (a call carries at most 64 MiB, the working tree included:
+# the first part travels with the codecs, so parts are 50 MiB); the codecs go in .whl/small/. python-gdcm
+# (13 MB) stays behind: it decodes only JPEG Extended, which the synthetic cohort there does not hold.
 #
 #   bash bench/gpu_wheels.sh            # the versions this checkout's .venv runs, else the newest
+#   PYVER=3.11 bash bench/gpu_wheels.sh # for another Python (the CPU rehearsal of bench/gpu_session.sh)
 #
-# On the device, bench/gpu_session.sh takes it from there (`part K` once per part, then `install`).
+# On the device, bench/gpu_session.sh takes it from there: one call per part, `1` .. `N`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART_MIB=${PART_MIB:-50}
+PYVER=${PYVER:-3.12}
 version() {  # the version this checkout's venv has, so the device runs what the tests ran
     .venv/bin/python -m pip show "$1" 2>/dev/null | awk '/^Version:/ {print "==" $2}' || true
 }
 fetch() {  # fetch DEST NAME...
     local dest=$1; shift
     for name in "$@"; do
-        python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
             --platform manylinux_2_24_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
             --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 -d "$dest" "$name$(version "$name")"
@@ -25,7 +28,7 @@ fetch() {  # fetch DEST NAME...
 }
 rm -rf .whl/small .whl/ort .whl/ort-*
 mkdir -p .whl/small .whl/ort
-fetch .whl/small pydicom pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg pylibjpeg-rle pyjpegls python-gdcm
+fetch .whl/small pydicom pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg pylibjpeg-rle pyjpegls
 fetch .whl/ort onnxruntime-gpu
 wheel=$(ls .whl/ort/*.whl)
 (cd .whl/ort && split -b "${PART_MIB}M" -d "$(basename "$wheel")" part-)
@@ -37,6 +40,10 @@ for part in .whl/ort/part-*; do
 done
 basename "$wheel" > .whl/ort-1/NAME
 sha256sum "$wheel" | cut -d' ' -f1 > .whl/ort-1/SHA256
+echo "$k" > .whl/ort-1/PARTS
 rm "$wheel"
 du -sh .whl/small .whl/ort-*
-echo "onnxruntime-gpu: $(cat .whl/ort-1/NAME) in $k parts (.whl/ort-1 .. .whl/ort-$k); small wheels in .whl/small"
+echo "onnxruntime-gpu: $(cat .whl/ort-1/NAME) in $k parts; the device calls, back to back:"
+echo "  bash bench/gpu_session.sh 1        carry [\".whl/small\", \".whl/ort-1\"]"
+for i in $(seq 2 "$k"); do echo "  bash bench/gpu_session.sh $i        carry [\".whl/ort-$i\"]"; done
+echo "  bash bench/gpu_session.sh scaling"
