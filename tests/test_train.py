@@ -376,3 +376,32 @@ def test_torchrun_two_processes_on_cpu(cohort, tmp_path):
     assert config["resolved"]["world_size"] == 2 and config["resolved"]["batch_per_process"] == 4
     assert done.stdout.count("dens-train:") == 1  # rank 0 alone reports
     assert json.loads((out / "metrics.json").read_text())["test"]["image"]["n"] > 0
+
+
+def test_every_rank_keeps_the_files_rank_zero_could_use(tmp_path):
+    # Failures other than an unusable file are not cached, so another rank retries them and may see them
+    # differently: the ranks would then hold datasets of different lengths and DDP would hang.
+    from dataclasses import dataclass
+
+    from dens.train.inputs import as_rank_zero_saw
+    from dens.train.step import Ranks
+
+    @dataclass(frozen=True)
+    class SecondRank(Ranks):
+        seen_by_rank_zero: tuple = ()
+
+        def broadcast(self, obj):
+            assert obj is None  # only rank 0's view travels
+            return list(self.seen_by_rank_zero)
+
+    ok = lambda p: data.CacheEntry(p, f"{p}.npy", {})  # noqa: E731
+    bad = lambda p, why: data.CacheEntry(p, None, {}, why, "detail")  # noqa: E731
+    rank_zero = (("", ""), ("unexpected_error", "OSError: stale file handle"), ("decode_failed", "d"))
+    rank = SecondRank(1, 2, torch.device("cpu"), rank_zero)
+    agreed = as_rank_zero_saw([ok("a"), ok("b"), bad("c", "decode_failed")], rank, tmp_path)
+    assert [(e.npy, e.reason) for e in agreed] == [("a.npy", ""), (None, "unexpected_error"), (None, "decode_failed")]
+    with pytest.raises(ValueError, match=r"rank 1 cannot use a .*--cache on a filesystem all the ranks share"):
+        as_rank_zero_saw([bad("a", "missing_file"), ok("b"), ok("c")], rank, tmp_path)
+    alone = Ranks(0, 1, torch.device("cpu"))
+    entries = [ok("a"), bad("b", "missing_file")]
+    assert as_rank_zero_saw(entries, alone, tmp_path) == entries

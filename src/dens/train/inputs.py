@@ -46,13 +46,31 @@ def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Pat
     ranks.barrier()
     if not ranks.main:
         entries, _ = data.build_cache(paths, pre, root, 1, progress=False)
-    frame = data.attach_cache(frame, entries)
+    frame = data.attach_cache(frame, as_rank_zero_saw(entries, ranks, root))
     info.update(cache=str(data.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
     if info["unusable"] and ranks.main:
         reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
         log.warning("%d of %d images are unusable and left out (%s); listed in %s", info["unusable"], len(frame),
                     reasons, out / "unusable.csv")  # fmt: skip
     return frame, info
+
+
+def as_rank_zero_saw(entries: list[data.CacheEntry], ranks: Ranks, root: Path) -> list[data.CacheEntry]:
+    """Every rank keeps the files rank 0 could use, and only those. A file another rank sees differently (a
+    read that failed on one side only: failures other than an unusable file are not cached, so the other
+    ranks try again) would give the ranks datasets of different lengths, and DDP would hang at its next
+    collective instead of failing."""
+    verdicts = ranks.broadcast([(e.reason, e.detail) for e in entries] if ranks.main else None)
+    agreed = []
+    for entry, (reason, detail) in zip(entries, verdicts, strict=True):
+        if reason and not entry.reason:  # rank 0 could not use it: left out here too, for rank 0's reason
+            entry = data.CacheEntry(entry.path, None, {}, reason, detail)
+        elif entry.reason and not reason:
+            raise ValueError(f"rank {ranks.rank} cannot use {entry.path} ({entry.reason}: {entry.detail}), "
+                               f"which rank 0 decoded into the cache under {root}: every rank must read that cache "
+                               "(put --cache on a filesystem all the ranks share), or the file is failing to read")
+        agreed.append(entry)
+    return agreed
 
 
 def loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, drop_last=False):

@@ -63,6 +63,14 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (the others pass anything, None say)."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def setup_ranks(device: str = "auto") -> Ranks:
     """One process, or one of torchrun's (RANK/WORLD_SIZE/LOCAL_RANK set): joins the process group."""
