@@ -15,9 +15,10 @@
 #   bash bench/gpu_session.sh N        carry .whl/ort-N: onnxruntime-gpu joined, checked and installed; the model
 #                                      stage (ORT CUDA fp16/fp32, batch 1..256, IO binding; torch eager); dens-infer
 #                                      end to end against the naive reference
-#   bash bench/gpu_session.sh scaling  end to end against decode workers 1, 2, 4, 8, 16
+#   bash bench/gpu_session.sh scaling  carry .whl/nvimg: end to end against decode workers 1, 2, 4, 8, 16; then
+#                                      JPEG 2000 decoding on the GPU (nvImageCodec) against the CPU route
 # Each call leaves $OUT/results/*.json (copy them into bench/results/ here, then run bench/summarize.py) and
-# $OUT/step-*.log. Estimated device time: 2 min start, 2 min for 1-4, 3.5 min for N, 3 min for scaling.
+# $OUT/step-*.log. Estimated device time: 2 min start, 2 min for 1-4, 3.5 min for N, 3.5 min for scaling.
 #
 # Rehearsal on a CPU machine, every step with tiny settings (run it after changing this script: a mistake
 # found on the device costs minutes of a short budget):
@@ -37,14 +38,14 @@ export DENS_BENCH_RESULTS="$OUT/results"
 exec > >(tee -a "$OUT/step-$step.log") 2>&1
 
 if [ -n "${DENS_GPU_REHEARSAL:-}" ]; then  # CPU, tiny models and cohort: the script's own steps, not figures
-    DEV=cpu PATIENTS=3 NAIVE=4 WORKERS=1,2
+    DEV=cpu PATIENTS=3 NAIVE=4 WORKERS=1,2 GPU_DECODE_FILES=4
     export DENS_BENCH_HOST=rehearsal
     TRAIN=(--arch resnet18 --size 128 --batch 2 --precision fp32 bf16 --min-seconds 0.5)
     GRADCAM=(--models resnet18:128 --batches 1 --repeat 1)
     MODEL=(--arch resnet18 --size 128 --seconds 0.5 --batch-sizes 1,2)
     E2E=(--arch resnet18 --size 128 --model-seconds 1)
 else
-    DEV=cuda PATIENTS=100 NAIVE=30 WORKERS=1,2,4,8,16
+    DEV=cuda PATIENTS=100 NAIVE=30 WORKERS=1,2,4,8,16 GPU_DECODE_FILES=48
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     export DENS_BENCH_HOST=$(echo "$gpu" | grep -oiE '[HAB][0-9]{2,3}|L40S?|L4' | head -1 | tr 'A-Z' 'a-z')
     : "${DENS_BENCH_HOST:=gpu}"
@@ -106,7 +107,11 @@ Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
         "$PY" bench/train_step.py --device "$DEV" "${TRAIN[@]}" ;;
     scaling)
         wait_for_cohort
-        "$PY" bench/scaling.py --device "$DEV" --cohort "$COHORT" --workers "$WORKERS" "${E2E[@]}" ;;
+        "$PY" bench/scaling.py --device "$DEV" --cohort "$COHORT" --workers "$WORKERS" "${E2E[@]}"
+        # Last, so that nothing above runs beside these wheels and its figures are safe whatever happens here;
+        # one pip call (both wheels share the nvidia/ folder); a CPU rehearsal stops at the script's refusal.
+        install_wheels .whl/nvimg/*.whl
+        "$PY" bench/gpu_decode.py --cohort "$COHORT" --files "$GPU_DECODE_FILES" || [ "$DEV" = cpu ] ;;
     [2-9])
         parts=$(cat "$STASH/PARTS" 2>/dev/null || echo 0)
         stash "$step"
@@ -127,6 +132,6 @@ Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
             "$PY" bench/pipeline.py --device "$DEV" --cohort "$COHORT" --naive-files "$NAIVE" "${E2E[@]}"
         fi ;;
     *)
-        sed -n '2,26p' "$0"
+        sed -n '2,27p' "$0"
         exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 # click, tqdm, pyyaml for Python 3.12, and no internet): fetch, here, the wheels dens needs that it lacks,
 # for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored). onnxruntime-gpu (about 245 MiB) is split into
 # parts small enough for one device call each (a call carries at most 64 MiB, the working tree included:
-# the first part travels with the codecs, so parts are 50 MiB); the codecs go in .whl/small/. python-gdcm
+# the first part travels with the codecs, so parts are 50 MiB); the codecs go in .whl/small/, nvImageCodec
+# and nvJPEG2000 (29 MB, for bench/gpu_decode.py) in .whl/nvimg/. python-gdcm
 # (13 MB) stays behind: it decodes only JPEG Extended, which the synthetic cohort there does not hold.
 #
 #   bash bench/gpu_wheels.sh            # the versions this checkout's .venv runs, else the newest
@@ -26,9 +27,10 @@ fetch() {  # fetch DEST NAME...
             --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 -d "$dest" "$name$(version "$name")"
     done
 }
-rm -rf .whl/small .whl/ort .whl/ort-*
-mkdir -p .whl/small .whl/ort
+rm -rf .whl/small .whl/nvimg .whl/ort .whl/ort-*
+mkdir -p .whl/small .whl/nvimg .whl/ort
 fetch .whl/small pydicom pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg pylibjpeg-rle pyjpegls
+fetch .whl/nvimg nvidia-nvimgcodec-cu13 nvidia-nvjpeg2k-cu13  # GPU JPEG 2000 decoding (bench/gpu_decode.py)
 fetch .whl/ort onnxruntime-gpu
 wheel=$(ls .whl/ort/*.whl)
 (cd .whl/ort && split -b "${PART_MIB}M" -d "$(basename "$wheel")" part-)
@@ -42,8 +44,8 @@ basename "$wheel" > .whl/ort-1/NAME
 sha256sum "$wheel" | cut -d' ' -f1 > .whl/ort-1/SHA256
 echo "$k" > .whl/ort-1/PARTS
 rm "$wheel"
-du -sh .whl/small .whl/ort-*
+du -sh .whl/small .whl/nvimg .whl/ort-*
 echo "onnxruntime-gpu: $(cat .whl/ort-1/NAME) in $k parts; the device calls, back to back:"
 echo "  bash bench/gpu_session.sh 1        carry [\".whl/small\", \".whl/ort-1\"]"
 for i in $(seq 2 "$k"); do echo "  bash bench/gpu_session.sh $i        carry [\".whl/ort-$i\"]"; done
-echo "  bash bench/gpu_session.sh scaling"
+echo "  bash bench/gpu_session.sh scaling  carry [\".whl/nvimg\"]"

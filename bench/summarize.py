@@ -133,8 +133,21 @@ def gradcam_figures(r: dict) -> list[Figure]:
             for x in r["results"]]  # fmt: skip
 
 
+def gpu_decode_figures(r: dict) -> list[Figure]:
+    res = r["results"]
+    gpu, pool = res["gpu"], res["cpu_pool"]
+    stage = f"decode JPEG 2000 on GPU vs CPU ({r['settings']['files']} files, S={r['settings']['size']})"
+    pixels = f"pixels against pydicom: max difference {res['pixels']['max_abs_difference']}"
+    return [Figure(stage, "GPU nvImageCodec, full frame, one at a time", gpu["one_at_a_time_img_per_s"], pixels),
+            Figure(stage, f"GPU nvImageCodec, full frame, batch {gpu['batch']}", gpu["batched_img_per_s"]),
+            Figure(stage, "CPU dens route, reduced, one process", res["cpu_one_process"]["img_per_s"]),
+            Figure(stage, f"CPU decode pool, reduced, {pool['workers']} workers", pool["img_per_s_after_first"] or 0,
+                   f"best GPU figure x{res['gpu_over_cpu_pool']} this")]  # fmt: skip
+
+
 FIGURES = {"decode": decode_figures, "model": model_figures, "pipeline": pipeline_figures,
-           "scaling": scaling_figures, "train_step": train_figures, "gradcam": gradcam_figures}  # fmt: skip
+           "scaling": scaling_figures, "train_step": train_figures, "gradcam": gradcam_figures,
+           "gpu_decode": gpu_decode_figures}  # fmt: skip
 
 
 def plot(host: str, figures: list[Figure], scaling: dict | None, out: Path) -> None:

@@ -83,3 +83,23 @@ def test_share_of_peak_and_bound_labels():
     assert bound(point) == "model"
     assert bound({**point, "wait_for_decode_s": 3.0}) == "decode"
     assert bound({**point, "model_s": 4.0}) == "hand-off"
+
+
+def test_gpu_decoding_benchmark_says_why_it_cannot_run(tmp_path):
+    # It measures nvImageCodec on a GPU; elsewhere it must stop with the reason, writing nothing.
+    if _cuda_and_nvimgcodec():
+        pytest.skip("a GPU with nvImageCodec is here: bench/gpu_session.sh runs this benchmark for real")
+    env = {**os.environ, "DENS_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_decode.py"), "--cohort", str(tmp_path / "c")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "gpu_decode: " in proc.stderr
+    assert ("no CUDA device" in proc.stderr) or ("nvImageCodec is not installed" in proc.stderr)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def _cuda_and_nvimgcodec() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("nvidia.nvimgcodec") is not None
