@@ -10,9 +10,10 @@
 #   bash bench/gpu_session.sh 1        carry .whl/small .whl/ort-1: the codecs installed, the 100-patient
 #                                      full-size cohort started in the background, training step (fp32, bf16,
 #                                      fp16; channels_last off and on)
-#   bash bench/gpu_session.sh 2        carry .whl/ort-2: Grad-CAM on CUDA
+#   bash bench/gpu_session.sh 2        carry .whl/ort-2: Grad-CAM on CUDA; pytest -m gpu for training and Grad-CAM
 #   bash bench/gpu_session.sh K        carry .whl/ort-K (3 .. N-1): the part only
-#   bash bench/gpu_session.sh N        carry .whl/ort-N: onnxruntime-gpu joined, checked and installed; the model
+#   bash bench/gpu_session.sh N        carry .whl/ort-N: onnxruntime-gpu joined, checked and installed; pytest -m gpu
+#                                      for inference (CUDA provider and dens-infer against the CPU); the model
 #                                      stage (ORT CUDA fp16/fp32, batch 1..256, IO binding; torch eager); dens-infer
 #                                      end to end against the naive reference
 #   bash bench/gpu_session.sh scaling  carry .whl/nvimg: end to end against decode workers 1, 2, 4, 8, 16; then
@@ -25,8 +26,11 @@
 #   PYVER=3.11 bash bench/gpu_wheels.sh     # wheels for the rehearsing Python
 #   DENS_GPU_REHEARSAL=1 PYTHON=/path/to/python OUT=/tmp/out bash bench/gpu_session.sh 1   # ... N, scaling
 set -euo pipefail
+case "${1:-}" in
+    [1-9] | scaling) step=$1 ;;
+    *) sed -n '2,27p' "$0"; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
-step=${1:-}
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/out}
 STASH=/tmp/dens-ort        # the parts as they arrive
@@ -46,10 +50,10 @@ if [ -n "${DENS_GPU_REHEARSAL:-}" ]; then  # CPU, tiny models and cohort: the sc
     E2E=(--arch resnet18 --size 128 --model-seconds 1)
 else
     DEV=cuda PATIENTS=100 NAIVE=30 WORKERS=1,2,4,8,16 GPU_DECODE_FILES=48
-    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
     export DENS_BENCH_HOST=$(echo "$gpu" | grep -oiE '[HAB][0-9]{2,3}|L40S?|L4' | head -1 | tr 'A-Z' 'a-z')
     : "${DENS_BENCH_HOST:=gpu}"
-    TRAIN=(--batch 32 --min-seconds 3)
+    TRAIN=(--batch 32 --min-seconds 3)  # fp32, bf16, fp16 x channels_last off, on
     GRADCAM=(--repeat 3)
     MODEL=(--seconds 3 --batch-sizes 1,8,32,64,128,256)
     E2E=(--model-seconds 5)
@@ -69,6 +73,10 @@ stash() {  # stash K: keep part K; the parts before it must still be here (the m
 install_wheels() {  # install_wheels WHEEL...: into $SITE, no index, no dependencies (the image has them)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@" 2>&1 |
         grep -v "already exists\|Target directory" || true
+}
+
+gpu_tests() {  # the CUDA paths' own tests (pytest -m gpu); a failure is reported and the measuring goes on
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "$@" || echo "GPU TESTS FAILED (above): read them before the figures"
 }
 
 wait_for_cohort() {
@@ -117,6 +125,7 @@ Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
         stash "$step"
         if [ "$step" = 2 ]; then
             "$PY" bench/gradcam.py --device "$DEV" "${GRADCAM[@]}"
+            gpu_tests tests/test_train.py tests/test_gradcam.py
         fi
         echo "part $step of $parts here; cohort: $(find "$COHORT" -name '*.dcm' 2>/dev/null | wc -l) files" \
              "$([ -f "$COHORT.done" ] && echo '(done)')"
@@ -127,11 +136,9 @@ Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
             install_wheels "/tmp/$name"
             rm "/tmp/$name"
             "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
+            gpu_tests tests/test_infer.py
             "$PY" bench/model_stage.py --device "$DEV" "${MODEL[@]}"
             wait_for_cohort
             "$PY" bench/pipeline.py --device "$DEV" --cohort "$COHORT" --naive-files "$NAIVE" "${E2E[@]}"
         fi ;;
-    *)
-        sed -n '2,27p' "$0"
-        exit 2 ;;
 esac

@@ -354,6 +354,30 @@ def test_the_io_binding_path_matches_the_plain_run(model, monkeypatch):
     assert len(rt._device_input) <= 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not runtime.gpu_present(), reason="needs a CUDA device")
+def test_the_cuda_provider_with_io_binding_matches_the_cpu(model):
+    gpu, cpu = runtime.open_runtime(model[1], "cuda"), runtime.open_runtime(model[1], "cpu")
+    assert (gpu.device, gpu.provider) == ("cuda", "CUDAExecutionProvider")
+    rng = np.random.default_rng(1)
+    for n in (1, 4, 4, 2, 3):  # new shapes, reused ones, and more shapes than the two buffers kept
+        batch = rng.integers(0, 256, (n, 1, S, S), dtype=np.uint8)
+        np.testing.assert_allclose(gpu.predict(batch), cpu.predict(batch), atol=1e-3, rtol=0)  # cuDNN vs MLAS
+    assert len(gpu._device_input) <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not runtime.gpu_present(), reason="needs a CUDA device")
+def test_dens_infer_on_cuda_gives_the_cpu_rows(studies, model, first_run, tmp_path):
+    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], device="cuda", progress=False))
+    again = read(tmp_path / "preds.csv")
+    assert summary.provider == "CUDAExecutionProvider"
+    assert list(again[labels.PATH]) == list(first_run[1][labels.PATH])
+    assert list(again[labels.STATUS]) == list(first_run[1][labels.STATUS])
+    got, want = probabilities(again), probabilities(first_run[1])
+    np.testing.assert_allclose(np.stack([got[p] for p in want]), np.stack(list(want.values())), atol=1e-3)
+
+
 def test_a_model_without_dens_metadata_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper

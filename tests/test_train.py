@@ -267,6 +267,34 @@ def test_a_bf16_step_on_cpu_learns():
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_steps_learn_in_every_precision(precision):
+    # fp16 goes through the GradScaler, bf16 does not; channels_last as dens-train runs it on CUDA.
+    device = torch.device("cuda")
+    amp = loop.resolve_precision(precision, device)
+    torch.manual_seed(0)
+    net = build_model("resnet18", weights=None).to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8, device=device)
+    targets = torch.tensor([0, 1, 2, 3], device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses = [float(loop.train_step(net, (images, targets), optimizer, scaler, loss_fn, amp)) for _ in range(8)]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_run_trains_with_amp_and_reports(cohort, tmp_path):
+    result = loop.run(_config(cohort, tmp_path / "cuda", epochs=1, device="cuda"))
+    resolved = result["config"]["resolved"]
+    assert resolved["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert result["test"]["image"]["n"] > 0 and np.isfinite(result["history"][0]["train_loss"])
+
+
 # --- end to end ------------------------------------------------------------------------------------------
 
 
