@@ -82,6 +82,10 @@ def model_figures(r: dict) -> list[Figure]:
     out = []
     for row in r["results"]:
         setting = f"{row['setting']}, batch {row['batch']}"
+        if "error" in row:  # a setting tried and refused (an option this build lacks): shown, at 0
+            out.append(Figure(f"model ({r['settings']['arch']} S={r['settings']['size']})", setting, 0.0,
+                              f"failed: {row['error']}"))  # fmt: skip
+            continue
         if "processes" in row:
             setting += f", {row['processes']} processes x {row['threads']} threads"
         else:

@@ -103,3 +103,16 @@ def _cuda_and_nvimgcodec() -> bool:
     import torch
 
     return torch.cuda.is_available() and importlib.util.find_spec("nvidia.nvimgcodec") is not None
+
+
+def test_a_refused_setting_is_shown_in_the_table_not_dropped():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from summarize import model_figures
+    finally:
+        sys.path.remove(str(BENCH))
+    refused = {"setting": "ort fp16 prefer_nhwc", "batch": 64, "error": "unknown provider option"}
+    record = {"settings": {"arch": "resnet50", "size": 512}, "results": [refused]}
+    (figure,) = model_figures(record)
+    assert figure.img_per_s == 0 and figure.note == "failed: unknown provider option"
+    assert figure.setting == "ort fp16 prefer_nhwc, batch 64"

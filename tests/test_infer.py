@@ -315,6 +315,25 @@ def test_a_gpu_provider_that_falls_back_to_the_cpu_is_caught(model, monkeypatch)
         runtime.open_runtime(model[1], "tensorrt")
 
 
+def test_extra_cuda_options_reach_the_cuda_provider_only(model, monkeypatch):
+    import onnxruntime as ort
+
+    if runtime.gpu_present():
+        pytest.skip("a GPU is present")
+    asked = []
+    real = ort.InferenceSession
+
+    def spy(path, options, providers, provider_options):
+        asked.append(dict(zip(providers, provider_options, strict=True)))
+        return real(path, options, providers=providers, provider_options=provider_options)
+
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "tensorrt_present", lambda: False)
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    runtime.open_runtime(model[1], "auto", cuda_options={"prefer_nhwc": "1"})  # falls back to the CPU here
+    assert asked[0] == {"CUDAExecutionProvider": {"device_id": 0, "prefer_nhwc": "1"}, "CPUExecutionProvider": {}}
+
+
 def test_a_gpu_session_loads_torchs_cuda_libraries_first(model):
     # ORT's own preload looks for the nvidia packages beside onnxruntime only; torch's import loads them
     # from wherever torch is. A fresh process, since this one imported torch long ago.

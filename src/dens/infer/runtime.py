@@ -196,11 +196,13 @@ class Runtime:
 
 
 def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_size: int | None = None,
-                 threads: int | None = None, spinning: bool = False) -> Runtime:  # fmt: skip
+                 threads: int | None = None, spinning: bool = False,
+                 cuda_options: dict | None = None) -> Runtime:  # fmt: skip
     """Open ``model_path`` on ``device`` (auto = TensorRT, then CUDA, then CPU, GPU ones only when a GPU is
     present). ``threads``: ONNX Runtime's intra-op threads (the CPU provider's compute; on a GPU they only
     feed it; default: :func:`default_parallelism`). ``spinning``: let idle ORT threads spin, which steals
-    cores from the decode workers that share them."""
+    cores from the decode workers that share them. ``cuda_options``: more CUDA provider options (such as
+    ``{"prefer_nhwc": "1"}``), for benchmarks that try them before dens-infer adopts one."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise ModelError(f"model {model_path} not found: export one with `dens-export --onnx` or pass --model")
@@ -218,6 +220,7 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
     probe_size = _input_size(model_path) if "tensorrt" in wanted else 0
     probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
     providers = [_provider_options(name, probe_size, probe_batch) for name in wanted]
+    providers = [(p, {**o, **(cuda_options or {})} if p == PROVIDERS["cuda"] else o) for p, o in providers]
     try:
         session = ort.InferenceSession(str(model_path), options, providers=[p for p, _ in providers],
                                        provider_options=[o for _, o in providers])  # fmt: skip
