@@ -149,3 +149,12 @@ def test_cli_writes_a_cohort_and_overwrite_replaces_it(tmp_path):
     assert replaced.exit_code == 0, replaced.output
     table = pd.read_csv(out / "train.csv")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm")) == sorted(table[labels.PATH])
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path):
+    # A batch job's log (stderr not a terminal) gets the summary line, not a bar redrawn with carriage returns.
+    quiet = CliRunner().invoke(synth.main, [str(tmp_path / "a"), "--patients", "1", "--workers", "1"])
+    shown = CliRunner().invoke(synth.main, [str(tmp_path / "b"), "--patients", "1", "--workers", "1", "--progress"])
+    assert quiet.exit_code == shown.exit_code == 0
+    assert "img/s]" not in quiet.output and "dens-synth: 4 files" in quiet.output
+    assert "img/s]" in shown.output

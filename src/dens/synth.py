@@ -28,7 +28,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, JPEG2000Lossle
 from tqdm import tqdm
 
 import dens
-from dens import labels, phantom
+from dens import labels, phantom, show_progress
 from dens.dicom import MAMMO_FOR_PRESENTATION
 from dens.labels import CLASSES
 
@@ -337,11 +337,14 @@ def generate(
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all CPUs].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier cohort in OUT.")
-def main(out: Path, patients: int, size: str, seed: int, workers: int | None, overwrite: bool) -> None:
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
+def main(out: Path, patients: int, size: str, seed: int, workers: int | None, overwrite: bool,
+         progress: bool | None) -> None:  # fmt: skip
     """Write a synthetic screening cohort (DICOM files + train.csv) to OUT."""
     start = time.perf_counter()
     try:
-        table = generate(out, patients, size=size, seed=seed, workers=workers, overwrite=overwrite)
+        table = generate(out, patients, size=size, seed=seed, workers=workers, overwrite=overwrite,
+                         progress=show_progress(progress))  # fmt: skip
     except (ValueError, FileExistsError) as exc:
         raise click.UsageError(str(exc)) from exc
     elapsed = time.perf_counter() - start

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from dens import show_progress
 from dens.explain.run import GradcamError, run_gradcam
 from dens.flags import parse_flag
 
@@ -65,12 +66,12 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
                    "again), or none.")  # fmt: skip
 @click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(**options) -> None:
     """Grad-CAM maps for the flagged rows of an existing PREDS (a dens-infer preds.csv), without rerunning
     inference: an overlay and a raw map per flagged image, the preds.csv `gradcam` column, and report.html."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = GradcamConfig(**options)
+    cfg = GradcamConfig(**{**options, "progress": show_progress(options["progress"])})
     try:
         table = run(cfg)
     except (GradcamError, ValueError, FileNotFoundError) as exc:

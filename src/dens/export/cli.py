@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from dens import runs
+from dens import runs, show_progress
 from dens.export.onnx import DEFAULT_OPSET, OPSETS, export_onnx, fp16_path
 from dens.export.parity import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, check_parity, load_images
 from dens.metadata import OnnxMetadataError, read_metadata
@@ -126,7 +126,7 @@ def _summary(model: dict) -> str:
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Save ORT's provider-independent (BASIC) graph optimisation into the file.")
 @click.option("--check-only", is_flag=True, help="Do not export: check parity of the existing --out file(s).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(onnx_format: bool, **options) -> None:
     """Export a dens checkpoint to ONNX (uint8 image in; probs and logits out; its configuration in the
     file's metadata) and prove it against PyTorch. Exits with status 2 when parity fails."""
@@ -136,7 +136,7 @@ def main(onnx_format: bool, **options) -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if not onnx_format:
         raise click.UsageError("choose the export format: --onnx")
-    cfg = ExportConfig(**options)
+    cfg = ExportConfig(**{**options, "progress": show_progress(options["progress"])})
     try:
         result = run(cfg)
     except (CheckpointError, OnnxMetadataError, FileNotFoundError, ValueError) as exc:

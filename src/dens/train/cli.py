@@ -17,7 +17,7 @@ import click
 import yaml
 from click.core import ParameterSource
 
-from dens import runs
+from dens import runs, show_progress
 from dens.train import loop, metrics
 from dens.train.loop import TrainConfig
 
@@ -81,13 +81,14 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 @click.option("--channels-last/--no-channels-last", default=None, help="[on CUDA]")
 @click.option("--compile", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--progress/--no-progress", default=DEFAULTS["progress"], show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 @click.pass_context
 def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     """Fine-tune a density classifier and write a run directory: best.pt, last.pt, metrics.json, split.csv,
     config.yaml and plots."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    options["progress"] = show_progress(options["progress"])  # a display choice: never read from a config
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     values: dict = {}
     if options["resume"]:
@@ -95,6 +96,7 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
         saved = out / "config.yaml"
         if saved.exists():
             values.update(_read_yaml(saved, ctx))
+            values.pop("progress", None)  # how the first run was watched says nothing about this one
         values["out"] = str(out)
     if config_file:
         values.update(_read_yaml(config_file, ctx))
