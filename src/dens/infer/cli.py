@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from dens import show_progress
 from dens.infer import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 _EPILOG = f"""\b
@@ -86,7 +87,7 @@ def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None
     device = "cuda" if summary.provider.lower().startswith(("cuda", "tensorrt")) else "cpu"
     try:
         table = run_gradcam(summary.out, out_dir, model_path=model, checkpoint=checkpoint, flag=None,
-                            device=device, progress=progress is not False)  # fmt: skip
+                            device=device, progress=show_progress(progress))  # fmt: skip
     except GradcamError as exc:
         click.echo(f"dens-infer: --gradcam failed: {exc}; the predictions in {summary.out} are complete "
                    "(rerun `dens-gradcam` on them)", err=True)  # fmt: skip

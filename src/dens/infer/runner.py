@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dens import labels, runs
+from dens import labels, runs, show_progress
 from dens.dicom import Reason
 from dens.flags import parse_flag
 from dens.infer import EXIT_ERRORS, EXIT_OK, aggregate, walk
@@ -177,8 +177,7 @@ def _entries(studies: Path, exclude: list[Path], done: set[str]):
 
 def _process(studies: Path, exclude: list[Path], pool: DecodePool, writer: PredsWriter, runtime: Runtime, sha: str,
              cfg: InferConfig, summary: Summary, rule: FlagRule) -> None:  # fmt: skip
-    bar = tqdm(total=None, unit="img", desc="dens-infer", disable=None if cfg.progress is None else not cfg.progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
     # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing).
     if not bar.disable:
