@@ -32,6 +32,7 @@ from dens.infer.writer import COLUMNS, HEADER, OutputExists, PredsWriter, make_r
 
 S = 64
 TOLERANCE = 1e-4  # the export's parity tolerance on probabilities
+GPU_TOLERANCE = 5e-3  # CUDA against the CPU: cuDNN's convolutions run in TF32 by default, MLAS's in fp32
 SR_SOP = "1.2.840.10008.5.1.4.1.1.88.22"
 FOR_PROCESSING_SOP = "1.2.840.10008.5.1.4.1.1.1.2.1"
 
@@ -381,7 +382,7 @@ def test_the_cuda_provider_with_io_binding_matches_the_cpu(model):
     rng = np.random.default_rng(1)
     for n in (1, 4, 4, 2, 3):  # new shapes, reused ones, and more shapes than the two buffers kept
         batch = rng.integers(0, 256, (n, 1, S, S), dtype=np.uint8)
-        np.testing.assert_allclose(gpu.predict(batch), cpu.predict(batch), atol=1e-3, rtol=0)  # cuDNN vs MLAS
+        np.testing.assert_allclose(gpu.predict(batch), cpu.predict(batch), atol=GPU_TOLERANCE, rtol=0)
     assert len(gpu._device_input) <= 2
 
 
@@ -394,7 +395,7 @@ def test_dens_infer_on_cuda_gives_the_cpu_rows(studies, model, first_run, tmp_pa
     assert list(again[labels.PATH]) == list(first_run[1][labels.PATH])
     assert list(again[labels.STATUS]) == list(first_run[1][labels.STATUS])
     got, want = probabilities(again), probabilities(first_run[1])
-    np.testing.assert_allclose(np.stack([got[p] for p in want]), np.stack(list(want.values())), atol=1e-3)
+    np.testing.assert_allclose(np.stack([got[p] for p in want]), np.stack(list(want.values())), atol=GPU_TOLERANCE)
 
 
 def test_a_model_without_dens_metadata_is_refused(tmp_path):
