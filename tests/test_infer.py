@@ -316,6 +316,18 @@ def test_a_gpu_provider_that_falls_back_to_the_cpu_is_caught(model, monkeypatch)
         runtime.open_runtime(model[1], "tensorrt")
 
 
+def test_a_fall_back_to_the_cpu_gets_the_cpus_decode_workers(studies, model, tmp_path, monkeypatch):
+    # The pool starts before the model opens, sized for the GPU that was planned (a core left to feed it);
+    # when the GPU provider does not load, the CPU run gets the CPU's count, every core.
+    if runtime.gpu_present():
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "tensorrt_present", lambda: False)
+    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], batch_size=4, progress=False))
+    assert summary.provider == "CPUExecutionProvider"
+    assert (summary.workers, summary.threads) == runtime.default_parallelism("cpu")
+
+
 def test_extra_cuda_options_reach_the_cuda_provider_only(model, monkeypatch):
     import onnxruntime as ort
 

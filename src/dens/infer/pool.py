@@ -199,6 +199,15 @@ class DecodePool:
         for w in self._workers:
             w.configure(self._setup)
 
+    def grow(self, workers: int) -> None:
+        """Start more workers, up to ``workers`` in all (before :meth:`map`); fewer are never stopped."""
+        while len(self._workers) < workers:
+            self._workers.append(_Worker(self._ctx, self._setup))
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
     @property
     def cv2_threads(self) -> list[int | None]:
         """``cv2.getNumThreads()`` as each worker reported it when ready (for tests and logs)."""

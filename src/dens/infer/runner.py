@@ -139,6 +139,9 @@ def run(cfg: InferConfig) -> Summary:
             writer = PredsWriter(out, resume=cfg.resume, overwrite=cfg.overwrite)
         except (DeviceError, ModelError, OutputExists, CorruptOutput) as exc:
             raise InferError(str(exc)) from exc
+        if cfg.workers is None and runtime.device != device:  # auto fell back to the CPU: its worker count
+            pool.grow(default_parallelism(runtime.device)[0])
+            workers = pool.workers
         sha = file_sha256(model_path)
         summary = Summary(provider=runtime.provider, workers=workers, threads=runtime.threads,
                           batch_size=runtime.batch_size, out=out, already_done=writer.kept)  # fmt: skip
