@@ -39,7 +39,10 @@ COHORT=/tmp/dens-c100      # the end-to-end cohort, made once per warm machine
 mkdir -p "$OUT/results" "$STASH"
 export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DENS_BENCH_RESULTS="$OUT/results"
+# Everything to the log as well; at exit, wait for tee so that the last lines reach both.
 exec > >(tee -a "$OUT/step-$step.log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid" 2>/dev/null || true' EXIT
 
 if [ -n "${DENS_GPU_REHEARSAL:-}" ]; then  # CPU, tiny models and cohort: the script's own steps, not figures
     DEV=cpu PATIENTS=3 NAIVE=4 WORKERS=1,2 GPU_DECODE_FILES=4
@@ -51,8 +54,8 @@ if [ -n "${DENS_GPU_REHEARSAL:-}" ]; then  # CPU, tiny models and cohort: the sc
 else
     DEV=cuda PATIENTS=100 NAIVE=30 WORKERS=1,2,4,8,16 GPU_DECODE_FILES=48
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
-    export DENS_BENCH_HOST=$(echo "$gpu" | grep -oiE '[HAB][0-9]{2,3}|L40S?|L4' | head -1 | tr 'A-Z' 'a-z')
-    : "${DENS_BENCH_HOST:=gpu}"
+    DENS_BENCH_HOST=$(echo "$gpu" | grep -oiE '[HAB][0-9]{2,3}|L40S?|L4' | head -1 | tr 'A-Z' 'a-z' || true)
+    export DENS_BENCH_HOST=${DENS_BENCH_HOST:-gpu}
     TRAIN=(--batch 32 --min-seconds 3)  # fp32, bf16, fp16 x channels_last off, on
     GRADCAM=(--repeat 3)
     MODEL=(--seconds 3 --batch-sizes 1,8,32,64,128,256)
@@ -62,21 +65,30 @@ fi
 stash() {  # stash K: keep part K; the parts before it must still be here (the machine stayed warm)
     local k=$1 have
     have=$(find "$STASH" -name 'part-*' | wc -l)
-    if [ "$have" -ne $((k - 1)) ]; then
+    if [ "$have" -lt $((k - 1)) ]; then
         echo "step $k: $have part(s) of onnxruntime-gpu in $STASH, $((k - 1)) expected: the machine went cold" \
              "between calls (its /tmp is gone) or a step was skipped; start again at step 1" >&2
         exit 3
     fi
-    cp .whl/ort-"$k"/* "$STASH"/
+    cp .whl/ort-"$k"/* "$STASH"/  # a step run again copies its part again
 }
 
 install_wheels() {  # install_wheels WHEEL...: into $SITE, no index, no dependencies (the image has them)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@" 2>&1 |
-        grep -v "already exists\|Target directory" || true
+    local log=/tmp/dens-pip.log
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@" \
+            >"$log" 2>&1; then
+        cat "$log"
+        echo "pip could not install $*" >&2
+        exit 5
+    fi
+    grep -v "already exists\|Target directory" "$log" || true
 }
 
-gpu_tests() {  # the CUDA paths' own tests (pytest -m gpu); a failure is reported and the measuring goes on
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "$@" || echo "GPU TESTS FAILED (above): read them before the figures"
+measure() {  # measure SECONDS COMMAND...: one benchmark or test run, time-limited; a failure is reported and
+    # the call goes on to the next one (each figure is worth having without the others)
+    local limit=$1
+    shift
+    timeout "$limit" "$@" || echo "FAILED (exit $?): $* -- read the lines above before using its figures"
 }
 
 wait_for_cohort() {
@@ -95,13 +107,21 @@ wait_for_cohort() {
 
 case "$step" in
     1)
+        # The wheels must be for this Python (gpu_wheels.sh fetches cp312 unless PYVER says otherwise).
+        tag=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+        if ! grep -q -- "-$tag-" .whl/ort-1/NAME; then
+            echo "the wheels in .whl/ are not for $tag ($(cat .whl/ort-1/NAME)): run bash bench/gpu_wheels.sh" >&2
+            exit 5
+        fi
+        rm -rf "$STASH" && mkdir -p "$STASH"  # step 1 starts afresh, also when run again on a warm machine
         stash 1
         install_wheels .whl/small/*.whl
         "$PY" -c "import pydicom, openjpeg, torch; print('pydicom', pydicom.__version__, 'openjpeg', openjpeg.__version__,
               'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-        [ "$DEV" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        [ "$DEV" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
         # The cohort, in the background while the GPU steps run: its own process session (a command's other
-        # processes end with it), at low priority, two cores left to the benchmarks.
+        # processes end with it), at low priority, two cores left to the benchmarks. A rerun stops the last one.
+        if [ -f "$COHORT.pid" ]; then kill -- -"$(cat "$COHORT.pid")" 2>/dev/null || true; fi
         rm -rf "$COHORT" "$COHORT".*
         cores=$("$PY" -c "import dens; print(max(1, dens.usable_cores() - 2))")
         setsid nice -n 10 "$PY" -c "
@@ -112,20 +132,21 @@ try:
 except BaseException:
     Path('$COHORT.failed').touch(); raise
 Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
-        "$PY" bench/train_step.py --device "$DEV" "${TRAIN[@]}" ;;
+        echo $! >"$COHORT.pid"
+        measure 240 "$PY" bench/train_step.py --device "$DEV" "${TRAIN[@]}" ;;
     scaling)
         wait_for_cohort
-        "$PY" bench/scaling.py --device "$DEV" --cohort "$COHORT" --workers "$WORKERS" "${E2E[@]}"
+        measure 330 "$PY" bench/scaling.py --device "$DEV" --cohort "$COHORT" --workers "$WORKERS" "${E2E[@]}"
         # Last, so that nothing above runs beside these wheels and its figures are safe whatever happens here;
         # one pip call (both wheels share the nvidia/ folder); a CPU rehearsal stops at the script's refusal.
         install_wheels .whl/nvimg/*.whl
-        "$PY" bench/gpu_decode.py --cohort "$COHORT" --files "$GPU_DECODE_FILES" || [ "$DEV" = cpu ] ;;
+        measure 150 "$PY" bench/gpu_decode.py --cohort "$COHORT" --files "$GPU_DECODE_FILES" ;;
     [2-9])
         parts=$(cat "$STASH/PARTS" 2>/dev/null || echo 0)
         stash "$step"
         if [ "$step" = 2 ]; then
-            "$PY" bench/gradcam.py --device "$DEV" "${GRADCAM[@]}"
-            gpu_tests tests/test_train.py tests/test_gradcam.py
+            measure 120 "$PY" bench/gradcam.py --device "$DEV" "${GRADCAM[@]}"
+            measure 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_train.py tests/test_gradcam.py
         fi
         echo "part $step of $parts here; cohort: $(find "$COHORT" -name '*.dcm' 2>/dev/null | wc -l) files" \
              "$([ -f "$COHORT.done" ] && echo '(done)')"
@@ -135,10 +156,17 @@ Path('$COHORT.done').touch()" >"$COHORT.log" 2>&1 </dev/null &
             echo "$(cat "$STASH/SHA256")  /tmp/$name" | sha256sum -c
             install_wheels "/tmp/$name"
             rm "/tmp/$name"
-            "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
-            gpu_tests tests/test_infer.py
-            "$PY" bench/model_stage.py --device "$DEV" "${MODEL[@]}"
+            # The GPU build, from $SITE, with its CUDA provider (else every figure below would be the CPU's).
+            "$PY" -c "
+import onnxruntime as o, sys
+print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())
+sys.exit(not (o.__file__.startswith('$SITE') and 'CUDAExecutionProvider' in o.get_available_providers()))" || {
+                echo "onnxruntime-gpu is not the onnxruntime this Python imports" >&2
+                exit 5
+            }
+            measure 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_infer.py
+            measure 200 "$PY" bench/model_stage.py --device "$DEV" "${MODEL[@]}"
             wait_for_cohort
-            "$PY" bench/pipeline.py --device "$DEV" --cohort "$COHORT" --naive-files "$NAIVE" "${E2E[@]}"
+            measure 200 "$PY" bench/pipeline.py --device "$DEV" --cohort "$COHORT" --naive-files "$NAIVE" "${E2E[@]}"
         fi ;;
 esac

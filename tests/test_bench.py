@@ -102,7 +102,10 @@ def _cuda_and_nvimgcodec() -> bool:
 
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    try:
+        return torch.cuda.is_available() and importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:  # no nvidia package at all
+        return False
 
 
 def test_a_refused_setting_is_shown_in_the_table_not_dropped():

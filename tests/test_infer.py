@@ -349,15 +349,18 @@ def test_extra_cuda_options_reach_the_cuda_provider_only(model, monkeypatch):
 
 def test_a_gpu_session_loads_torchs_cuda_libraries_first(model):
     # ORT's own preload looks for the nvidia packages beside onnxruntime only; torch's import loads them
-    # from wherever torch is. A fresh process, since this one imported torch long ago.
+    # from wherever torch is. Fresh processes, since this one imported torch long ago; a CPU run stays
+    # torch-free (dens-infer's start-up).
+    if runtime.gpu_present():
+        pytest.skip("a GPU is present (the fall-back to the CPU below is simulated)")
     code = ("import sys, onnxruntime as ort\nfrom dens.infer import runtime\ncalls = []\n"
             "ort.preload_dlls = lambda: calls.append('torch' in sys.modules)\n"
-            "runtime.gpu_present = lambda: True\nruntime.tensorrt_present = lambda: False\n"
-            "before = 'torch' in sys.modules\n"
+            "runtime.gpu_present = lambda: {gpu}\nruntime.tensorrt_present = lambda: False\n"
             f"rt = runtime.open_runtime({str(model[1])!r}, 'auto')\n"
-            "print(before, calls, rt.device)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[-2] == "False [True] cpu"  # dens-infer's start stays torch-free on a CPU run
+            "print(calls, rt.device, 'torch' in sys.modules)")  # fmt: skip
+    for gpu, expected in ((True, "[True] cpu True"), (False, "[] cpu False")):
+        done = subprocess.run([sys.executable, "-c", code.format(gpu=gpu)], capture_output=True, text=True, check=True)
+        assert done.stdout.split("\n")[-2] == expected
 
 
 def test_the_io_binding_path_matches_the_plain_run(model, monkeypatch):

@@ -100,6 +100,7 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
         values["out"] = str(out)
     if config_file:
         values.update(_read_yaml(config_file, ctx))
+        values.pop("progress", None)  # another run's config.yaml says how that run was watched
     values.update(given)
     values.setdefault("out", f"runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
     values["resume"] = options["resume"]

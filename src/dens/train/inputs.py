@@ -67,8 +67,9 @@ def as_rank_zero_saw(entries: list[data.CacheEntry], ranks: Ranks, root: Path) -
             entry = data.CacheEntry(entry.path, None, {}, reason, detail)
         elif entry.reason and not reason:
             raise ValueError(f"rank {ranks.rank} cannot use {entry.path} ({entry.reason}: {entry.detail}), "
-                             f"which rank 0 decoded into the cache under {root}: every rank must read that cache "
-                             "(put --cache on a filesystem all the ranks share), or the file is failing to read")
+                             f"which rank 0 decoded into the cache under {root}: every rank must read the data "
+                             "and that cache (put both on filesystems all the ranks share), or the file is "
+                             "failing to read")  # fmt: skip
         agreed.append(entry)
     return agreed
 
