@@ -428,7 +428,7 @@ def test_every_rank_keeps_the_files_rank_zero_could_use(tmp_path):
     rank = SecondRank(1, 2, torch.device("cpu"), rank_zero)
     agreed = as_rank_zero_saw([ok("a"), ok("b"), bad("c", "decode_failed")], rank, tmp_path)
     assert [(e.npy, e.reason) for e in agreed] == [("a.npy", ""), (None, "unexpected_error"), (None, "decode_failed")]
-    with pytest.raises(ValueError, match=r"rank 1 cannot use a .*--cache on a filesystem all the ranks share"):
+    with pytest.raises(ValueError, match=r"rank 1 cannot use a .*every rank must read the data and that cache"):
         as_rank_zero_saw([bad("a", "missing_file"), ok("b"), ok("c")], rank, tmp_path)
     alone = Ranks(0, 1, torch.device("cpu"))
     entries = [ok("a"), bad("b", "missing_file")]
