@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,14 @@ class Figure:
 def machine_key(record: dict) -> tuple:
     m = record["machine"]
     return m["host"], m["cpu"], m["affinity"], m.get("gpu")
+
+
+def machine_label(key: tuple, machines) -> str:
+    """The host name, or, where two machines share it (every sandbox VM is 'vm'), the host and the CPU."""
+    host, cpu, cores, _ = key
+    if sum(other[0] == host for other in machines) == 1:
+        return host
+    return f"{host}-{re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-')[:32]}-{cores}c"
 
 
 def newest_runs(results: Path) -> dict[tuple, dict[str, tuple[Path, dict]]]:
@@ -214,10 +223,11 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = parser.parse_args()
     sections = []
-    for key, runs in sorted(newest_runs(args.results).items()):
+    runs_by_machine = newest_runs(args.results)
+    for key, runs in sorted(runs_by_machine.items()):
         ordered = {name: runs[name] for name in FIGURES if name in runs}
         figures = [f for name, (_, record) in ordered.items() for f in FIGURES[name](record)]
-        png = args.results / f"summary-{key[0]}.png"
+        png = args.results / f"summary-{machine_label(key, runs_by_machine)}.png"
         plot(key[0], figures, ordered.get("scaling", (None, None))[1], png)
         sections.append(table(key, ordered, png))
         print(f"wrote {png} ({len(figures)} figures)")

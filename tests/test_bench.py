@@ -119,3 +119,16 @@ def test_a_refused_setting_is_shown_in_the_table_not_dropped():
     (figure,) = model_figures(record)
     assert figure.img_per_s == 0 and figure.note == "failed: unknown provider option"
     assert figure.setting == "ort fp16 prefer_nhwc, batch 64"
+
+
+def test_machines_sharing_a_host_name_get_their_own_plot():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from summarize import machine_label
+    finally:
+        sys.path.remove(str(BENCH))
+    amd, intel = ("vm", "AMD EPYC", 2, None), ("vm", "Intel(R) Xeon(R) Processor", 2, None)
+    h100 = ("h100", "Intel(R) Xeon(R) Platinum", 16, "NVIDIA H100 80GB HBM3")
+    assert machine_label(h100, [amd, h100]) == "h100" and machine_label(amd, [amd, h100]) == "vm"
+    assert {machine_label(amd, [amd, intel]), machine_label(intel, [amd, intel])} == {
+        "vm-amd-epyc-2c", "vm-intel-r-xeon-r-processor-2c"}
