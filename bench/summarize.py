@@ -228,7 +228,8 @@ def main() -> None:
         ordered = {name: runs[name] for name in FIGURES if name in runs}
         figures = [f for name, (_, record) in ordered.items() for f in FIGURES[name](record)]
         png = args.results / f"summary-{machine_label(key, runs_by_machine)}.png"
-        plot(key[0], figures, ordered.get("scaling", (None, None))[1], png)
+        title = f"{key[0]} ({key[1]}, {key[2]} cores{', ' + key[3] if key[3] else ''})"
+        plot(title, figures, ordered.get("scaling", (None, None))[1], png)
         sections.append(table(key, ordered, png))
         print(f"wrote {png} ({len(figures)} figures)")
     readme = args.readme.read_text() if args.readme.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"

@@ -91,7 +91,7 @@ def setup_ranks(device: str = "auto") -> Ranks:
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. On CUDA, auto is bf16 where the GPU supports it, else fp16 (with
     the GradScaler). On the CPU, auto is fp32 (the recipe's numerics); bf16 is honoured when asked for (CPU
-    autocast: 1.9x to 2.7x the fp32 step on an AVX512-BF16 CPU, bench/train_step.py), and fp16 falls back
+    autocast: 1.5x to 2.7x the fp32 step on two AVX512-BF16 CPUs, bench/train_step.py), and fp16 falls back
     to fp32, said aloud."""
     if device.type != "cuda":
         if requested == "bf16":
