@@ -23,7 +23,7 @@ test: lint
 	$(PY) -m pytest -q
 
 # The suite, one JSON per benchmark in bench/results/, then the plot and bench/README.md's table. The
-# benchmarks share one full-size synthetic cohort (.cache/bench-cohort, made on first use). About 11 minutes
+# benchmarks share one full-size synthetic cohort (.cache/bench-cohort, made on first use). About 11-13 minutes
 # on a 2-core machine; each one picks the GPU where there is one. Run it on an otherwise idle machine.
 bench: setup
 	$(PY) bench/decode.py
