@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from dens import labels, synth
 from dens.model import build_model, load_checkpoint
 from dens.preprocess import PreprocessConfig, load
-from dens.train import cli, data, loop
+from dens.train import cache, cli, data, loop
 
 SIZE = 64
 
@@ -111,24 +111,24 @@ def test_cache_folder_changes_with_a_decoder_library_version(monkeypatch):
     import importlib.metadata
 
     cfg = PreprocessConfig(size=64)
-    data.route_version.cache_clear()
-    before = data.cache_dir_for("/c", cfg)
+    cache.route_version.cache_clear()
+    before = cache.cache_dir_for("/c", cfg)
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "99.0" if n == "pylibjpeg-openjpeg" else real(n))
-    data.route_version.cache_clear()
+    cache.route_version.cache_clear()
     try:
-        assert data.cache_dir_for("/c", cfg) != before
+        assert cache.cache_dir_for("/c", cfg) != before
     finally:
         monkeypatch.undo()
-        data.route_version.cache_clear()
-    assert data.cache_dir_for("/c", cfg) == before
+        cache.route_version.cache_clear()
+    assert cache.cache_dir_for("/c", cfg) == before
 
 
 def test_cache_is_bit_equal_to_the_shared_route_and_reused(trained, cohort):
     cfg, result = trained
     split = pd.read_csv(Path(cfg.out) / "split.csv", dtype=str, keep_default_na=False)
     paths = split[labels.PATH].tolist()
-    entries, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), cfg.cache, workers=2, progress=False)
+    entries, decoded = cache.build_cache(paths, PreprocessConfig(size=SIZE), cfg.cache, workers=2, progress=False)
     assert decoded == 0 and result["data"]["decoded_now"] == len(paths)
     val = split.index[split[data.SPLIT] == "val"]
     item = data.CachedImages([entries[i].npy for i in val], [0] * len(val))[0][0]
@@ -141,13 +141,13 @@ def test_unusable_files_are_listed_not_fatal(tmp_path, cohort):
     good = next(cohort.rglob("*.dcm"))
     (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all" * 10)
     paths = [str(good), str(tmp_path / "junk.dcm"), str(tmp_path / "gone.dcm")]
-    entries, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
+    entries, decoded = cache.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
     assert decoded == 2 and entries[0].npy and not entries[0].reason
     assert (entries[1].npy, entries[1].reason) == (None, "not_dicom")
     assert (entries[2].npy, entries[2].reason) == (None, "missing_file")
-    again, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
+    again, decoded = cache.build_cache(paths, PreprocessConfig(size=SIZE), tmp_path / "c", workers=1, progress=False)
     assert decoded == 0 and again == entries  # the unusable file is remembered too
-    _, decoded = data.build_cache(paths, PreprocessConfig(size=SIZE + 8), tmp_path / "c", workers=1, progress=False)
+    _, decoded = cache.build_cache(paths, PreprocessConfig(size=SIZE + 8), tmp_path / "c", workers=1, progress=False)
     assert decoded == 2  # another PreprocessConfig is another cache
 
 
@@ -422,8 +422,8 @@ def test_every_rank_keeps_the_files_rank_zero_could_use(tmp_path):
             assert obj is None  # only rank 0's view travels
             return list(self.seen_by_rank_zero)
 
-    ok = lambda p: data.CacheEntry(p, f"{p}.npy", {})  # noqa: E731
-    bad = lambda p, why: data.CacheEntry(p, None, {}, why, "detail")  # noqa: E731
+    ok = lambda p: cache.CacheEntry(p, f"{p}.npy", {})  # noqa: E731
+    bad = lambda p, why: cache.CacheEntry(p, None, {}, why, "detail")  # noqa: E731
     rank_zero = (("", ""), ("unexpected_error", "OSError: stale file handle"), ("decode_failed", "d"))
     rank = SecondRank(1, 2, torch.device("cpu"), rank_zero)
     agreed = as_rank_zero_saw([ok("a"), ok("b"), bad("c", "decode_failed")], rank, tmp_path)

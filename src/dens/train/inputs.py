@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dens import labels
 from dens.labels import CLASSES
 from dens.preprocess import PreprocessConfig
-from dens.train import data, metrics
+from dens.train import cache, data, metrics
 from dens.train.step import Ranks
 
 if TYPE_CHECKING:
@@ -38,16 +38,16 @@ def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Pat
         frame[data.SPLIT] = frame[labels.PATH].map(kept)
     else:
         frame[data.SPLIT] = data.assign_split(frame, seed=cfg.seed)
-    root = Path(cfg.cache).expanduser() if cfg.cache else data.default_cache_dir()
+    root = Path(cfg.cache).expanduser() if cfg.cache else cache.default_cache_dir()
     paths = frame[labels.PATH].tolist()
     decoded = 0
     if ranks.main:  # rank 0 fills the cache; the others then find every file in it
-        entries, decoded = data.build_cache(paths, pre, root, cfg.decode_workers, cfg.progress)
+        entries, decoded = cache.build_cache(paths, pre, root, cfg.decode_workers, cfg.progress)
     ranks.barrier()
     if not ranks.main:
-        entries, _ = data.build_cache(paths, pre, root, 1, progress=False)
-    frame = data.attach_cache(frame, as_rank_zero_saw(entries, ranks, root))
-    info.update(cache=str(data.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
+        entries, _ = cache.build_cache(paths, pre, root, 1, progress=False)
+    frame = cache.attach_cache(frame, as_rank_zero_saw(entries, ranks, root))
+    info.update(cache=str(cache.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
     if info["unusable"] and ranks.main:
         reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
         log.warning("%d of %d images are unusable and left out (%s); listed in %s", info["unusable"], len(frame),
@@ -55,7 +55,7 @@ def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Pat
     return frame, info
 
 
-def as_rank_zero_saw(entries: list[data.CacheEntry], ranks: Ranks, root: Path) -> list[data.CacheEntry]:
+def as_rank_zero_saw(entries: list[cache.CacheEntry], ranks: Ranks, root: Path) -> list[cache.CacheEntry]:
     """Every rank keeps the files rank 0 could use, and only those. A file another rank sees differently (a
     read that failed on one side only: failures other than an unusable file are not cached, so the other
     ranks try again) would give the ranks datasets of different lengths, and DDP would hang at its next
@@ -64,7 +64,7 @@ def as_rank_zero_saw(entries: list[data.CacheEntry], ranks: Ranks, root: Path) -
     agreed = []
     for entry, (reason, detail) in zip(entries, verdicts, strict=True):
         if reason and not entry.reason:  # rank 0 could not use it: left out here too, for rank 0's reason
-            entry = data.CacheEntry(entry.path, None, {}, reason, detail)
+            entry = cache.CacheEntry(entry.path, None, {}, reason, detail)
         elif entry.reason and not reason:
             raise ValueError(f"rank {ranks.rank} cannot use {entry.path} ({entry.reason}: {entry.detail}), "
                              f"which rank 0 decoded into the cache under {root}: every rank must read the data "
