@@ -137,7 +137,7 @@ def load_cuda_libraries() -> None:
         log.debug("onnxruntime.preload_dlls: %s", exc)
 
 
-def _provider_options(name: str, size: int, batch: int) -> tuple[str, dict]:
+def _provider_options(name: str, size: int, batch: int, cuda_options: dict | None = None) -> tuple[str, dict]:
     if name == "tensorrt":
         cache = Path(os.environ.get("DENS_TRT_CACHE", Path.home() / ".cache" / "dens" / "tensorrt"))
         cache.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def _provider_options(name: str, size: int, batch: int) -> tuple[str, dict]:
                                  "trt_profile_opt_shapes": shape.format(batch),
                                  "trt_profile_max_shapes": shape.format(batch)}  # fmt: skip
     if name == "cuda":
-        return PROVIDERS[name], {"device_id": 0}
+        return PROVIDERS[name], {"device_id": 0, **(cuda_options or {})}
     return PROVIDERS[name], {}
 
 
@@ -219,8 +219,7 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
     options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us, once
     probe_size = _input_size(model_path) if "tensorrt" in wanted else 0
     probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
-    providers = [_provider_options(name, probe_size, probe_batch) for name in wanted]
-    providers = [(p, {**o, **(cuda_options or {})} if p == PROVIDERS["cuda"] else o) for p, o in providers]
+    providers = [_provider_options(name, probe_size, probe_batch, cuda_options) for name in wanted]
     try:
         session = ort.InferenceSession(str(model_path), options, providers=[p for p, _ in providers],
                                        provider_options=[o for _, o in providers])  # fmt: skip

@@ -88,7 +88,7 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     config.yaml and plots."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    options["progress"] = show_progress(options["progress"])  # a display choice: never read from a config
+    options["progress"] = show_progress(options["progress"])  # a display choice, never taken from a config
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     values: dict = {}
     if options["resume"]:
@@ -96,11 +96,10 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
         saved = out / "config.yaml"
         if saved.exists():
             values.update(_read_yaml(saved, ctx))
-            values.pop("progress", None)  # how the first run was watched says nothing about this one
         values["out"] = str(out)
     if config_file:
         values.update(_read_yaml(config_file, ctx))
-        values.pop("progress", None)  # another run's config.yaml says how that run was watched
+    values.pop("progress", None)  # how a run was watched, in its config.yaml, says nothing about this one
     values.update(given)
     values.setdefault("out", f"runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
     values["resume"] = options["resume"]
