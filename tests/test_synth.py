@@ -11,7 +11,11 @@ import pytest
 from click.testing import CliRunner
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from dens import labels, phantom, synth
+from dens import labels, synth
+from dens.synth import phantom
+from dens.synth.cli import main
+from dens.synth.cohort import plan_patient
+from dens.synth.image import stored_pixels
 
 VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
 # RSNA convention: a left breast points right (row direction anterior), a right breast is its mirror.
@@ -64,9 +68,9 @@ def test_files_match_the_csv_and_decode_back_exactly(cohort):
             assert list(ds.PatientOrientation) == ORIENTATION[row[labels.LATERALITY], row[labels.VIEW]]
         syntax = ds.file_meta.TransferSyntaxUID
         if syntax not in checked:  # lossless: the decoded file is exactly what was generated
-            spec = next(s for s, r in synth._plan_patient(3, int(ds.PatientID) - 10000, "small")
+            spec = next(s for s, r in plan_patient(3, int(ds.PatientID) - 10000, "small")
                         if r[labels.IMAGE_ID] == row[labels.IMAGE_ID])  # fmt: skip
-            assert np.array_equal(pixels, synth._pixels(spec)[0])
+            assert np.array_equal(pixels, stored_pixels(spec)[0])
             checked.add(syntax)
     exams = table.assign(study=table[labels.PATH].str.split("/").str[1]).groupby("study")
     for _, exam in exams:
@@ -109,7 +113,7 @@ def test_tissue_grows_with_density_but_mean_brightness_does_not_give_the_class_a
     fraction: dict[str, list[float]] = {c: [] for c in labels.CLASSES}
     brightness: dict[str, list[float]] = {c: [] for c in labels.CLASSES}
     for index in range(400):
-        spec = synth._plan_patient(0, index, "small")[0][0]
+        spec = plan_patient(0, index, "small")[0][0]
         if len(fraction[spec.density]) >= 25:
             continue
         drawn = phantom.render(np.random.default_rng(index), spec, rows=96)
@@ -140,12 +144,12 @@ def test_bad_options_fail_with_a_clear_message(tmp_path):
 
 def test_cli_writes_a_cohort_and_overwrite_replaces_it(tmp_path):
     out = tmp_path / "cohort"
-    run = CliRunner().invoke(synth.main, [str(out), "--patients", "2", "--workers", "1"])
+    run = CliRunner().invoke(main, [str(out), "--patients", "2", "--workers", "1"])
     assert run.exit_code == 0, run.output
     assert "2 patients" in run.output and str(out / "train.csv") in run.output
-    again = CliRunner().invoke(synth.main, [str(out), "--patients", "1", "--workers", "1"])
+    again = CliRunner().invoke(main, [str(out), "--patients", "1", "--workers", "1"])
     assert again.exit_code == 2 and "--overwrite" in again.output
-    replaced = CliRunner().invoke(synth.main, [str(out), "--patients", "1", "--seed", "5", "--overwrite"])
+    replaced = CliRunner().invoke(main, [str(out), "--patients", "1", "--seed", "5", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     table = pd.read_csv(out / "train.csv")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm")) == sorted(table[labels.PATH])
@@ -153,8 +157,8 @@ def test_cli_writes_a_cohort_and_overwrite_replaces_it(tmp_path):
 
 def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path):
     # A batch job's log (stderr not a terminal) gets the summary line, not a bar redrawn with carriage returns.
-    quiet = CliRunner().invoke(synth.main, [str(tmp_path / "a"), "--patients", "1", "--workers", "1"])
-    shown = CliRunner().invoke(synth.main, [str(tmp_path / "b"), "--patients", "1", "--workers", "1", "--progress"])
+    quiet = CliRunner().invoke(main, [str(tmp_path / "a"), "--patients", "1", "--workers", "1"])
+    shown = CliRunner().invoke(main, [str(tmp_path / "b"), "--patients", "1", "--workers", "1", "--progress"])
     assert quiet.exit_code == shown.exit_code == 0
     assert "img/s]" not in quiet.output and "dens-synth: 4 files" in quiet.output
     assert "img/s]" in shown.output

@@ -1,4 +1,4 @@
-"""The synthetic breast that :mod:`dens.synth` writes into DICOM files: one view drawn at a small height, chest
+"""The synthetic breast that :mod:`dens.synth.image` writes into DICOM files: one view drawn at a small height, chest
 wall on the left, with a skin line, a nipple, the pectoral muscle on MLO and fibroglandular tissue whose
 amount and texture follow the density class; and the burnt-in corner label archives carry.
 """
@@ -6,15 +6,12 @@ amount and texture follow the density class; and the burnt-in corner label archi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from dens.labels import CLASSES
-
-if TYPE_CHECKING:
-    from dens.synth import ImageSpec
+from dens.synth.spec import ImageSpec
 
 RENDER_ROWS = 512  # anatomy is drawn at this height and upsampled: full size is not dominated by drawing
 # Texture per class: fatty breasts show thin strands converging on the nipple, dense ones confluent blobs.
