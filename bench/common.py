@@ -13,14 +13,19 @@ from pathlib import Path
 
 from dens import usable_cores
 
+REPO = Path(__file__).resolve().parents[1]
 # DENS_BENCH_RESULTS: somewhere else to write (the test suite's smoke runs of each benchmark).
-RESULTS = Path(os.environ.get("DENS_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+RESULTS = Path(os.environ.get("DENS_BENCH_RESULTS") or REPO / "bench" / "results")
 # The full-size synthetic cohort `make bench` shares between benchmarks: seed 14 covers all four detector
 # sizes of dens.synth (2294x1914, 3328x2560, 4096x3328, 5355x4915) with JPEG 2000 at each, and every transfer
 # syntax dens-synth writes, within its first 6 patients; 12 patients (about 50 files) let the end-to-end
 # runs last long enough that start-up is a small part of them.
 COHORT_SEED, COHORT_PATIENTS = 14, 12
-DEFAULT_COHORT = Path(__file__).resolve().parents[1] / ".cache" / "bench-cohort"  # git-ignored
+DEFAULT_COHORT = REPO / ".cache" / "bench-cohort"  # git-ignored
+# The real mammograms are never in the repository (their terms forbid redistribution): DENS_REAL_MAMMO names
+# a folder of them. The default is where CI keeps them, beside the checkout.
+REAL_MAMMO_ENV = "DENS_REAL_MAMMO"
+REAL_MAMMO = Path(os.environ.get(REAL_MAMMO_ENV) or REPO.parent / "shared" / "data" / "real-mammo")
 
 
 def ensure_cohort(path: Path, patients: int = COHORT_PATIENTS, seed: int = COHORT_SEED) -> Path:
@@ -116,6 +121,13 @@ def _gpu_name() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as a results file records it: relative to the repository when inside it, else its name
+    alone, so that a committed result names no folder of the machine that ran it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 
 
 def write_result(name: str, payload: dict) -> Path:

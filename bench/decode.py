@@ -1,6 +1,6 @@
 """Full- vs reduced-resolution decode time per file, on a full-size synthetic cohort and real files.
 
-    python bench/decode.py [--cohort DIR] [--real ../shared/data/real-mammo] [--repeat 3] [--size 512]
+    python bench/decode.py [--cohort DIR] [--real DIR] [--repeat 3] [--size 512]
 
 The cohort defaults to the one `make bench` shares (.cache/bench-cohort, made by dens-synth when absent: all
 four detector sizes, every transfer syntax dens-synth writes). For each file: the full-resolution decode
@@ -21,12 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_COHORT, ensure_cohort, write_result
+from common import DEFAULT_COHORT, REAL_MAMMO, REAL_MAMMO_ENV, ensure_cohort, shown, write_result
 from dens import dicom
-from dens.dicom import UnusableFile
+from dens.errors import UnusableFile
 from dens.preprocess import PreprocessConfig, load
-
-REAL_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mammo"
 
 
 def _best_ms(fn, repeat: int) -> float:
@@ -114,7 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
                         help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
-    parser.add_argument("--real", type=Path, default=REAL_DEFAULT, help="folder of real DICOM files")
+    parser.add_argument("--real", type=Path, default=REAL_MAMMO,
+                        help=f"a folder of real mammograms [${REAL_MAMMO_ENV}]; synthetic files only without one")
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
     parser.add_argument("--repeat", type=int, default=3, help="timings per file (the best is kept)")
     parser.add_argument("--per-group", type=int, default=3,
@@ -127,7 +126,7 @@ def main() -> None:
     if args.real.is_dir():
         sets["real"] = sorted(p for p in args.real.rglob("*") if p.is_file() and p.suffix not in (".csv", ".md"))
     else:
-        print(f"no real files at {args.real}: synthetic files only")
+        print(f"no real mammograms at {args.real} (set {REAL_MAMMO_ENV} to a folder of them): synthetic files only")
     results = {}
     for name, files in sets.items():
         rows = []
@@ -137,9 +136,9 @@ def main() -> None:
             print(f"{name:15s} {row}", flush=True)
         results[name] = {"files": rows, **summarise(rows)}
 
-    out = write_result("decode", {"settings": {"size": args.size, "repeat": args.repeat, "cohort": str(cohort),
+    out = write_result("decode", {"settings": {"size": args.size, "repeat": args.repeat, "cohort": shown(cohort),
                                                "per_group": args.per_group,
-                                               "real": str(args.real) if "real" in sets else None},
+                                               "real": shown(args.real) if "real" in sets else None},
                                   "results": results})  # fmt: skip
     for name, res in results.items():
         for key, s in [*res["by_size_and_syntax"].items(), ("all JPEG 2000", res["jpeg2000"])]:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_COHORT, ensure_cohort, write_result
+from common import DEFAULT_COHORT, ensure_cohort, shown, write_result
 from dens import dicom, usable_cores
 from pipeline import bench_decode_inline, bench_decode_pool, cohort_files
 
@@ -150,7 +150,7 @@ def main() -> None:
     gpu = max(results["gpu"]["one_at_a_time_img_per_s"], results["gpu"]["batched_img_per_s"])
     pool = results["cpu_pool"]["img_per_s_after_first"]
     results["gpu_over_cpu_pool"] = round(gpu / pool, 2) if pool else None
-    settings = {"cohort": str(args.cohort), "files": len(files), "batch": args.batch, "size": args.size,
+    settings = {"cohort": shown(args.cohort), "files": len(files), "batch": args.batch, "size": args.size,
                 "nvimgcodec_version": getattr(nvimgcodec, "__version__", None)}  # fmt: skip
     out = write_result("gpu_decode", {"settings": settings, "results": results})
     print(f"JPEG 2000, {len(files)} files: GPU (full frame) {gpu} img/s, CPU pool ({usable_cores()} workers, reduced) "

@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_COHORT, ensure_cohort, export_models, write_result
+from common import DEFAULT_COHORT, ensure_cohort, export_models, shown, write_result
 from dens import usable_cores
 from dens.config import PreprocessConfig
 from dens.infer import DEVICES
 from model_stage import bench_ort
 
-# dens.infer.runtime, dens.infer.pool, torch and the naive pipeline are imported where they are used: decode
+# dens.infer.runtime, dens.engine, torch and the naive pipeline are imported where they are used: decode
 # workers are spawned, and a spawned child imports this script again before it starts.
 # The summary line dens-infer prints (dens.infer.runner.Summary.line).
 SUMMARY = re.compile(
@@ -94,7 +94,7 @@ def bench_dens_infer(cohort: Path, onnx_path: Path, out: Path, device: str, work
 
 
 def bench_decode_pool(files: list[Path], size: int, workers: int) -> dict:
-    from dens.infer.pool import DecodePool
+    from dens.engine import DecodePool
 
     cfg = PreprocessConfig(size=size)
     with DecodePool(workers, cfg, buffer=len(files)) as pool:
@@ -187,7 +187,7 @@ def main() -> None:
                                 for w, t in pairs]
 
     settings = {"arch": args.arch, "size": args.size, "device": args.device, "images": len(files),
-                "cohort": str(cohort), "workers": args.workers, "threads": args.threads,
+                "cohort": shown(cohort), "workers": args.workers, "threads": args.threads,
                 "batch_size": args.batch_size, "model_seconds": args.model_seconds,
                 "naive_files": args.naive_files}  # fmt: skip
     out = write_result("pipeline", {"settings": settings, "results": results,

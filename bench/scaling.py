@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ensure_cohort, export_models, up_to, write_result
+from common import ensure_cohort, export_models, shown, up_to, write_result
 from dens import usable_cores
 from model_stage import bench_ort
 from pipeline import bench_decode_pool, bench_dens_infer, cohort_files, end_to_end_parser
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"model alone: {model['img_per_s']} img/s ({model['provider']}, batch {model['batch']}, "
           f"{model['threads']} threads)")  # fmt: skip
     path = write_result("scaling", {"settings": {"arch": args.arch, "size": args.size, "device": args.device,
-                                                 "cohort": str(cohort), "images": len(files),
+                                                 "cohort": shown(cohort), "images": len(files),
                                                  "worker_counts": counts, "wait_bound": WAIT_BOUND,
                                                  "model_bound": MODEL_BOUND},
                                     "model_alone": model, "points": points})  # fmt: skip
