@@ -22,8 +22,8 @@ from pydicom.uid import JPEG2000Lossless
 from conftest import synthetic_breast, write_dicom
 from dens import labels, synth
 from dens.config import PreprocessConfig
+from dens.exams import breasts, exams
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, runtime
-from dens.infer.aggregate import breasts, exams
 from dens.infer.cli import main as infer_main
 from dens.infer.pool import CRASH_ENV, DecodePool
 from dens.infer.runner import InferConfig, InferError, run

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dens import labels
+from dens import exams, labels
 from dens.explain import assign_stems, report
 
 HOSTILE_NAME = "<script>alert(1)</script>"
@@ -24,8 +24,20 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+def _probs(density: str, p_dense: float) -> dict[str, str]:
+    """p_A..p_D whose argmax is ``density`` and whose dense classes sum to ``p_dense``, as dens-infer writes
+    them: the called class takes 80% of its side's share (dense or not), its neighbour the rest."""
+    dense = labels.is_dense(density)
+    share = p_dense if dense else 1 - p_dense
+    probs = {
+        c: (0.8 if c == density else 0.2) * share if labels.is_dense(c) == dense else (1 - share) / 2
+        for c in labels.CLASSES
+    }
+    return {f"p_{c}": f"{p:.6f}" for c, p in probs.items()}
+
+
 def _row(exam: int, lat: str, view: str, density: str, p_dense: float, **identity) -> dict:
-    probs = dict.fromkeys(labels.PROB_COLUMNS, "0.25")
+    probs = _probs(density or "A", p_dense)
     ident = {labels.PATIENT_ID: f"P{exam}", labels.ACCESSION: f"A{exam}", labels.STUDY_UID: f"1.2.{exam}",
              labels.SERIES_UID: f"1.2.{exam}.1", labels.SOP_UID: f"1.2.{exam}.{lat}{view}", **identity}  # fmt: skip
     return {labels.PATH: f"/data/{exam}/{lat}{view}.dcm", labels.STATUS: "ok", labels.REASON: "", **ident,
@@ -106,24 +118,32 @@ def test_page_is_offline_and_its_images_are_the_files_beside_it(page):
     assert len(re.findall(r'<img class="cam"', html)) == (page["preds"]["gradcam"] != "").sum() == 3
 
 
-def test_exams_are_grouped_sorted_by_p_dense_and_called_by_their_densest_image(page):
+def test_exams_are_grouped_sorted_by_p_dense_and_called_by_dens_infer_s_exam_rule(page):
     html = page["html"]
     rows = re.findall(r'<tr class="(dense)?" data-p-dense="([0-9.-]+)"><td class="id">(.*?)</td>'
-                      r'<td class="call"[^>]*>([A-D])</td>', html)  # fmt: skip
-    assert [float(p) for _, p, _, _ in rows] == [0.95, 0.7, 0.23]  # descending; exam 1's highest view
+                      r'<td class="call" title="([^"]*)">([A-D])</td>', html)  # fmt: skip
+    # Exam 1: B breasts of mean p_dense 0.205 (left) and 0.225 (right), the denser one calls. Exam 2: a D
+    # left breast beside a right one whose C and B views average to B; its densest view is not the call.
+    assert [float(p) for _, p, *_ in rows] == [0.95, 0.7, 0.225]  # descending
     assert [call for *_, call in rows] == ["D", "C", "B"]
+    assert {source for *_, source, _ in rows} == {"dens-infer&#x27;s exam rule, from preds.csv"}
+    assert "densest image" not in html
     assert "A2" in rows[0][2] and "study_uid" not in rows[0][2]  # exam 2 grouped by its accession
     other = html.split('data-p-dense="0.950000"')[1].split("</tr>")[0].split("<td>")[-1]
     assert "XCCL" in other  # a view outside the four slots goes to "other"
     assert "Files without a call (1)" in html and "corrupt_pixel_data" in html
 
 
-def test_exam_calls_come_from_preds_exam_csv_when_given(page):
-    calls = pd.DataFrame({"exam": ["study_uid:1.2.1"], labels.DENSITY: ["C"], labels.P_DENSE: ["0.81"]})
+def test_exam_calls_come_from_preds_exam_csv_where_it_is_current(page):
+    calls = exams.exam_calls(page["preds"]).set_index(exams.EXAM)
+    calls.loc["study_uid:1.2.1", [labels.DENSITY, labels.P_DENSE]] = ["C", "0.810000"]
+    calls.loc["study_uid:1.2.3", [labels.DENSITY, exams.N_IMAGES]] = ["A", "5"]  # stale: other images
+    calls = calls.drop(index="accession:A2").reset_index()  # lacks an exam
     path = report.write_report(page["preds"], page["preds_csv"], page["thumbs"], exam_calls=calls)
     html = path.read_text()
     assert 'data-p-dense="0.810000"' in html and 'title="preds.exam.csv">C<' in html
-    assert 'title="densest image">D<' in html  # exam 2 has no study UID: still its densest image
+    rule = "dens-infer&#x27;s exam rule, from preds.csv"
+    assert f'title="{rule}">D<' in html and f'title="{rule}">C<' in html and ">A<" not in html
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Which calls are flagged for review (and Grad-CAM): one rule, shared by dens-infer and dens-gradcam.
+"""A density call and whether it is flagged for review (and Grad-CAM): one rule, shared by dens-infer's
+CSVs (image, breast and exam rows alike) and dens-gradcam.
 
 torch-free, so the inference process never imports torch for it.
 """
@@ -7,13 +8,21 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from dens import labels
 from dens.labels import FLAGGED
+
+TRUE, FALSE = "true", "false"
+PROB_FORMAT = "{:.6f}"
+
+# The flag rule: which calls are flagged for review (and Grad-CAM). One function, so preds.csv, the breast
+# and exam CSVs and Grad-CAM agree; ``--flag`` passes another rule with the same signature.
+FlagRule = Callable[[str, Mapping[str, float]], bool]
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _THRESHOLD = re.compile(r"^\s*(p_[A-Za-z]+)\s*(>=|<=|>|<)\s*([0-9.eE+-]+)\s*$")
@@ -79,3 +88,26 @@ def parse_flag(spec: str | Flag | None) -> Flag:
         raise ValueError(f"--flag {spec!r}: expected density classes like 'C,D' or a threshold like "
                          f"'p_dense>=0.5' (classes are {', '.join(labels.CLASSES)})")  # fmt: skip
     return Flag(classes=classes)
+
+
+# The default rule: flag the dense calls (C, D), the ones that trigger a density notification.
+flag_dense: FlagRule = Flag()
+
+
+def call(probs: Sequence[float], classes: Sequence[str] = labels.CLASSES) -> tuple[str, float]:
+    """The density call (argmax) and p_dense (the summed probability of the dense classes)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    density = classes[int(np.argmax(probs))]
+    p_dense = float(sum(p for c, p in zip(classes, probs, strict=True) if labels.is_dense(c)))
+    return density, p_dense
+
+
+def prediction_cells(probs: Sequence[float], rule: FlagRule = flag_dense) -> dict[str, str]:
+    """The prediction columns (p_A..p_D, density, p_dense, dense, flagged) for one probability vector: an
+    image's in preds.csv, a breast's or an exam's in the aggregated CSVs."""
+    density, p_dense = call(probs)
+    named = dict(zip(labels.CLASSES, (float(p) for p in probs), strict=True))
+    return {**{col: PROB_FORMAT.format(p) for col, p in zip(labels.PROB_COLUMNS, probs, strict=True)},
+            labels.DENSITY: density, labels.P_DENSE: PROB_FORMAT.format(p_dense),
+            labels.DENSE: TRUE if labels.is_dense(density) else FALSE,
+            FLAGGED: TRUE if rule(density, named) else FALSE}  # fmt: skip

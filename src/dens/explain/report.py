@@ -19,14 +19,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dens import labels
+from dens import exams, labels
 from dens.files import atomic_write
-from dens.infer.aggregate import EXAM, exam_key
 
 THUMBS = "thumbs"
 THUMB_SIDE = 192
 REPORT = "report.html"
 VIEW_SLOTS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+# Where an exam's call comes from, shown when hovering it.
+FROM_FILE, FROM_PREDS = "preds.exam.csv", "dens-infer's exam rule, from preds.csv"
 _ALPHA = 0.45  # heatmap weight in the overlay: the tissue stays readable underneath
 
 
@@ -104,8 +105,9 @@ def write_report(
 
     ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file; ``overlays``: row index ->
     overlay path relative to preds.csv's folder (default: the ``gradcam`` column); ``exam_calls``:
-    dens-infer's exam-level calls (preds.exam.csv, or ``aggregate.exams`` over preds); an exam it lacks (a
-    stale preds.exam.csv) is shown with its densest image's call, labelled so.
+    preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise (other images,
+    another model: a stale file), and every exam when it is None, is called from ``preds`` by the same rule
+    (:mod:`dens.exams`); the call's cell says which source it came from.
     """
     html_path = preds_csv.parent / REPORT
     base = html_path.parent.resolve()
@@ -114,22 +116,17 @@ def write_report(
         overlays = {i: v for i, v in column.items() if v}
     records = preds.to_dict("index")
     ok = {i for i, r in records.items() if r.get(labels.STATUS) == "ok"}
-    exams: dict[str, list[int]] = {}
+    members_of: dict[str, list[int]] = {}
     for i in sorted(ok):
-        exams.setdefault(exam_key(records[i]), []).append(i)
-    calls = _exam_calls(exam_calls)
+        members_of.setdefault(exams.exam_key(records[i]), []).append(i)
+    calls = _exam_calls(exam_calls, preds)
 
     rows = []
-    for key, members in exams.items():
+    for key, members in members_of.items():
         # Every distinct value: rows of one exam that disagree on a patient ID are worth seeing.
         ident = {k: list(dict.fromkeys(records[i].get(k, "") for i in members if records[i].get(k)))
                  for k in (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)}  # fmt: skip
-        call, p_dense, source = calls.get(key, (None, None, ""))
-        if call is None:
-            densest = max(members, key=lambda i: (_index(records[i]), _p(records[i])))
-            highest = max(_p(records[i]) for i in members)
-            call, source = records[densest].get(labels.DENSITY, ""), "densest image"
-            p_dense = highest if highest >= 0 else float("nan")
+        call, p_dense, source = calls[key]
         cells = {slot: [] for slot in (*VIEW_SLOTS, None)}
         for i in members:
             r = records[i]
@@ -143,7 +140,7 @@ def write_report(
     page = _PAGE.format(
         nonce=nonce,
         title=_e(f"dens review: {preds_csv.name}"),
-        summary=_e(_summary_text(preds, len(exams), len(overlays))),
+        summary=_e(_summary_text(preds, len(members_of), len(overlays))),
         rows="\n".join(row for _, row in rows),
         unusable=_unusable_table(unusable),
         script=_SCRIPT,
@@ -164,24 +161,20 @@ def _float(value) -> float:
         return float("nan")
 
 
-def _p(row: Mapping[str, str]) -> float:
-    """p_dense for ranking: -1 when missing, so that max() never meets a NaN."""
-    value = _float(row.get(labels.P_DENSE))
-    return value if value == value else -1.0
-
-
-def _index(row: Mapping[str, str]) -> int:
-    density = str(row.get(labels.DENSITY, "")).strip().upper()
-    return labels.CLASSES.index(density) if density in labels.CLASSES else -1
-
-
-def _exam_calls(table: pd.DataFrame | None) -> dict[str, tuple[str, float, str]]:
-    needed = (EXAM, labels.DENSITY, labels.P_DENSE)
-    if table is None or any(c not in table for c in needed):
-        return {}
-    source = table.attrs.get("source", "preds.exam.csv")
-    return {str(r[EXAM]): (str(r[labels.DENSITY]), _float(r[labels.P_DENSE]), source)
-            for r in table.to_dict("records")}  # fmt: skip
+def _exam_calls(table: pd.DataFrame | None, preds: pd.DataFrame) -> dict[str, tuple[str, float, str]]:
+    """Exam key -> (call, p_dense, source) for every exam of ``preds``: ``table``'s row where it describes
+    the same exam (as many images, the same model, where it has those columns), else the rule's own."""
+    given, checked = {}, []
+    if table is not None and all(c in table for c in (exams.EXAM, labels.DENSITY, labels.P_DENSE)):
+        given = {str(r[exams.EXAM]): r for r in table.to_dict("records")}
+        checked = [c for c in (exams.N_IMAGES, labels.MODEL_SHA256) if c in table]
+    calls = {}
+    for own in exams.exam_calls(preds).to_dict("records"):
+        row = given.get(own[exams.EXAM])
+        current = row is not None and all(str(row[c]) == own[c] for c in checked)
+        chosen, source = (row, FROM_FILE) if current else (own, FROM_PREDS)
+        calls[own[exams.EXAM]] = (str(chosen[labels.DENSITY]), _float(chosen[labels.P_DENSE]), source)
+    return calls
 
 
 def _src(path: Path | str, base: Path) -> str:
@@ -273,7 +266,8 @@ button {{ font: inherit; margin-bottom: .8em; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="summary">{summary}</p>
-<p>Exam call: preds.exam.csv where present, else the densest image (hover the call). A Grad-CAM map (under a
+<p>Exam call: the denser breast's, a breast's probabilities being the mean of its views; from preds.exam.csv
+where it describes the exam, else by the same rule from preds.csv (hover the call). A Grad-CAM map (under a
 flagged view) shows where the model looked for the class it called; click an image for full size.</p>
 <button id="sort" type="button">p_dense &#8595; (highest first)</button>
 <table id="exams"><thead><tr><th>exam</th><th>call</th><th>p_dense</th><th>L CC</th><th>L MLO</th><th>R CC</th>

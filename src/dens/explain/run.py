@@ -172,7 +172,7 @@ def run_gradcam(
             bar.update(len(batch))
         bar.close()
         preds.attrs["report"] = pages.write_report(preds, preds_csv, thumbs, overlays=overlays,
-                                                   exam_calls=_exam_calls(preds_csv, preds))  # fmt: skip
+                                                   exam_calls=_exam_calls(preds_csv))  # fmt: skip
     preds.attrs["summary"] = GradcamSummary(len(preds), int(selected.sum()), len(overlays), errors, disagreements,
                                             time.perf_counter() - started, str(dev))  # fmt: skip
     return preds
@@ -186,7 +186,7 @@ def _log_failures(batch: list[tuple[int, np.ndarray | Exception]], preds: pd.Dat
 
 
 def _thumbnail_rows(preds: pd.DataFrame, selected: np.ndarray, thumbnails: str) -> list[int]:
-    from dens.infer.aggregate import exam_key
+    from dens.exams import exam_key
 
     if thumbnails == "none":
         return []
@@ -198,17 +198,13 @@ def _thumbnail_rows(preds: pd.DataFrame, selected: np.ndarray, thumbnails: str) 
     return [i for i in ok if exam_key(records[i]) in flagged_exams]
 
 
-def _exam_calls(preds_csv: Path, preds: pd.DataFrame) -> pd.DataFrame:
-    """preds.exam.csv beside preds.csv (written by dens-infer); without one, the same calls made from
-    preds.csv by dens-infer's own rule (the denser breast), never a second rule."""
-    from dens.infer.aggregate import aggregate_paths, breasts, exams
+def _exam_calls(preds_csv: Path) -> pd.DataFrame | None:
+    """preds.exam.csv beside preds.csv (written by dens-infer), when there is one; the page calls the exams
+    it lacks from preds.csv by the same rule (:mod:`dens.exams`)."""
+    from dens.exams import aggregate_paths
 
     path = aggregate_paths(preds_csv)[1]
-    if path.is_file():
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    calls = exams(breasts(preds))
-    calls.attrs["source"] = "dens-infer's exam rule, from preds.csv"
-    return calls
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,13 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dens import labels
 from dens.files import atomic_write
-from dens.flags import Flag
+from dens.flags import FlagRule, flag_dense, prediction_cells
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +27,6 @@ STATUSES = ("ok", "skipped", "error")
 COLUMNS: tuple[str, ...] = (labels.PATH, labels.STATUS, labels.REASON, *labels.IDENTITY_COLUMNS, *labels.PROB_COLUMNS,
                             labels.DENSITY, labels.P_DENSE, labels.DENSE, FLAGGED, MODEL_SHA256, GRADCAM)  # fmt: skip
 HEADER = ",".join(COLUMNS) + "\n"
-TRUE, FALSE = "true", "false"
-PROB_FORMAT = "{:.6f}"
-
-# The flag rule: which calls are flagged for review (and Grad-CAM). One function, so preds.csv, the breast
-# and exam CSVs and Grad-CAM agree; a later ``--flag`` passes another rule with the same signature.
-FlagRule = Callable[[str, Mapping[str, float]], bool]
-
-
-# The default rule: flag the dense calls (C, D), the ones that trigger a density notification.
-flag_dense: FlagRule = Flag()
-
-
-def call(probs: Sequence[float], classes: Sequence[str] = labels.CLASSES) -> tuple[str, float]:
-    """The density call (argmax) and p_dense (the summed probability of the dense classes)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    density = classes[int(np.argmax(probs))]
-    p_dense = float(sum(p for c, p in zip(classes, probs, strict=True) if labels.is_dense(c)))
-    return density, p_dense
-
-
-def prediction_cells(probs: Sequence[float], rule: FlagRule = flag_dense) -> dict[str, str]:
-    """The prediction columns (p_A..p_D, density, p_dense, dense, flagged) for one probability vector."""
-    density, p_dense = call(probs)
-    named = dict(zip(labels.CLASSES, (float(p) for p in probs), strict=True))
-    return {**{col: PROB_FORMAT.format(p) for col, p in zip(labels.PROB_COLUMNS, probs, strict=True)},
-            labels.DENSITY: density, labels.P_DENSE: PROB_FORMAT.format(p_dense),
-            labels.DENSE: TRUE if labels.is_dense(density) else FALSE,
-            FLAGGED: TRUE if rule(density, named) else FALSE}  # fmt: skip
 
 
 def make_row(path: str, status: str, reason: str, info: Mapping | None, probs: Sequence[float] | None,
