@@ -21,6 +21,7 @@ from dens.config import PreprocessConfig
 from dens.export.cli import main
 from dens.export.onnx import Fp16ConversionError, to_fp16
 from dens.export.parity import THRESHOLDS, check_parity
+from dens.export.run import ExportConfig
 from dens.metadata import OnnxMetadataError, read_metadata
 from dens.model import build_model, file_sha256, load_checkpoint, save_checkpoint
 from dens.synth import generate
@@ -247,3 +248,11 @@ def test_cli_without_a_run_says_what_to_do(tmp_path, monkeypatch):
     assert "no run found" in result.output and "--checkpoint" in result.output
     result = CliRunner().invoke(main, ["--no-progress"])
     assert result.exit_code == 2 and "--onnx" in result.output
+
+
+def test_config_refuses_what_the_exporter_cannot_write():
+    with pytest.raises(ValueError, match="opset 12 is not supported"):
+        ExportConfig(opset=12)
+    with pytest.raises(ValueError, match="batch sizes"):
+        ExportConfig(batch_sizes=())
+    assert ExportConfig().precisions == ("fp32",) and ExportConfig(fp16=True).precisions == ("fp32", "fp16")

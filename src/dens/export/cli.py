@@ -1,85 +1,20 @@
-"""dens-export: click options -> ExportConfig -> :func:`run` (export, then parity, per precision)."""
+"""dens-export: click options -> :class:`ExportConfig` -> :func:`dens.export.run.run`, then a summary line per
+model and the exit status (2 when parity fails)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
-from dens import runs, show_progress
-from dens.export.onnx import DEFAULT_OPSET, OPSETS, export_onnx, fp16_path
-from dens.export.parity import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, check_parity, load_images
-from dens.metadata import OnnxMetadataError, read_metadata
-from dens.model import CheckpointError, load_checkpoint
+from dens import show_progress
+from dens.export.run import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
+from dens.metadata import OnnxMetadataError
+from dens.model import CheckpointError
 
-log = logging.getLogger(__name__)
 PARITY_FAILED = 2  # the exit status when a graph does not match its checkpoint
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Everything one dens-export run needs. ``checkpoint`` None: the newest run's best.pt; ``out`` None:
-    ``model.onnx`` beside the checkpoint. ``check_only``: no export, parity of the existing file(s) only."""
-
-    checkpoint: Path | None = None
-    out: Path | None = None
-    fp16: bool = False
-    images: Path | None = None
-    opset: int = DEFAULT_OPSET
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    optimize: bool = True
-    max_images: int = DEFAULT_MAX_IMAGES
-    check_only: bool = False
-    progress: bool = True
-
-
-def parity_report_path(onnx_path: str | os.PathLike) -> Path:
-    """``model.onnx`` -> ``model.parity.json``; ``model.fp16.onnx`` -> ``model.fp16.parity.json``."""
-    return Path(onnx_path).with_suffix(".parity.json")
-
-
-def resolve_paths(cfg: ExportConfig) -> tuple[Path, Path]:
-    """(checkpoint, fp32 model path) for ``cfg``. Checking an existing file without ``--checkpoint`` uses the
-    checkpoint its metadata names."""
-    checkpoint = cfg.checkpoint
-    if checkpoint is None and cfg.check_only and cfg.out is not None:
-        named = Path(read_metadata(cfg.out).get("checkpoint_path") or "")
-        if not named.is_file():
-            raise FileNotFoundError(f"{cfg.out} was exported from {named}, which is not found: name the checkpoint "
-                                    "with --checkpoint")  # fmt: skip
-        checkpoint = named
-    if checkpoint is None:
-        checkpoint = runs.latest_file("best.pt")
-    return Path(checkpoint), Path(cfg.out) if cfg.out is not None else Path(checkpoint).parent / "model.onnx"
-
-
-def run(cfg: ExportConfig) -> dict[str, Any]:
-    """Export (unless ``check_only``) and check parity; writes each model's report beside it. Returns
-    ``{"passed", "checkpoint", "models": [{"path", "precision", "report_path", "report"}]}``."""
-    checkpoint_path, out = resolve_paths(cfg)
-    ckpt = load_checkpoint(checkpoint_path)
-    images = None
-    if cfg.images is not None:  # loaded once for both precisions
-        images = load_images(cfg.images, ckpt, max_images=cfg.max_images, progress=cfg.progress)
-    models = []
-    for path, fp16 in [(out, False)] + ([(fp16_path(out), True)] if cfg.fp16 else []):
-        if cfg.check_only:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: export it first (dens-export --onnx without --check-only)")
-        else:
-            log.info("exporting %s -> %s (%s)", checkpoint_path, path, "fp16" if fp16 else "fp32")
-            export_onnx(checkpoint_path, path, opset=cfg.opset, fp16=fp16, optimize=cfg.optimize, checkpoint=ckpt)
-        report = check_parity(path, ckpt, images=images, batch_sizes=cfg.batch_sizes, progress=cfg.progress)
-        report_path = parity_report_path(path)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-        models.append({"path": path, "precision": report["precision"], "report_path": report_path, "report": report})
-    return {"passed": all(m["report"]["passed"] for m in models), "checkpoint": checkpoint_path, "models": models}
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -136,9 +71,8 @@ def main(onnx_format: bool, **options) -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if not onnx_format:
         raise click.UsageError("choose the export format: --onnx")
-    cfg = ExportConfig(**{**options, "progress": show_progress(options["progress"])})
     try:
-        result = run(cfg)
+        result = run(ExportConfig(**{**options, "progress": show_progress(options["progress"])}))
     except (CheckpointError, OnnxMetadataError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     for model in result["models"]:
