@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,3 +130,22 @@ def synthetic_breast(rows: int = 300, cols: int = 240, *, bits: int = 12, seed: 
 def breast() -> Callable[..., np.ndarray]:
     """``breast(rows=300, cols=240, bits=12, seed=0)``: see :func:`synthetic_breast`."""
     return synthetic_breast
+
+
+CODEC_FAULTS = Path(__file__).resolve().parent / "codec_faults"
+
+
+@pytest.fixture
+def codec_fault(monkeypatch) -> Callable[[str, str], None]:
+    """``codec_fault("crash" | "hang", base_name)``: decode workers started afterwards SIGSEGV on, or hang on,
+    files of that base name, as a codec would on a hostile file (``tests/codec_faults/sitecustomize.py``,
+    which the spawned workers load at start-up through ``PYTHONPATH``)."""
+
+    def arm(kind: str, name: str) -> None:
+        if kind not in ("crash", "hang"):
+            raise ValueError(f"kind must be crash or hang, got {kind!r}")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CODEC_FAULTS),
+                                                                       os.environ.get("PYTHONPATH", "")])))
+        monkeypatch.setenv(f"DENS_TEST_{kind.upper()}_ON", name)
+
+    return arm

@@ -22,10 +22,10 @@ from pydicom.uid import JPEG2000Lossless
 from conftest import synthetic_breast, write_dicom
 from dens import labels, synth
 from dens.config import PreprocessConfig
+from dens.engine import DecodePool
 from dens.exams import breasts, exams
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, runtime
 from dens.infer.cli import main as infer_main
-from dens.infer.pool import CRASH_ENV, DecodePool
 from dens.infer.runner import InferConfig, InferError, run
 from dens.infer.walk import walk
 from dens.infer.writer import COLUMNS, HEADER, OutputExists, PredsWriter, make_row, read_existing
@@ -207,9 +207,9 @@ def test_kill_9_mid_run_then_resume(studies, model, first_run, tmp_path):
     np.testing.assert_allclose(np.stack([got[p] for p in want]), np.stack(list(want.values())), atol=1e-6)
 
 
-def test_a_crashing_decode_worker_costs_one_error_row(studies, model, first_run, tmp_path, monkeypatch):
+def test_a_crashing_decode_worker_costs_one_error_row(studies, model, first_run, tmp_path, codec_fault):
     victim = sorted(p for p in first_run[1][labels.PATH] if p.endswith(".dcm") and "zz-bad" not in p)[2]
-    monkeypatch.setenv(CRASH_ENV, Path(victim).name)  # spawned workers inherit it and SIGSEGV on that file
+    codec_fault("crash", Path(victim).name)  # spawned workers SIGSEGV on that file
     summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], workers=2, batch_size=4,
                               progress=False))  # fmt: skip
     preds = read(tmp_path / "preds.csv").set_index(labels.PATH)

@@ -26,7 +26,7 @@ from pydicom.uid import JPEGLossless as JPEGLosslessP14
 
 from conftest import REAL_FILES
 from dens import dicom, preprocess
-from dens.dicom import Reason, UnusableFile
+from dens.errors import Reason, UnusableFile
 from dens.preprocess import PreprocessConfig
 
 SMALL = PreprocessConfig(size=64, reduce=False)

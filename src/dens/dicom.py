@@ -25,12 +25,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dens.decode import _check_range, _decode_gdcm, _decode_j2k_pillow, _decode_pydicom, reduce_like_j2k
+from dens.decode import decode_gdcm, decode_j2k_reduced, decode_pydicom, hold_to_range, reduce_like_j2k
 from dens.errors import Reason, UnusableFile
 
-__all__ = [
-    "JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "Reason", "UnusableFile", "read", "reduce_like_j2k",
-]  # fmt: skip
+__all__ = ["JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "read"]
 
 log = logging.getLogger(__name__)
 
@@ -170,30 +168,31 @@ class DicomFile:
         if self.transfer_syntax in JPEG2000_SYNTAXES:
             for lvl in range(level, -1, -1):
                 try:
-                    pixels = _decode_j2k_pillow(self, lvl)
+                    pixels = decode_j2k_reduced(self.ds, lvl, self.stored_range, self.path)
                 except Exception as exc:  # Pillow raises OSError, ValueError... for a level too deep
                     log.debug("%s: JPEG 2000 at level %d failed: %s", self.path, lvl, exc)
                     continue
                 return pixels, lvl, f"pillow-j2k:reduce{lvl}"
         full, route = self._decode_full()
         # Clip the low-pass overshoot at sharp edges as the JPEG 2000 route does, so the two agree.
-        pixels = _check_range(reduce_like_j2k(full, level), self, clip=True)
+        pixels = hold_to_range(reduce_like_j2k(full, level), self.stored_range, self.path, clip=True)
         return pixels, level, f"{route}:lowpass{level}" if level else route
 
     def _decode_full(self) -> tuple[np.ndarray, str]:
         if self._full is not None:
             return self._full
         errors = []
-        for name, decoder in (("pydicom", _decode_pydicom), ("gdcm", _decode_gdcm)):
+        decoders = (("pydicom", lambda: decode_pydicom(self.ds)), ("gdcm", lambda: decode_gdcm(self.path)))
+        for name, decoder in decoders:
             try:
-                pixels = decoder(self)
+                pixels = decoder()
             except Exception as exc:
                 errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
             if pixels.shape != self.shape:
                 errors.append(f"{name}: decoded shape {pixels.shape} != header {self.shape}")
                 continue
-            self._full = (_check_range(pixels, self, clip=False), name)
+            self._full = (hold_to_range(pixels, self.stored_range, self.path, clip=False), name)
             return self._full
         detail = "no decoder could read the pixel data (" + "; ".join(errors) + ")"
         raise UnusableFile(Reason.CORRUPT_PIXELS, detail, self.path)

@@ -21,10 +21,20 @@ class Reason(str, Enum):
     UNREADABLE = "unreadable"
     UNSUPPORTED_SYNTAX = "unsupported_transfer_syntax"
     CORRUPT_PIXELS = "corrupt_pixel_data"
+    # What the decode engine reports when the route never answered for a file: not the file's own verdict,
+    # so the training cache never keeps them.
+    WORKER_CRASHED = "worker_crashed"
+    WORKER_TIMEOUT = "worker_timeout"
+    UNEXPECTED = "unexpected_error"
 
     @property
     def is_skip(self) -> bool:
         return self in _SKIP_REASONS
+
+    @property
+    def is_verdict(self) -> bool:
+        """The file's own verdict (it stays unusable until it changes), not a failure of the machinery."""
+        return self not in _ENGINE_FAILURES
 
 
 _SKIP_REASONS = {
@@ -37,6 +47,9 @@ _SKIP_REASONS = {
     Reason.MULTI_FRAME,
     Reason.NOT_GRAYSCALE,
 }
+
+
+_ENGINE_FAILURES = {Reason.WORKER_CRASHED, Reason.WORKER_TIMEOUT, Reason.UNEXPECTED}
 
 
 class UnusableFile(Exception):

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dens import dicom
+from dens import decode, dicom
 from dens.config import PreprocessConfig
-from dens.dicom import Reason, UnusableFile
+from dens.errors import Reason, UnusableFile
 
 __all__ = ["PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
 
@@ -237,7 +237,7 @@ class _PlainImage:
 
     def decode(self, level: int) -> tuple[np.ndarray, int, str]:
         # Clip the low-pass overshoot to the file's range, as the DICOM routes clip to BitsStored's.
-        pixels = np.clip(dicom.reduce_like_j2k(self.pixels, level), 0, np.iinfo(self.pixels.dtype).max)
+        pixels = np.clip(decode.reduce_like_j2k(self.pixels, level), 0, np.iinfo(self.pixels.dtype).max)
         return pixels, level, f"opencv:lowpass{level}" if level else "opencv"
 
     def to_unit(self, pixels: np.ndarray) -> np.ndarray:
@@ -263,7 +263,7 @@ def _read_plain(path: str) -> _PlainImage:
 def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, ImageInfo]:
     """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [S, S]`` image and its info.
 
-    Raises :class:`dens.dicom.UnusableFile` (with a reason code) for files that yield no image.
+    Raises :class:`dens.errors.UnusableFile` (with a reason code) for files that yield no image.
     """
     cfg = cfg or PreprocessConfig()
     path = str(path)

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 import dens
 from dens import labels, runs
 from dens.config import PreprocessConfig
-from dens.dicom import UnusableFile
+from dens.engine import DecodePool
 from dens.explain.gradcam import GradCAM, assign_stems
 from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
@@ -51,25 +50,22 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_batches(
     items: Sequence[tuple[int, str]], cfg: PreprocessConfig, batch_size: int, workers: int
-) -> Iterator[list[tuple[int, np.ndarray | Exception]]]:
-    """Canonical images of ``(row, path)`` items through ``dens.preprocess.load``, in batches of
-    ``(row, image or the exception)``, decoding one batch ahead on a thread pool (the decoders and OpenCV
-    release the GIL). Memory holds two batches at most."""
-    from dens.preprocess import load  # the one route from a file to pixels
-
-    def one(path: str) -> np.ndarray | Exception:
-        try:
-            return load(path, cfg)[0]
-        except (UnusableFile, OSError, ValueError, RuntimeError) as exc:  # the file changed since inference
-            return exc
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: list[tuple[int, Future]] = []
-        for start in range(0, len(items) + batch_size, batch_size):
-            ahead = [(row, pool.submit(one, path)) for row, path in items[start : start + batch_size]]
-            if pending:
-                yield [(row, future.result()) for row, future in pending]
-            pending = ahead
+) -> Iterator[list[tuple[int, np.ndarray | str]]]:
+    """Canonical images of ``(row, path)`` items through the decode engine, in batches of ``(row, image or
+    the reason there is none)``. The engine's worker processes decode ahead of the model by about two
+    batches, and a file that crashes or hangs a codec costs its own row only."""
+    if not items:
+        return
+    rows = [row for row, _ in items]
+    batch: list[tuple[int, np.ndarray | str]] = []
+    with DecodePool(max(1, min(workers, len(items))), cfg, buffer=2 * batch_size) as pool:
+        for decoded in pool.map((path, "") for _, path in items):
+            batch.append((rows[decoded.index], decoded.image if decoded.status == "ok" else decoded.reason))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -178,10 +174,10 @@ def run_gradcam(
     return preds
 
 
-def _log_failures(batch: list[tuple[int, np.ndarray | Exception]], preds: pd.DataFrame, what: str) -> int:
-    failed = [(row, exc) for row, exc in batch if not isinstance(exc, np.ndarray)]
-    for row, exc in failed:
-        log.warning("%s: %s: %s", what, preds.at[row, labels.PATH], exc)
+def _log_failures(batch: list[tuple[int, np.ndarray | str]], preds: pd.DataFrame, what: str) -> int:
+    failed = [(row, why) for row, why in batch if not isinstance(why, np.ndarray)]
+    for row, why in failed:
+        log.warning("%s: %s: %s", what, preds.at[row, labels.PATH], why)
     return len(failed)
 
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dens.dicom import UnusableFile
+import dens
+from dens.engine import DecodePool
+from dens.errors import Reason
 from dens.metadata import INPUT, LOGITS, PROBS, read_metadata
-from dens.model import Checkpoint, file_sha256, load_checkpoint
-from dens.preprocess import load
-from dens.train.metrics import softmax
+from dens.model import Checkpoint, file_sha256, load_checkpoint, softmax
 
 DEFAULT_BATCH_SIZES = (1, 3, 8)
 DEFAULT_MAX_IMAGES = 32
@@ -68,26 +68,27 @@ class ImageSet:
 def load_images(directory: str | os.PathLike, checkpoint: Checkpoint, *, max_images: int = DEFAULT_MAX_IMAGES,
                 progress: bool = False) -> ImageSet:  # fmt: skip
     """Up to ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made by
-    ``dens.preprocess.load`` with the checkpoint's PreprocessConfig; unusable files are counted, not fatal."""
+    the decode engine (``dens.preprocess.load`` with the checkpoint's PreprocessConfig, in worker processes);
+    unusable files are counted, not fatal."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} not found (--images takes a folder of DICOM/PNG files)")
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     images, used, skipped, errors = [], [], Counter(), {}
-    bar = tqdm(files, desc="parity: images", unit="file", disable=not progress, leave=False)
-    for path in bar:
-        if len(used) >= max_images:
-            break
-        try:
-            image, _ = load(path, checkpoint.preprocess)
-        except UnusableFile as exc:
-            skipped[exc.reason.value] += 1
-            continue
-        except Exception as exc:  # one bad file must not stop the check; it is reported
-            errors[str(path)] = f"{type(exc).__name__}: {exc}"
-            continue
-        images.append(image[None])
-        used.append(str(path))
+    bar = tqdm(total=len(files), desc="parity: images", unit="file", disable=not progress, leave=False)
+    workers = max(1, min(dens.usable_cores(), len(files)))
+    with DecodePool(workers, checkpoint.preprocess, buffer=2 * workers) as pool:
+        for decoded in pool.map((str(path), "") for path in files):
+            bar.update()
+            if decoded.status == "ok":
+                images.append(decoded.image[None])
+                used.append(decoded.path)
+                if len(used) >= max_images:
+                    break
+            elif Reason(decoded.code).is_verdict:  # the file's own verdict: counted by reason
+                skipped[decoded.code] += 1
+            else:  # the route failed on it (a codec crash, a bug): one bad file must not stop the check
+                errors[decoded.path] = decoded.reason
     bar.close()
     size = checkpoint.preprocess.size
     array = np.stack(images) if images else np.zeros((0, 1, size, size), np.uint8)

@@ -18,10 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from dens import labels, runs, show_progress
-from dens.dicom import Reason
+from dens.engine import Decoded, DecodePool, PoolError
+from dens.errors import Reason
 from dens.flags import parse_flag
 from dens.infer import EXIT_ERRORS, EXIT_OK, aggregate, walk
-from dens.infer.pool import Decoded, DecodePool, PoolError
 from dens.infer.runtime import (
     DeviceError,
     ModelError,
@@ -227,6 +227,8 @@ def _process(studies: Path, exclude: list[Path], pool: DecodePool, writer: Preds
             summary.decode_s += decoded.seconds
             if decoded.status != "ok":
                 log.debug("%s: %s %s", decoded.path, decoded.status, decoded.reason)
+            if decoded.noise:
+                log.debug("%s: the codecs said: %s", decoded.path, decoded.noise)
             pending.append(decoded)
             images += decoded.status == "ok"
             if images >= runtime.batch_size or len(pending) >= _MAX_PENDING_FACTOR * runtime.batch_size:

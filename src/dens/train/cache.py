@@ -4,7 +4,8 @@ versions of the libraries it decodes and resizes with). Epochs, validation and t
 validation and test see exactly the canonical image inference sees. The cache lives in ``--cache``
 (default ``~/.cache/dens``, shared by every run on the machine) as
 ``<PreprocessConfig key>-<route digest>/<xx>/<key>.npy`` with the file's ImageInfo in ``<key>.json``, or
-``<key>.err.json`` for a file that yields no image; deleting the folder only costs one decode.
+``<key>.err.json`` for a file that yields no image; deleting the folder only costs one decode. The cache is
+filled by the decode engine (:mod:`dens.engine`), as dens-infer decodes.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 import dens
@@ -33,9 +31,10 @@ import dens.dicom
 import dens.errors
 import dens.preprocess
 from dens import labels
-from dens.dicom import UnusableFile
+from dens.engine import Decoded, DecodePool
+from dens.errors import Reason
 from dens.files import atomic_write
-from dens.preprocess import PreprocessConfig, load
+from dens.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,44 +101,33 @@ def _read_entry(path: str, base: Path) -> CacheEntry | None:
     return None
 
 
-def _decode_job(job: tuple[str, str, PreprocessConfig]) -> CacheEntry:
-    """Decode one file into the cache (runs in a worker; only the small entry travels back)."""
-    path, base_str, cfg = job
-    base = Path(base_str)
+def _store(decoded: Decoded, base: Path) -> CacheEntry:
+    """Write one decoded file's entry into the cache, or say why it has none. A file's own verdict (not a
+    mammogram, corrupt pixel data) is cached too: it stays unusable until it changes, and its key with it.
+    A failure of the machinery (a codec that crashed or hung its worker, a bug) is listed, never cached."""
     base.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        image, info = load(path, cfg)
-    except UnusableFile as exc:
-        # Cached too: an unusable file stays unusable until it changes (and its key with it).
-        record = {"reason": exc.reason.value, "detail": exc.detail}
-        with atomic_write(base.with_suffix(".err.json")) as fh:
-            fh.write(json.dumps(record).encode())
-        return CacheEntry(path, None, {}, exc.reason.value, exc.detail)
-    except Exception as exc:  # a bug or a transient failure: listed, not cached, never fatal to the run
-        return CacheEntry(path, None, {}, "unexpected_error", f"{type(exc).__name__}: {exc}")
+    if decoded.status != "ok":
+        code, _, detail = decoded.reason.partition(": ")
+        if Reason(code).is_verdict:
+            with atomic_write(base.with_suffix(".err.json")) as fh:
+                fh.write(json.dumps({"reason": code, "detail": detail}).encode())
+        return CacheEntry(decoded.path, None, {}, code, detail)
     with atomic_write(base.with_suffix(".npy")) as fh:
-        np.save(fh, image, allow_pickle=False)
-    blob = json.dumps(info.to_dict())
+        np.save(fh, decoded.image, allow_pickle=False)
+    blob = json.dumps(decoded.info)
     with atomic_write(base.with_suffix(".json")) as fh:
         fh.write(blob.encode())
-    return CacheEntry(path, str(base.with_suffix(".npy")), json.loads(blob))  # as a cache hit reads it
-
-
-def _init_worker() -> None:
-    # One image per process: library thread pools would only fight over the cores.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"  # for libraries not yet initialised; the loaded ones are set below
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    return CacheEntry(decoded.path, str(base.with_suffix(".npy")), json.loads(blob))  # as a cache hit reads it
 
 
 def build_cache(paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, workers: int | None = None,
-                progress: bool = True) -> tuple[list[CacheEntry], int]:  # fmt: skip
-    """Decode every file not yet in the cache, in parallel; returns one entry per path and how many were
-    decoded now. Missing and unusable files come back with a reason, never as an exception."""
+                progress: bool = True) -> tuple[list[CacheEntry], int]:
+    """Decode every file not yet in the cache on the decode engine; returns one entry per path and how many
+    were decoded now. Missing and unusable files come back with a reason, never as an exception, and a file
+    that crashes or hangs a codec costs its own entry only."""
     folder = cache_dir_for(root, cfg)
     entries: dict[str, CacheEntry] = {}
-    jobs = []
+    jobs: list[tuple[str, Path]] = []
     for path in paths:
         base = _entry_base(folder, path)
         if base is None:
@@ -147,42 +135,33 @@ def build_cache(paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, w
             continue
         entry = _read_entry(path, base)
         if entry is None:
-            jobs.append((path, str(base), cfg))
+            jobs.append((path, base))
         else:
             entries[path] = entry
+    if not jobs:
+        return [entries[p] for p in paths], 0
     workers = max(1, min(workers or dens.usable_cores(), len(jobs)))
-    if jobs:
-        log.info("decoding %d of %d images into %s (%d workers)", len(jobs), len(paths), folder, workers)
-    with tqdm(total=len(jobs), unit="img", desc="decode", disable=not progress or not jobs) as bar:
-        if workers == 1:
-            results = map(_decode_job, jobs)
-        else:
-            # Not fork: a parent that already ran OpenCV (a test suite, a notebook) leaves its thread pool
-            # locked in forked children. A fork server starts clean and imports this module once.
-            context = mp.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            pool = context.Pool(workers, initializer=_init_worker)
-            results = pool.imap_unordered(_decode_job, jobs, chunksize=4)
-        for entry in results:
-            entries[entry.path] = entry
+    log.info("decoding %d of %d images into %s (%d workers)", len(jobs), len(paths), folder, workers)
+    with DecodePool(workers, cfg, buffer=4 * workers) as pool, \
+            tqdm(total=len(jobs), unit="img", desc="decode", disable=not progress) as bar:
+        for decoded in pool.map((path, "") for path, _ in jobs):
+            entries[decoded.path] = _store(decoded, jobs[decoded.index][1])
             bar.update()
-        if workers > 1:
-            pool.close()
-            pool.join()
     return [entries[p] for p in paths], len(jobs)
 
 
 def attach_cache(frame: pd.DataFrame, entries: Sequence[CacheEntry]) -> pd.DataFrame:
     """The manifest with each image's cache file (``npy``, None when unusable), ``reason`` and ``detail``.
 
-    A breast is (patient, study, laterality): study, laterality and view come from the CSV where it gives
-    them, else from the file's header (or, for laterality, its pixels) as the shared route read it.
+    The identity that forms breasts and exams (:mod:`dens.exams`, as dens-infer forms them): accession,
+    study, laterality and view come from the CSV where it gives them, else from the file's header (or, for
+    laterality, its pixels) as the shared route read it.
     """
     frame = frame.copy()
     frame["npy"] = [e.npy for e in entries]
     frame[labels.REASON] = [e.reason for e in entries]
     frame["detail"] = [e.detail for e in entries]
-    for column in (labels.STUDY_UID, labels.LATERALITY, labels.VIEW):
+    for column in (labels.ACCESSION, labels.STUDY_UID, labels.LATERALITY, labels.VIEW):
         from_file = pd.Series([e.info.get(column, "") for e in entries], index=frame.index)
         frame[column] = frame[column].where(frame[column] != "", from_file) if column in frame else from_file
     return frame

@@ -1,19 +1,24 @@
-"""Decode worker processes: files in, canonical ``uint8 [S, S]`` images out, in input order.
+"""The decode engine: the one way to run :func:`dens.preprocess.load` over many files, for every stage.
 
-Each worker runs the one route from a file to pixels (``dens.preprocess.load``) and sends back the small
-canonical image (resizing inside the worker: a 512x512 image crosses the pipe almost free, a 27 MB frame
-does not). The pool is hand-made rather than ``concurrent.futures``: a worker killed by a codec (a
-segfault on a hostile file) must cost that one file an ``error`` row while the run carries on, and a
-``ProcessPoolExecutor`` is broken for good after one death. Each worker has its own pipe and at most
+dens-infer, the training cache, export's parity check on real images and Grad-CAM all decode through
+:class:`DecodePool`: files in, canonical ``uint8 [S, S]`` images out, in input order. Each worker runs the
+one route from a file to pixels and sends back the small canonical image (resizing inside the worker: a
+512x512 image crosses the pipe almost free, a 27 MB frame does not).
+
+The pool is hand-made rather than ``concurrent.futures`` or ``multiprocessing.Pool``: a worker killed by a
+codec (a segfault on a hostile file) or stuck in one (no result within ``timeout`` seconds) must cost that
+one file a row with a reason while the run carries on; a ``ProcessPoolExecutor`` is broken for good after one
+death and ``Pool.imap`` waits forever for a task whose worker died. Each worker has its own pipe and at most
 ``per_worker`` tasks, so the pool always knows which file a dead worker was reading.
 
 Work in flight is bounded (tasks at the workers + results waiting to be consumed), so memory stays flat
 however large the archive. Workers are spawned (never forked from a process that holds an ONNX Runtime
-session or OpenCV's thread pool) with BLAS/OpenMP pinned to one thread through the environment they
-start with, and ``cv2.setNumThreads(0)``: the parallelism is the processes.
+session, a CUDA context or OpenCV's thread pool); each pins BLAS/OpenMP and OpenCV to one thread, as the
+parallelism is the processes, and decodes every file inside :func:`dens.decode.quiet_decoders`, so codec
+noise becomes the result's ``noise`` instead of lines on the user's terminal.
 
-This module imports only the standard library at the top: a spawned worker imports it before it pins
-its threads, and numpy must not be loaded by then.
+This module imports only the standard library (and :mod:`dens.errors`) at the top: a spawned worker
+imports it before it pins its threads.
 """
 
 from __future__ import annotations
@@ -32,22 +37,25 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from dens.errors import Reason
+
 log = logging.getLogger(__name__)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")  # fmt: skip
-# Test hook, set only by tests: a worker that meets a file with this base name kills itself with
-# SIGSEGV, as a crashing codec would.
-CRASH_ENV = "DENS_INFER_TEST_CRASH_ON"
-WORKER_CRASHED = "worker_crashed"
-UNEXPECTED = "unexpected_error"
+              "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+# Seconds one file may take in a worker before the worker is killed and the file gets a worker_timeout
+# row. The slowest honest decode (a 5355x4915 JPEG 2000 frame in full, GDCM on a large 12-bit JPEG) takes
+# seconds on one core; a minute leaves room for a loaded machine.
+DEFAULT_TIMEOUT = 60.0
 _DONE = object()
 
 
 @dataclass
 class Decoded:
     """One file's outcome. ``image`` (uint8 [S, S]) and ``info`` (``ImageInfo.to_dict()``) when ``status``
-    is ``ok``; otherwise ``reason`` says why (``code: detail``). ``seconds``: time in the worker."""
+    is ``ok``; otherwise ``reason`` says why (``code: detail``, the code a :class:`dens.errors.Reason`).
+    ``noise``: what the codecs logged or printed on the way (debug material). ``seconds``: time in the
+    worker."""
 
     index: int
     path: str
@@ -55,37 +63,39 @@ class Decoded:
     reason: str = ""
     image: Any = None
     info: dict | None = None
+    noise: str = ""
     seconds: float = 0.0
 
+    @property
+    def code(self) -> str:
+        """The reason's code (``corrupt_pixel_data``, ``worker_crashed``...); '' when ``ok``."""
+        return self.reason.split(":", 1)[0]
 
-@contextlib.contextmanager
-def _pinned_env():
-    """One thread per BLAS/OpenMP pool in processes started inside this block (the parent's own pools
-    were sized when it imported numpy/torch and do not change; restoring keeps later children free)."""
-    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+
+def _pin_threads() -> None:
+    """One thread per BLAS/OpenMP pool and for OpenCV in this worker: the variables for libraries not yet
+    loaded, threadpoolctl for those that are (a parent's ``__main__`` re-imported under spawn may have
+    loaded numpy already)."""
     os.environ.update(dict.fromkeys(THREAD_ENV, "1"))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    cv2.setNumThreads(0)  # sequential OpenCV
 
 
 def _worker(conn: Connection) -> None:
     """Worker main: ``(PreprocessConfig dict, nice)`` first, then ``(index, path)`` in and ``(index, status,
-    reason, image, info, seconds)`` out. The setup comes over the pipe so that a worker can start (imports
-    take a second) while the parent is still opening the model that says what the config is, and on which
-    device (the niceness to add: lower priority than the parent's model on a CPU)."""
-    os.environ.update(dict.fromkeys(THREAD_ENV, "1"))  # before numpy loads, whatever started us
+    reason, image, info, noise, seconds)`` out. The setup comes over the pipe so that a worker can start
+    (imports take a second) while the parent is still opening the model that says what the config is, and
+    on which device (the niceness to add: lower priority than the parent's model on a CPU)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our pipe
+    _pin_threads()
     import cv2
 
-    cv2.setNumThreads(0)  # sequential OpenCV: the parallelism is the processes
     from dens.config import PreprocessConfig
-    from dens.dicom import UnusableFile
+    from dens.decode import quiet_decoders
+    from dens.errors import Reason, UnusableFile
     from dens.preprocess import load
 
     try:
@@ -97,7 +107,6 @@ def _worker(conn: Connection) -> None:
     cfg, nice = setup
     niceness = os.nice(nice)
     config = PreprocessConfig.from_dict(cfg)
-    crash_on = os.environ.get(CRASH_ENV, "")
     conn.send(("ready", os.getpid(), cv2.getNumThreads(), niceness))
     while True:
         try:
@@ -107,19 +116,19 @@ def _worker(conn: Connection) -> None:
         if task is None:
             return
         index, path = task
-        if crash_on and os.path.basename(path) == crash_on:
-            os.kill(os.getpid(), signal.SIGSEGV)
         start = time.perf_counter()
+        noise: list[str] = []
         try:
-            image, info = load(path, config)
+            with quiet_decoders(path) as noise:
+                image, info = load(path, config)
             result = (index, "ok", "", image, info.to_dict())
         except UnusableFile as exc:
             result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, None)
         except Exception as exc:  # a decoder bug costs one file an error row, never the run
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            result = (index, "error", f"{UNEXPECTED}: {type(exc).__name__}: {first}", None, None)
+            result = (index, "error", f"{Reason.UNEXPECTED.value}: {type(exc).__name__}: {first}", None, None)
         try:
-            conn.send((*result, time.perf_counter() - start))
+            conn.send((*result, " | ".join(noise), time.perf_counter() - start))
         except (BrokenPipeError, EOFError, OSError):
             return
 
@@ -132,8 +141,7 @@ class _Worker:
     def __init__(self, ctx, setup: tuple[dict, int] | None):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="dens-decode")
-        with _pinned_env():
-            self.proc.start()
+        self.proc.start()
         child.close()
         if setup is not None:
             self.configure(setup)
@@ -141,6 +149,7 @@ class _Worker:
         self.ready = False
         self.cv2_threads: int | None = None
         self.niceness: int | None = None
+        self.busy_since: float | None = None  # when it began its first pending task (once ready)
 
     def configure(self, setup: tuple[dict, int]) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is found by its sentinel
@@ -177,12 +186,16 @@ class DecodePool:
     batches). ``nice`` (here or in :meth:`configure`): added to each worker's scheduling niceness, so that
     where decoding and a CPU model share the cores, the model (the bottleneck there) keeps them and
     decoding fills its gaps.
+    ``timeout``: seconds one file may take before its worker is killed and the file gets a
+    ``worker_timeout`` row (None: wait forever).
     Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
     """
 
-    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16, nice: int = 0):
+    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16, nice: int = 0,
+                 timeout: float | None = DEFAULT_TIMEOUT):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        self.timeout = timeout
         self._setup: tuple[dict, int] | None = (cfg.to_dict(), nice) if cfg is not None else None
         self._ctx = multiprocessing.get_context("spawn")
         self.per_worker = per_worker
@@ -314,8 +327,18 @@ class DecodePool:
             for w in workers:
                 if w.conn in ready or w.proc.sentinel in ready:
                     self._service(w, done, retry)
+                elif self._overdue(w):
+                    w.proc.kill()
+                    w.proc.join()
+                    self._replace(w, done, retry, timed_out=True)
+
+    def _overdue(self, w: _Worker) -> bool:
+        return (self.timeout is not None and w.busy_since is not None
+                and time.monotonic() - w.busy_since > self.timeout)
 
     def _send(self, w: _Worker, task: tuple[int, str]) -> None:
+        if not w.pending and w.ready:
+            w.busy_since = time.monotonic()
         w.pending.append(task)
         # A dead worker's pipe refuses the task: its sentinel reports the death and the task is retried.
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -334,13 +357,15 @@ class DecodePool:
     def _receive(self, w: _Worker, msg: tuple, done: dict[int, Decoded]) -> None:
         if msg[0] == "ready":
             w.ready, w.cv2_threads, w.niceness = True, msg[2], msg[3]
+            w.busy_since = time.monotonic() if w.pending else None
             return
-        index, status, reason, image, info, seconds = msg
+        index, status, reason, image, info, noise, seconds = msg
         task = w.pending.popleft()
         assert task[0] == index, (task, index)  # one pipe, handled in order
-        done[index] = Decoded(index, task[1], status, reason, image, info, seconds)
+        done[index] = Decoded(index, task[1], status, reason, image, info, noise, seconds)
+        w.busy_since = time.monotonic() if w.pending else None
 
-    def _replace(self, w: _Worker, done: dict[int, Decoded], retry: deque) -> None:
+    def _replace(self, w: _Worker, done: dict[int, Decoded], retry: deque, timed_out: bool = False) -> None:
         w.proc.join(5)
         if w.proc.is_alive():  # its pipe broke but it lingers: make sure it is gone
             w.proc.kill()
@@ -350,8 +375,12 @@ class DecodePool:
             raise PoolError(f"a decode worker died while starting ({note}); its error is printed above")
         if w.pending:
             index, path = w.pending.popleft()
-            log.warning("%s: the decode worker died reading this file (%s); it gets an error row", path, note)
-            done[index] = Decoded(index, path, "error", f"{WORKER_CRASHED}: decode worker {note} reading this file")
+            if timed_out:
+                reason = f"{Reason.WORKER_TIMEOUT.value}: no result after {self.timeout:g} s, its worker killed"
+            else:
+                reason = f"{Reason.WORKER_CRASHED.value}: decode worker {note} reading this file"
+            log.warning("%s: %s; it gets an error row", path, reason)
+            done[index] = Decoded(index, path, "error", reason)
             retry.extendleft(reversed(w.pending))
         w.conn.close()
         self._workers[self._workers.index(w)] = _Worker(self._ctx, self._setup)
