@@ -84,9 +84,8 @@ class GradCAM:
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or output.ndim != 4:
             raise TypeError(f"Grad-CAM needs a layer with a [N, C, H, W] output, got {type(output).__name__}")
-        # Everything before this layer ran under no_grad: no graph to hold. From here on the graph is built,
-        # starting at a fresh leaf, so the gradient exists even when the weights are frozen.
-        torch.set_grad_enabled(True)
+        # A fresh leaf: the graph starts here, so the gradient exists even for frozen weights, and the layers
+        # before this one (which touch no tensor that needs a gradient) build none.
         self._activation = output.detach().requires_grad_(True)
         return self._activation
 
@@ -96,8 +95,13 @@ class GradCAM:
         device = next(self.model.parameters()).device
         x = torch.as_tensor(images).to(device)
         self.model.eval()
+        # Only the activation needs a gradient: with the weights' flags off for this call, autograd records
+        # the layers after the target and nothing else (restored below, as the caller had them).
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         try:
-            with torch.no_grad():  # restores the caller's grad mode on exit, whatever the hook set
+            for p in trainable:
+                p.requires_grad_(False)
+            with torch.enable_grad():
                 logits = self.model(x)
                 activation = self._activation
                 if activation is None:
@@ -111,13 +115,15 @@ class GradCAM:
                 # Summing the per-image scores keeps images independent: d(sum)/dA_i = d(score_i)/dA_i.
                 score = logits.gather(1, target[:, None]).sum()
                 (grads,) = torch.autograd.grad(score, activation)
-                torch.set_grad_enabled(False)
+            with torch.no_grad():
                 weights = grads.mean(dim=(2, 3), keepdim=True)
-                cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
+                cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
                 cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
                 cam = normalise(cam)
             return CamResult(cam.float().cpu().numpy(), target.cpu().numpy(), logits.detach().float().cpu().numpy())
         finally:
+            for p in trainable:
+                p.requires_grad_(True)
             self._activation = None
 
 
