@@ -1,4 +1,4 @@
-"""The density classifier (a 1-channel ResNet that takes uint8) and its checkpoint file.
+"""The density classifier (a 1-channel ResNet that takes uint8), its checkpoint file and its probabilities.
 
 The graph starts at the bytes: ``forward`` casts, scales and normalises, so PyTorch, ONNX and Grad-CAM
 all feed the same ``uint8 [N, 1, S, S]`` batch and no caller can normalise differently. A checkpoint
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
@@ -241,3 +242,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if isinstance(map_location, str | torch.device):
         model.to(map_location)
     return Checkpoint(model.eval(), preprocess, classes, temperature, blob["summary"], blob["extra"], sha, path)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The model's probabilities from its logits ``[N, classes]``: ``softmax(logits / temperature)`` in
+    float64, the reference that training's figures use and the exported graph's ``probs`` is held to."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

@@ -110,6 +110,5 @@ def predict(net: torch.nn.Module, dataset: data.CachedImages, ranks: Ranks, batc
 
 
 def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0) -> dict:
-    """Image- and breast-level figures for one split's logits."""
-    keys = frame[[labels.PATIENT_ID, labels.STUDY_UID, labels.LATERALITY]]
-    return metrics.report(logits, frame[data.LABEL].to_numpy(), keys, temperature)
+    """Image- and breast-level figures for one split's logits; its breasts as dens-infer forms them."""
+    return metrics.report(logits, frame[data.LABEL].to_numpy(), frame, temperature)

@@ -2,7 +2,8 @@
 
 One confusion matrix feeds all the class metrics, so they cannot disagree with each other; the tests hold
 them equal to scikit-learn's on fixed inputs. Dense-vs-not is the density call's (the argmax is C or D),
-the rule behind dens-infer's ``dense`` column and its default flag, so the training figures describe what a
+the rule behind dens-infer's ``dense`` column and its default flag, and breasts are formed and averaged as
+dens-infer's preds.breast.csv forms them (:mod:`dens.exams`), so the training figures describe what a
 deployed model calls dense.
 Temperature scaling (Guo et al. 2017) is fitted on validation logits and stored in the checkpoint.
 """
@@ -16,7 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dens import exams
 from dens.labels import CLASSES, DENSE_CLASSES
+from dens.model import softmax
 
 NUM = len(CLASSES)
 DENSE_INDEX = [CLASSES.index(c) for c in DENSE_CLASSES]
@@ -135,34 +138,28 @@ def evaluate(probs: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
-def breast_level(keys: pd.DataFrame, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of each breast's view probabilities, and its density (the most common label of its views).
+def breast_level(images: pd.DataFrame, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each breast's probabilities (the mean of its views') and its density (the most common label of its
+    views, the lower class on a tie).
 
-    ``keys`` has one row per image and the columns that name a breast (patient, study, laterality).
+    ``images`` has one row per image (in ``probs``' order) with the identity columns that
+    :func:`dens.exams.breast_key` reads (study_uid, accession, patient_id, path, laterality).
     """
-    frame = keys.reset_index(drop=True).astype(str)
-    group = frame.groupby(list(frame.columns), sort=True, dropna=False).ngroup().to_numpy()
-    count = group.max() + 1 if len(group) else 0
-    sums = np.zeros((count, probs.shape[1]))
-    np.add.at(sums, group, probs)
-    mean = sums / np.bincount(group, minlength=count)[:, None]
-    votes = np.zeros((count, probs.shape[1]), np.int64)
-    np.add.at(votes, (group, np.asarray(y)), 1)
-    return mean, votes.argmax(1)
+    probs, y = np.asarray(probs, np.float64), np.asarray(y, np.int64)
+    groups = list(exams.breast_groups(images.reset_index(drop=True)).values())
+    if not groups:
+        return np.zeros((0, probs.shape[1])), np.zeros(0, np.int64)
+    mean = np.stack([exams.breast_probabilities(probs[g]) for g in groups])
+    density = np.array([np.bincount(y[g], minlength=probs.shape[1]).argmax() for g in groups])
+    return mean, density
 
 
-def report(logits: np.ndarray, y: np.ndarray, breast_keys: pd.DataFrame, temperature: float = 1.0) -> dict:
-    """``{"image": ..., "breast": ...}``: :func:`evaluate` on the images and on their breasts."""
+def report(logits: np.ndarray, y: np.ndarray, images: pd.DataFrame, temperature: float = 1.0) -> dict:
+    """``{"image": ..., "breast": ...}``: :func:`evaluate` on the images and on their breasts (``images``:
+    see :func:`breast_level`)."""
     probs = softmax(logits, temperature)
-    breast_probs, breast_y = breast_level(breast_keys, probs, y)
+    breast_probs, breast_y = breast_level(images, probs, y)
     return {"image": evaluate(probs, y), "breast": evaluate(breast_probs, breast_y)}
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
