@@ -29,7 +29,7 @@ import torch
 from common import sync, write_result
 from dens.explain import GradCAM
 from dens.explain.report import write_cam_files
-from dens.explain.run import pick_device
+from dens.explain.runner import pick_device
 from dens.model import build_model
 
 

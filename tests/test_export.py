@@ -21,10 +21,9 @@ from dens.config import PreprocessConfig
 from dens.export.cli import main
 from dens.export.onnx import Fp16ConversionError, to_fp16
 from dens.export.parity import THRESHOLDS, check_parity
-from dens.export.run import ExportConfig
+from dens.export.runner import ExportConfig
 from dens.metadata import OnnxMetadataError, read_metadata
 from dens.model import build_model, file_sha256, load_checkpoint, save_checkpoint
-from dens.synth import generate
 
 SIZE = 64
 TEMPERATURE = 1.7
@@ -48,10 +47,10 @@ def checkpoint(workdir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cohort(workdir) -> Path:
+def cohort(workdir, synthetic_cohort) -> Path:
     """A tiny synthetic cohort plus one file that yields no image (sorted first, so it is always seen)."""
     out = workdir / "cohort"
-    generate(out, patients=6, size="small")
+    shutil.copytree(synthetic_cohort(3, seed=5), out)  # the shared cohort stays as it was made
     (out / "0-notes.txt").write_text("not an image\n")
     return out
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from torch import nn
 
-from dens import labels, synth
+from dens import labels
 from dens.config import PreprocessConfig
 from dens.explain import GradCAM, GradcamError, assign_stems, parse_flag, resolve_layer, run_gradcam, safe_stem
 from dens.explain.cli import main as gradcam_main
@@ -288,7 +288,7 @@ def test_flags_select_ok_rows_by_class_threshold_or_the_flagged_column():
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
+def study(tmp_path_factory, synthetic_cohort) -> dict:
     """The real chain at S=64: a synthetic cohort, a resnet18 checkpoint (random weights), dens-export's
     model.onnx, dens-infer's preds.csv (and its exam CSVs). Then, as a header could, two rows get hostile
     identity values, and the flagged column is set on every other ok row (a random model calls nearly
@@ -299,13 +299,13 @@ def study(tmp_path_factory) -> dict:
     from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("gradcam")
-    synth.generate(root / "cohort", 3, size="small", seed=5, workers=2, progress=False)
+    cohort = synthetic_cohort(3, seed=5)
     torch.manual_seed(0)
     cfg = PreprocessConfig(size=S)
     save_checkpoint(root / "best.pt", build_model("resnet18", weights=None), cfg, classes=labels.CLASSES)
     export_onnx(root / "best.pt", root / "model.onnx")
     out = root / "infer"
-    summary = infer(InferConfig(studies=root / "cohort", out=out / "preds.csv", model=root / "model.onnx",
+    summary = infer(InferConfig(studies=cohort, out=out / "preds.csv", model=root / "model.onnx",
                                 device="cpu", workers=1, progress=False))  # fmt: skip
     assert summary.ok >= 12
 
@@ -321,7 +321,7 @@ def study(tmp_path_factory) -> dict:
     ok[3][col[labels.SOP_UID]] = HOSTILE_SOP  # flagged, the same hostile UID: de-duplicated
     with open(out / "preds.csv", "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([header, *rows])
-    return {"infer": out, "onnx": root / "model.onnx", "ckpt": root / "best.pt", "cfg": cfg}
+    return {"infer": out, "onnx": root / "model.onnx", "ckpt": root / "best.pt", "cfg": cfg, "cohort": cohort}
 
 
 def _write_preds(study, tmp_path) -> Path:
@@ -450,7 +450,7 @@ def test_cli_writes_maps_and_reports_errors_as_messages(study, tmp_path):
 
 def test_model_defaults_to_the_latest_run_and_checkpoint_is_found_beside_it(study, tmp_path, monkeypatch):
     from dens import runs
-    from dens.explain.run import _find_checkpoint
+    from dens.explain.runner import _find_checkpoint
 
     (tmp_path / "study").mkdir()
     _write_preds(study, tmp_path / "study")
@@ -478,7 +478,7 @@ def test_dens_infer_gradcam_flag_and_resume(study, tmp_path):
 
     from dens.infer.cli import main as infer_main
 
-    cohort = study["ckpt"].parent / "cohort"
+    cohort = study["cohort"]
     out = tmp_path / "preds.csv"
     args = [str(cohort), "--out", str(out), "--model", str(study["onnx"]), "--device", "cpu", "--workers", "1",
             "--no-progress", "--flag", "p_A>=0"]  # fmt: skip

@@ -1,42 +1,15 @@
-"""dens-gradcam: click options -> GradcamConfig -> :func:`run` (which calls :func:`dens.explain.run_gradcam`)."""
+"""dens-gradcam: click options -> :class:`GradcamConfig` -> :func:`dens.explain.runner.run`."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import pandas as pd
 
 from dens import show_progress
-from dens.explain.run import GradcamError, run_gradcam
+from dens.explain.runner import DEVICES, THUMBNAILS, GradcamConfig, GradcamError, run
 from dens.flags import parse_flag
-
-
-@dataclass(frozen=True)
-class GradcamConfig:
-    """Everything one dens-gradcam run needs; see :func:`dens.explain.run_gradcam`."""
-
-    preds: Path
-    out: Path
-    model: Path | None = None
-    checkpoint: Path | None = None
-    flag: str | None = None
-    layer: str | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    workers: int | None = None
-    thumbnails: str = "flagged"
-    report: bool = True
-    progress: bool = True
-
-
-def run(cfg: GradcamConfig) -> pd.DataFrame:
-    """Run Grad-CAM as configured; returns the updated preds table (see :func:`dens.explain.run_gradcam`)."""
-    return run_gradcam(cfg.preds, cfg.out, checkpoint=cfg.checkpoint, model_path=cfg.model, flag=cfg.flag,
-                       layer=cfg.layer, batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                       thumbnails=cfg.thumbnails, report=cfg.report, progress=cfg.progress)  # fmt: skip
 
 
 def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -60,9 +33,9 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "column].")  # fmt: skip
 @click.option("--layer", default=None, help="Target layer, dotted [default: backbone.layer4.-1, the last block].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode threads [min(4, cores)].")
-@click.option("--thumbnails", type=click.Choice(["flagged", "all", "none"]), default="flagged", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes [min(4, cores)].")
+@click.option("--thumbnails", type=click.Choice(THUMBNAILS), default="flagged", show_default=True,
               help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
                    "again), or none.")  # fmt: skip
 @click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
@@ -81,4 +54,3 @@ def main(**options) -> None:
                + (f"; review page {report}" if report else ""))  # fmt: skip
 
 
-__all__ = ["GradcamConfig", "main", "run"]

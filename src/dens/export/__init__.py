@@ -6,7 +6,7 @@
 
 from dens.export.onnx import export_onnx
 from dens.export.parity import check_parity
-from dens.export.run import OPSETS, PRECISIONS, ExportConfig, parity_report_path, run
+from dens.export.runner import OPSETS, PRECISIONS, ExportConfig, parity_report_path, run
 from dens.metadata import OnnxMetadataError, read_metadata
 
 __all__ = [

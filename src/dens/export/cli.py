@@ -1,4 +1,4 @@
-"""dens-export: click options -> :class:`ExportConfig` -> :func:`dens.export.run.run`, then a summary line per
+"""dens-export: click options -> :class:`ExportConfig` -> :func:`dens.export.runner.run`, then a summary line per
 model and the exit status (2 when parity fails)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.export.run import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
+from dens.export.runner import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
 from dens.metadata import OnnxMetadataError
 from dens.model import CheckpointError
 

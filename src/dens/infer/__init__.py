@@ -1,23 +1,22 @@
 """Inference: ``dens-infer STUDIES --out preds.csv`` (decode workers feeding one ONNX Runtime session).
 
-Nothing heavy is imported here or in ``cli``: a spawned decode worker imports this package (and the
-console script's module) before it starts, and should not pay for ONNX Runtime or pandas.
-``run``, ``InferConfig``, ``InferError`` and ``Summary`` load from :mod:`dens.infer.runner` on first use.
+The shape of every stage: :mod:`dens.infer.cli` (click) -> :class:`InferConfig` (:mod:`dens.infer.config`) ->
+:func:`run` (:mod:`dens.infer.runner`). Nothing heavy is imported here: a spawned decode worker imports the
+console script's module before it starts, and should not pay for ONNX Runtime or pandas. ``run``,
+``InferError`` and ``Summary`` load from :mod:`dens.infer.runner` on first use.
 """
 
 from __future__ import annotations
 
-DEVICES = ("auto", "tensorrt", "cuda", "cpu")
-# Exit status of dens-infer.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from dens.infer.config import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InferConfig
 
 __all__ = ["DEVICES", "EXIT_ERRORS", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "InferConfig",
-           "InferError", "Summary", "run"]  # fmt: skip
+           "InferError", "Summary", "run"]
 
 
 def __getattr__(name: str):
-    if name in ("InferConfig", "InferError", "Summary", "run"):
-        from dens.infer import runner
+    if name in ("InferError", "Summary", "run"):
+        import dens.infer.runner
 
-        return getattr(runner, name)
+        return getattr(dens.infer.runner, name)
     raise AttributeError(f"module 'dens.infer' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``dens-infer STUDIES --out preds.csv``: click options -> InferConfig -> :func:`dens.infer.runner.run`."""
+"""``dens-infer STUDIES --out preds.csv``: click options -> :class:`InferConfig` -> :func:`dens.infer.runner.run`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.infer import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from dens.infer.config import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, InferConfig
 
 _EPILOG = f"""\b
 Exit status: 0 every file ok or skipped; {EXIT_ERRORS} the run finished but some files are
@@ -54,7 +54,7 @@ def main(studies: Path, out: Path, model: Path | None, device: str, batch_size: 
          gradcam: Path | None, checkpoint: Path | None, verbose: bool) -> None:  # fmt: skip
     """Classify breast density (BI-RADS A-D) for every file under STUDIES: one row per file in --out
     (status ok | skipped | error, with a reason), plus breast- and exam-level calls beside it."""
-    from dens.infer.runner import InferConfig, InferError, run  # here: spawned workers import this module
+    from dens.infer.runner import InferError, run  # here: spawned workers import this module
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("PIL", "pydicom", "matplotlib"):
@@ -82,12 +82,12 @@ def main(studies: Path, out: Path, model: Path | None, device: str, batch_size: 
 
 def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None, progress: bool | None) -> None:
     """Grad-CAM for the rows dens-infer flagged, on the device the ONNX model ran on."""
-    from dens.explain import GradcamError, run_gradcam  # torch: imported only when asked for
+    from dens.explain import GradcamConfig, GradcamError, run  # torch: imported only when asked for
 
     device = "cuda" if summary.provider.lower().startswith(("cuda", "tensorrt")) else "cpu"
     try:
-        table = run_gradcam(summary.out, out_dir, model_path=model, checkpoint=checkpoint, flag=None,
-                            device=device, progress=show_progress(progress))  # fmt: skip
+        table = run(GradcamConfig(summary.out, out_dir, model=model, checkpoint=checkpoint, device=device,
+                                  progress=show_progress(progress)))
     except GradcamError as exc:
         click.echo(f"dens-infer: --gradcam failed: {exc}; the predictions in {summary.out} are complete "
                    "(rerun `dens-gradcam` on them)", err=True)  # fmt: skip

@@ -21,7 +21,8 @@ from dens import labels, runs, show_progress
 from dens.engine import Decoded, DecodePool, PoolError
 from dens.errors import Reason
 from dens.flags import parse_flag
-from dens.infer import EXIT_ERRORS, EXIT_OK, aggregate, walk
+from dens.infer import aggregate, walk
+from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
 from dens.infer.runtime import (
     DeviceError,
     ModelError,
@@ -42,23 +43,6 @@ _MAX_PENDING_FACTOR = 4
 
 class InferError(Exception):
     """A run that cannot start or go on (no model, no GPU, an existing output); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    """What ``dens-infer`` was asked to do. ``None`` means the default for the provider in use."""
-
-    studies: Path
-    out: Path = Path("preds.csv")
-    model: Path | None = None  # default: runs/latest/model.onnx
-    device: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    threads: int | None = None  # ONNX Runtime intra-op threads
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool | None = None  # None: when the terminal is interactive
-    flag: str | None = None  # which calls are flagged (dens.flags.parse_flag); default C/D
 
 
 @dataclass

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 import dens
 from dens.config import PreprocessConfig
-from dens.infer import DEVICES
+from dens.infer.config import DEVICES
 from dens.metadata import INPUT, METADATA_KEY, PROBS, OnnxMetadataError, parse_metadata, read_metadata
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ header, encoding: one file), ``run`` (:class:`SynthConfig` -> :func:`run`; :func
 """
 
 from dens.synth.cohort import COLUMNS, DENSITY_PRIOR
-from dens.synth.run import MAX_SEED, SIZES, SynthConfig, generate, run
+from dens.synth.runner import MAX_SEED, SIZES, SynthConfig, generate, run
 from dens.synth.spec import MACHINES, ImageSpec, Machine
 
 __all__ = [

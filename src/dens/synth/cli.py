@@ -1,4 +1,4 @@
-"""dens-synth: click options -> :class:`SynthConfig` -> :func:`dens.synth.run.run`, then a one-line summary."""
+"""dens-synth: click options -> :class:`SynthConfig` -> :func:`dens.synth.runner.run`, then a one-line summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.synth.run import MAX_SEED, SIZES, SynthConfig, run
+from dens.synth.runner import MAX_SEED, SIZES, SynthConfig, run
 
 
 @click.command()

@@ -87,46 +87,70 @@ class GradcamSummary:
                 f"{rate:.2f} img/s on {self.device}")  # fmt: skip
 
 
-def run_gradcam(
-    preds_csv: str | Path,
-    out_dir: str | Path,
-    *,
-    checkpoint: str | Path | None = None,
-    model_path: str | Path | None = None,
-    flag: str | Flag | None = None,
-    layer: str | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    workers: int | None = None,
-    thumbnails: str = "flagged",
-    report: bool = True,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Grad-CAM for the flagged rows of ``preds_csv``: an overlay PNG and the raw map ``.npy`` per image
-    under ``out_dir``, preds.csv's ``gradcam`` column rewritten (atomically), ``report.html`` beside it.
+THUMBNAILS = ("flagged", "all", "none")
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+
+
+@dataclass(frozen=True)
+class GradcamConfig:
+    """Everything one Grad-CAM run needs (dens-gradcam's flags; dens-infer --gradcam fills it too).
 
     ``flag``: see :func:`dens.flags.parse_flag` (default: preds.csv's ``flagged`` column).
-    ``model_path`` defaults to the newest run's ``model.onnx``, ``checkpoint`` to the one its metadata names.
+    ``model`` defaults to the newest run's ``model.onnx``, ``checkpoint`` to the one its metadata names.
     ``thumbnails``: which views the page shows: ``flagged`` (all views of exams with a flagged image),
-    ``all`` (every ok row; decodes every file again) or ``none``. Returns the updated table (strings, as
-    read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`) and ``report`` (its path).
-    Raises :class:`GradcamError` for what a user must fix (wrong model, missing checkpoint, bad preds.csv).
+    ``all`` (every ok row; decodes every file again) or ``none``. ``workers``: decode processes.
+    """
+
+    preds: Path
+    out: Path
+    model: Path | None = None
+    checkpoint: Path | None = None
+    flag: str | Flag | None = None
+    layer: str | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int | None = None
+    thumbnails: str = "flagged"
+    report: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.thumbnails not in THUMBNAILS:
+            raise ValueError(f"thumbnails must be {', '.join(THUMBNAILS)}, got {self.thumbnails!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def run_gradcam(preds_csv: str | Path, out_dir: str | Path, *, model_path: str | Path | None = None,
+                checkpoint: str | Path | None = None, **options) -> pd.DataFrame:
+    """:func:`run` with the settings as keyword arguments (see :class:`GradcamConfig`), for library callers."""
+    return run(GradcamConfig(Path(preds_csv), Path(out_dir), model=model_path, checkpoint=checkpoint, **options))
+
+
+def run(cfg: GradcamConfig) -> pd.DataFrame:
+    """Grad-CAM for the flagged rows of ``cfg.preds``: an overlay PNG and the raw map ``.npy`` per image
+    under ``cfg.out``, preds.csv's ``gradcam`` column rewritten (atomically), ``report.html`` beside it.
+
+    Returns the updated table (strings, as read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`)
+    and ``report`` (its path). Raises :class:`GradcamError` for what a user must fix (wrong model, missing
+    checkpoint, bad preds.csv).
     """
     from dens.explain import report as pages
 
-    if thumbnails not in ("flagged", "all", "none"):
-        raise ValueError(f"thumbnails must be flagged, all or none, got {thumbnails!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    flag, layer, batch_size, workers = cfg.flag, cfg.layer, cfg.batch_size, cfg.workers
+    thumbnails, report, progress = cfg.thumbnails, cfg.report, cfg.progress
+    model_path, checkpoint = cfg.model, cfg.checkpoint
     started = time.perf_counter()
-    preds_csv, out_dir = Path(preds_csv), Path(out_dir)
+    preds_csv, out_dir = Path(cfg.preds), Path(cfg.out)
     preds = read_preds(preds_csv)
     selected = parse_flag(flag).select(preds).to_numpy()
     stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
     resolved = resolve_model(preds, preds_csv, model_path=model_path, checkpoint=checkpoint,
                              need_weights=bool(selected.any()))  # fmt: skip
     workers = workers or min(4, dens.usable_cores())
-    dev = pick_device(device)
+    dev = pick_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def items(rows) -> list[tuple[int, str]]:

@@ -1,0 +1,31 @@
+"""What dens-infer is asked to do: :class:`InferConfig`, its choice lists and its exit statuses.
+
+Standard library only: dens-infer's command-line module imports this, and a spawned decode worker imports
+that module before it starts, so nothing heavy may load here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "tensorrt", "cuda", "cpu")
+# Exit status of dens-infer.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """What ``dens-infer`` was asked to do. ``None`` means the default for the provider in use."""
+
+    studies: Path
+    out: Path = Path("preds.csv")
+    model: Path | None = None  # default: runs/latest/model.onnx
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: when the terminal is interactive
+    flag: str | None = None  # which calls are flagged (dens.flags.parse_flag); default C/D
