@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench bench-gpu demo clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: setup
 	$(PY) bench/train_step.py
 	$(PY) bench/gradcam.py --device auto --models resnet50:512 --batches 1,8 --repeat 2
 	$(PY) bench/summarize.py
+
+# The GPU benchmarks and the `pytest -m gpu` tests on a machine with a CUDA GPU: every step time-limited,
+# a failed step reported without ending the rest (bench/gpu.sh says what each step measures).
+bench-gpu: setup
+	PYTHON=$(PY) bash bench/gpu.sh
 
 # The demo runs on any 2-core machine in a few minutes: it trains a small model (resnet18 at S=128,
 # from scratch) on a synthetic cohort, not the default ResNet-50 at 512, and says so.

@@ -76,7 +76,7 @@ def export_models(root: Path, arch: str, size: int, fp16: bool = False) -> tuple
 def machine() -> dict:
     """CPU, core count, memory, GPU (if any) and library versions, for the results file."""
     info = {
-        # DENS_BENCH_HOST names a machine whose host name says nothing (a lent GPU machine's is random).
+        # DENS_BENCH_HOST names a machine whose host name says nothing (a cloud machine's is often random).
         "host": os.environ.get("DENS_BENCH_HOST") or socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -13,9 +13,8 @@ a ``--decoder`` would hand its frame to dens.preprocess's own steps, the one rou
 Pixels: the GPU frames of the first ``--check-files`` files are compared with pydicom's decode of them
 (lossless JPEG 2000: they must match bit for bit).
 
-Needs a CUDA GPU and nvidia-nvimgcodec-cu13 with nvidia-nvjpeg2k-cu13 (bench/gpu_wheels.sh fetches them
-for the lent machine; bench/gpu_session.sh runs this in its last call). Not run yet: no session so far had
-a GPU.
+Needs a CUDA GPU and nvidia-nvimgcodec-cu13 with nvidia-nvjpeg2k-cu13 (`.venv/bin/pip install` them);
+`make bench-gpu` runs it as its last step. No GPU has run it yet.
 """
 
 from __future__ import annotations
