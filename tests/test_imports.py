@@ -5,6 +5,8 @@ and no module reaching for another module's underscore names."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,12 @@ def test_the_check_catches_each_kind_of_violation(tmp_path, files, expected):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text(text)
     assert violations(modules(tmp_path)) == [expected]
+
+
+def test_dens_infer_main_process_loads_no_decoder_and_no_torch():
+    # The decoders live in the engine's workers; torch only comes with --gradcam. The main process of a run
+    # on a big archive keeps its memory for the model and the batches.
+    heavy = ("pydicom", "cv2", "torch", "dens.dicom", "dens.preprocess")
+    code = f"import sys, dens.infer.cli, dens.infer.runner\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
