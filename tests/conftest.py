@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-mammogram folder, a DICOM writer and a synthetic breast."""
+"""Shared fixtures: the real-mammogram folder, a DICOM writer, a synthetic breast and synthetic cohorts."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-REAL_MAMMO = Path(__file__).resolve().parents[2] / "shared/data/real-mammo"
+# The real mammograms are never in the repository (their terms forbid redistribution): DENS_REAL_MAMMO names
+# a folder of them. The default is where CI keeps them, beside the checkout.
+REAL_MAMMO_ENV = "DENS_REAL_MAMMO"
+REAL_MAMMO = Path(os.environ.get(REAL_MAMMO_ENV) or Path(__file__).resolve().parents[2] / "shared/data/real-mammo")
 
 
-# The real files in ../shared/data/real-mammo (SOURCES.md): every JPEG 2000 one, then the JPEG Extended copy.
+# The real files the tests read, by their path in that folder: every JPEG 2000 one, then the JPEG Extended copy.
 REAL_J2K = [
     "rsna-kaggle-train/462822612.dcm",
     "rsna-kaggle-train/1874946579.dcm",
@@ -36,7 +39,7 @@ REAL_FILES = [*REAL_J2K, "wg04-nema-MG1/MG1_JPLY"]
 def real_mammo() -> Path:
     """The real DICOM samples, kept outside the repository (their terms forbid redistribution)."""
     if not REAL_MAMMO.is_dir():
-        pytest.skip(f"real mammograms not found at {REAL_MAMMO} (a clone without ../shared/data; CI has them)")
+        pytest.skip(f"no real mammograms at {REAL_MAMMO}: set {REAL_MAMMO_ENV} to a folder of them")
     return REAL_MAMMO
 
 
@@ -130,6 +133,25 @@ def synthetic_breast(rows: int = 300, cols: int = 240, *, bits: int = 12, seed: 
 def breast() -> Callable[..., np.ndarray]:
     """``breast(rows=300, cols=240, bits=12, seed=0)``: see :func:`synthetic_breast`."""
     return synthetic_breast
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory) -> Callable[..., Path]:
+    """``synthetic_cohort(patients=3, seed=5) -> Path``: a small dens-synth cohort, made once per session and
+    shared by every test that asks for the same one (a cohort takes seconds to make; a copy, milliseconds).
+    Treat it as read-only: a test that adds files copies it first (``shutil.copytree``)."""
+    from dens import synth
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def get(patients: int = 3, seed: int = 5) -> Path:
+        if (patients, seed) not in made:
+            out = tmp_path_factory.mktemp(f"cohort-{patients}p-seed{seed}") / "cohort"
+            synth.generate(out, patients, size="small", seed=seed, workers=2, progress=False)
+            made[patients, seed] = out
+        return made[patients, seed]
+
+    return get
 
 
 CODEC_FAULTS = Path(__file__).resolve().parent / "codec_faults"

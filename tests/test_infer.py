@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from pydicom.uid import JPEG2000Lossless
 
 from conftest import synthetic_breast, write_dicom
-from dens import labels, synth
+from dens import labels
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
 from dens.exams import breasts, exams
@@ -68,11 +68,11 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory) -> Path:
+def studies(tmp_path_factory, synthetic_cohort) -> Path:
     """3 synthetic patients (small) plus the bad files, a symlink loop and a second link to one folder."""
-    root = tmp_path_factory.mktemp("studies")
-    table = synth.generate(root, patients=3, size="small", seed=7, workers=2, progress=False)
-    first = root / table[labels.PATH].iloc[0]
+    root = tmp_path_factory.mktemp("studies") / "studies"
+    shutil.copytree(synthetic_cohort(3, seed=5), root)  # the shared cohort stays as it was made
+    first = root / pd.read_csv(root / "train.csv")[labels.PATH].iloc[0]
     bad = root / "zz-bad"
     bad.mkdir()
     data = first.read_bytes()
