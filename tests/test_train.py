@@ -252,6 +252,7 @@ def test_cpu_training_is_fp32_unless_bf16_is_asked_for(caplog):
     assert "fp32 on CPU" in caplog.text and "needs a CUDA device" in caplog.text and "bf16 autocast" in caplog.text
 
 
+@pytest.mark.slow  # fast cover: the train_step tests above (autocast forward, fp32 loss, one optimizer step)
 def test_a_bf16_step_on_cpu_learns():
     # CPU autocast: the forward in bf16, the loss and the Adam update in fp32.
     torch.manual_seed(0)
