@@ -1,14 +1,16 @@
-"""PNG figures of a run: confusion matrices (raw and row-normalised) and loss/accuracy/learning-rate curves."""
+"""PNG figures of a run: confusion matrices (raw and row-normalised) and loss/accuracy/learning-rate curves.
+
+Each figure is drawn on its own Agg canvas, never through pyplot: no display is needed on a training
+machine, and importing this module selects no backend for the process that imports it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on training machines; must precede pyplot
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from dens.labels import CLASSES
 
@@ -16,7 +18,7 @@ from dens.labels import CLASSES
 def confusion_png(cm: list | np.ndarray, path: str | Path, *, normalised: bool, title: str) -> Path:
     """One confusion matrix (rows: truth, columns: prediction) with its values written in the cells."""
     cm = np.asarray(cm, np.float64)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    fig, ax = _figure(figsize=(4.2, 3.8))
     image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalised else max(1.0, cm.max()))
     fig.colorbar(image, ax=ax, fraction=0.046)
     ticks = range(len(CLASSES))
@@ -42,7 +44,7 @@ def curves_png(history: list[dict], out_dir: str | Path) -> list[Path]:
     )  # fmt: skip
     written = []
     for name, ylabel, series in panels:
-        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+        fig, ax = _figure(figsize=(5, 3.4))
         for label, key in series:
             values = [np.nan if h.get(key) is None else h[key] for h in history]
             ax.plot(epochs, values, marker="o", label=label)
@@ -56,9 +58,14 @@ def curves_png(history: list[dict], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def _save(fig, path: str | Path) -> Path:
+def _figure(figsize: tuple[float, float]):
+    fig = Figure(figsize=figsize, dpi=120)
+    FigureCanvasAgg(fig)  # attaches itself to the figure: savefig renders with Agg
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
