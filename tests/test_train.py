@@ -20,6 +20,8 @@ from dens import labels, synth
 from dens.model import build_model, load_checkpoint
 from dens.preprocess import PreprocessConfig, load
 from dens.train import cache, cli, data, loop
+from dens.train.config import TrainConfig
+from dens.train.step import resolve_precision, train_step
 
 SIZE = 64
 
@@ -31,15 +33,15 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def _config(cohort: Path, out: Path, **overrides) -> loop.TrainConfig:
+def _config(cohort: Path, out: Path, **overrides) -> TrainConfig:
     settings = dict(data=str(cohort), out=str(out), arch="resnet18", weights="none", size=SIZE, epochs=3,
                     batch_size=4, lr=1e-3, workers=0, decode_workers=2, cache=str(out.parent / "cache"),
                     progress=False)  # fmt: skip
-    return loop.TrainConfig(**{**settings, **overrides})
+    return TrainConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
-def trained(cohort, tmp_path_factory) -> tuple[loop.TrainConfig, dict]:
+def trained(cohort, tmp_path_factory) -> tuple[TrainConfig, dict]:
     """One uninterrupted three-epoch run (about 30 training images, 8 steps an epoch), shared by the tests
     that read its artifacts; two epochs are too few for the loss to fall reliably."""
     cfg = _config(cohort, tmp_path_factory.mktemp("runs") / "full")
@@ -218,7 +220,7 @@ def _step(amp_dtype, scaler: torch.amp.GradScaler, optim=torch.optim.SGD):
     optimizer.register_step_post_hook(lambda *_: steps.append(1))
     before = [p.detach().clone() for p in model.parameters()]
     batch = (torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
-    loss = loop.train_step(model, batch, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
+    loss = train_step(model, batch, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
     after = [p.detach() for p in model.parameters()]
     return model, loss, len(steps), before, after
 
@@ -246,9 +248,9 @@ def test_train_step_with_a_grad_scaler_unscales_and_steps_once():
 
 def test_cpu_training_is_fp32_unless_bf16_is_asked_for(caplog):
     with caplog.at_level(logging.INFO, logger="dens.train"):
-        assert loop.resolve_precision("auto", torch.device("cpu")) is None
-        assert loop.resolve_precision("fp16", torch.device("cpu")) is None
-        assert loop.resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+        assert resolve_precision("auto", torch.device("cpu")) is None
+        assert resolve_precision("fp16", torch.device("cpu")) is None
+        assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
     assert "fp32 on CPU" in caplog.text and "needs a CUDA device" in caplog.text and "bf16 autocast" in caplog.text
 
 
@@ -262,7 +264,7 @@ def test_a_bf16_step_on_cpu_learns():
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
     targets = torch.tensor([0, 1, 2, 3])
     loss_fn = torch.nn.CrossEntropyLoss()
-    losses = [float(loop.train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16))
+    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16))
               for _ in range(8)]  # fmt: skip
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -274,7 +276,7 @@ def test_a_bf16_step_on_cpu_learns():
 def test_cuda_steps_learn_in_every_precision(precision):
     # fp16 goes through the GradScaler, bf16 does not; channels_last as dens-train runs it on CUDA.
     device = torch.device("cuda")
-    amp = loop.resolve_precision(precision, device)
+    amp = resolve_precision(precision, device)
     torch.manual_seed(0)
     net = build_model("resnet18", weights=None).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -282,7 +284,7 @@ def test_cuda_steps_learn_in_every_precision(precision):
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8, device=device)
     targets = torch.tensor([0, 1, 2, 3], device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    losses = [float(loop.train_step(net, (images, targets), optimizer, scaler, loss_fn, amp)) for _ in range(8)]
+    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, amp)) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
@@ -412,8 +414,8 @@ def test_every_rank_keeps_the_files_rank_zero_could_use(tmp_path):
     # differently: the ranks would then hold datasets of different lengths and DDP would hang.
     from dataclasses import dataclass
 
+    from dens.train.distributed import Ranks
     from dens.train.inputs import as_rank_zero_saw
-    from dens.train.step import Ranks
 
     @dataclass(frozen=True)
     class SecondRank(Ranks):

@@ -1,4 +1,4 @@
-"""dens-train: click options -> TrainConfig -> :func:`dens.train.loop.run`.
+"""dens-train: click options -> :class:`~dens.train.config.TrainConfig` -> :func:`dens.train.loop.run`.
 
 Where a setting comes from, lowest first: the seed recipe (TrainConfig's defaults), the run's own
 ``config.yaml`` when resuming, ``--config FILE.yaml``, then the flags on the command line.
@@ -18,8 +18,8 @@ import yaml
 from click.core import ParameterSource
 
 from dens import runs, show_progress
-from dens.train import loop, metrics
-from dens.train.loop import TrainConfig
+from dens.train import config, loop, metrics
+from dens.train.config import TrainConfig
 
 DEFAULTS: dict = TrainConfig().to_dict()  # the recipe lives in one place
 
@@ -52,7 +52,7 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 @click.option("--out", type=str, help="Run directory [default: runs/<date-time>; with --resume: runs/latest].")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML file of options (flags on the command line win).")
-@click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default=DEFAULTS["arch"], show_default=True)
+@click.option("--arch", type=click.Choice(config.ARCHS), default=DEFAULTS["arch"], show_default=True)
 @click.option("--weights", default=DEFAULTS["weights"], show_default=True,
               help="auto (ImageNet if its file is in the torch hub cache, else random init with a warning) | "
                    "imagenet | none | PATH.")
@@ -64,8 +64,8 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 @click.option("--lr", type=float, default=DEFAULTS["lr"], show_default=True,
               help="Peak learning rate (cosine-annealed per epoch). From scratch, use about 1e-3.")
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default=DEFAULTS["optimizer"], show_default=True)
-@click.option("--balance", type=click.Choice(["weighted-loss", "sampler", "none"]), default=DEFAULTS["balance"],
+@click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
+@click.option("--balance", type=click.Choice(config.BALANCES), default=DEFAULTS["balance"],
               show_default=True, help="Class imbalance: inverse-frequency loss weights, balanced sampling, or none.")
 @click.option("--augment/--no-augment", default=DEFAULTS["augment"], show_default=True,
               help="Small affine + gamma/gain jitter on training images (never a horizontal flip).")
@@ -74,8 +74,8 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 @click.option("--decode-workers", type=click.IntRange(min=1), default=None,
               help="Processes that fill the decoded cache [all cores].")
 @click.option("--cache", type=str, default=None, help="Decoded-image cache folder [~/.cache/dens].")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=DEFAULTS["device"], show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=DEFAULTS["precision"],
+@click.option("--device", type=click.Choice(config.DEVICES), default=DEFAULTS["device"], show_default=True)
+@click.option("--precision", type=click.Choice(config.PRECISIONS), default=DEFAULTS["precision"],
               show_default=True, help="Autocast dtype. CUDA: auto is bf16 where supported, else fp16. CPU: auto "
                    "is fp32; bf16 runs CPU autocast (1.5x to 2.7x faster, measured on two AVX512-BF16 CPUs).")
 @click.option("--channels-last/--no-channels-last", default=None, help="[on CUDA]")

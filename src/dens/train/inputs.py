@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,10 +17,8 @@ from dens import labels
 from dens.labels import CLASSES
 from dens.preprocess import PreprocessConfig
 from dens.train import cache, data, metrics
-from dens.train.step import Ranks
-
-if TYPE_CHECKING:
-    from dens.train.loop import TrainConfig
+from dens.train.config import TrainConfig
+from dens.train.distributed import Ranks
 
 log = logging.getLogger("dens.train")
 
@@ -28,8 +26,32 @@ log = logging.getLogger("dens.train")
 # --- data ------------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> tuple[pd.DataFrame, dict]:
-    """Manifest, split and decoded cache: one row per labelled image with its split and cache file."""
+@dataclass(frozen=True)
+class Splits:
+    """The run's usable images by split (train, val, test): their rows, which hold the labels and breast keys
+    the figures need, and the cached-image datasets the loaders read."""
+
+    frames: dict[str, pd.DataFrame]
+    sets: dict[str, data.CachedImages]
+    info: dict  # where the data came from and how much of it was usable: metrics.json's "data"
+
+
+def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> Splits:
+    """Manifest, split and decoded cache, by split. Rank 0 writes the split (``split.csv``, every labelled
+    image) and the images left out with their reasons (``unusable.csv``) into the run directory ``out``."""
+    frame, info = _split_and_cache(cfg, pre, ranks, out)
+    if ranks.main:
+        frame.drop(columns=["npy", data.LABEL]).to_csv(out / "split.csv", index=False)
+        unusable = frame.loc[frame["npy"].isna(), [labels.PATH, labels.REASON, "detail"]]
+        unusable.to_csv(out / "unusable.csv", index=False)
+    usable = frame[frame["npy"].notna()]
+    frames = {s: usable[usable[data.SPLIT] == s].reset_index(drop=True) for s in data.SPLITS}
+    sets = {s: data.CachedImages(f["npy"], f[data.LABEL]) for s, f in frames.items()}
+    return Splits(frames, sets, info)
+
+
+def _split_and_cache(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per labelled image with its split and cache file (none when unusable), and a description."""
     frame, info = data.read_manifest(cfg.data)
     previous = out / "split.csv"
     if cfg.resume and previous.exists():  # the split of the interrupted run, even if the CSV changed since

@@ -13,77 +13,37 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 import dens
-from dens import labels, runs
+from dens import runs
 from dens.labels import CLASSES
-from dens.model import build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
+from dens.model import Checkpoint, build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
 from dens.preprocess import PreprocessConfig
-from dens.train import data, inputs, metrics, plots
-from dens.train.step import Ranks, resolve_precision, setup_ranks, train_step
+from dens.train import data, distributed, inputs, metrics, plots
+from dens.train.config import TrainConfig
+from dens.train.distributed import Ranks, setup_ranks
+from dens.train.step import resolve_precision, train_step
 
 log = logging.getLogger("dens.train")
 
-ARCHS = ("resnet50", "resnet18")
-OPTIMIZERS = ("adam", "adamw")
-BALANCES = ("weighted-loss", "sampler", "none")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run; the defaults are the seed recipe. Written to ``config.yaml``."""
-
-    data: str | None = None
-    out: str = "runs/train"
-    arch: str = "resnet50"
-    # 'auto': ImageNet weights when the torchvision file is in the torch hub cache, else a loud warning and
-    # random initialisation; 'imagenet' insists on them; 'none' trains from scratch; or a local file.
-    weights: str = "auto"
-    size: int = 512
-    epochs: int = 15
-    batch_size: int = 32  # global: divided between the DDP processes
-    lr: float = 1e-5
-    weight_decay: float = 3e-3
-    optimizer: str = "adam"
-    balance: str = "weighted-loss"
-    augment: bool = True
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers per process [min(4, cores)]
-    decode_workers: int | None = None  # processes that fill the decoded cache [all cores]
-    cache: str | None = None  # [~/.cache/dens]
-    device: str = "auto"
-    precision: str = "auto"  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32, or bf16 if asked
-    channels_last: bool | None = None  # [on CUDA]
-    compile: bool = False
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("arch", ARCHS), ("optimizer", OPTIMIZERS), ("balance", BALANCES),
-                              ("precision", PRECISIONS)):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("epochs and batch_size must be >= 1, lr > 0 and weight_decay >= 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "kappa_linear", "kappa_quadratic")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # --- the model -------------------------------------------------------------------------------------------
 
 
-def _build(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
-    """The model and a description of its starting weights ('auto' falls back to random, loudly)."""
+def start_model(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
+    """The model a new run starts from, seeded so that every rank and every re-run starts alike, and a
+    description of its starting weights ('auto' falls back to random, loudly)."""
+    torch.manual_seed(cfg.seed)
     if cfg.weights == "none":
         return build_model(cfg.arch, weights=None), "none"
     if cfg.weights != "auto":
@@ -96,6 +56,37 @@ def _build(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
                 "intends; pass --weights none to train from scratch without this warning, or --weights imagenet to "
                 "make their absence an error.", cfg.arch, path.parent, path.name)  # fmt: skip
     return build_model(cfg.arch, weights=None), "none (imagenet unavailable)"
+
+
+# --- progress --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run is and what it has seen: last.pt carries these fields (beside the optimiser's state) as
+    plain values in its ``extra``, under these names, so that ``--resume`` continues from them."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the current epoch
+    loss_sum: float = 0.0  # this epoch's training loss, summed over its images so far (this rank's share)
+    seen: int = 0  # this epoch's training images so far (this rank's)
+    seconds: float = 0.0  # this epoch's training time so far
+    history: list[dict] = field(default_factory=list)  # one row per completed epoch: metrics.json's history
+    best_epoch: int = -1  # the completed epoch with the best validation kappa (0-based)
+    best_kappa: float = -math.inf
+
+    def add_steps(self, loss_sum: float, seen: int, seconds: float) -> None:
+        self.loss_sum, self.seen, self.seconds = self.loss_sum + loss_sum, self.seen + seen, self.seconds + seconds
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.loss_sum, self.seen, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
+
+    def to_extra(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> Progress:
+        return cls(**{f.name: extra[f.name] for f in dataclasses.fields(cls)})
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -137,22 +128,16 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
     def __call__(self, epoch: int, step: int, ranks: Ranks) -> bool:
-        stop = self.flag or bool(self.should_stop and self.should_stop(epoch, step))
-        if ranks.world > 1:  # every rank must stop at the same step, or the others hang in all-reduce
-            flag = torch.tensor([float(stop)], device=ranks.device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item())
-        return stop
+        # Every rank must stop at the same step, or the others hang in their next all-reduce.
+        return ranks.any(self.flag or bool(self.should_stop and self.should_stop(epoch, step)))
 
 
 # --- the run ---------------------------------------------------------------------------------------------
 
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "kappa_linear", "kappa_quadratic")
-
 
 class Trainer:
-    """One run's model, optimiser, data and progress (``state``, which last.pt carries), built from a config;
-    :func:`run` drives it epoch by epoch."""
+    """One run's model, optimiser, data and :class:`Progress`, built from a config; :func:`run` drives it
+    epoch by epoch."""
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks, out: Path):
         self.cfg, self.ranks, self.out = cfg, ranks, out
@@ -160,66 +145,74 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, ranks.device)
         self.channels_last = ranks.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.workers = min(4, dens.usable_cores()) if cfg.workers is None else cfg.workers
-        if cfg.batch_size % ranks.world:
-            raise ValueError(f"--batch-size {cfg.batch_size} does not divide between {ranks.world} processes")
-        self.batch = cfg.batch_size // ranks.world
+        self.batch = ranks.per_rank(cfg.batch_size)
         # The model first: a missing weights file is reported before minutes of decoding, not after.
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every re-run
         last = load_checkpoint(out / "last.pt") if cfg.resume else None
-        net, self.weights = (last.model, last.summary["weights"]) if last else _build(cfg)
+        net, self.weights = (last.model, last.summary["weights"]) if last else start_model(cfg)
+        self.splits = inputs.prepare_data(cfg, self.pre, ranks, out)
+        self._place_model(net)
+        self._setup_optimisation()
+        self.progress, self.best_weights = Progress(), None
+        if last:
+            self._resume(last)
+        self.resolved = self._write_config()
+        self.log("%s: %s on %s (%s), train %d / val %d / test %d images", out, cfg.arch, ranks.device,
+                 PRECISION_NAMES[self.amp_dtype], *(len(self.splits.sets[s]) for s in data.SPLITS))  # fmt: skip
 
-        frame, self.data_info = inputs.prepare_data(cfg, self.pre, ranks, out)
-        usable = frame[frame["npy"].notna()]
-        self.parts = {s: usable[usable[data.SPLIT] == s].reset_index(drop=True) for s in data.SPLITS}
-        self.sets = {s: data.CachedImages(p["npy"], p[data.LABEL]) for s, p in self.parts.items()}
-        if ranks.main:
-            frame.drop(columns=["npy", data.LABEL]).to_csv(out / "split.csv", index=False)
-            unusable = frame.loc[frame["npy"].isna(), [labels.PATH, labels.REASON, "detail"]]
-            unusable.to_csv(out / "unusable.csv", index=False)
-
+    def _place_model(self, net: torch.nn.Module) -> None:
+        """``net`` on this rank's device and memory layout; ``model`` is what training steps call (under DDP
+        with several processes), ``eval_net`` what predictions call; both compiled when asked."""
         layout = torch.channels_last if self.channels_last else torch.preserve_format
-        self.net = net.to(ranks.device, memory_format=layout)
-        model = self.net
-        if ranks.world > 1:
-            ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.model = torch.compile(model) if cfg.compile else model
-        self.eval_net = torch.compile(self.net) if cfg.compile else self.net
+        self.net = net.to(self.ranks.device, memory_format=layout)
+        model = distributed.wrap(self.net, self.ranks)
+        self.model = torch.compile(model) if self.cfg.compile else model
+        self.eval_net = torch.compile(self.net) if self.cfg.compile else self.net
+
+    def _setup_optimisation(self) -> None:
+        """Optimiser, cosine schedule, fp16 gradient scaler, and the class balance (loss weights or sampler)."""
+        cfg, ranks = self.cfg, self.ranks
         optim_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optim_cls(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=self.amp_dtype == torch.float16)
-        targets = self.parts["train"][data.LABEL].to_numpy()
+        targets = self.splits.frames["train"][data.LABEL].to_numpy()
         weight = data.class_weights(targets).to(ranks.device) if cfg.balance == "weighted-loss" else None
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
         self.sampler = data.EpochSampler(targets, balanced=cfg.balance == "sampler", seed=cfg.seed,
                                          rank=ranks.rank, world=ranks.world)  # fmt: skip
 
-        self.state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "seconds": 0.0, "history": [],
-                      "best_epoch": -1, "best_kappa": -math.inf}  # fmt: skip
-        self.best_weights = None
-        if last:
-            self.optimizer.load_state_dict(last.extra["optimizer"])
-            self.scheduler.load_state_dict(last.extra["scheduler"])
-            if last.extra["scaler"]:  # empty when saved without fp16 (CPU, bf16): nothing to carry over
-                self.scaler.load_state_dict(last.extra["scaler"])
-            torch.set_rng_state(last.extra["rng"]["torch"])
-            self.state.update({k: last.extra[k] for k in self.state})
-            if (out / "best.pt").exists():
-                self.best_weights = load_checkpoint(out / "best.pt").model.state_dict()
-            if self.state["epoch"] < cfg.epochs:
-                self.log("resuming %s at epoch %d, step %d", out, self.state["epoch"] + 1, self.state["step"])
-            else:
-                self.log("%s: all %d epochs were done; testing the best epoch again", out, cfg.epochs)
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        self.resolved = {**cfg.to_dict(), "preprocess": self.pre.to_dict(), "resolved": {
-            "weights": self.weights, "device": str(ranks.device), "world_size": ranks.world,
-            "batch_per_process": self.batch, "precision": precision, "channels_last": self.channels_last,
-            "workers": self.workers, "dens_version": dens.__version__}}  # fmt: skip
+    def _resume(self, last: Checkpoint) -> None:
+        """Optimiser, schedule, scaler, random state and progress from last.pt; the best weights from best.pt."""
+        self.optimizer.load_state_dict(last.extra["optimizer"])
+        self.scheduler.load_state_dict(last.extra["scheduler"])
+        if last.extra["scaler"]:  # empty when saved without fp16 (CPU, bf16): nothing to carry over
+            self.scaler.load_state_dict(last.extra["scaler"])
+        torch.set_rng_state(last.extra["rng"]["torch"])
+        self.progress = Progress.from_extra(last.extra)
+        if (self.out / "best.pt").exists():
+            self.best_weights = load_checkpoint(self.out / "best.pt").model.state_dict()
+        if self.progress.epoch < self.cfg.epochs:
+            self.log("resuming %s at epoch %d, step %d", self.out, self.progress.epoch + 1, self.progress.step)
+        else:
+            self.log("%s: all %d epochs were done; testing the best epoch again", self.out, self.cfg.epochs)
+
+    def _write_config(self) -> dict:
+        """The config and what it resolved to here (device, processes, precision...); rank 0 writes config.yaml."""
+        ranks = self.ranks
+        resolved = {
+            "weights": self.weights,
+            "device": str(ranks.device),
+            "world_size": ranks.world,
+            "batch_per_process": self.batch,
+            "precision": PRECISION_NAMES[self.amp_dtype],
+            "channels_last": self.channels_last,
+            "workers": self.workers,
+            "dens_version": dens.__version__,
+        }
+        written = {**self.cfg.to_dict(), "preprocess": self.pre.to_dict(), "resolved": resolved}
         if ranks.main:
-            (out / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
-        self.log("%s: %s on %s (%s), train %d / val %d / test %d images", out, cfg.arch, ranks.device, precision,
-                 *(len(self.sets[s]) for s in data.SPLITS))  # fmt: skip
+            (self.out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+        return written
 
     def log(self, message: str, *args) -> None:
         if self.ranks.main:
@@ -227,30 +220,30 @@ class Trainer:
 
     def summary(self, **extra) -> dict:
         return {"arch": self.cfg.arch, "weights": self.weights, "epochs": self.cfg.epochs,
-                "best_epoch": self.state["best_epoch"] + 1, "data": {s: len(self.sets[s]) for s in data.SPLITS},
-                **extra}  # fmt: skip
+                "best_epoch": self.progress.best_epoch + 1,
+                "data": {s: len(self.splits.sets[s]) for s in data.SPLITS}, **extra}  # fmt: skip
 
     def save_last(self) -> None:
         if self.ranks.main:
             extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": _rng_state(self.ranks.device),
-                     **self.state}  # fmt: skip
-            _save(self.out / "last.pt", self.net, self.pre, self.summary(), extra=_plain(extra))
+                     **self.progress.to_extra()}  # fmt: skip
+            _save(self.out / "last.pt", self.net, self.pre, self.summary(), extra=extra)
 
     def predict(self, split: str, *, autocast: bool = True) -> np.ndarray:
         amp_dtype = self.amp_dtype if autocast else None
-        return inputs.predict(self.eval_net, self.sets[split], self.ranks, self.batch, self.workers, amp_dtype,
-                              self.channels_last, split, self.cfg.progress)  # fmt: skip
+        return inputs.predict(self.eval_net, self.splits.sets[split], self.ranks, self.batch, self.workers,
+                              amp_dtype, self.channels_last, split, self.cfg.progress)  # fmt: skip
 
     def train_epoch(self, stop: _StopRequest) -> bool:
         """The rest of the current epoch (all of it, unless resumed mid-way); False when stopped early,
         with last.pt saved at the step where it stopped."""
-        cfg, ranks, state = self.cfg, self.ranks, self.state
-        epoch, first = state["epoch"], state["step"]
+        cfg, ranks, progress = self.cfg, self.ranks, self.progress
+        epoch, first = progress.epoch, progress.step
         self.sampler.set_epoch(epoch, start=first * self.batch)
         # Whole batches only (BatchNorm dislikes a batch of one), unless the split is smaller than a batch.
-        loader = inputs.loader(self.sets["train"], self.batch, self.workers, ranks.device, self.sampler,
-                         drop_last=self.sampler.per_rank > self.batch)  # fmt: skip
+        loader = inputs.loader(self.splits.sets["train"], self.batch, self.workers, ranks.device, self.sampler,
+                               drop_last=self.sampler.per_rank > self.batch)  # fmt: skip
         self.model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (cfg.progress and ranks.main))  # fmt: skip
@@ -268,44 +261,41 @@ class Trainer:
             if step % 5 == 0 or step + 1 == first + len(loader):  # .item() waits for the device: not every step
                 rate = seen * ranks.world / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}")
-            state.update(step=step + 1)
+            progress.step = step + 1
             last_step = step + 1 == first + len(loader)
             if not last_step and stop(epoch, step, ranks):
-                state.update(loss_sum=state["loss_sum"] + float(loss_sum), seen=state["seen"] + seen,
-                             seconds=state["seconds"] + time.perf_counter() - start)  # fmt: skip
+                progress.add_steps(float(loss_sum), seen, time.perf_counter() - start)
                 self.save_last()
                 bar.close()
                 return False
         bar.close()
-        state.update(loss_sum=state["loss_sum"] + float(loss_sum), seen=state["seen"] + seen,
-                     seconds=state["seconds"] + time.perf_counter() - start)  # fmt: skip
+        progress.add_steps(float(loss_sum), seen, time.perf_counter() - start)
         return True
 
     def end_epoch(self) -> None:
         """Validate, keep the best weights, save best.pt / last.pt and log one line."""
-        ranks, state = self.ranks, self.state
-        epoch = state["epoch"]
-        totals = torch.tensor([state["loss_sum"], float(state["seen"])], device=ranks.device)
-        if ranks.world > 1:
-            dist.all_reduce(totals)
+        ranks, progress = self.ranks, self.progress
+        epoch = progress.epoch
+        totals = ranks.sum(torch.tensor([progress.loss_sum, float(progress.seen)], device=ranks.device))
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         logits = self.predict("val")
-        val = inputs.report(logits, self.parts["val"])
+        frame = self.splits.frames["val"]
+        val = inputs.report(logits, frame)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[1]),
-               "train_img_s": float(totals[1]) / max(state["seconds"], 1e-9),
-               "val_loss": metrics.nll(metrics.softmax(logits), self.parts["val"][data.LABEL].to_numpy()),
+               "train_img_s": float(totals[1]) / max(progress.seconds, 1e-9),
+               "val_loss": metrics.nll(metrics.softmax(logits), frame[data.LABEL].to_numpy()),
                **{f"val_{k}": val["image"][k] for k in HEADLINE}, "val": val}  # fmt: skip
-        state["history"].append(row)
-        kappa = val["image"]["kappa_quadratic"]
+        progress.history.append(metrics.jsonable(row))  # plain values: last.pt carries the history
+        kappa = float(val["image"]["kappa_quadratic"])
         kappa = kappa if math.isfinite(kappa) else -1.0  # one class only in validation: kappa is undefined
-        best = kappa > state["best_kappa"]
+        best = kappa > progress.best_kappa
         if best:
-            state.update(best_kappa=kappa, best_epoch=epoch)
+            progress.best_kappa, progress.best_epoch = kappa, epoch
             self.best_weights = _cpu_copy(self.net.state_dict())
             if ranks.main:
                 _save(self.out / "best.pt", self.net, self.pre, self.summary(val_kappa_quadratic=kappa))
-        state.update(epoch=epoch + 1, step=0, loss_sum=0.0, seen=0, seconds=0.0)
+        progress.next_epoch()
         self.save_last()
         self.log("epoch %d/%d: train loss %.4f, %.1f img/s; val loss %.4f, acc %.3f, kappa %.3f%s", epoch + 1,
                  self.cfg.epochs, row["train_loss"], row["train_img_s"], row["val_loss"], row["val_accuracy"], kappa,
@@ -317,20 +307,21 @@ class Trainer:
         the temperature and the figures are those of the float32 model that dens-export ships."""
         self.net.load_state_dict(self.best_weights)
         val_logits, test_logits = self.predict("val", autocast=False), self.predict("test", autocast=False)
-        y_val, y_test = (self.parts[s][data.LABEL].to_numpy() for s in ("val", "test"))
+        frames, progress = self.splits.frames, self.progress
+        y_val, y_test = (frames[s][data.LABEL].to_numpy() for s in ("val", "test"))
         t = metrics.fit_temperature(val_logits, y_val)
         result = metrics.jsonable({
-            "config": self.resolved, "data": self.data_info, "history": self.state["history"],
-            "best": {"epoch": self.state["best_epoch"] + 1, "val_kappa_quadratic": self.state["best_kappa"]},
-            "validation": inputs.report(val_logits, self.parts["val"], t),
-            "test": inputs.report(test_logits, self.parts["test"], t),
+            "config": self.resolved, "data": self.splits.info, "history": progress.history,
+            "best": {"epoch": progress.best_epoch + 1, "val_kappa_quadratic": progress.best_kappa},
+            "validation": inputs.report(val_logits, frames["val"], t),
+            "test": inputs.report(test_logits, frames["test"], t),
             "calibration": {"validation": metrics.calibration(val_logits, y_val, t),
                             "test": metrics.calibration(test_logits, y_test, t)},
         })  # fmt: skip
         if self.ranks.main:
             out = self.out
             headline = {level: {k: result["test"][level][k] for k in HEADLINE} for level in ("image", "breast")}
-            _save(out / "best.pt", self.net, self.pre, self.summary(val_kappa_quadratic=self.state["best_kappa"],
+            _save(out / "best.pt", self.net, self.pre, self.summary(val_kappa_quadratic=progress.best_kappa,
                                                                     test=headline), temperature=t)  # fmt: skip
             (out / "metrics.json").write_text(json.dumps(result, indent=1))
             for level in ("image", "breast"):
@@ -339,7 +330,7 @@ class Trainer:
                                     title=f"test, {level} level (counts)")  # fmt: skip
                 plots.confusion_png(test["confusion_normalised"], out / f"confusion_{level}_normalised.png",
                                     normalised=True, title=f"test, {level} level (row-normalised)")  # fmt: skip
-            plots.curves_png(self.state["history"], out)
+            plots.curves_png(progress.history, out)
             runs.update_latest(out)
         self.ranks.barrier()
         return result
@@ -361,14 +352,14 @@ def run(cfg: TrainConfig, *, should_stop: Callable[[int, int], bool] | None = No
         out.mkdir(parents=True, exist_ok=True)
     ranks.barrier()
     trainer = Trainer(cfg, ranks, out)
-    state = trainer.state
+    progress = trainer.progress
     with _StopRequest(should_stop) as stop:
-        while state["epoch"] < cfg.epochs:
+        while progress.epoch < cfg.epochs:
             if not trainer.train_epoch(stop):
-                return {"interrupted": True, "epoch": state["epoch"], "step": state["step"], "out": str(out)}
+                return {"interrupted": True, "epoch": progress.epoch, "step": progress.step, "out": str(out)}
             trainer.end_epoch()
-            if state["epoch"] < cfg.epochs and stop(state["epoch"] - 1, -1, ranks):
-                return {"interrupted": True, "epoch": state["epoch"], "step": 0, "out": str(out)}
+            if progress.epoch < cfg.epochs and stop(progress.epoch - 1, -1, ranks):
+                return {"interrupted": True, "epoch": progress.epoch, "step": 0, "out": str(out)}
     return trainer.finish()
 
 
@@ -385,14 +376,3 @@ def _check_out(out: Path, resume: bool) -> None:
 
 def _cpu_copy(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _plain(value):
-    """Checkpoint ``extra`` must load with weights_only=True: numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -1,4 +1,4 @@
-"""One optimisation step, and where it runs: the processes (torchrun ranks), the device and the precision.
+"""One optimisation step and the precision it runs in; the processes it runs in are :mod:`dens.train.distributed`.
 
 Kept apart from the run loop so that the AMP step stays one small function with its own test (the bug class
 of pytorch/vision PR 4874: a forward pass outside autocast, two optimizer steps).
@@ -7,12 +7,9 @@ of pytorch/vision PR 4874: a forward pass outside autocast, two optimizer steps)
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger("dens.train")
 
@@ -37,55 +34,6 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
-
-
-# --- processes, devices, precision -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank (the others pass anything, None say)."""
-        if self.world == 1:
-            return obj
-        box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def setup_ranks(device: str = "auto") -> Ranks:
-    """One process, or one of torchrun's (RANK/WORLD_SIZE/LOCAL_RANK set): joins the process group."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is visible")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:

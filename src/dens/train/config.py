@@ -1,0 +1,65 @@
+"""TrainConfig: every setting of a training run and the choices each one takes.
+
+The defaults are the seed recipe; ``dens-train``'s options take their defaults and choice lists from here,
+and a run writes its config to ``config.yaml``. Which architectures exist is :mod:`dens.model`'s to say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from dens import model
+
+ARCHS: tuple[str, ...] = tuple(model.ARCHS)
+OPTIMIZERS = ("adam", "adamw")
+BALANCES = ("weighted-loss", "sampler", "none")
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; the defaults are the seed recipe. Written to ``config.yaml``."""
+
+    data: str | None = None
+    out: str = "runs/train"
+    arch: str = "resnet50"
+    # 'auto': ImageNet weights when the torchvision file is in the torch hub cache, else a loud warning and
+    # random initialisation; 'imagenet' insists on them; 'none' trains from scratch; or a local file.
+    weights: str = "auto"
+    size: int = 512
+    epochs: int = 15
+    batch_size: int = 32  # global: divided between the DDP processes
+    lr: float = 1e-5
+    weight_decay: float = 3e-3
+    optimizer: str = "adam"
+    balance: str = "weighted-loss"
+    augment: bool = True
+    seed: int = 0
+    workers: int | None = None  # DataLoader workers per process [min(4, cores)]
+    decode_workers: int | None = None  # processes that fill the decoded cache [all cores]
+    cache: str | None = None  # [~/.cache/dens]
+    device: str = "auto"
+    precision: str = "auto"  # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32, or bf16 if asked
+    channels_last: bool | None = None  # [on CUDA]
+    compile: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "arch": ARCHS,
+            "optimizer": OPTIMIZERS,
+            "balance": BALANCES,
+            "device": DEVICES,
+            "precision": PRECISIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("epochs and batch_size must be >= 1, lr > 0 and weight_decay >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
