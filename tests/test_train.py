@@ -393,6 +393,20 @@ def test_cli_flags_override_the_yaml_file_which_overrides_the_recipe(tmp_path, m
     assert len(seen) == 1
 
 
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    # A notebook or a GUI that imports dens.train keeps its own backend; the PNGs are still written.
+    code = (
+        "import matplotlib, sys; from dens.train import plots; "
+        "plots.confusion_png([[1] * 4] * 4, sys.argv[1], normalised=False, title='t'); "
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    command = [sys.executable, "-c", code, str(tmp_path / "c.png")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["svg", "False"] and (tmp_path / "c.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(cohort, tmp_path):
     out = tmp_path / "ddp"
