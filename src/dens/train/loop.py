@@ -24,7 +24,7 @@ from tqdm import tqdm
 import dens
 from dens import runs
 from dens.labels import CLASSES
-from dens.model import Checkpoint, build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
+from dens.model import Checkpoint, build_model, imagenet_weights_path, load_checkpoint, save_checkpoint, softmax
 from dens.preprocess import PreprocessConfig
 from dens.train import data, distributed, inputs, metrics, plots
 from dens.train.config import TrainConfig
@@ -284,7 +284,7 @@ class Trainer:
         val = inputs.report(logits, frame)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[1]),
                "train_img_s": float(totals[1]) / max(progress.seconds, 1e-9),
-               "val_loss": metrics.nll(metrics.softmax(logits), frame[data.LABEL].to_numpy()),
+               "val_loss": metrics.nll(softmax(logits), frame[data.LABEL].to_numpy()),
                **{f"val_{k}": val["image"][k] for k in HEADLINE}, "val": val}  # fmt: skip
         progress.history.append(metrics.jsonable(row))  # plain values: last.pt carries the history
         kappa = float(val["image"]["kappa_quadratic"])
