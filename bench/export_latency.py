@@ -34,7 +34,7 @@ from dens.config import PreprocessConfig
 from dens.export.onnx import export_onnx
 from dens.export.parity import check_parity
 from dens.metadata import INPUT
-from dens.model import build_model, load_checkpoint, save_checkpoint
+from dens.model import ARCHS, build_model, load_checkpoint, save_checkpoint
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
@@ -75,7 +75,7 @@ def graph_facts(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    parser.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeat", type=int, default=5)

@@ -29,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import sync, write_result
-from dens.model import build_model
-from dens.train import data, loop
+from dens.model import ARCHS, build_model
+from dens.train import data
+from dens.train.step import train_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,11 +53,11 @@ def bench_one(device: torch.device, arch: str, size: int, batch: int, precision:
     targets = torch.randint(0, 4, (batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loop.train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)  # warm-up (and compile)
+    train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)  # warm-up (and compile)
     sync(device)
     steps, start = 0, time.perf_counter()
     while steps < min_steps or time.perf_counter() - start < min_seconds:
-        loss = loop.train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)
+        loss = train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)
         steps += 1
         if device.type == "cuda" and steps % 10:
             continue
@@ -83,7 +84,7 @@ def bench_one(device: torch.device, arch: str, size: int, batch: int, precision:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--arch", nargs="+", choices=["resnet18", "resnet50"])
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHS))
     parser.add_argument("--size", nargs="+", type=int)
     parser.add_argument("--batch", nargs="+", type=int)
     parser.add_argument("--precision", nargs="+", choices=list(DTYPES))
