@@ -116,8 +116,9 @@ def _memory_gib() -> float | None:
 
 def _gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -138,8 +139,13 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}-{info['host']}-{stamp}.json"
     # The command that made it (for bench/README.md's table) and the load average, which says how much other
     # work shared the machine while it ran.
-    record = {"benchmark": name, "date": stamp, "machine": info,
-              "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "load_average_end": list(os.getloadavg()), **payload}  # fmt: skip
+    record = {
+        "benchmark": name,
+        "date": stamp,
+        "machine": info,
+        "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "load_average_end": list(os.getloadavg()),
+        **payload,
+    }
     path.write_text(json.dumps(record, indent=2))
     return path

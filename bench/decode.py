@@ -110,14 +110,26 @@ def per_group(files: list[Path], n: int) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
-                        help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
-    parser.add_argument("--real", type=Path, default=REAL_MAMMO,
-                        help=f"a folder of real mammograms [${REAL_MAMMO_ENV}]; synthetic files only without one")
+    parser.add_argument(
+        "--cohort",
+        type=Path,
+        default=DEFAULT_COHORT,
+        help="a full-size dens-synth cohort; made there first when absent [%(default)s]",
+    )
+    parser.add_argument(
+        "--real",
+        type=Path,
+        default=REAL_MAMMO,
+        help=f"a folder of real mammograms [${REAL_MAMMO_ENV}]; synthetic files only without one",
+    )
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
     parser.add_argument("--repeat", type=int, default=3, help="timings per file (the best is kept)")
-    parser.add_argument("--per-group", type=int, default=3,
-                        help="synthetic files timed per (size, transfer syntax), the first by name [%(default)s]")
+    parser.add_argument(
+        "--per-group",
+        type=int,
+        default=3,
+        help="synthetic files timed per (size, transfer syntax), the first by name [%(default)s]",
+    )
     args = parser.parse_args()
     cfg = PreprocessConfig(size=args.size)
 
@@ -136,17 +148,28 @@ def main() -> None:
             print(f"{name:15s} {row}", flush=True)
         results[name] = {"files": rows, **summarise(rows)}
 
-    out = write_result("decode", {"settings": {"size": args.size, "repeat": args.repeat, "cohort": shown(cohort),
-                                               "per_group": args.per_group,
-                                               "real": shown(args.real) if "real" in sets else None},
-                                  "results": results})  # fmt: skip
+    out = write_result(
+        "decode",
+        {
+            "settings": {
+                "size": args.size,
+                "repeat": args.repeat,
+                "cohort": shown(cohort),
+                "per_group": args.per_group,
+                "real": shown(args.real) if "real" in sets else None,
+            },
+            "results": results,
+        },
+    )
     for name, res in results.items():
         for key, s in [*res["by_size_and_syntax"].items(), ("all JPEG 2000", res["jpeg2000"])]:
             if s:
-                print(f"{name:15s} {key:40s} n={s['files']:2d} level {s['levels']} "
-                      f"full {s['median_full_decode_ms']:7.1f} ms  reduced {s['median_reduced_decode_ms']:6.1f} ms  "
-                      f"x{s['median_decode_speedup']:.1f} "
-                      f"(throughput x{s['throughput_speedup']:.1f}, load x{s['median_load_speedup']:.1f})")
+                print(
+                    f"{name:15s} {key:40s} n={s['files']:2d} level {s['levels']} "
+                    f"full {s['median_full_decode_ms']:7.1f} ms  reduced {s['median_reduced_decode_ms']:6.1f} ms  "
+                    f"x{s['median_decode_speedup']:.1f} "
+                    f"(throughput x{s['throughput_speedup']:.1f}, load x{s['median_load_speedup']:.1f})"
+                )
     print(f"wrote {out}")
 
 

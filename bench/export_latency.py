@@ -48,8 +48,9 @@ def make_session(path: Path, level: str, threads: int) -> tuple[ort.InferenceSes
     return session, (time.perf_counter() - t0) * 1000
 
 
-def time_sessions(sessions: dict[str, ort.InferenceSession], batch_sizes: list[int], size: int,
-                  repeat: int) -> dict[str, dict[int, list[float]]]:  # fmt: skip
+def time_sessions(
+    sessions: dict[str, ort.InferenceSession], batch_sizes: list[int], size: int, repeat: int
+) -> dict[str, dict[int, list[float]]]:
     """Milliseconds per run, sessions interleaved round by round so that a change in machine load (a shared
     machine) falls on every variant alike."""
     rng = np.random.default_rng(0)
@@ -69,8 +70,11 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch_sizes: list[i
 def graph_facts(path: Path) -> dict:
     model = onnx.load(str(path))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
-    return {"nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
-            "mib": round(path.stat().st_size / 2**20, 1)}  # fmt: skip
+    return {
+        "nodes": len(model.graph.node),
+        "ops": dict(sorted(ops.items())),
+        "mib": round(path.stat().st_size / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -79,9 +83,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (1: how dens-infer runs at 512, one session per worker; and a "
-                             "1-thread run suffers least from other load on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ORT intra-op threads (1: how dens-infer runs at 512, one session per worker; and a "
+        "1-thread run suffers least from other load on a shared machine)",
+    )
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -90,9 +98,11 @@ def main() -> None:
         torch.manual_seed(0)
         checkpoint = tmp / "best.pt"
         save_checkpoint(checkpoint, build_model(args.arch), PreprocessConfig(size=args.size))
-        files = {"exported": export_onnx(checkpoint, tmp / "exported.onnx", optimize=False),
-                 "basic": export_onnx(checkpoint, tmp / "basic.onnx", optimize=True),
-                 "fp16": export_onnx(checkpoint, tmp / "fp16.onnx", optimize=True, fp16=True)}  # fmt: skip
+        files = {
+            "exported": export_onnx(checkpoint, tmp / "exported.onnx", optimize=False),
+            "basic": export_onnx(checkpoint, tmp / "basic.onnx", optimize=True),
+            "fp16": export_onnx(checkpoint, tmp / "fp16.onnx", optimize=True, fp16=True),
+        }
         options = ort.SessionOptions()  # offline EXTENDED, for comparison only: dens-export never saves it
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(tmp / "extended.onnx")
@@ -115,19 +125,38 @@ def main() -> None:
             variants[name][f"session_{level}"] = cell
         del sessions
         parity = check_parity(files["fp16"], load_checkpoint(checkpoint), batch_sizes=tuple(batch_sizes))
-        fp16_parity = {k: parity[k] for k in ("passed", "max_abs_prob_diff", "max_abs_logit_diff", "logit_rel_diff",
-                                              "argmax_agreement", "thresholds")}  # fmt: skip
+        fp16_parity = {
+            k: parity[k]
+            for k in (
+                "passed",
+                "max_abs_prob_diff",
+                "max_abs_logit_diff",
+                "logit_rel_diff",
+                "argmax_agreement",
+                "thresholds",
+            )
+        }
 
-    payload = {"arch": args.arch, "size": args.size, "batch_sizes": batch_sizes, "repeat": args.repeat,
-               "provider": "CPUExecutionProvider", "intra_op_threads": args.threads, "weights": "random init",
-               "variants": variants, "fp16_parity_vs_fp32_torch": fp16_parity}  # fmt: skip
+    payload = {
+        "arch": args.arch,
+        "size": args.size,
+        "batch_sizes": batch_sizes,
+        "repeat": args.repeat,
+        "provider": "CPUExecutionProvider",
+        "intra_op_threads": args.threads,
+        "weights": "random init",
+        "variants": variants,
+        "fp16_parity_vs_fp32_torch": fp16_parity,
+    }
     out = write_result("export_latency", payload)
     for name, v in variants.items():
         for level in ("disabled", "all"):
             if f"session_{level}" in v:
                 s = v[f"session_{level}"]
-                cells = "  ".join(f"b{b} median {s[f'batch{b}_ms_median']:.0f} best {s[f'batch{b}_ms_best']:.0f} ms"
-                                  for b in batch_sizes)  # fmt: skip
+                cells = "  ".join(
+                    f"b{b} median {s[f'batch{b}_ms_median']:.0f} best {s[f'batch{b}_ms_best']:.0f} ms"
+                    for b in batch_sizes
+                )
                 print(f"{name:9s} session {level:8s} create {s['session_create_ms']:6.0f} ms  {cells}")
     print(f"fp16 parity: {fp16_parity}")
     print(f"wrote {out}")

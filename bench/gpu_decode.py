@@ -54,8 +54,10 @@ def open_gpu_decoder():
     try:
         from nvidia import nvimgcodec
     except ImportError as exc:
-        raise SystemExit(f"gpu_decode: nvImageCodec is not installed ({exc}); pip install "
-                         "nvidia-nvimgcodec-cu13 nvidia-nvjpeg2k-cu13") from exc  # fmt: skip
+        raise SystemExit(
+            f"gpu_decode: nvImageCodec is not installed ({exc}); pip install "
+            "nvidia-nvimgcodec-cu13 nvidia-nvjpeg2k-cu13"
+        ) from exc
     params = nvimgcodec.DecodeParams(allow_any_depth=True, color_spec=nvimgcodec.ColorSpec.UNCHANGED)
     # No CPU-only codec (nvImageCodec can fall back to OpenJPEG on the host, a CPU figure under a GPU name);
     # nvJPEG2000 itself parses on the host and decodes on the GPU, which the hybrid kind covers.
@@ -70,8 +72,9 @@ def codestreams(nvimgcodec, files: list[Path]) -> list:
     import pydicom
     from pydicom.encaps import generate_frames
 
-    return [nvimgcodec.CodeStream(next(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=1)))
-            for p in files]  # fmt: skip
+    return [
+        nvimgcodec.CodeStream(next(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=1))) for p in files
+    ]
 
 
 def decoded(image, what: str):
@@ -107,8 +110,13 @@ def bench_gpu(torch, decoder, params, streams: list, size: int, batch: int) -> d
             finish(image)
     batched = time.perf_counter() - start
     n = len(streams)
-    return {"images": n, "one_at_a_time_img_per_s": round(n / single, 2), "batch": batch,
-            "batched_img_per_s": round(n / batched, 2), "buffer_kind": kind}  # fmt: skip
+    return {
+        "images": n,
+        "one_at_a_time_img_per_s": round(n / single, 2),
+        "batch": batch,
+        "batched_img_per_s": round(n / batched, 2),
+        "buffer_kind": kind,
+    }
 
 
 def pixel_check(decoder, params, files: list[Path], streams: list) -> dict:
@@ -132,8 +140,12 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=48, help="JPEG 2000 files to decode, at most")
     parser.add_argument("--batch", type=int, default=8, help="files per nvImageCodec call in the batched run")
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
-    parser.add_argument("--check-files", type=int, default=8,
-                        help="files whose GPU frame is compared with pydicom's (about 1 s each on the CPU)")
+    parser.add_argument(
+        "--check-files",
+        type=int,
+        default=8,
+        help="files whose GPU frame is compared with pydicom's (about 1 s each on the CPU)",
+    )
     args = parser.parse_args()
     torch, nvimgcodec, decoder, params = open_gpu_decoder()
     files = jpeg2000_files(ensure_cohort(args.cohort), args.files)
@@ -149,11 +161,18 @@ def main() -> None:
     gpu = max(results["gpu"]["one_at_a_time_img_per_s"], results["gpu"]["batched_img_per_s"])
     pool = results["cpu_pool"]["img_per_s_after_first"]
     results["gpu_over_cpu_pool"] = round(gpu / pool, 2) if pool else None
-    settings = {"cohort": shown(args.cohort), "files": len(files), "batch": args.batch, "size": args.size,
-                "nvimgcodec_version": getattr(nvimgcodec, "__version__", None)}  # fmt: skip
+    settings = {
+        "cohort": shown(args.cohort),
+        "files": len(files),
+        "batch": args.batch,
+        "size": args.size,
+        "nvimgcodec_version": getattr(nvimgcodec, "__version__", None),
+    }
     out = write_result("gpu_decode", {"settings": settings, "results": results})
-    print(f"JPEG 2000, {len(files)} files: GPU (full frame) {gpu} img/s, CPU pool ({usable_cores()} workers, reduced) "
-          f"{pool} img/s, x{results['gpu_over_cpu_pool']}; pixels {results['pixels']}\nwrote {out}")  # fmt: skip
+    print(
+        f"JPEG 2000, {len(files)} files: GPU (full frame) {gpu} img/s, CPU pool ({usable_cores()} workers, reduced) "
+        f"{pool} img/s, x{results['gpu_over_cpu_pool']}; pixels {results['pixels']}\nwrote {out}"
+    )
 
 
 if __name__ == "__main__":

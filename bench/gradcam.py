@@ -62,9 +62,15 @@ def bench_batch(model: torch.nn.Module, size: int, batch: int, device: torch.dev
 
     with GradCAM(model) as cam, tempfile.TemporaryDirectory() as tmp:
         maps = cam(images).maps
-        best = _best_ms({"gradcam": lambda: cam(images), "forward": forward,
-                         "files": lambda: write_cam_files(Path(tmp), "bench", images[0, 0], maps[0])},
-                        device, repeat)  # fmt: skip
+        best = _best_ms(
+            {
+                "gradcam": lambda: cam(images),
+                "forward": forward,
+                "files": lambda: write_cam_files(Path(tmp), "bench", images[0, 0], maps[0]),
+            },
+            device,
+            repeat,
+        )
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "size": size,
@@ -107,13 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.models.split(","):
         arch, size = spec.split(":")
         results += bench_model(arch, int(size), batches, device, args.repeat)
-    path = write_result("gradcam", {
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "repeat": args.repeat,
-        "results": results,
-    })  # fmt: skip
+    path = write_result(
+        "gradcam",
+        {
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "repeat": args.repeat,
+            "results": results,
+        },
+    )
     print(f"wrote {path}")
 
 

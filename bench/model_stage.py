@@ -38,8 +38,15 @@ from dens import usable_cores
 
 # Dense (no sparsity) fp16 tensor-core peak in TFLOP/s from NVIDIA's data sheets, by a substring of the
 # name nvidia-smi reports; a GPU not listed gets no share-of-peak figure rather than a guessed one.
-FP16_PEAK_TFLOPS = {"H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
-                    "L40S": 362.0, "L4": 121.0}  # fmt: skip
+FP16_PEAK_TFLOPS = {
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
 
 
 def fp16_peak(gpu: str | None) -> float | None:
@@ -73,24 +80,31 @@ def _timed(call, batch: int, seconds: float) -> tuple[int, float]:
     return images, time.perf_counter() - start
 
 
-def bench_ort(onnx_path: Path, device: str, batch: int, threads: int | None, seconds: float,
-              cuda_options: dict | None = None) -> dict:  # fmt: skip
+def bench_ort(
+    onnx_path: Path, device: str, batch: int, threads: int | None, seconds: float, cuda_options: dict | None = None
+) -> dict:
     from dens.infer.runtime import open_runtime
 
     rt = open_runtime(onnx_path, device, batch_size=batch, threads=threads, cuda_options=cuda_options)
     size = rt.preprocess.size
     x = np.random.default_rng(batch).integers(0, 256, (batch, 1, size, size), dtype=np.uint8)
     images, elapsed = _timed(lambda: rt.predict(x), batch, seconds)
-    return {"provider": rt.provider, "threads": rt.threads, "batch": batch, "images": images,
-            "img_per_s": round(images / elapsed, 3)}  # fmt: skip
+    return {
+        "provider": rt.provider,
+        "threads": rt.threads,
+        "batch": batch,
+        "images": images,
+        "img_per_s": round(images / elapsed, 3),
+    }
 
 
 def _process_main(onnx_path: str, batch: int, threads: int, seconds: float, barrier, results) -> None:
     from dens.infer.runtime import open_runtime
 
     rt = open_runtime(onnx_path, "cpu", batch_size=batch, threads=threads)
-    x = np.random.default_rng(os.getpid()).integers(0, 256, (batch, 1, rt.preprocess.size, rt.preprocess.size),
-                                                    dtype=np.uint8)  # fmt: skip
+    x = np.random.default_rng(os.getpid()).integers(
+        0, 256, (batch, 1, rt.preprocess.size, rt.preprocess.size), dtype=np.uint8
+    )
     rt.predict(x)  # warm-up before the common start
     barrier.wait()
     images, start = 0, time.perf_counter()
@@ -104,15 +118,23 @@ def bench_ort_processes(onnx_path: Path, processes: int, threads: int, batch: in
     """``processes`` CPU sessions of ``threads`` threads each, started together; img/s summed."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_process_main, args=(str(onnx_path), batch, threads, seconds, barrier, results))
-             for _ in range(processes)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_process_main, args=(str(onnx_path), batch, threads, seconds, barrier, results))
+        for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     runs = [results.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    return {"provider": "CPUExecutionProvider", "processes": processes, "threads": threads, "batch": batch,
-            "images": sum(n for n, _ in runs), "img_per_s": round(sum(n / s for n, s in runs), 3)}  # fmt: skip
+    return {
+        "provider": "CPUExecutionProvider",
+        "processes": processes,
+        "threads": threads,
+        "batch": batch,
+        "images": sum(n for n, _ in runs),
+        "img_per_s": round(sum(n / s for n, s in runs), 3),
+    }
 
 
 def bench_torch(checkpoint: Path, device: str, batch: int, seconds: float, amp: bool = False) -> dict:
@@ -134,9 +156,15 @@ def bench_torch(checkpoint: Path, device: str, batch: int, seconds: float, amp: 
         probs.cpu()  # the host copy synchronises, as Runtime.predict's does
 
     images, elapsed = _timed(call, batch, seconds)
-    return {"framework": "torch eager", "device": device, "precision": "fp16 autocast" if amp else "fp32",
-            "threads": torch.get_num_threads(), "batch": batch, "images": images,
-            "img_per_s": round(images / elapsed, 3)}  # fmt: skip
+    return {
+        "framework": "torch eager",
+        "device": device,
+        "precision": "fp16 autocast" if amp else "fp32",
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "images": images,
+        "img_per_s": round(images / elapsed, 3),
+    }
 
 
 def cpu_rows(onnx: Path, fp16: Path, checkpoint: Path, batches: list[int], seconds: float) -> list[dict]:
@@ -147,8 +175,11 @@ def cpu_rows(onnx: Path, fp16: Path, checkpoint: Path, batches: list[int], secon
     n, batch = usable_cores(), DEFAULT_BATCH["cpu"]
     plan = [("ort fp32", lambda b=b: bench_ort(onnx, "cpu", b, n, seconds)) for b in batches]
     plan += [("ort fp32", lambda t=t: bench_ort(onnx, "cpu", batch, t, seconds)) for t in up_to(n) if t != n]
-    plan += [("ort fp32 processes", lambda p=p: bench_ort_processes(onnx, p, n // p, batch, seconds))
-             for p in up_to(n) if p > 1]  # fmt: skip
+    plan += [
+        ("ort fp32 processes", lambda p=p: bench_ort_processes(onnx, p, n // p, batch, seconds))
+        for p in up_to(n)
+        if p > 1
+    ]
     plan += [("ort fp16", lambda: bench_ort(fp16, "cpu", batch, n, seconds))]
     torch.set_num_threads(n)
     plan += [("torch fp32", lambda b=b: bench_torch(checkpoint, "cpu", b, seconds)) for b in sorted({1, batch})]
@@ -161,10 +192,14 @@ def cuda_rows(onnx: Path, fp16: Path, checkpoint: Path, batches: list[int], seco
     # NHWC convolutions (tensor cores' own layout) are an ORT CUDA option dens-infer does not set yet: tried
     # here at two batch sizes, a failure recorded rather than ending the benchmark.
     nhwc = {"prefer_nhwc": "1"}
-    plan += [("ort fp16 prefer_nhwc", lambda b=b: _tried(lambda: bench_ort(fp16, "cuda", b, None, seconds, nhwc), b))
-             for b in sorted({64, max(batches)})]  # fmt: skip
-    plan += [("torch fp32", lambda: bench_torch(checkpoint, "cuda", 64, seconds)),
-             ("torch fp16", lambda: bench_torch(checkpoint, "cuda", 64, seconds, amp=True))]
+    plan += [
+        ("ort fp16 prefer_nhwc", lambda b=b: _tried(lambda: bench_ort(fp16, "cuda", b, None, seconds, nhwc), b))
+        for b in sorted({64, max(batches)})
+    ]
+    plan += [
+        ("torch fp32", lambda: bench_torch(checkpoint, "cuda", 64, seconds)),
+        ("torch fp16", lambda: bench_torch(checkpoint, "cuda", 64, seconds, amp=True)),
+    ]
     return _run(plan)
 
 
@@ -210,10 +245,21 @@ def main() -> None:
         row["tflops"] = round(row["img_per_s"] * gflop / 1000, 3)
         if peak:
             row["share_of_fp16_peak"] = round(row["tflops"] / peak, 4)
-    path = write_result("model", {"settings": {"arch": args.arch, "size": args.size, "device": device,
-                                               "batch_sizes": batches, "seconds": args.seconds},
-                                  "gflop_per_image": round(gflop, 2), "fp16_peak_tflops": peak,
-                                  "results": rows})  # fmt: skip
+    path = write_result(
+        "model",
+        {
+            "settings": {
+                "arch": args.arch,
+                "size": args.size,
+                "device": device,
+                "batch_sizes": batches,
+                "seconds": args.seconds,
+            },
+            "gflop_per_image": round(gflop, 2),
+            "fp16_peak_tflops": peak,
+            "results": rows,
+        },
+    )
     print(f"{args.arch} at S={args.size}: {gflop:.1f} GFLOP per image; wrote {path}")
 
 

@@ -62,17 +62,42 @@ def bench_naive(checkpoint: Path, files: list[Path], device: str) -> dict:
     for path in files:
         naive.predict(path)
     seconds = time.perf_counter() - start
-    return {"images": len(files), "seconds": round(seconds, 2), "img_per_s": round(len(files) / seconds, 3),
-            "decode_voi_resize_s": round(naive.decode_s, 2), "model_s": round(naive.model_s, 2),
-            "decode_img_per_s": round(len(files) / naive.decode_s, 3),
-            "model_img_per_s": round(len(files) / naive.model_s, 3), "device": naive.device}  # fmt: skip
+    return {
+        "images": len(files),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(files) / seconds, 3),
+        "decode_voi_resize_s": round(naive.decode_s, 2),
+        "model_s": round(naive.model_s, 2),
+        "decode_img_per_s": round(len(files) / naive.decode_s, 3),
+        "model_img_per_s": round(len(files) / naive.model_s, 3),
+        "device": naive.device,
+    }
 
 
-def bench_dens_infer(cohort: Path, onnx_path: Path, out: Path, device: str, workers: int | None,
-                     threads: int | None, batch_size: int | None) -> dict:  # fmt: skip
+def bench_dens_infer(
+    cohort: Path,
+    onnx_path: Path,
+    out: Path,
+    device: str,
+    workers: int | None,
+    threads: int | None,
+    batch_size: int | None,
+) -> dict:
     """dens-infer as a user runs it (a fresh process, start-up included), timed from outside."""
-    command = [sys.executable, "-c", "from dens.infer.cli import main; main()", str(cohort), "--out", str(out),
-               "--model", str(onnx_path), "--device", device, "--overwrite", "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from dens.infer.cli import main; main()",
+        str(cohort),
+        "--out",
+        str(out),
+        "--model",
+        str(onnx_path),
+        "--device",
+        device,
+        "--overwrite",
+        "--no-progress",
+    ]
     for flag, value in (("--workers", workers), ("--threads", threads), ("--batch-size", batch_size)):
         if value:
             command += [flag, str(value)]
@@ -85,12 +110,22 @@ def bench_dens_infer(cohort: Path, onnx_path: Path, out: Path, device: str, work
     print(proc.stdout.splitlines()[0])
     m = match.groupdict()
     ok = int(m["ok"])
-    return {"images": ok, "files": int(m["files"]), "seconds": round(seconds, 2), "img_per_s": round(ok / seconds, 3),
-            "run_s": float(m["run_s"]), "in_process_img_per_s": round(ok / float(m["run_s"]), 3),
-            "workers": int(m["workers"]), "threads": int(m["threads"]),
-            "batch_size": int(m["batch"]), "provider": m["provider"], "decode_worker_s": float(m["decode_s"]),
-            "model_s": float(m["model_s"]), "write_s": float(m["write_s"]),
-            "wait_for_decode_s": float(m["wait_s"])}  # fmt: skip
+    return {
+        "images": ok,
+        "files": int(m["files"]),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(ok / seconds, 3),
+        "run_s": float(m["run_s"]),
+        "in_process_img_per_s": round(ok / float(m["run_s"]), 3),
+        "workers": int(m["workers"]),
+        "threads": int(m["threads"]),
+        "batch_size": int(m["batch"]),
+        "provider": m["provider"],
+        "decode_worker_s": float(m["decode_s"]),
+        "model_s": float(m["model_s"]),
+        "write_s": float(m["write_s"]),
+        "wait_for_decode_s": float(m["wait_s"]),
+    }
 
 
 def bench_decode_pool(files: list[Path], size: int, workers: int) -> dict:
@@ -103,9 +138,13 @@ def bench_decode_pool(files: list[Path], size: int, workers: int) -> dict:
         for _ in pool.map((str(p), "") for p in files):
             first = first or time.perf_counter()
         end = time.perf_counter()
-    return {"workers": workers, "images": len(files), "seconds_with_startup": round(end - start, 2),
-            "img_per_s_with_startup": round(len(files) / (end - start), 3),
-            "img_per_s_after_first": round((len(files) - 1) / (end - first), 3) if end > first else None}  # fmt: skip
+    return {
+        "workers": workers,
+        "images": len(files),
+        "seconds_with_startup": round(end - start, 2),
+        "img_per_s_with_startup": round(len(files) / (end - start), 3),
+        "img_per_s_after_first": round((len(files) - 1) / (end - first), 3) if end > first else None,
+    }
 
 
 def bench_decode_inline(files: list[Path], size: int) -> dict:
@@ -116,8 +155,12 @@ def bench_decode_inline(files: list[Path], size: int) -> dict:
     for path in files:
         load(path, cfg)
     seconds = time.perf_counter() - start
-    return {"images": len(files), "seconds": round(seconds, 2), "ms_per_image": round(1000 * seconds / len(files), 1),
-            "img_per_s": round(len(files) / seconds, 3)}  # fmt: skip
+    return {
+        "images": len(files),
+        "seconds": round(seconds, 2),
+        "ms_per_image": round(1000 * seconds / len(files), 1),
+        "img_per_s": round(len(files) / seconds, 3),
+    }
 
 
 def model_stage(dens_infer: dict, alone: dict) -> dict:
@@ -126,15 +169,22 @@ def model_stage(dens_infer: dict, alone: dict) -> dict:
     if dens_infer["model_s"] < 1.0:  # dens-infer prints tenths of a second: too short a run to tell
         return {"in_pipeline_img_per_s": None, "alone_img_per_s": alone["img_per_s"], "share": None}
     inside = dens_infer["images"] / dens_infer["model_s"]
-    return {"in_pipeline_img_per_s": round(inside, 3), "alone_img_per_s": alone["img_per_s"],
-            "share": round(inside / alone["img_per_s"], 3)}  # fmt: skip
+    return {
+        "in_pipeline_img_per_s": round(inside, 3),
+        "alone_img_per_s": alone["img_per_s"],
+        "share": round(inside / alone["img_per_s"], 3),
+    }
 
 
 def end_to_end_parser(doc: str) -> argparse.ArgumentParser:
     """The options every end-to-end benchmark takes: the cohort, the model, the device."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort", type=Path, default=DEFAULT_COHORT,
-                        help="a full-size dens-synth cohort; made there first when absent [%(default)s]")
+    parser.add_argument(
+        "--cohort",
+        type=Path,
+        default=DEFAULT_COHORT,
+        help="a full-size dens-synth cohort; made there first when absent [%(default)s]",
+    )
     parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
     parser.add_argument("--size", type=int, default=512, help="canonical image size S")
     parser.add_argument("--device", default="auto", choices=DEVICES)
@@ -149,10 +199,14 @@ def main() -> None:
     parser.add_argument("--model-seconds", type=float, default=20.0, help="how long the model-only stage runs")
     parser.add_argument("--sweep", action="store_true", help="also run dens-infer at every (workers, threads) pair")
     parser.add_argument("--skip-naive", action="store_true", help="no naive reference")
-    parser.add_argument("--naive-files", type=int, default=None,
-                        help="the naive reference, and dens's decoding in one process, over the first N files only "
-                             "(img/s is per image; at about 1 img/s the naive would take minutes over a GPU-sized "
-                             "cohort) [all]")
+    parser.add_argument(
+        "--naive-files",
+        type=int,
+        default=None,
+        help="the naive reference, and dens's decoding in one process, over the first N files only "
+        "(img/s is per image; at about 1 img/s the naive would take minutes over a GPU-sized "
+        "cohort) [all]",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()  # the machine is shared: other jobs' load changes every figure
     cohort = ensure_cohort(args.cohort)
@@ -165,8 +219,9 @@ def main() -> None:
         naive_device = "cpu" if args.device == "cpu" else "auto"
 
         results: dict = {}
-        d = results["dens_infer"] = bench_dens_infer(cohort, onnx_path, tmp / "preds.csv", args.device, args.workers,
-                                                     args.threads, args.batch_size)  # fmt: skip
+        d = results["dens_infer"] = bench_dens_infer(
+            cohort, onnx_path, tmp / "preds.csv", args.device, args.workers, args.threads, args.batch_size
+        )
         if not args.skip_naive:
             results["naive"] = bench_naive(checkpoint, files[: args.naive_files], naive_device)
             print(f"naive: {results['naive']}", flush=True)
@@ -183,15 +238,23 @@ def main() -> None:
         if args.sweep:
             pairs = [(w, t) for w in range(1, usable_cores() + 1) for t in range(1, usable_cores() + 1)]
             out = tmp / "preds.csv"
-            results["sweep"] = [bench_dens_infer(cohort, onnx_path, out, args.device, w, t, args.batch_size)
-                                for w, t in pairs]
+            results["sweep"] = [
+                bench_dens_infer(cohort, onnx_path, out, args.device, w, t, args.batch_size) for w, t in pairs
+            ]
 
-    settings = {"arch": args.arch, "size": args.size, "device": args.device, "images": len(files),
-                "cohort": shown(cohort), "workers": args.workers, "threads": args.threads,
-                "batch_size": args.batch_size, "model_seconds": args.model_seconds,
-                "naive_files": args.naive_files}  # fmt: skip
-    out = write_result("pipeline", {"settings": settings, "results": results,
-                                    "load_average_before": load_before})  # fmt: skip
+    settings = {
+        "arch": args.arch,
+        "size": args.size,
+        "device": args.device,
+        "images": len(files),
+        "cohort": shown(cohort),
+        "workers": args.workers,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "model_seconds": args.model_seconds,
+        "naive_files": args.naive_files,
+    }
+    out = write_result("pipeline", {"settings": settings, "results": results, "load_average_before": load_before})
     line = f"dens-infer {d['img_per_s']:.2f} img/s ({d['provider']}, {d['workers']} workers, {d['threads']} threads)"
     if "naive" in results:
         line += f", naive {results['naive']['img_per_s']:.2f} img/s: x{results['speedup']:.2f}"

@@ -56,18 +56,35 @@ def main() -> None:
             point = bench_dens_infer(cohort, onnx_path, tmp / "preds.csv", args.device, workers, None, None)
             point["decode_pool_img_per_s"] = bench_decode_pool(files, args.size, workers)["img_per_s_after_first"]
             point["bound"] = bound(point)
-            print(f"{workers:3d} workers: {point['img_per_s']:8.2f} img/s end to end, decode alone "
-                  f"{point['decode_pool_img_per_s']} img/s, {point['bound']}-bound", flush=True)  # fmt: skip
+            print(
+                f"{workers:3d} workers: {point['img_per_s']:8.2f} img/s end to end, decode alone "
+                f"{point['decode_pool_img_per_s']} img/s, {point['bound']}-bound",
+                flush=True,
+            )
             points.append(point)
         last = points[-1]
         model = bench_ort(onnx_path, args.device, last["batch_size"], last["threads"], args.model_seconds)
-    print(f"model alone: {model['img_per_s']} img/s ({model['provider']}, batch {model['batch']}, "
-          f"{model['threads']} threads)")  # fmt: skip
-    path = write_result("scaling", {"settings": {"arch": args.arch, "size": args.size, "device": args.device,
-                                                 "cohort": shown(cohort), "images": len(files),
-                                                 "worker_counts": counts, "wait_bound": WAIT_BOUND,
-                                                 "model_bound": MODEL_BOUND},
-                                    "model_alone": model, "points": points})  # fmt: skip
+    print(
+        f"model alone: {model['img_per_s']} img/s ({model['provider']}, batch {model['batch']}, "
+        f"{model['threads']} threads)"
+    )
+    path = write_result(
+        "scaling",
+        {
+            "settings": {
+                "arch": args.arch,
+                "size": args.size,
+                "device": args.device,
+                "cohort": shown(cohort),
+                "images": len(files),
+                "worker_counts": counts,
+                "wait_bound": WAIT_BOUND,
+                "model_bound": MODEL_BOUND,
+            },
+            "model_alone": model,
+            "points": points,
+        },
+    )
     print(f"wrote {path}")
 
 

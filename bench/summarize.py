@@ -24,9 +24,14 @@ import matplotlib.pyplot as plt
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
-SYNTAX_NAMES = {"1.2.840.10008.1.2.1": "uncompressed", "1.2.840.10008.1.2.5": "RLE",
-                "1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.4.90": "JPEG 2000",
-                "1.2.840.10008.1.2.4.91": "JPEG 2000 lossy", "1.2.840.10008.1.2.4.51": "JPEG Extended"}  # fmt: skip
+SYNTAX_NAMES = {
+    "1.2.840.10008.1.2.1": "uncompressed",
+    "1.2.840.10008.1.2.5": "RLE",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000 lossy",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+}
 
 
 @dataclass
@@ -76,14 +81,25 @@ def decode_figures(r: dict) -> list[Figure]:
             note = f"x{s['throughput_speedup']} throughput, x{s['median_decode_speedup']} median per file"
             full, reduced = _per_s(s["median_full_decode_ms"]), _per_s(s["median_reduced_decode_ms"])
             out.append(Figure("decode (1 core)", f"{syntax}, {label}, full resolution", full))
-            out.append(Figure("decode (1 core)", f"{syntax}, {label}, reduced", reduced,
-                              f"{note}; levels {s['levels']}; n={s['files']}"))  # fmt: skip
+            out.append(
+                Figure(
+                    "decode (1 core)",
+                    f"{syntax}, {label}, reduced",
+                    reduced,
+                    f"{note}; levels {s['levels']}; n={s['files']}",
+                )
+            )
         for key, s in res.get("by_size_and_syntax", {}).items():  # JPEG 2000 per detector size
             shape, ts = key.split(" ", 1)
             if "JPEG 2000" in SYNTAX_NAMES.get(ts, ""):
-                out.append(Figure("decode (1 core)", f"{SYNTAX_NAMES[ts]} {shape}, {label}, reduced",
-                                  _per_s(s["median_reduced_decode_ms"]),
-                                  f"x{s['throughput_speedup']} throughput; levels {s['levels']}; n={s['files']}"))
+                out.append(
+                    Figure(
+                        "decode (1 core)",
+                        f"{SYNTAX_NAMES[ts]} {shape}, {label}, reduced",
+                        _per_s(s["median_reduced_decode_ms"]),
+                        f"x{s['throughput_speedup']} throughput; levels {s['levels']}; n={s['files']}",
+                    )
+                )
     return out
 
 
@@ -92,8 +108,14 @@ def model_figures(r: dict) -> list[Figure]:
     for row in r["results"]:
         setting = f"{row['setting']}, batch {row['batch']}"
         if "error" in row:  # a setting tried and refused (an option this build lacks): shown, at 0
-            out.append(Figure(f"model ({r['settings']['arch']} S={r['settings']['size']})", setting, 0.0,
-                              f"failed: {row['error']}"))  # fmt: skip
+            out.append(
+                Figure(
+                    f"model ({r['settings']['arch']} S={r['settings']['size']})",
+                    setting,
+                    0.0,
+                    f"failed: {row['error']}",
+                )
+            )
             continue
         if "processes" in row:
             setting += f", {row['processes']} processes x {row['threads']} threads"
@@ -102,8 +124,9 @@ def model_figures(r: dict) -> list[Figure]:
         note = f"{row['tflops']} TFLOP/s"
         if "share_of_fp16_peak" in row:
             note += f", {row['share_of_fp16_peak']:.1%} of fp16 peak"
-        out.append(Figure(f"model ({r['settings']['arch']} S={r['settings']['size']})", setting, row["img_per_s"],
-                          note))  # fmt: skip
+        out.append(
+            Figure(f"model ({r['settings']['arch']} S={r['settings']['size']})", setting, row["img_per_s"], note)
+        )
     return out
 
 
@@ -114,36 +137,65 @@ def pipeline_figures(r: dict) -> list[Figure]:
     note = f"x{res['speedup']} the naive reference" if "speedup" in res else ""
     if "speedup_in_process" in res:
         note += f" (x{res['speedup_in_process']} leaving out start-up, as the naive figure does)"
-    out = [Figure(stage, f"dens-infer, {d['workers']} workers, {d['threads']} threads, batch {d['batch_size']}",
-                  d["img_per_s"], note)]  # fmt: skip
+    out = [
+        Figure(
+            stage,
+            f"dens-infer, {d['workers']} workers, {d['threads']} threads, batch {d['batch_size']}",
+            d["img_per_s"],
+            note,
+        )
+    ]
     if "naive" in res:
         naive = res["naive"]["img_per_s"]
         out.append(Figure(stage, "naive reference", naive, "one process, pydicom full decode, torch eager, batch 1"))
     if res.get("model_stage", {}).get("share"):
         m = res["model_stage"]
-        out.append(Figure(stage, "model stage inside dens-infer", m["in_pipeline_img_per_s"],
-                          f"{m['share']:.0%} of ORT alone ({m['alone_img_per_s']} img/s)"))  # fmt: skip
+        out.append(
+            Figure(
+                stage,
+                "model stage inside dens-infer",
+                m["in_pipeline_img_per_s"],
+                f"{m['share']:.0%} of ORT alone ({m['alone_img_per_s']} img/s)",
+            )
+        )
     return out
 
 
 def scaling_figures(r: dict) -> list[Figure]:
-    return [Figure("scaling (end to end)", f"{p['workers']} decode workers", p["img_per_s"],
-                   f"{p['bound']}-bound; decode alone {p['decode_pool_img_per_s']} img/s")
-            for p in r["points"]]  # fmt: skip
+    return [
+        Figure(
+            "scaling (end to end)",
+            f"{p['workers']} decode workers",
+            p["img_per_s"],
+            f"{p['bound']}-bound; decode alone {p['decode_pool_img_per_s']} img/s",
+        )
+        for p in r["points"]
+    ]
 
 
 def train_figures(r: dict) -> list[Figure]:
-    return [Figure(f"training step ({r['device']})",
-                   f"{x['arch']} S={x['size']} batch {x['batch']} {x['precision']}"
-                   + (" channels_last" if x.get("channels_last") else ""), x["img_s"],
-                   f"peak {x['peak_memory_gib']} GiB" if x.get("peak_memory_gib") else "")
-            for x in r["results"]]  # fmt: skip
+    return [
+        Figure(
+            f"training step ({r['device']})",
+            f"{x['arch']} S={x['size']} batch {x['batch']} {x['precision']}"
+            + (" channels_last" if x.get("channels_last") else ""),
+            x["img_s"],
+            f"peak {x['peak_memory_gib']} GiB" if x.get("peak_memory_gib") else "",
+        )
+        for x in r["results"]
+    ]
 
 
 def gradcam_figures(r: dict) -> list[Figure]:
-    return [Figure(f"Grad-CAM ({r['device']})", f"{x['arch']} S={x['size']} batch {x['batch']}",
-                   _per_s(x["gradcam_ms_per_image"]), f"x{x['gradcam_over_forward']} a forward pass")
-            for x in r["results"]]  # fmt: skip
+    return [
+        Figure(
+            f"Grad-CAM ({r['device']})",
+            f"{x['arch']} S={x['size']} batch {x['batch']}",
+            _per_s(x["gradcam_ms_per_image"]),
+            f"x{x['gradcam_over_forward']} a forward pass",
+        )
+        for x in r["results"]
+    ]
 
 
 def gpu_decode_figures(r: dict) -> list[Figure]:
@@ -151,29 +203,43 @@ def gpu_decode_figures(r: dict) -> list[Figure]:
     gpu, pool = res["gpu"], res["cpu_pool"]
     stage = f"decode JPEG 2000 on GPU vs CPU ({r['settings']['files']} files, S={r['settings']['size']})"
     check = res["pixels"]
-    pixels = (f"pixels against pydicom over {check['files']} files: max difference {check['max_abs_difference']}, "
-              f"{check['size_mismatches']} of another size")  # fmt: skip
+    pixels = (
+        f"pixels against pydicom over {check['files']} files: max difference {check['max_abs_difference']}, "
+        f"{check['size_mismatches']} of another size"
+    )
     ratio = res["gpu_over_cpu_pool"]
-    return [Figure(stage, "GPU nvImageCodec, full frame, one at a time", gpu["one_at_a_time_img_per_s"], pixels),
-            Figure(stage, f"GPU nvImageCodec, full frame, batch {gpu['batch']}", gpu["batched_img_per_s"]),
-            Figure(stage, "CPU dens route, reduced, one process", res["cpu_one_process"]["img_per_s"]),
-            Figure(stage, f"CPU decode pool, reduced, {pool['workers']} workers", pool["img_per_s_after_first"] or 0,
-                   f"the best GPU figure is x{ratio} this" if ratio else "")]  # fmt: skip
+    return [
+        Figure(stage, "GPU nvImageCodec, full frame, one at a time", gpu["one_at_a_time_img_per_s"], pixels),
+        Figure(stage, f"GPU nvImageCodec, full frame, batch {gpu['batch']}", gpu["batched_img_per_s"]),
+        Figure(stage, "CPU dens route, reduced, one process", res["cpu_one_process"]["img_per_s"]),
+        Figure(
+            stage,
+            f"CPU decode pool, reduced, {pool['workers']} workers",
+            pool["img_per_s_after_first"] or 0,
+            f"the best GPU figure is x{ratio} this" if ratio else "",
+        ),
+    ]
 
 
-FIGURES = {"decode": decode_figures, "model": model_figures, "pipeline": pipeline_figures,
-           "scaling": scaling_figures, "train_step": train_figures, "gradcam": gradcam_figures,
-           "gpu_decode": gpu_decode_figures}  # fmt: skip
+FIGURES = {
+    "decode": decode_figures,
+    "model": model_figures,
+    "pipeline": pipeline_figures,
+    "scaling": scaling_figures,
+    "train_step": train_figures,
+    "gradcam": gradcam_figures,
+    "gpu_decode": gpu_decode_figures,
+}
 
 
 def plot(host: str, figures: list[Figure], scaling: dict | None, out: Path) -> None:
-    fig, (bars, curve) = plt.subplots(1, 2, figsize=(16, max(6, 0.28 * len(figures))),
-                                      gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    fig, (bars, curve) = plt.subplots(
+        1, 2, figsize=(16, max(6, 0.28 * len(figures))), gridspec_kw={"width_ratios": [3, 1]}
+    )
     stages = list(dict.fromkeys(f.stage for f in figures))
     colours = {stage: plt.cm.tab10(i % 10) for i, stage in enumerate(stages)}
     labels = [f"{f.stage}: {f.setting}" for f in figures]
-    bars.barh(range(len(figures)), [max(f.img_per_s, 1e-3) for f in figures],
-              color=[colours[f.stage] for f in figures])  # fmt: skip
+    bars.barh(range(len(figures)), [max(f.img_per_s, 1e-3) for f in figures], color=[colours[f.stage] for f in figures])
     bars.set_yticks(range(len(figures)), labels, fontsize=7)
     bars.invert_yaxis()
     bars.set_xscale("log")
@@ -188,8 +254,9 @@ def plot(host: str, figures: list[Figure], scaling: dict | None, out: Path) -> N
         curve.plot(workers, [p["decode_pool_img_per_s"] or 0 for p in points], "s--", label="decode pool alone")
         curve.axhline(scaling["model_alone"]["img_per_s"], color="grey", linestyle=":", label="model alone (ORT)")
         for p in points:
-            curve.annotate(p["bound"], (p["workers"], p["img_per_s"]), fontsize=7, textcoords="offset points",
-                           xytext=(3, 5))  # fmt: skip
+            curve.annotate(
+                p["bound"], (p["workers"], p["img_per_s"]), fontsize=7, textcoords="offset points", xytext=(3, 5)
+            )
         curve.set_xticks(workers)
         curve.set_xlabel("decode workers")
         curve.set_ylabel("images per second")
@@ -205,8 +272,14 @@ def plot(host: str, figures: list[Figure], scaling: dict | None, out: Path) -> N
 
 def table(host_key: tuple, runs: dict[str, tuple[Path, dict]], png: Path) -> str:
     host, cpu, cores, gpu = host_key
-    lines = [f"### {host}: {cpu}, {cores} cores, GPU: {gpu or 'none'}", "", f"![img/s by stage](results/{png.name})",
-             "", "| benchmark | result | command | load average at the end |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### {host}: {cpu}, {cores} cores, GPU: {gpu or 'none'}",
+        "",
+        f"![img/s by stage](results/{png.name})",
+        "",
+        "| benchmark | result | command | load average at the end |",
+        "|---|---|---|---|",
+    ]
     for name, (path, record) in runs.items():
         load = record.get("load_average_end")
         load_text = f"{load[0]:.1f}" if load else "not recorded"

@@ -36,8 +36,17 @@ from dens.train.step import train_step
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def bench_one(device: torch.device, arch: str, size: int, batch: int, precision: str, channels_last: bool,
-              compile_model: bool, min_seconds: float, min_steps: int) -> dict:  # fmt: skip
+def bench_one(
+    device: torch.device,
+    arch: str,
+    size: int,
+    batch: int,
+    precision: str,
+    channels_last: bool,
+    compile_model: bool,
+    min_seconds: float,
+    min_steps: int,
+) -> dict:
     """img/s of the training step for one configuration."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.preserve_format
@@ -72,10 +81,20 @@ def bench_one(device: torch.device, arch: str, size: int, batch: int, precision:
         data.augment(images, g)
     sync(device)
     augment_s = (time.perf_counter() - t0) / 3
-    row = {"arch": arch, "size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
-           "compile": compile_model, "steps": steps, "seconds": round(seconds, 2),
-           "img_s": round(steps * batch / seconds, 2), "step_ms": round(1000 * seconds / steps, 1),
-           "augment_img_s": round(batch / augment_s, 1), "loss_finite": bool(torch.isfinite(loss))}  # fmt: skip
+    row = {
+        "arch": arch,
+        "size": size,
+        "batch": batch,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": compile_model,
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "img_s": round(steps * batch / seconds, 2),
+        "step_ms": round(1000 * seconds / steps, 1),
+        "augment_img_s": round(batch / augment_s, 1),
+        "loss_finite": bool(torch.isfinite(loss)),
+    }
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return row
@@ -116,13 +135,21 @@ def main() -> None:
     for (arch, size), batch, precision, channels_last in itertools.product(models, batches, precisions, layouts):
         row = bench_one(device, arch, size, batch, precision, channels_last, args.compile, min_seconds, args.min_steps)
         rows.append(row)
-        print(f"{arch:9} S={size:<4} batch {batch:<3} {precision:4} channels_last={channels_last!s:5} "
-              f"{row['img_s']:8.2f} img/s  ({row['step_ms']} ms/step, augment {row['augment_img_s']} img/s)",
-              flush=True)  # fmt: skip
+        print(
+            f"{arch:9} S={size:<4} batch {batch:<3} {precision:4} channels_last={channels_last!s:5} "
+            f"{row['img_s']:8.2f} img/s  ({row['step_ms']} ms/step, augment {row['augment_img_s']} img/s)",
+            flush=True,
+        )
     # Other work on a shared machine skews CPU figures: the load average says how much there was.
-    path = write_result("train_step", {"device": args.device,
-                                       "threads": torch.get_num_threads(), "load_average_before": load_before,
-                                       "results": rows})  # fmt: skip
+    path = write_result(
+        "train_step",
+        {
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "results": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -120,8 +120,9 @@ def synthetic_breast(rows: int = 300, cols: int = 240, *, bits: int = 12, seed: 
     dist = np.hypot(yy - rows / 2, xx) / radius
     inside = dist < 1.0
     # Fibroglandular texture: blurred noise of a few scales, on tissue brighter towards the chest wall.
-    texture = sum(cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), s) * s
-                  for s in (2, 5, 11))
+    texture = sum(
+        cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), s) * s for s in (2, 5, 11)
+    )
     texture = (texture - texture.mean()) / (texture.std() + 1e-6)
     tissue = top * (0.55 + 0.25 * (1.0 - dist) + 0.08 * texture)
     background = top * 0.03 + rng.normal(0.0, top * 0.005, (rows, cols))
@@ -166,8 +167,9 @@ def codec_fault(monkeypatch) -> Callable[[str, str], None]:
     def arm(kind: str, name: str) -> None:
         if kind not in ("crash", "hang"):
             raise ValueError(f"kind must be crash or hang, got {kind!r}")
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(CODEC_FAULTS),
-                                                                       os.environ.get("PYTHONPATH", "")])))
+        monkeypatch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [str(CODEC_FAULTS), os.environ.get("PYTHONPATH", "")]))
+        )
         monkeypatch.setenv(f"DENS_TEST_{kind.upper()}_ON", name)
 
     return arm

@@ -30,19 +30,20 @@ def bench_module(monkeypatch):
 
 def _run(script: str, *args: str, results: Path) -> None:
     env = {**os.environ, "DENS_BENCH_RESULTS": str(results)}
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def test_a_result_records_the_machine_and_names_no_folder_outside_the_repository(bench_module, tmp_path,
-                                                                                 monkeypatch):  # fmt: skip
+def test_a_result_records_the_machine_and_names_no_folder_outside_the_repository(bench_module, tmp_path, monkeypatch):
     common = bench_module("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "argv", ["/somewhere/bench/decode.py", "--size", "64"])
     outside = tmp_path / "real-mammo"
-    path = common.write_result("decode", {"settings": {"cohort": common.shown(common.DEFAULT_COHORT),
-                                                       "real": common.shown(outside)}})  # fmt: skip
+    path = common.write_result(
+        "decode", {"settings": {"cohort": common.shown(common.DEFAULT_COHORT), "real": common.shown(outside)}}
+    )
     record = json.loads(path.read_text())
     assert path.parent == tmp_path and path.name.startswith(f"decode-{record['machine']['host']}-")
     assert record["settings"] == {"cohort": ".cache/bench-cohort", "real": "real-mammo"}
@@ -76,16 +77,45 @@ def test_every_benchmark_runs_and_summarize_reads_them(synthetic_cohort, tmp_pat
     cohort = synthetic_cohort(3, seed=5)
     results = tmp_path / "results"
     model = ("--arch", "resnet18", "--size", "64")
-    _run("decode.py", "--cohort", str(cohort), "--real", str(tmp_path / "none"), "--size", "64", "--repeat", "1",
-         results=results)  # fmt: skip
+    _run(
+        "decode.py",
+        "--cohort",
+        str(cohort),
+        "--real",
+        str(tmp_path / "none"),
+        "--size",
+        "64",
+        "--repeat",
+        "1",
+        results=results,
+    )
     _run("model_stage.py", *model, "--device", "cpu", "--batch-sizes", "1,2", "--seconds", "0.2", results=results)
     _run("pipeline.py", "--cohort", str(cohort), *model, "--device", "cpu", "--model-seconds", "0.2", results=results)
-    _run("scaling.py", "--cohort", str(cohort), *model, "--device", "cpu", "--workers", "1,2", "--model-seconds",
-         "0.2", results=results)  # fmt: skip
-    _run("train_step.py", "--device", "cpu", *("--arch", "resnet18", "--size", "64", "--batch", "2"),
-         "--min-seconds", "0", "--min-steps", "1", results=results)  # fmt: skip
-    _run("gradcam.py", "--device", "cpu", "--models", "resnet18:64", "--batches", "1", "--repeat", "1",
-         results=results)  # fmt: skip
+    _run(
+        "scaling.py",
+        "--cohort",
+        str(cohort),
+        *model,
+        "--device",
+        "cpu",
+        "--workers",
+        "1,2",
+        "--model-seconds",
+        "0.2",
+        results=results,
+    )
+    _run(
+        "train_step.py",
+        "--device",
+        "cpu",
+        *("--arch", "resnet18", "--size", "64", "--batch", "2"),
+        "--min-seconds",
+        "0",
+        "--min-steps",
+        "1",
+        results=results,
+    )
+    _run("gradcam.py", "--device", "cpu", "--models", "resnet18:64", "--batches", "1", "--repeat", "1", results=results)
 
     written = {json.loads(p.read_text())["benchmark"]: json.loads(p.read_text()) for p in results.glob("*.json")}
     assert set(written) == {"decode", "model", "pipeline", "scaling", "train_step", "gradcam"}
@@ -113,10 +143,16 @@ def test_every_benchmark_runs_and_summarize_reads_them(synthetic_cohort, tmp_pat
 @pytest.mark.slow  # fast cover: the tests above, and bench/gpu.sh's own steps are the benchmarks tested above
 def test_the_gpu_suite_rehearses_every_step_on_the_cpu(tmp_path):
     results = tmp_path / "results"
-    env = {**os.environ, "DENS_GPU_REHEARSAL": "1", "DENS_GPU_COHORT": str(tmp_path / "cohort"),
-           "DENS_BENCH_RESULTS": str(results), "PYTHON": sys.executable}  # fmt: skip
-    proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=1800)  # fmt: skip
+    env = {
+        **os.environ,
+        "DENS_GPU_REHEARSAL": "1",
+        "DENS_GPU_COHORT": str(tmp_path / "cohort"),
+        "DENS_BENCH_RESULTS": str(results),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1800
+    )
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     written = {json.loads(p.read_text())["benchmark"] for p in results.glob("*.json")}
     assert written == {"train_step", "gradcam", "model", "pipeline", "scaling"}
@@ -141,8 +177,13 @@ def test_gpu_decoding_benchmark_says_why_it_cannot_run(tmp_path):
     if _cuda_and_nvimgcodec():
         pytest.skip("a GPU with nvImageCodec is here: make bench-gpu runs this benchmark for real")
     env = {**os.environ, "DENS_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_decode.py"), "--cohort", str(tmp_path / "c")],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_decode.py"), "--cohort", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "gpu_decode: " in proc.stderr
     assert ("no CUDA device" in proc.stderr) or ("nvImageCodec is not installed" in proc.stderr)
     assert not list(tmp_path.glob("*.json"))
@@ -174,4 +215,6 @@ def test_machines_sharing_a_host_name_get_their_own_plot(bench_module):
     h100 = ("h100", "Intel(R) Xeon(R) Platinum", 16, "NVIDIA H100 80GB HBM3")
     assert machine_label(h100, [amd, h100]) == "h100" and machine_label(amd, [amd, h100]) == "vm"
     assert {machine_label(amd, [amd, intel]), machine_label(intel, [amd, intel])} == {
-        "vm-amd-epyc-2c", "vm-intel-r-xeon-r-processor-2c"}
+        "vm-amd-epyc-2c",
+        "vm-intel-r-xeon-r-processor-2c",
+    }

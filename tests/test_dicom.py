@@ -79,10 +79,11 @@ def test_reduced_values_stay_in_bits_stored_range(make_dicom, breast, level):
     # 12-bit data in 16-bit precision: nothing in the decoder clamps there) and uncompressed.
     files = {
         "j2k12": make_dicom(stored, syntax=JPEG2000Lossless, bits_stored=12),
-        "j2k16": make_dicom(stored, syntax=JPEG2000Lossless, bits_stored=12,
-                            frame=openjpeg.encode(stored, bits_stored=16)),
+        "j2k16": make_dicom(
+            stored, syntax=JPEG2000Lossless, bits_stored=12, frame=openjpeg.encode(stored, bits_stored=16)
+        ),
         "native": make_dicom(stored, bits_stored=12),
-    }  # fmt: skip
+    }
     for name, path in files.items():
         pixels, reached, route = dicom.read(path).decode(level)
         assert reached == level, (name, route)
@@ -196,8 +197,18 @@ with warnings.catch_warnings():  # pydicom's odd files warn as they are read, on
 
 def test_grayscale_testdata_covers_the_archive_transfer_syntaxes():
     syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in _GRAYSCALE}
-    wanted = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
-              RLELossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, JPEGExtended12Bit}
+    wanted = {
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+        RLELossless,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        JPEGExtended12Bit,
+    }
     assert wanted <= syntaxes, sorted(wanted - syntaxes)
 
 
@@ -301,8 +312,9 @@ def test_malformed_numbers_in_the_header_are_errors(make_dicom, breast, tmp_path
 
 
 def test_non_image_objects_are_skipped(make_dicom, breast):
-    _raises(make_dicom(None, sop_class="1.2.840.10008.5.1.4.1.1.88.22", modality="SR"),
-            Reason.NON_IMAGE_OBJECT, "skipped")  # fmt: skip
+    _raises(
+        make_dicom(None, sop_class="1.2.840.10008.5.1.4.1.1.88.22", modality="SR"), Reason.NON_IMAGE_OBJECT, "skipped"
+    )
     _raises(make_dicom(None, modality="MG"), Reason.NO_PIXEL_DATA, "skipped")
 
 
@@ -322,8 +334,10 @@ def _excluded_view_tags(kind: str) -> dict:
     if kind == "cleavage":
         return {"ViewPosition": "CV"}
     if kind == "spot":  # the modifier at the top level, as some vendors write it
-        return {"ViewCodeSequence": [_code("399162004", "cranio-caudal")],
-                "ViewModifierCodeSequence": [_code("399163008", "Spot Compression")]}  # fmt: skip
+        return {
+            "ViewCodeSequence": [_code("399162004", "cranio-caudal")],
+            "ViewModifierCodeSequence": [_code("399163008", "Spot Compression")],
+        }
     view = _code("399368009", "medio-lateral oblique")  # the modifier nested, as the MG IOD has it
     view.ViewModifierCodeSequence = [_code("399160001", "Magnification")]
     return {"ViewCodeSequence": [view]}
@@ -345,8 +359,7 @@ def test_mammography_views_are_not_excluded(make_dicom, breast):
 
 def test_other_modalities_and_multi_frame_are_skipped(make_dicom, breast):
     stored = breast()
-    _raises(make_dicom(stored, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2"), Reason.NOT_MAMMOGRAPHY,
-            "skipped")  # fmt: skip
+    _raises(make_dicom(stored, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2"), Reason.NOT_MAMMOGRAPHY, "skipped")
     _raises(make_dicom(stored, modality="DX", BodyPartExamined="CHEST"), Reason.NOT_MAMMOGRAPHY, "skipped")
     _raises(make_dicom(np.stack([stored, stored]), bits_stored=12), Reason.MULTI_FRAME, "skipped")
 
@@ -395,8 +408,10 @@ def test_12_bit_jpeg_extended_decodes_quietly(real_mammo, capfd, caplog):
     assert "stderr works again" in capfd.readouterr().err
 
 
-_SILENT_J2K = ("JPEG 2000 has no checksum: OpenJPEG decodes overwritten code-block bytes into a wrong image "
-               "without a word; only a damaged structure (a length, a marker) is caught")
+_SILENT_J2K = (
+    "JPEG 2000 has no checksum: OpenJPEG decodes overwritten code-block bytes into a wrong image "
+    "without a word; only a damaged structure (a length, a marker) is caught"
+)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=_SILENT_J2K)

@@ -40,8 +40,9 @@ def checkpoint(workdir) -> Path:
     """A random resnet18 checkpoint in runs/<name>/best.pt, with runs/latest pointing at it."""
     torch.manual_seed(0)
     path = workdir / "runs" / "run1" / "best.pt"
-    save_checkpoint(path, build_model("resnet18"), PreprocessConfig(size=SIZE), temperature=TEMPERATURE,
-                    summary=SUMMARY)  # fmt: skip
+    save_checkpoint(
+        path, build_model("resnet18"), PreprocessConfig(size=SIZE), temperature=TEMPERATURE, summary=SUMMARY
+    )
     runs.update_latest(path.parent)
     return path
 
@@ -60,8 +61,9 @@ def exported(workdir, checkpoint, cohort):
     """`dens-export --onnx --fp16 --images COHORT` run from the project folder, checkpoint by default."""
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
-        result = CliRunner().invoke(main, ["--onnx", "--fp16", "--images", str(cohort), "--max-images", "6",
-                                           "--no-progress"])  # fmt: skip
+        result = CliRunner().invoke(
+            main, ["--onnx", "--fp16", "--images", str(cohort), "--max-images", "6", "--no-progress"]
+        )
     return result
 
 
@@ -152,8 +154,9 @@ def test_changed_weight_fails_parity_with_nonzero_exit(exported, checkpoint, tmp
     # Control: the same check on the untouched copy passes (checkpoint found through its metadata).
     ok = CliRunner().invoke(main, ["--onnx", "--check-only", "--out", str(intact), "--no-progress"])
     assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(main, ["--onnx", "--check-only", "--out", str(changed), "--checkpoint", str(checkpoint),
-                                    "--no-progress"])  # fmt: skip
+    bad = CliRunner().invoke(
+        main, ["--onnx", "--check-only", "--out", str(changed), "--checkpoint", str(checkpoint), "--no-progress"]
+    )
     assert bad.exit_code == 2, bad.output
     assert "PARITY FAILED" in bad.output and str(changed) in bad.output
     report = json.loads((tmp_path / "changed.parity.json").read_text())
@@ -198,8 +201,12 @@ def test_static_batch_axis_fails_parity(exported, checkpoint, tmp_path):
 
 def _tiny_onnx(path: Path, props: dict[str, str] | None = None) -> Path:
     node = helper.make_node("Identity", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph)
     if props:
         helper.set_model_props(model, props)
@@ -233,9 +240,13 @@ def test_read_metadata_rejects_non_onnx(tmp_path):
 
 def test_to_fp16_refuses_ops_it_does_not_handle():
     nodes = [helper.make_node("Resize", ["x", "", "scales"], ["logits"], mode="nearest")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ones(4, np.float32), "scales")])  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(4, np.float32), "scales")],
+    )
     with pytest.raises(Fp16ConversionError, match="Resize"):
         to_fp16(helper.make_model(graph))
 

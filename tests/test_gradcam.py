@@ -38,10 +38,13 @@ class TinyNet(nn.Module):
     def __init__(self, num_classes: int = 4):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +184,10 @@ def test_a_model_trained_on_a_planted_bright_square_looks_at_it():
         with GradCAM(model, "features") as cam:
             maps = cam(x, [3] * len(x)).maps
         peaks = [np.unravel_index(m.argmax(), m.shape) for m in maps]
-        return sum(r - 2 <= pr < r + side + 2 and c - 2 <= pc < c + side + 2
-                   for (r, c), (pr, pc) in zip(corners, peaks, strict=True))  # fmt: skip
+        return sum(
+            r - 2 <= pr < r + side + 2 and c - 2 <= pc < c + side + 2
+            for (r, c), (pr, pc) in zip(corners, peaks, strict=True)
+        )
 
     model = TinyNet()
     untrained = TinyNet()
@@ -238,8 +243,23 @@ def test_cuda_maps_match_cpu_and_gpu_memory_stays_flat():
 # --- names and flags ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [HOSTILE_SOP, HOSTILE_NAME, "..", ".", "/", "a/../../b", "-rf", "x" * 500, "",
-                                   "C:\\Windows\\win.ini", "uid\x00.png", "1.2.3/../4"])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [
+        HOSTILE_SOP,
+        HOSTILE_NAME,
+        "..",
+        ".",
+        "/",
+        "a/../../b",
+        "-rf",
+        "x" * 500,
+        "",
+        "C:\\Windows\\win.ini",
+        "uid\x00.png",
+        "1.2.3/../4",
+    ],
+)
 def test_stems_from_hostile_values_are_plain_names(tmp_path, value):
     stem = safe_stem(value, fallback="some/file.dcm")
     assert stem and len(stem) <= 80
@@ -258,15 +278,22 @@ def test_stems_keep_uids_fall_back_to_a_path_hash_and_never_collide():
 
 
 def test_flags_select_ok_rows_by_class_threshold_or_the_flagged_column():
-    probs = [(0.6, 0.3, 0.05, 0.05), (0.1, 0.2, 0.4, 0.3), (0.0, 0.1, 0.2, 0.7), (0.0, 0.0, 0.0, 1.0),
-             (0.15, 0.3, 0.5, 0.05)]  # fmt: skip
-    preds = pd.DataFrame({
-        labels.STATUS: ["ok", "ok", "ok", "error", "ok"],
-        labels.DENSITY: ["A", "C", "D", "D", "C"],
-        **{c: [f"{p[k]:.6f}" for p in probs] for k, c in enumerate(labels.PROB_COLUMNS)},
-        labels.P_DENSE: ["0.100000", "0.700000", "0.900000", "", "0.550000"],
-        "flagged": ["false", "true", "false", "false", "true"],  # dens-infer's own rule, whatever it was
-    })  # fmt: skip
+    probs = [
+        (0.6, 0.3, 0.05, 0.05),
+        (0.1, 0.2, 0.4, 0.3),
+        (0.0, 0.1, 0.2, 0.7),
+        (0.0, 0.0, 0.0, 1.0),
+        (0.15, 0.3, 0.5, 0.05),
+    ]
+    preds = pd.DataFrame(
+        {
+            labels.STATUS: ["ok", "ok", "ok", "error", "ok"],
+            labels.DENSITY: ["A", "C", "D", "D", "C"],
+            **{c: [f"{p[k]:.6f}" for p in probs] for k, c in enumerate(labels.PROB_COLUMNS)},
+            labels.P_DENSE: ["0.100000", "0.700000", "0.900000", "", "0.550000"],
+            "flagged": ["false", "true", "false", "false", "true"],  # dens-infer's own rule, whatever it was
+        }
+    )
     pick = lambda spec: parse_flag(spec).select(preds).tolist()  # noqa: E731
     assert pick(None) == pick("flagged") == [False, True, False, False, True]
     assert pick("C,D") == [False, True, True, False, True]
@@ -279,8 +306,9 @@ def test_flags_select_ok_rows_by_class_threshold_or_the_flagged_column():
             parse_flag(bad)
     # The same object is a dens-infer flag rule: (density, {class: probability}) -> bool.
     rule = parse_flag("p_dense>=0.5")
-    assert rule("B", {"A": 0.1, "B": 0.35, "C": 0.3, "D": 0.25}) and not rule("C", {"A": 0.5, "B": 0.1, "C": 0.4,
-                                                                                     "D": 0.0})  # fmt: skip
+    assert rule("B", {"A": 0.1, "B": 0.35, "C": 0.3, "D": 0.25}) and not rule(
+        "C", {"A": 0.5, "B": 0.1, "C": 0.4, "D": 0.0}
+    )
     assert parse_flag(None)("D", {}) and not parse_flag(None)("B", {}) and parse_flag("B")("B", {})
 
 
@@ -305,8 +333,11 @@ def study(tmp_path_factory, synthetic_cohort) -> dict:
     save_checkpoint(root / "best.pt", build_model("resnet18", weights=None), cfg, classes=labels.CLASSES)
     export_onnx(root / "best.pt", root / "model.onnx")
     out = root / "infer"
-    summary = infer(InferConfig(studies=cohort, out=out / "preds.csv", model=root / "model.onnx",
-                                device="cpu", workers=1, progress=False))  # fmt: skip
+    summary = infer(
+        InferConfig(
+            studies=cohort, out=out / "preds.csv", model=root / "model.onnx", device="cpu", workers=1, progress=False
+        )
+    )
     assert summary.ok >= 12
 
     # Edited with the csv module, as dens-infer writes, so that the bytes Grad-CAM keeps are dens-infer's.
@@ -349,6 +380,7 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     written = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
     assert (before["gradcam"] == "").all()  # dens-infer writes the column empty
     pd.testing.assert_frame_equal(written.drop(columns="gradcam"), before.drop(columns="gradcam"))
+
     # Byte for byte what was there, but the last column.
     def head(text: str) -> list[str]:
         return [line.rsplit(",", 1)[0] for line in text.splitlines()]
@@ -388,7 +420,7 @@ def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tm
     page = (tmp_path / "report.html").read_text()
     assert 'title="densest image"' not in page and 'title="preds.exam.csv"' not in page
     for density in expected[labels.DENSITY]:
-        assert f"title=\"dens-infer&#x27;s exam rule, from preds.csv\">{density}<" in page
+        assert f'title="dens-infer&#x27;s exam rule, from preds.csv">{density}<' in page
     assert page.count("dens-infer&#x27;s exam rule") == len(expected)
 
 
@@ -398,8 +430,15 @@ def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
     preds_csv = _write_preds(study, tmp_path)
     before = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
     threshold = float(np.median(pd.to_numeric(before.loc[before[labels.STATUS] == "ok", labels.P_DENSE])))
-    written = run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], checkpoint=study["ckpt"],
-                          flag=f"p_dense>={threshold}", report=False, progress=False)  # fmt: skip
+    written = run_gradcam(
+        preds_csv,
+        tmp_path / "cams",
+        model_path=study["onnx"],
+        checkpoint=study["ckpt"],
+        flag=f"p_dense>={threshold}",
+        report=False,
+        progress=False,
+    )
     p_dense = pd.to_numeric(written[labels.P_DENSE], errors="coerce")
     expected = (written[labels.STATUS] == "ok") & (p_dense >= threshold)
     assert 0 < expected.sum() < len(expected) and (written["gradcam"] != "").tolist() == expected.tolist()
@@ -421,27 +460,47 @@ def test_wrong_model_or_checkpoint_is_an_error(study, tmp_path):
     with pytest.raises(GradcamError, match="not the model that wrote"):
         run_gradcam(preds_csv, tmp_path / "cams", model_path=other_onnx, progress=False)
     torch.manual_seed(1)
-    save_checkpoint(tmp_path / "other.pt", build_model("resnet18", weights=None), study["cfg"],
-                    classes=labels.CLASSES, summary={}, temperature=1.0, extra={})  # fmt: skip
+    save_checkpoint(
+        tmp_path / "other.pt",
+        build_model("resnet18", weights=None),
+        study["cfg"],
+        classes=labels.CLASSES,
+        summary={},
+        temperature=1.0,
+        extra={},
+    )
     with pytest.raises(GradcamError, match="not the one"):
-        run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], checkpoint=tmp_path / "other.pt",
-                    progress=False)  # fmt: skip
+        run_gradcam(
+            preds_csv, tmp_path / "cams", model_path=study["onnx"], checkpoint=tmp_path / "other.pt", progress=False
+        )
     assert (pd.read_csv(preds_csv, dtype=str, keep_default_na=False)["gradcam"] == "").all()  # nothing rewritten
 
 
 def test_cli_writes_maps_and_reports_errors_as_messages(study, tmp_path):
     preds_csv = _write_preds(study, tmp_path)
     runner = CliRunner()
-    result = runner.invoke(gradcam_main, [str(preds_csv), "--out", str(tmp_path / "cams"), "--model",
-                                          str(study["onnx"]), "--flag", "C,D", "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        gradcam_main,
+        [
+            str(preds_csv),
+            "--out",
+            str(tmp_path / "cams"),
+            "--model",
+            str(study["onnx"]),
+            "--flag",
+            "C,D",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "flagged" in result.output and "report.html" in result.output
     written = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
     dense = (written[labels.STATUS] == "ok") & written[labels.DENSITY].isin(["C", "D"])
     assert ((written["gradcam"] != "") == dense).all()
 
-    bad = runner.invoke(gradcam_main, [str(preds_csv), "--out", str(tmp_path / "cams"), "--model",
-                                       str(study["ckpt"]), "--no-progress"])  # fmt: skip
+    bad = runner.invoke(
+        gradcam_main, [str(preds_csv), "--out", str(tmp_path / "cams"), "--model", str(study["ckpt"]), "--no-progress"]
+    )
     assert bad.exit_code == 1 and "Error:" in bad.output and "--model" in bad.output
     assert "Traceback" not in bad.output
     bad_flag = runner.invoke(gradcam_main, [str(preds_csv), "--out", str(tmp_path / "c"), "--flag", "E"])
@@ -480,8 +539,20 @@ def test_dens_infer_gradcam_flag_and_resume(study, tmp_path):
 
     cohort = study["cohort"]
     out = tmp_path / "preds.csv"
-    args = [str(cohort), "--out", str(out), "--model", str(study["onnx"]), "--device", "cpu", "--workers", "1",
-            "--no-progress", "--flag", "p_A>=0"]  # fmt: skip
+    args = [
+        str(cohort),
+        "--out",
+        str(out),
+        "--model",
+        str(study["onnx"]),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--flag",
+        "p_A>=0",
+    ]
     result = CliRunner().invoke(infer_main, [*args, "--gradcam", str(tmp_path / "cams")])
     assert result.exit_code == 0, result.output
     preds = pd.read_csv(out, dtype=str, keep_default_na=False)

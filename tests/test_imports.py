@@ -121,17 +121,34 @@ def test_the_package_has_no_cycles_no_sibling_stage_imports_and_no_private_reach
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"dens/a.py": "from dens import b\n", "dens/b.py": "def f():\n    from dens.a import x\n"},
-         "import cycle: dens.a <-> dens.b"),
-        ({"dens/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dens.b import B\n",
-          "dens/b.py": "import dens.a\n"}, "import cycle: dens.a <-> dens.b"),
-        ({"dens/train/__init__.py": "", "dens/train/loop.py": "from dens.infer.runner import run\n",
-          "dens/infer/__init__.py": "", "dens/infer/runner.py": ""},
-         "dens.train.loop (stage train) imports dens.infer.runner (stage infer)"),
-        ({"dens/labels.py": "from dens.train import loop\n", "dens/train/__init__.py": "",
-          "dens/train/loop.py": ""}, "dens.labels (a root module) imports dens.train.loop (stage train)"),
-        ({"dens/dicom.py": "from .decode import _check\n", "dens/decode.py": "def _check(): ...\n"},
-         "dens.dicom imports private _check from dens.decode"),
+        (
+            {"dens/a.py": "from dens import b\n", "dens/b.py": "def f():\n    from dens.a import x\n"},
+            "import cycle: dens.a <-> dens.b",
+        ),
+        (
+            {
+                "dens/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dens.b import B\n",
+                "dens/b.py": "import dens.a\n",
+            },
+            "import cycle: dens.a <-> dens.b",
+        ),
+        (
+            {
+                "dens/train/__init__.py": "",
+                "dens/train/loop.py": "from dens.infer.runner import run\n",
+                "dens/infer/__init__.py": "",
+                "dens/infer/runner.py": "",
+            },
+            "dens.train.loop (stage train) imports dens.infer.runner (stage infer)",
+        ),
+        (
+            {"dens/labels.py": "from dens.train import loop\n", "dens/train/__init__.py": "", "dens/train/loop.py": ""},
+            "dens.labels (a root module) imports dens.train.loop (stage train)",
+        ),
+        (
+            {"dens/dicom.py": "from .decode import _check\n", "dens/decode.py": "def _check(): ...\n"},
+            "dens.dicom imports private _check from dens.decode",
+        ),
     ],
 )
 def test_the_check_catches_each_kind_of_violation(tmp_path, files, expected):

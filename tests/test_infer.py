@@ -86,8 +86,13 @@ def studies(tmp_path_factory, synthetic_cohort) -> Path:
     write_dicom(bad / "raw-for-processing.dcm", stored, sop_class=FOR_PROCESSING_SOP, bits_stored=12)
     write_dicom(bad / "cleavage.dcm", stored, bits_stored=12, ViewPosition="CV")
     codestream = openjpeg.encode(stored, bits_stored=12)
-    write_dicom(bad / "corrupt-j2k.dcm", stored, syntax=JPEG2000Lossless, bits_stored=12,
-                frame=codestream[: len(codestream) // 2])  # fmt: skip
+    write_dicom(
+        bad / "corrupt-j2k.dcm",
+        stored,
+        syntax=JPEG2000Lossless,
+        bits_stored=12,
+        frame=codestream[: len(codestream) // 2],
+    )
     (bad / "loop").symlink_to("..", target_is_directory=True)  # a loop: entered once only
     (root / "again").symlink_to(bad, target_is_directory=True)  # a second link to a visited folder
     return root
@@ -168,8 +173,7 @@ def test_predictions_equal_pytorch_on_the_checkpoint(first_run, model):
 
 
 def test_same_predictions_whatever_workers_and_batch_size(studies, model, first_run, tmp_path):
-    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], workers=1, batch_size=3,
-                              progress=False))  # fmt: skip
+    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], workers=1, batch_size=3, progress=False))
     again = read(tmp_path / "preds.csv")
     assert list(again[labels.PATH]) == list(first_run[1][labels.PATH])  # deterministic order too
     got, want = probabilities(again), probabilities(first_run[1])
@@ -180,8 +184,21 @@ def test_same_predictions_whatever_workers_and_batch_size(studies, model, first_
 
 def test_kill_9_mid_run_then_resume(studies, model, first_run, tmp_path):
     out = tmp_path / "preds.csv"
-    command = [sys.executable, "-c", "from dens.infer.cli import main; main()", str(studies), "--out", str(out),
-               "--model", str(model[1]), "--workers", "1", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from dens.infer.cli import main; main()",
+        str(studies),
+        "--out",
+        str(out),
+        "--model",
+        str(model[1]),
+        "--workers",
+        "1",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     rows = 0
@@ -210,8 +227,7 @@ def test_kill_9_mid_run_then_resume(studies, model, first_run, tmp_path):
 def test_a_crashing_decode_worker_costs_one_error_row(studies, model, first_run, tmp_path, codec_fault):
     victim = sorted(p for p in first_run[1][labels.PATH] if p.endswith(".dcm") and "zz-bad" not in p)[2]
     codec_fault("crash", Path(victim).name)  # spawned workers SIGSEGV on that file
-    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], workers=2, batch_size=4,
-                              progress=False))  # fmt: skip
+    summary = run(InferConfig(studies, tmp_path / "preds.csv", model=model[1], workers=2, batch_size=4, progress=False))
     preds = read(tmp_path / "preds.csv").set_index(labels.PATH)
     assert preds.loc[victim, labels.STATUS] == "error"
     assert preds.loc[victim, labels.REASON].startswith("worker_crashed") and "SIGSEGV" in preds.loc[victim, "reason"]
@@ -223,8 +239,9 @@ def test_a_crashing_decode_worker_costs_one_error_row(studies, model, first_run,
 def test_cli_exit_status_and_summary(studies, model, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(next(p for p in sorted(studies.iterdir()) if p.is_dir() and p.name.isdigit()), clean)
-    result = CliRunner().invoke(infer_main, [str(clean), "--out", str(tmp_path / "p.csv"), "--model", str(model[1]),
-                                             "--workers", "1"])  # fmt: skip
+    result = CliRunner().invoke(
+        infer_main, [str(clean), "--out", str(tmp_path / "p.csv"), "--model", str(model[1]), "--workers", "1"]
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "files" in result.output and "img/s" in result.output and "0 errors" in result.output
     assert (tmp_path / "p.breast.csv").is_file() and (tmp_path / "p.exam.csv").is_file()
@@ -353,11 +370,13 @@ def test_a_gpu_session_loads_torchs_cuda_libraries_first(model):
     # torch-free (dens-infer's start-up).
     if runtime.gpu_present():
         pytest.skip("a GPU is present (the fall-back to the CPU below is simulated)")
-    code = ("import sys, onnxruntime as ort\nfrom dens.infer import runtime\ncalls = []\n"
-            "ort.preload_dlls = lambda: calls.append('torch' in sys.modules)\n"
-            "runtime.gpu_present = lambda: {gpu}\nruntime.tensorrt_present = lambda: False\n"
-            f"rt = runtime.open_runtime({str(model[1])!r}, 'auto')\n"
-            "print(calls, rt.device, 'torch' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, onnxruntime as ort\nfrom dens.infer import runtime\ncalls = []\n"
+        "ort.preload_dlls = lambda: calls.append('torch' in sys.modules)\n"
+        "runtime.gpu_present = lambda: {gpu}\nruntime.tensorrt_present = lambda: False\n"
+        f"rt = runtime.open_runtime({str(model[1])!r}, 'auto')\n"
+        "print(calls, rt.device, 'torch' in sys.modules)"
+    )
     for gpu, expected in ((True, "[True] cpu True"), (False, "[] cpu False")):
         done = subprocess.run([sys.executable, "-c", code.format(gpu=gpu)], capture_output=True, text=True, check=True)
         assert done.stdout.split("\n")[-2] == expected
@@ -417,9 +436,12 @@ def test_a_model_without_dens_metadata_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["probs"])], "g",
-                              [helper.make_tensor_value_info("image", TensorProto.UINT8, [None, 1, S, S])],
-                              [helper.make_tensor_value_info("probs", TensorProto.UINT8, [None, 1, S, S])])  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["probs"])],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [None, 1, S, S])],
+        [helper.make_tensor_value_info("probs", TensorProto.UINT8, [None, 1, S, S])],
+    )
     path = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     with pytest.raises(runtime.ModelError, match="dens-export"):
@@ -457,8 +479,11 @@ def _row(path: str, status: str = "ok") -> dict:
     return make_row(path, status, "" if probs else "not_dicom: x", {"laterality": "L"}, probs, "f" * 64)
 
 
-@pytest.mark.parametrize("tail", [b"", b"/d/3.dcm,ok,,P", b'"/d/new\nline.dcm",ok', b'"/d/new\n'],
-                         ids=["clean", "cut-row", "cut-after-quoted-newline", "cut-inside-quotes"])  # fmt: skip
+@pytest.mark.parametrize(
+    "tail",
+    [b"", b"/d/3.dcm,ok,,P", b'"/d/new\nline.dcm",ok', b'"/d/new\n'],
+    ids=["clean", "cut-row", "cut-after-quoted-newline", "cut-inside-quotes"],
+)
 def test_resume_drops_a_torn_last_record(tmp_path, tail):
     path = tmp_path / "preds.csv"
     with PredsWriter(path) as writer:
@@ -494,8 +519,13 @@ def test_writer_refuses_an_existing_output_and_foreign_files(tmp_path):
 def _preds(rows: list[tuple[str, str, str, str, list[float]]]) -> pd.DataFrame:
     out = []
     for i, (study, accession, side, view, probs) in enumerate(rows):
-        info = {labels.STUDY_UID: study, labels.ACCESSION: accession, labels.PATIENT_ID: "P", labels.LATERALITY: side,
-                labels.VIEW: view}  # fmt: skip
+        info = {
+            labels.STUDY_UID: study,
+            labels.ACCESSION: accession,
+            labels.PATIENT_ID: "P",
+            labels.LATERALITY: side,
+            labels.VIEW: view,
+        }
         out.append(make_row(f"/d/{i}.dcm", "ok", "", info, probs, "f" * 64))
     out.append(make_row("/d/x.txt", "skipped", "not_dicom: x", None, None, "f" * 64))
     return pd.DataFrame(out)
@@ -503,9 +533,16 @@ def _preds(rows: list[tuple[str, str, str, str, list[float]]]) -> pd.DataFrame:
 
 def test_breast_is_the_mean_of_its_views_and_the_denser_breast_sets_the_exam():
     a, b, c, d = [0.7, 0.2, 0.05, 0.05], [0.1, 0.6, 0.2, 0.1], [0.05, 0.15, 0.6, 0.2], [0.0, 0.1, 0.2, 0.7]
-    preds = _preds([("S1", "", "L", "CC", a), ("S1", "", "L", "MLO", a), ("S1", "", "R", "CC", c),
-                    ("S1", "", "R", "MLO", d),  # right: mean of C and D views
-                    ("", "ACC2", "L", "CC", b), ("", "ACC2", "R", "CC", c)])  # no study UID: the accession  # fmt: skip
+    preds = _preds(
+        [
+            ("S1", "", "L", "CC", a),
+            ("S1", "", "L", "MLO", a),
+            ("S1", "", "R", "CC", c),
+            ("S1", "", "R", "MLO", d),  # right: mean of C and D views
+            ("", "ACC2", "L", "CC", b),
+            ("", "ACC2", "R", "CC", c),
+        ]
+    )  # no study UID: the accession
     breast = breasts(preds)
     assert len(breast) == 4
     right = breast[(breast[labels.STUDY_UID] == "S1") & (breast[labels.LATERALITY] == "R")].iloc[0]

@@ -56,17 +56,24 @@ def test_a_class_absent_from_the_truth_is_left_out_like_scikit_learn():
 
 def test_dense_figures_follow_the_density_call_as_dens_infer_does():
     y = np.array([0, 1, 2, 3, 2, 1])
-    probs = np.array([
-        [0.7, 0.2, 0.05, 0.05],  # not dense, right
-        [0.1, 0.45, 0.3, 0.15],  # not dense, right
-        [0.1, 0.35, 0.3, 0.25],  # called B although p_dense is 0.55: dense missed, as preds.csv says
-        [0.0, 0.1, 0.1, 0.8],  # dense, right
-        [0.2, 0.6, 0.1, 0.1],  # dense missed
-        [0.0, 0.3, 0.6, 0.1],  # not dense called dense
-    ])  # fmt: skip
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.05, 0.05],  # not dense, right
+            [0.1, 0.45, 0.3, 0.15],  # not dense, right
+            [0.1, 0.35, 0.3, 0.25],  # called B although p_dense is 0.55: dense missed, as preds.csv says
+            [0.0, 0.1, 0.1, 0.8],  # dense, right
+            [0.2, 0.6, 0.1, 0.1],  # dense missed
+            [0.0, 0.3, 0.6, 0.1],  # not dense called dense
+        ]
+    )
     dense = metrics.evaluate(probs, y)["dense"]
-    assert dense == {"n": 6, "positives": 3, "accuracy": pytest.approx(3 / 6), "sensitivity": pytest.approx(1 / 3),
-                     "specificity": pytest.approx(2 / 3)}  # fmt: skip
+    assert dense == {
+        "n": 6,
+        "positives": 3,
+        "accuracy": pytest.approx(3 / 6),
+        "sensitivity": pytest.approx(1 / 3),
+        "specificity": pytest.approx(2 / 3),
+    }
     called = [prediction_cells(p)[labels.DENSE] == "true" for p in probs]  # dens-infer's own column
     assert called == [False, False, False, True, False, True]
 
@@ -106,8 +113,13 @@ def test_temperature_scaling_fixes_a_miscalibrated_model(sharpen):
 
 
 def test_breast_level_is_the_mean_of_its_views():
-    keys = pd.DataFrame({"patient_id": ["1", "1", "1", "1", "2"], "study_uid": ["s", "s", "s", "s", "t"],
-                         "laterality": ["L", "L", "R", "R", "L"]})  # fmt: skip
+    keys = pd.DataFrame(
+        {
+            "patient_id": ["1", "1", "1", "1", "2"],
+            "study_uid": ["s", "s", "s", "s", "t"],
+            "laterality": ["L", "L", "R", "R", "L"],
+        }
+    )
     probs = np.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 1]])
     mean, y = metrics.breast_level(keys, probs, np.array([0, 0, 2, 2, 3]))
     np.testing.assert_allclose(mean, [[0.6, 0.4, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0, 1]])

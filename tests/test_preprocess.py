@@ -54,8 +54,9 @@ def test_monochrome1_is_the_mirror_of_monochrome2(make_dicom, breast):
     # 16384 off by one grey level at 257x201, S=128; none elsewhere).
     window = {"WindowWidth": 1800, "VOILUTFunction": "SIGMOID"}
     s2, sinfo2 = preprocess.load(make_dicom(stored, bits_stored=12, WindowCenter=1500.5, **window), cfg)
-    s1, sinfo1 = preprocess.load(make_dicom(inverted, bits_stored=12, photometric="MONOCHROME1",
-                                            WindowCenter=4095 - 1500.5, **window), cfg)  # fmt: skip
+    s1, sinfo1 = preprocess.load(
+        make_dicom(inverted, bits_stored=12, photometric="MONOCHROME1", WindowCenter=4095 - 1500.5, **window), cfg
+    )
     assert sinfo1.crop_box == sinfo2.crop_box
     assert _grey_diff(s1, s2) <= 1 and np.count_nonzero(s1 != s2) <= s1.size // 1000
     assert _grey_diff(s2, m2) > 10  # the window was applied, not min-max
@@ -88,12 +89,14 @@ VOI_CASES = {
     "sigmoid": _voi_dataset(WindowCenter=1802.31, WindowWidth=1500, VOILUTFunction="SIGMOID"),
     "multi-valued": _voi_dataset(WindowCenter=[1500, 3000], WindowWidth=[800, 200]),
     "rescaled": _voi_dataset(RescaleSlope=0.5, RescaleIntercept=-100, WindowCenter=700, WindowWidth=600),
-    "signed-rescaled": _voi_dataset(bits=16, signed=True, RescaleSlope=1, RescaleIntercept=-1024,
-                                    WindowCenter=40, WindowWidth=400),
+    "signed-rescaled": _voi_dataset(
+        bits=16, signed=True, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400
+    ),
     "lut": _voi_dataset(VOILUTSequence=[_lut_item(first=500, count=3000, bits=12)]),
     "lut-16bit": _voi_dataset(bits=16, VOILUTSequence=[_lut_item(first=0, count=4096, bits=16)]),
-    "lut-over-window": _voi_dataset(VOILUTSequence=[_lut_item(first=0, count=4096, bits=12)],
-                                    WindowCenter=100, WindowWidth=50),
+    "lut-over-window": _voi_dataset(
+        VOILUTSequence=[_lut_item(first=0, count=4096, bits=12)], WindowCenter=100, WindowWidth=50
+    ),
 }
 
 
@@ -103,8 +106,11 @@ def _pydicom_unit(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     out = apply_voi_lut(apply_modality_lut(stored, ds), ds)
     if ds.get("VOILUTSequence"):
         return out / float((1 << ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    lo, hi = (-(1 << (ds.BitsStored - 1)), (1 << (ds.BitsStored - 1)) - 1) if ds.PixelRepresentation else \
-        (0, (1 << ds.BitsStored) - 1)  # fmt: skip
+    lo, hi = (
+        (-(1 << (ds.BitsStored - 1)), (1 << (ds.BitsStored - 1)) - 1)
+        if ds.PixelRepresentation
+        else (0, (1 << ds.BitsStored) - 1)
+    )
     slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
     lo, hi = lo * slope + intercept, hi * slope + intercept
     return (out - lo) / (hi - lo)
@@ -195,8 +201,9 @@ def test_patient_orientation_decides_the_flip(make_dicom, breast, laterality):
     tags = {"ImageLaterality": laterality} if laterality else {}
     reference, _ = preprocess.load(make_dicom(stored, bits_stored=12), SMALL)
     # Row direction posterior: the chest wall is on the right edge, whatever the laterality says.
-    flipped, info = preprocess.load(make_dicom(stored[:, ::-1], bits_stored=12, PatientOrientation=["P", "L"],
-                                               **tags), SMALL)  # fmt: skip
+    flipped, info = preprocess.load(
+        make_dicom(stored[:, ::-1], bits_stored=12, PatientOrientation=["P", "L"], **tags), SMALL
+    )
     assert info.flipped
     np.testing.assert_array_equal(flipped, reference)
     # Row direction anterior: the chest wall is already on the left.
@@ -248,8 +255,15 @@ def _gdcm_transcode(src: Path, dst: Path, syntax: str) -> Path:
     return dst
 
 
-LOSSLESS = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless,
-            JPEGLosslessSV1, JPEGLosslessP14]  # fmt: skip
+LOSSLESS = [
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLosslessP14,
+]
 
 
 @pytest.fixture
@@ -307,8 +321,14 @@ def test_plain_images_take_the_same_route(make_dicom, breast, tmp_path):
     eight = (stored >> 4).astype(np.uint8)
     eight[0, 0], eight[150, 20] = 0, 255  # spans 0..255, so 8-bit (/255) and DICOM (min-max) agree
     files = {}
-    for name, pixels in (("eight.png", eight), ("eight.pgm", eight), ("sixteen.png", stored),
-                         ("sixteen.pgm", stored), ("sixteen.tif", stored), ("sixteen.tiff", stored)):  # fmt: skip
+    for name, pixels in (
+        ("eight.png", eight),
+        ("eight.pgm", eight),
+        ("sixteen.png", stored),
+        ("sixteen.pgm", stored),
+        ("sixteen.tif", stored),
+        ("sixteen.tiff", stored),
+    ):
         assert cv2.imwrite(str(tmp_path / name), pixels)
         files[name] = tmp_path / name
     for reduce in (False, True):

@@ -38,12 +38,28 @@ def _probs(density: str, p_dense: float) -> dict[str, str]:
 
 def _row(exam: int, lat: str, view: str, density: str, p_dense: float, **identity) -> dict:
     probs = _probs(density or "A", p_dense)
-    ident = {labels.PATIENT_ID: f"P{exam}", labels.ACCESSION: f"A{exam}", labels.STUDY_UID: f"1.2.{exam}",
-             labels.SERIES_UID: f"1.2.{exam}.1", labels.SOP_UID: f"1.2.{exam}.{lat}{view}", **identity}  # fmt: skip
-    return {labels.PATH: f"/data/{exam}/{lat}{view}.dcm", labels.STATUS: "ok", labels.REASON: "", **ident,
-            labels.LATERALITY: lat, labels.VIEW: view, **probs, labels.DENSITY: density,
-            labels.P_DENSE: f"{p_dense:.4f}", labels.DENSE: str(labels.is_dense(density)),
-            "flagged": str(labels.is_dense(density)), "model_sha256": "ab" * 32}  # fmt: skip
+    ident = {
+        labels.PATIENT_ID: f"P{exam}",
+        labels.ACCESSION: f"A{exam}",
+        labels.STUDY_UID: f"1.2.{exam}",
+        labels.SERIES_UID: f"1.2.{exam}.1",
+        labels.SOP_UID: f"1.2.{exam}.{lat}{view}",
+        **identity,
+    }
+    return {
+        labels.PATH: f"/data/{exam}/{lat}{view}.dcm",
+        labels.STATUS: "ok",
+        labels.REASON: "",
+        **ident,
+        labels.LATERALITY: lat,
+        labels.VIEW: view,
+        **probs,
+        labels.DENSITY: density,
+        labels.P_DENSE: f"{p_dense:.4f}",
+        labels.DENSE: str(labels.is_dense(density)),
+        "flagged": str(labels.is_dense(density)),
+        "model_sha256": "ab" * 32,
+    }
 
 
 @pytest.fixture
@@ -51,12 +67,30 @@ def page(tmp_path) -> dict:
     """Three exams (one keyed by accession only, one with hostile header values), an unreadable file with
     a hostile path, thumbnails and overlays written by the report module."""
     rows = [_row(1, lat, view, "B", 0.2 + 0.01 * k) for k, (lat, view) in enumerate(report.VIEW_SLOTS)]
-    rows += [_row(2, "L", "CC", "D", 0.95, **{labels.STUDY_UID: ""}), _row(2, "R", "MLO", "C", 0.6,
-             **{labels.STUDY_UID: ""}), _row(2, "R", "XCCL", "B", 0.3, **{labels.STUDY_UID: ""})]  # fmt: skip
-    rows += [_row(3, "L", "CC", "C", 0.7, **{labels.PATIENT_ID: HOSTILE_NAME, labels.SOP_UID: "../../etc/passwd",
-                                              labels.ACCESSION: HOSTILE_ATTR})]  # fmt: skip
-    rows.append({**_row(4, "L", "CC", "", 0.0), labels.STATUS: "error", labels.REASON: "corrupt_pixel_data",
-                 labels.PATH: f"/data/{HOSTILE_NAME}/{HOSTILE_ATTR}.dcm", labels.P_DENSE: ""})  # fmt: skip
+    rows += [
+        _row(2, "L", "CC", "D", 0.95, **{labels.STUDY_UID: ""}),
+        _row(2, "R", "MLO", "C", 0.6, **{labels.STUDY_UID: ""}),
+        _row(2, "R", "XCCL", "B", 0.3, **{labels.STUDY_UID: ""}),
+    ]
+    rows += [
+        _row(
+            3,
+            "L",
+            "CC",
+            "C",
+            0.7,
+            **{labels.PATIENT_ID: HOSTILE_NAME, labels.SOP_UID: "../../etc/passwd", labels.ACCESSION: HOSTILE_ATTR},
+        )
+    ]
+    rows.append(
+        {
+            **_row(4, "L", "CC", "", 0.0),
+            labels.STATUS: "error",
+            labels.REASON: "corrupt_pixel_data",
+            labels.PATH: f"/data/{HOSTILE_NAME}/{HOSTILE_ATTR}.dcm",
+            labels.P_DENSE: "",
+        }
+    )
     preds = pd.DataFrame(rows)
     out = tmp_path / "cams"
     stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
@@ -120,8 +154,11 @@ def test_page_is_offline_and_its_images_are_the_files_beside_it(page):
 
 def test_exams_are_grouped_sorted_by_p_dense_and_called_by_dens_infer_s_exam_rule(page):
     html = page["html"]
-    rows = re.findall(r'<tr class="(dense)?" data-p-dense="([0-9.-]+)"><td class="id">(.*?)</td>'
-                      r'<td class="call" title="([^"]*)">([A-D])</td>', html)  # fmt: skip
+    rows = re.findall(
+        r'<tr class="(dense)?" data-p-dense="([0-9.-]+)"><td class="id">(.*?)</td>'
+        r'<td class="call" title="([^"]*)">([A-D])</td>',
+        html,
+    )
     # Exam 1: B breasts of mean p_dense 0.205 (left) and 0.225 (right), the denser one calls. Exam 2: a D
     # left breast beside a right one whose C and B views average to B; its densest view is not the call.
     assert [float(p) for _, p, *_ in rows] == [0.95, 0.7, 0.225]  # descending
@@ -147,9 +184,18 @@ def test_exam_calls_come_from_preds_exam_csv_where_it_is_current(page):
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]  # fmt: skip
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -172,8 +218,9 @@ def test_hostile_values_stay_text_and_sorting_works_in_chromium(page, tmp_path):
     nonce = re.search(r"script-src 'nonce-([^']+)'", html).group(1)
     # Click the sort button from a second script carrying the page's nonce, then read the live DOM.
     clicked = page["path"].with_name("clicked.html")
-    clicked.write_text(html.replace("</body>", f'<script nonce="{nonce}">document.getElementById("sort")'
-                                              ".click();</script></body>"))  # fmt: skip
+    clicked.write_text(
+        html.replace("</body>", f'<script nonce="{nonce}">document.getElementById("sort").click();</script></body>')
+    )
     dom = _chromium(["--dump-dom", clicked.as_uri()], tmp_path).stdout
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # shown as text
     assert len(re.findall(r"<script\b", dom)) == 2  # ours only: nothing injected became an element

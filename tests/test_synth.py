@@ -38,8 +38,10 @@ def test_same_seed_gives_same_bytes_whatever_the_worker_count(tmp_path):
     for path in one[labels.PATH]:
         assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "two" / path).read_bytes(), path
     assert not one.equals(other)
-    first = [pydicom.dcmread(tmp_path / name / t[labels.PATH].iloc[0]).pixel_array for name, t in
-             (("one", one), ("other", other))]  # fmt: skip
+    first = [
+        pydicom.dcmread(tmp_path / name / t[labels.PATH].iloc[0]).pixel_array
+        for name, t in (("one", one), ("other", other))
+    ]
     assert first[0].shape != first[1].shape or not np.array_equal(first[0], first[1])
 
 
@@ -56,7 +58,10 @@ def test_files_match_the_csv_and_decode_back_exactly(cohort):
         assert all(UID(u).is_valid for u in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert (ds.SOPClassUID, ds.Modality, ds.PresentationIntentType) == (
-            "1.2.840.10008.5.1.4.1.1.1.2", "MG", "FOR PRESENTATION")  # fmt: skip
+            "1.2.840.10008.5.1.4.1.1.1.2",
+            "MG",
+            "FOR PRESENTATION",
+        )
         pixels = ds.pixel_array
         assert pixels.shape == (ds.Rows, ds.Columns) and pixels.dtype == np.uint16
         assert int(pixels.max()) <= (1 << ds.BitsStored) - 1
@@ -68,8 +73,11 @@ def test_files_match_the_csv_and_decode_back_exactly(cohort):
             assert list(ds.PatientOrientation) == ORIENTATION[row[labels.LATERALITY], row[labels.VIEW]]
         syntax = ds.file_meta.TransferSyntaxUID
         if syntax not in checked:  # lossless: the decoded file is exactly what was generated
-            spec = next(s for s, r in plan_patient(3, int(ds.PatientID) - 10000, "small")
-                        if r[labels.IMAGE_ID] == row[labels.IMAGE_ID])  # fmt: skip
+            spec = next(
+                s
+                for s, r in plan_patient(3, int(ds.PatientID) - 10000, "small")
+                if r[labels.IMAGE_ID] == row[labels.IMAGE_ID]
+            )
             assert np.array_equal(pixels, stored_pixels(spec)[0])
             checked.add(syntax)
     exams = table.assign(study=table[labels.PATH].str.split("/").str[1]).groupby("study")

@@ -34,9 +34,20 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def _config(cohort: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(data=str(cohort), out=str(out), arch="resnet18", weights="none", size=SIZE, epochs=3,
-                    batch_size=4, lr=1e-3, workers=0, decode_workers=2, cache=str(out.parent / "cache"),
-                    progress=False)  # fmt: skip
+    settings = dict(
+        data=str(cohort),
+        out=str(out),
+        arch="resnet18",
+        weights="none",
+        size=SIZE,
+        epochs=3,
+        batch_size=4,
+        lr=1e-3,
+        workers=0,
+        decode_workers=2,
+        cache=str(out.parent / "cache"),
+        progress=False,
+    )
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -52,20 +63,30 @@ def trained(cohort, tmp_path_factory) -> tuple[TrainConfig, dict]:
 
 
 def test_rsna_layout_skips_and_counts_rows_without_density(tmp_path):
-    rows = pd.DataFrame({"site_id": [1, 1, 2], "patient_id": ["10006", "10006", "10011"],
-                         "image_id": ["462822612", "1459541791", "220375232"], "laterality": ["L", "L", "R"],
-                         "view": ["CC", "MLO", "CC"], "density": ["B", "B", ""]})  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "site_id": [1, 1, 2],
+            "patient_id": ["10006", "10006", "10011"],
+            "image_id": ["462822612", "1459541791", "220375232"],
+            "laterality": ["L", "L", "R"],
+            "view": ["CC", "MLO", "CC"],
+            "density": ["B", "B", ""],
+        }
+    )
     rows.to_csv(tmp_path / "train.csv", index=False)
     frame, info = data.read_manifest(tmp_path)
     assert info["without_density"] == 1 and info["labelled"] == 2 and info["source"] == "rsna"
-    assert frame[labels.PATH].tolist() == [str(tmp_path / "train_images/10006/462822612.dcm"),
-                                           str(tmp_path / "train_images/10006/1459541791.dcm")]  # fmt: skip
+    assert frame[labels.PATH].tolist() == [
+        str(tmp_path / "train_images/10006/462822612.dcm"),
+        str(tmp_path / "train_images/10006/1459541791.dcm"),
+    ]
     assert frame[data.LABEL].tolist() == [1, 1]
 
 
 def test_generic_csv_paths_relative_to_it_numeric_density_and_no_patient(tmp_path, caplog):
     pd.DataFrame({"path": ["a.png", "/abs/b.png", "c.png"], "density": ["1", "4", "c"]}).to_csv(
-        tmp_path / "labels.csv", index=False)  # fmt: skip
+        tmp_path / "labels.csv", index=False
+    )
     with caplog.at_level(logging.WARNING):
         frame, _ = data.read_manifest(tmp_path / "labels.csv")
     assert frame[labels.DENSITY].tolist() == ["A", "D", "C"]
@@ -203,8 +224,9 @@ class _Probe(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                       torch.nn.Linear(4, 4))  # fmt: skip
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4)
+        )
         self.autocast_seen: list[bool] = []
 
     def forward(self, x):
@@ -264,8 +286,7 @@ def test_a_bf16_step_on_cpu_learns():
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
     targets = torch.tensor([0, 1, 2, 3])
     loss_fn = torch.nn.CrossEntropyLoss()
-    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16))
-              for _ in range(8)]  # fmt: skip
+    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16)) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
@@ -320,9 +341,21 @@ def test_bf16_training_reports_the_fp32_model_it_ships(cohort, tmp_path, monkeyp
 def test_tiny_training_learns_and_writes_every_artifact(trained):
     cfg, result = trained
     out = Path(cfg.out)
-    for name in ("best.pt", "last.pt", "metrics.json", "split.csv", "config.yaml", "unusable.csv", "loss.png",
-                 "accuracy.png", "lr.png", "confusion_image.png", "confusion_image_normalised.png",
-                 "confusion_breast.png", "confusion_breast_normalised.png"):  # fmt: skip
+    for name in (
+        "best.pt",
+        "last.pt",
+        "metrics.json",
+        "split.csv",
+        "config.yaml",
+        "unusable.csv",
+        "loss.png",
+        "accuracy.png",
+        "lr.png",
+        "confusion_image.png",
+        "confusion_image_normalised.png",
+        "confusion_breast.png",
+        "confusion_breast_normalised.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out.parent / "latest").resolve() == out.resolve()
     history = result["history"]
@@ -332,8 +365,18 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     saved = json.loads((out / "metrics.json").read_text())
     for level in ("image", "breast"):
         test = saved["test"][level]
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "kappa_linear", "kappa_quadratic", "dense",
-                    "per_class", "confusion", "confusion_normalised", "ece"):  # fmt: skip
+        for key in (
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "kappa_linear",
+            "kappa_quadratic",
+            "dense",
+            "per_class",
+            "confusion",
+            "confusion_normalised",
+            "ece",
+        ):
             assert key in test, (level, key)
         assert set(test["per_class"]["B"]) >= {"sensitivity", "specificity"}
     assert saved["test"]["breast"]["n"] < saved["test"]["image"]["n"]  # views pooled into breasts
@@ -380,8 +423,19 @@ def test_cli_flags_override_the_yaml_file_which_overrides_the_recipe(tmp_path, m
     seen = []
     monkeypatch.setattr(loop, "run", lambda cfg: seen.append(cfg) or {"interrupted": True, "epoch": 0, "step": 0})
     (tmp_path / "recipe.yaml").write_text("arch: resnet18\nepochs: 3\nbatch-size: 4\nlr: 1e-3\n")
-    outcome = CliRunner().invoke(cli.main, ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config",
-                                            str(tmp_path / "recipe.yaml"), "--epochs", "5"])  # fmt: skip
+    outcome = CliRunner().invoke(
+        cli.main,
+        [
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+            "--config",
+            str(tmp_path / "recipe.yaml"),
+            "--epochs",
+            "5",
+        ],
+    )
     assert outcome.exit_code == 130, outcome.output
     (cfg,) = seen
     assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet18", 5, 4, 0.001)
@@ -410,10 +464,36 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(cohort, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dens.train.cli",
-               "--data", str(cohort), "--out", str(out), "--arch", "resnet18", "--weights", "none", "--size", str(SIZE),
-               "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--cache", str(tmp_path / "c"),
-               "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dens.train.cli",
+        "--data",
+        str(cohort),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--weights",
+        "none",
+        "--size",
+        str(SIZE),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "0",
+        "--cache",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

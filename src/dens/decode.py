@@ -85,8 +85,14 @@ def decode_pydicom(ds: Dataset) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
 
-_GDCM_DTYPES = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
-                "UINT32": np.uint32, "INT32": np.int32}
+_GDCM_DTYPES = {
+    "UINT8": np.uint8,
+    "INT8": np.int8,
+    "UINT16": np.uint16,
+    "INT16": np.int16,
+    "UINT32": np.uint32,
+    "INT32": np.int32,
+}
 
 
 def decode_gdcm(path: str) -> np.ndarray:

@@ -278,8 +278,12 @@ def _check_complete(ds: Dataset, path: str) -> None:
         raise UnusableFile(Reason.UNREADABLE, "no data set after the file meta (file truncated?)", path)
     last = ds.get_item(next(reversed(ds.keys())))
     syntax = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
-    if (not isinstance(last, RawDataElement) or last.value is None or last.length == 0xFFFFFFFF
-            or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian):  # fmt: skip
+    if (
+        not isinstance(last, RawDataElement)
+        or last.value is None
+        or last.length == 0xFFFFFFFF
+        or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
+    ):
         return  # no byte positions to check (a sequence, an undefined length, an inflated stream)
     end = last.value_tell + last.length
     stray = 0 < os.path.getsize(path) - end < 8  # too short for an element: the start of one, cut
@@ -289,8 +293,9 @@ def _check_complete(ds: Dataset, path: str) -> None:
             stray = any(fh.read())  # zero padding, which some writers leave, is no truncation
     if len(last.value) < last.length or stray:
         reason = Reason.CORRUPT_PIXELS if last.tag == 0x7FE00010 else Reason.UNREADABLE
-        raise UnusableFile(reason, f"file truncated (it ends in or just after element {last.tag}); copy it again "
-                                   "from its source", path)  # fmt: skip
+        raise UnusableFile(
+            reason, f"file truncated (it ends in or just after element {last.tag}); copy it again from its source", path
+        )
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:

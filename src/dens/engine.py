@@ -41,8 +41,14 @@ from dens.errors import Reason
 
 log = logging.getLogger(__name__)
 
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
 # Seconds one file may take in a worker before the worker is killed and the file gets a worker_timeout
 # row. The slowest honest decode (a 5355x4915 JPEG 2000 frame in full, GDCM on a large 12-bit JPEG) takes
 # seconds on one core; a minute leaves room for a loaded machine.
@@ -191,8 +197,16 @@ class DecodePool:
     Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
     """
 
-    def __init__(self, workers: int, cfg=None, *, per_worker: int = 2, buffer: int = 16, nice: int = 0,
-                 timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        workers: int,
+        cfg=None,
+        *,
+        per_worker: int = 2,
+        buffer: int = 16,
+        nice: int = 0,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.timeout = timeout
@@ -255,8 +269,9 @@ class DecodePool:
         if self._setup is None:
             raise RuntimeError("configure the pool (DecodePool(..., cfg) or .configure(cfg)) before map()")
         out: queue.Queue = queue.Queue(maxsize=self.buffer)
-        self._thread = threading.Thread(target=self._dispatch, args=(iter(items), out), daemon=True,
-                                        name="dens-decode-dispatch")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._dispatch, args=(iter(items), out), daemon=True, name="dens-decode-dispatch"
+        )
         self._thread.start()
         while True:
             item = out.get()
@@ -333,8 +348,7 @@ class DecodePool:
                     self._replace(w, done, retry, timed_out=True)
 
     def _overdue(self, w: _Worker) -> bool:
-        return (self.timeout is not None and w.busy_since is not None
-                and time.monotonic() - w.busy_since > self.timeout)
+        return self.timeout is not None and w.busy_since is not None and time.monotonic() - w.busy_since > self.timeout
 
     def _send(self, w: _Worker, task: tuple[int, str]) -> None:
         if not w.pending and w.ready:

@@ -34,8 +34,18 @@ IDENTITY = (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)
 _KEY_ORDER = (labels.STUDY_UID, labels.ACCESSION, labels.PATIENT_ID)
 _PREDICTION = (*labels.PROB_COLUMNS, labels.DENSITY, labels.P_DENSE, labels.DENSE, labels.FLAGGED)
 BREAST_COLUMNS = (EXAM, *IDENTITY, labels.LATERALITY, VIEWS, N_IMAGES, *_PREDICTION, labels.MODEL_SHA256)
-EXAM_COLUMNS = (EXAM, *IDENTITY, N_IMAGES, *_PREDICTION, "density_L", "density_R", "p_dense_L", "p_dense_R",
-                LR_DISAGREEMENT, labels.MODEL_SHA256)  # fmt: skip
+EXAM_COLUMNS = (
+    EXAM,
+    *IDENTITY,
+    N_IMAGES,
+    *_PREDICTION,
+    "density_L",
+    "density_R",
+    "p_dense_L",
+    "p_dense_R",
+    LR_DISAGREEMENT,
+    labels.MODEL_SHA256,
+)
 
 
 def aggregate_paths(preds_csv: str | os.PathLike) -> tuple[Path, Path]:
@@ -93,10 +103,17 @@ def breasts(preds: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
         group = ok.iloc[positions]
         probs = breast_probabilities(group[list(labels.PROB_COLUMNS)].astype(float).to_numpy())
         first = group.iloc[0]
-        rows.append({EXAM: exam, **{c: first[c] for c in IDENTITY}, labels.LATERALITY: side,
-                     VIEWS: ";".join(sorted(v for v in group[labels.VIEW] if v)), N_IMAGES: str(len(group)),
-                     **prediction_cells(probs, rule),
-                     labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256])})  # fmt: skip
+        rows.append(
+            {
+                EXAM: exam,
+                **{c: first[c] for c in IDENTITY},
+                labels.LATERALITY: side,
+                VIEWS: ";".join(sorted(v for v in group[labels.VIEW] if v)),
+                N_IMAGES: str(len(group)),
+                **prediction_cells(probs, rule),
+                labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256]),
+            }
+        )
     return pd.DataFrame(rows, columns=list(BREAST_COLUMNS))
 
 
@@ -111,14 +128,20 @@ def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFra
         left, right = sides.get("L"), sides.get("R")
         apart = left is not None and right is not None and lr_disagreement(left[labels.DENSITY], right[labels.DENSITY])
         probs = denser[list(labels.PROB_COLUMNS)].astype(float).to_numpy()
-        rows.append({EXAM: exam, **{c: denser[c] for c in IDENTITY},
-                     N_IMAGES: str(group[N_IMAGES].astype(int).sum()), **prediction_cells(probs, rule),
-                     "density_L": "" if left is None else left[labels.DENSITY],
-                     "density_R": "" if right is None else right[labels.DENSITY],
-                     "p_dense_L": "" if left is None else left[labels.P_DENSE],
-                     "p_dense_R": "" if right is None else right[labels.P_DENSE],
-                     LR_DISAGREEMENT: TRUE if apart else FALSE,
-                     labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256])})  # fmt: skip
+        rows.append(
+            {
+                EXAM: exam,
+                **{c: denser[c] for c in IDENTITY},
+                N_IMAGES: str(group[N_IMAGES].astype(int).sum()),
+                **prediction_cells(probs, rule),
+                "density_L": "" if left is None else left[labels.DENSITY],
+                "density_R": "" if right is None else right[labels.DENSITY],
+                "p_dense_L": "" if left is None else left[labels.P_DENSE],
+                "p_dense_R": "" if right is None else right[labels.P_DENSE],
+                LR_DISAGREEMENT: TRUE if apart else FALSE,
+                labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256]),
+            }
+        )
     return pd.DataFrame(rows, columns=list(EXAM_COLUMNS))
 
 

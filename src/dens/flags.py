@@ -58,8 +58,10 @@ class Flag:
         columns = [*labels.PROB_COLUMNS, labels.P_DENSE]
         values = preds[columns].apply(pd.to_numeric, errors="coerce").to_numpy()
         keys = [*labels.CLASSES, labels.P_DENSE]
-        picked = [bool(is_ok) and self(density, dict(zip(keys, row, strict=True)))
-                  for is_ok, density, row in zip(ok, preds[labels.DENSITY], values, strict=True)]  # fmt: skip
+        picked = [
+            bool(is_ok) and self(density, dict(zip(keys, row, strict=True)))
+            for is_ok, density, row in zip(ok, preds[labels.DENSITY], values, strict=True)
+        ]
         return pd.Series(picked, index=preds.index)
 
     def __str__(self) -> str:
@@ -79,14 +81,18 @@ def parse_flag(spec: str | Flag | None) -> Flag:
     if match:
         column, op, value = match.groups()
         if column not in (*labels.PROB_COLUMNS, labels.P_DENSE):
-            raise ValueError(f"--flag {spec!r}: unknown column {column!r}; use one of "
-                             f"{', '.join((*labels.PROB_COLUMNS, labels.P_DENSE))}")  # fmt: skip
+            raise ValueError(
+                f"--flag {spec!r}: unknown column {column!r}; use one of "
+                f"{', '.join((*labels.PROB_COLUMNS, labels.P_DENSE))}"
+            )
         return Flag(column=column, op=op, threshold=float(value))
     classes = tuple(c.strip().upper() for c in spec.split(",") if c.strip())
     bad = [c for c in classes if c not in labels.CLASSES]
     if bad or not classes:
-        raise ValueError(f"--flag {spec!r}: expected density classes like 'C,D' or a threshold like "
-                         f"'p_dense>=0.5' (classes are {', '.join(labels.CLASSES)})")  # fmt: skip
+        raise ValueError(
+            f"--flag {spec!r}: expected density classes like 'C,D' or a threshold like "
+            f"'p_dense>=0.5' (classes are {', '.join(labels.CLASSES)})"
+        )
     return Flag(classes=classes)
 
 
@@ -107,7 +113,10 @@ def prediction_cells(probs: Sequence[float], rule: FlagRule = flag_dense) -> dic
     image's in preds.csv, a breast's or an exam's in the aggregated CSVs."""
     density, p_dense = call(probs)
     named = dict(zip(labels.CLASSES, (float(p) for p in probs), strict=True))
-    return {**{col: PROB_FORMAT.format(p) for col, p in zip(labels.PROB_COLUMNS, probs, strict=True)},
-            labels.DENSITY: density, labels.P_DENSE: PROB_FORMAT.format(p_dense),
-            labels.DENSE: TRUE if labels.is_dense(density) else FALSE,
-            FLAGGED: TRUE if rule(density, named) else FALSE}  # fmt: skip
+    return {
+        **{col: PROB_FORMAT.format(p) for col, p in zip(labels.PROB_COLUMNS, probs, strict=True)},
+        labels.DENSITY: density,
+        labels.P_DENSE: PROB_FORMAT.format(p_dense),
+        labels.DENSE: TRUE if labels.is_dense(density) else FALSE,
+        FLAGGED: TRUE if rule(density, named) else FALSE,
+    }

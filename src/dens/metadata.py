@@ -19,9 +19,20 @@ METADATA_KEY = "dens"
 METADATA_FORMAT = 1
 # The graph's tensors: uint8 images [N, 1, S, S] in; calibrated probabilities and raw logits [N, classes] out.
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
-_REQUIRED = {"format_version": int, "classes": list, "preprocess": dict, "temperature": (int, float), "arch": str,
-             "model_args": dict, "summary": dict, "checkpoint_sha256": str, "opset": int, "precision": str,
-             "input": str, "outputs": list}  # fmt: skip
+_REQUIRED = {
+    "format_version": int,
+    "classes": list,
+    "preprocess": dict,
+    "temperature": (int, float),
+    "arch": str,
+    "model_args": dict,
+    "summary": dict,
+    "checkpoint_sha256": str,
+    "opset": int,
+    "precision": str,
+    "input": str,
+    "outputs": list,
+}
 
 
 class OnnxMetadataError(ValueError):
@@ -64,8 +75,10 @@ def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]
     if not isinstance(meta, dict):
         raise OnnxMetadataError(f"{where}: its '{METADATA_KEY}' metadata is not a JSON object; {hint}")
     if meta.get("format_version") != METADATA_FORMAT:
-        raise OnnxMetadataError(f"{where} has dens metadata format {meta.get('format_version')!r}; this dens "
-                                f"{dens.__version__} reads format {METADATA_FORMAT} (a newer file needs a newer dens)")
+        raise OnnxMetadataError(
+            f"{where} has dens metadata format {meta.get('format_version')!r}; this dens "
+            f"{dens.__version__} reads format {METADATA_FORMAT} (a newer file needs a newer dens)"
+        )
     bad = [k for k, t in _REQUIRED.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
     if bad:
         raise OnnxMetadataError(f"{where}: its dens metadata lacks or mistypes {', '.join(bad)}; {hint}")

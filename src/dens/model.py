@@ -42,8 +42,9 @@ class CheckpointError(ValueError):
 class DensityNet(nn.Module):
     """uint8 ``[N, 1, S, S]`` (or float in 0..255) -> logits ``[N, num_classes]``; the ResNet is ``backbone``."""
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, mean: float = GREY_MEAN,
-                 std: float = GREY_STD):  # fmt: skip
+    def __init__(
+        self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, mean: float = GREY_MEAN, std: float = GREY_STD
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -68,8 +69,14 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(ARCHS[arch][1].url).name
 
 
-def build_model(arch: str = "resnet50", weights: str | os.PathLike | None = None, num_classes: int = NUM_CLASSES,
-                *, mean: float = GREY_MEAN, std: float = GREY_STD) -> DensityNet:  # fmt: skip
+def build_model(
+    arch: str = "resnet50",
+    weights: str | os.PathLike | None = None,
+    num_classes: int = NUM_CLASSES,
+    *,
+    mean: float = GREY_MEAN,
+    std: float = GREY_STD,
+) -> DensityNet:
     """A DensityNet with random (``None``/``"none"``), ImageNet (``"imagenet"``, from the torch hub cache)
     or local-file (a path to a torchvision-style ResNet state dict) starting weights. Never downloads.
 
@@ -84,7 +91,8 @@ def build_model(arch: str = "resnet50", weights: str | os.PathLike | None = None
             raise FileNotFoundError(
                 f"ImageNet weights for {arch} not found: expected the file {path.name} in {path.parent} (the torch "
                 f"hub cache; setting TORCH_HOME moves it). Copy {ARCHS[arch][1].url} there from a machine with "
-                "network access, or pass --weights PATH to a local copy, or --weights none to train from scratch.")
+                "network access, or pass --weights PATH to a local copy, or --weights none to train from scratch."
+            )
     else:
         path = Path(weights)
         if not path.is_file():
@@ -112,8 +120,10 @@ def _load_backbone(net: DensityNet, path: Path) -> None:
         raise CheckpointError(f"{path}: its weights do not fit a {arch}: {exc}") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise CheckpointError(f"{path} is not a torchvision {arch} state dict: {len(missing)} missing keys "
-                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (another arch?)")
+        raise CheckpointError(
+            f"{path} is not a torchvision {arch} state dict: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (another arch?)"
+        )
 
 
 def strip_prefixes(state: dict[str, Any], prefixes: tuple[str, ...] = _WRAPPER_PREFIXES) -> dict[str, Any]:
@@ -153,14 +163,23 @@ def _check_plain(value: Any, where: str) -> None:
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
     else:
-        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds only "
-                        "tensors and plain data (dict, list, tuple, str, int, float, bool, None) so that it loads "
-                        "with weights_only=True; convert it first (a numpy scalar: .item())")  # fmt: skip
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds only "
+            "tensors and plain data (dict, list, tuple, str, int, float, bool, None) so that it loads "
+            "with weights_only=True; convert it first (a numpy scalar: .item())"
+        )
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, preprocess: PreprocessConfig, *,
-                    classes: tuple[str, ...] | list[str] = CLASSES, summary: dict | None = None,
-                    temperature: float = 1.0, extra: dict | None = None) -> str:  # fmt: skip
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    preprocess: PreprocessConfig,
+    *,
+    classes: tuple[str, ...] | list[str] = CLASSES,
+    summary: dict | None = None,
+    temperature: float = 1.0,
+    extra: dict | None = None,
+) -> str:
     """Write ``model`` (DDP / torch.compile wrappers removed) and what describes it to ``path``, atomically
     (a crash mid-write leaves the previous file). ``summary`` is JSON-able; ``extra`` is tensors and plain
     data (optimizer/scheduler/scaler state, epoch). Returns the file's sha256."""
@@ -174,10 +193,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, preprocess: Prepr
     classes = [str(c) for c in classes]
     if len(classes) != net.model_args["num_classes"]:
         raise ValueError(f"{len(classes)} classes for a model with {net.model_args['num_classes']} outputs")
-    blob = {"format_version": FORMAT_VERSION, "model_args": dict(net.model_args),
-            "state_dict": {k: v.detach().cpu() for k, v in strip_prefixes(model.state_dict()).items()},
-            "preprocess": preprocess.to_dict(), "classes": classes, "temperature": float(temperature),
-            "summary": summary, "extra": extra}  # fmt: skip
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "model_args": dict(net.model_args),
+        "state_dict": {k: v.detach().cpu() for k, v in strip_prefixes(model.state_dict()).items()},
+        "preprocess": preprocess.to_dict(),
+        "classes": classes,
+        "temperature": float(temperature),
+        "summary": summary,
+        "extra": extra,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb", fsync=True) as f:
@@ -204,9 +229,11 @@ def _read(path: Path, what: str, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling refusals, truncated or foreign files: all unusable the same way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot be read as a {what} ({first}). Files are loaded with "
-                              "torch.load(weights_only=True), which refuses anything but tensors and plain data; "
-                              "was it written by dens / torchvision, and is it complete?") from exc  # fmt: skip
+        raise CheckpointError(
+            f"{path}: cannot be read as a {what} ({first}). Files are loaded with "
+            "torch.load(weights_only=True), which refuses anything but tensors and plain data; "
+            "was it written by dens / torchvision, and is it complete?"
+        ) from exc
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -217,11 +244,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     sha = file_sha256(path)
     blob = _read(path, "dens checkpoint", map_location)
     if not isinstance(blob, dict) or "format_version" not in blob:
-        raise CheckpointError(f"{path} is not a dens checkpoint (no format_version); a bare state dict is a "
-                              "--weights file, not a checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a dens checkpoint (no format_version); a bare state dict is a "
+            "--weights file, not a checkpoint"
+        )
     if blob["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {blob['format_version']!r}; this dens reads format "
-                              f"{FORMAT_VERSION} (a newer file needs a newer dens)")  # fmt: skip
+        raise CheckpointError(
+            f"{path} has checkpoint format {blob['format_version']!r}; this dens reads format "
+            f"{FORMAT_VERSION} (a newer file needs a newer dens)"
+        )
     missing = [k for k in _KEYS if k not in blob]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: a truncated or hand-made checkpoint?")

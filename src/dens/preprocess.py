@@ -274,8 +274,12 @@ def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndar
     else:
         source = dicom.read(path)
         unit_of = lambda px: to_unit(px, source.ds)  # noqa: E731
-        tags = {**source.identity, "view": source.view, "transfer_syntax": source.transfer_syntax,
-                "photometric": source.photometric}
+        tags = {
+            **source.identity,
+            "view": source.view,
+            "transfer_syntax": source.transfer_syntax,
+            "photometric": source.photometric,
+        }
     rows, cols = source.shape
 
     level = initial_level(rows, cols, cfg)

@@ -22,22 +22,39 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("preds", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the overlays (<sop_uid>.png), raw maps (<sop_uid>.npy) and thumbnails.")
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path),
-              help="The ONNX model that wrote PREDS [default: runs/latest/model.onnx]; its sha256 must match.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="The PyTorch checkpoint the ONNX model was exported from [default: the one its metadata names].")
-@click.option("--flag", callback=_check_flag,
-              help="Which rows get maps: classes ('C,D') or a threshold ('p_dense>=0.5') [default: PREDS' flagged "
-                   "column].")  # fmt: skip
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the overlays (<sop_uid>.png), raw maps (<sop_uid>.npy) and thumbnails.",
+)
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ONNX model that wrote PREDS [default: runs/latest/model.onnx]; its sha256 must match.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The PyTorch checkpoint the ONNX model was exported from [default: the one its metadata names].",
+)
+@click.option(
+    "--flag",
+    callback=_check_flag,
+    help="Which rows get maps: classes ('C,D') or a threshold ('p_dense>=0.5') [default: PREDS' flagged column].",
+)
 @click.option("--layer", default=None, help="Target layer, dotted [default: backbone.layer4.-1, the last block].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes [min(4, cores)].")
-@click.option("--thumbnails", type=click.Choice(THUMBNAILS), default="flagged", show_default=True,
-              help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
-                   "again), or none.")  # fmt: skip
+@click.option(
+    "--thumbnails",
+    type=click.Choice(THUMBNAILS),
+    default="flagged",
+    show_default=True,
+    help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
+    "again), or none.",
+)
 @click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(**options) -> None:
@@ -50,7 +67,7 @@ def main(**options) -> None:
     except (GradcamError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     report = table.attrs.get("report")
-    click.echo(f"dens-gradcam: {table.attrs['summary'].line()}; maps in {cfg.out}"
-               + (f"; review page {report}" if report else ""))  # fmt: skip
-
-
+    click.echo(
+        f"dens-gradcam: {table.attrs['summary'].line()}; maps in {cfg.out}"
+        + (f"; review page {report}" if report else "")
+    )

@@ -43,8 +43,9 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None = None) -> nn.
             module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
         except (AttributeError, IndexError, TypeError):
             near = [n for n, _ in model.named_modules() if n and n.count(".") <= 2][-8:]
-            raise ValueError(f"no layer {name!r} in {type(model).__name__}; layers near the end: "
-                             f"{', '.join(near)}") from None  # fmt: skip
+            raise ValueError(
+                f"no layer {name!r} in {type(model).__name__}; layers near the end: {', '.join(near)}"
+            ) from None
         if not isinstance(module, nn.Module):
             raise ValueError(f"{name!r} is not a layer of {type(model).__name__}")
     return module

@@ -48,13 +48,20 @@ def render_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     panel = np.full((size, 3 * pad + bar_w + text_w, 3), 32, np.uint8)
     height = size - 2 * pad
     ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None]  # top = 1.0
-    panel[pad : pad + height, pad : pad + bar_w] = cv2.applyColorMap(np.repeat(ramp, bar_w, axis=1),
-                                                                     cv2.COLORMAP_TURBO)  # fmt: skip
+    panel[pad : pad + height, pad : pad + bar_w] = cv2.applyColorMap(np.repeat(ramp, bar_w, axis=1), cv2.COLORMAP_TURBO)
     for value in (1.0, 0.5, 0.0):
         y = pad + round((1 - value) * (height - 1))
         baseline = min(size - 2, max(pad + 8 * thick, y + 4 * thick))
-        cv2.putText(panel, f"{value:.1f}", (2 * pad + bar_w, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (235, 235, 235), thick, cv2.LINE_AA)  # fmt: skip
+        cv2.putText(
+            panel,
+            f"{value:.1f}",
+            (2 * pad + bar_w, baseline),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (235, 235, 235),
+            thick,
+            cv2.LINE_AA,
+        )
     return np.hstack([blend, panel])
 
 
@@ -124,8 +131,10 @@ def write_report(
     rows = []
     for key, members in members_of.items():
         # Every distinct value: rows of one exam that disagree on a patient ID are worth seeing.
-        ident = {k: list(dict.fromkeys(records[i].get(k, "") for i in members if records[i].get(k)))
-                 for k in (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)}  # fmt: skip
+        ident = {
+            k: list(dict.fromkeys(records[i].get(k, "") for i in members if records[i].get(k)))
+            for k in (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)
+        }
         call, p_dense, source = calls[key]
         cells = {slot: [] for slot in (*VIEW_SLOTS, None)}
         for i in members:
@@ -206,26 +215,35 @@ def _exam_row(key: str, ident: dict[str, list[str]], call: str, p_dense: float, 
     p_text = f"{p_dense:.3f}" if p_dense == p_dense else "–"
     sort_value = f"{p_dense:.6f}" if p_dense == p_dense else "-1"
     tds = "".join(f"<td>{''.join(cells[slot])}</td>" for slot in (*VIEW_SLOTS, None))
-    return (f'<tr class="{dense}" data-p-dense="{sort_value}"><td class="id">{ident_html or _e(key)}</td>'
-            f'<td class="call" title="{_e(source)}">{_e(call)}</td>'
-            f'<td class="p">{_e(p_text)}</td>{tds}</tr>')  # fmt: skip
+    return (
+        f'<tr class="{dense}" data-p-dense="{sort_value}"><td class="id">{ident_html or _e(key)}</td>'
+        f'<td class="call" title="{_e(source)}">{_e(call)}</td>'
+        f'<td class="p">{_e(p_text)}</td>{tds}</tr>'
+    )
 
 
 def _unusable_table(rows: list[Mapping[str, str]]) -> str:
     if not rows:
         return ""
-    body = "".join(f"<tr><td>{_e(r.get(labels.STATUS, ''))}</td><td>{_e(r.get(labels.REASON, ''))}</td>"
-                   f"<td>{_e(r.get(labels.PATH, ''))}</td></tr>" for r in rows)  # fmt: skip
-    return (f"<h2>Files without a call ({len(rows)})</h2><table class=\"plain\"><thead><tr><th>status</th>"
-            f"<th>reason</th><th>path</th></tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
+    body = "".join(
+        f"<tr><td>{_e(r.get(labels.STATUS, ''))}</td><td>{_e(r.get(labels.REASON, ''))}</td>"
+        f"<td>{_e(r.get(labels.PATH, ''))}</td></tr>"
+        for r in rows
+    )
+    return (
+        f'<h2>Files without a call ({len(rows)})</h2><table class="plain"><thead><tr><th>status</th>'
+        f"<th>reason</th><th>path</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _summary_text(preds: pd.DataFrame, exams: int, maps: int) -> str:
     status = preds[labels.STATUS].value_counts().to_dict() if labels.STATUS in preds else {}
     counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
     models = sorted({s[:12] for s in preds.get("model_sha256", pd.Series(dtype=str)) if s})
-    return (f"{exams} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
-            f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
+    return (
+        f"{exams} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
+        f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}"
+    )
 
 
 _SCRIPT = """

@@ -83,8 +83,10 @@ class GradcamSummary:
     def line(self) -> str:
         rate = self.maps / self.seconds if self.seconds > 0 else 0.0
         extra = f", {self.disagreements} where PyTorch's call differs from preds.csv" if self.disagreements else ""
-        return (f"{self.rows} rows, {self.flagged} flagged, {self.maps} maps, {self.errors} errors{extra}, "
-                f"{rate:.2f} img/s on {self.device}")  # fmt: skip
+        return (
+            f"{self.rows} rows, {self.flagged} flagged, {self.maps} maps, {self.errors} errors{extra}, "
+            f"{rate:.2f} img/s on {self.device}"
+        )
 
 
 THUMBNAILS = ("flagged", "all", "none")
@@ -123,8 +125,14 @@ class GradcamConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
-def run_gradcam(preds_csv: str | Path, out_dir: str | Path, *, model_path: str | Path | None = None,
-                checkpoint: str | Path | None = None, **options) -> pd.DataFrame:
+def run_gradcam(
+    preds_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    model_path: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    **options,
+) -> pd.DataFrame:
     """:func:`run` with the settings as keyword arguments (see :class:`GradcamConfig`), for library callers."""
     return run(GradcamConfig(Path(preds_csv), Path(out_dir), model=model_path, checkpoint=checkpoint, **options))
 
@@ -147,8 +155,9 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     preds = read_preds(preds_csv)
     selected = parse_flag(flag).select(preds).to_numpy()
     stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
-    resolved = resolve_model(preds, preds_csv, model_path=model_path, checkpoint=checkpoint,
-                             need_weights=bool(selected.any()))  # fmt: skip
+    resolved = resolve_model(
+        preds, preds_csv, model_path=model_path, checkpoint=checkpoint, need_weights=bool(selected.any())
+    )
     workers = workers or min(4, dens.usable_cores())
     dev = pick_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,10 +200,12 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
                     thumbs[row] = pages.write_thumbnail(out_dir, stems[row], image)
             bar.update(len(batch))
         bar.close()
-        preds.attrs["report"] = pages.write_report(preds, preds_csv, thumbs, overlays=overlays,
-                                                   exam_calls=_exam_calls(preds_csv))  # fmt: skip
-    preds.attrs["summary"] = GradcamSummary(len(preds), int(selected.sum()), len(overlays), errors, disagreements,
-                                            time.perf_counter() - started, str(dev))  # fmt: skip
+        preds.attrs["report"] = pages.write_report(
+            preds, preds_csv, thumbs, overlays=overlays, exam_calls=_exam_calls(preds_csv)
+        )
+    preds.attrs["summary"] = GradcamSummary(
+        len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)
+    )
     return preds
 
 
@@ -266,12 +277,16 @@ def resolve_model(
         raise GradcamError(f"model {onnx_path} not found: name the ONNX file that wrote {preds_csv} with --model")
     wanted = sorted({s for s in preds.loc[preds[labels.STATUS] == "ok", MODEL_SHA256] if s})
     if len(wanted) > 1:
-        raise GradcamError(f"{preds_csv} mixes rows from {len(wanted)} models ({', '.join(w[:12] for w in wanted)}); "
-                           "run dens-gradcam on the rows of one model")  # fmt: skip
+        raise GradcamError(
+            f"{preds_csv} mixes rows from {len(wanted)} models ({', '.join(w[:12] for w in wanted)}); "
+            "run dens-gradcam on the rows of one model"
+        )
     sha = file_sha256(onnx_path)
     if wanted and sha != wanted[0]:
-        raise GradcamError(f"{onnx_path} (sha256 {sha[:12]}) is not the model that wrote {preds_csv} "
-                           f"(model_sha256 {wanted[0][:12]}): pass that model with --model")  # fmt: skip
+        raise GradcamError(
+            f"{onnx_path} (sha256 {sha[:12]}) is not the model that wrote {preds_csv} "
+            f"(model_sha256 {wanted[0][:12]}): pass that model with --model"
+        )
     try:
         meta = read_metadata(onnx_path)  # checked there: classes, preprocess, checkpoint_sha256, ...
     except OnnxMetadataError as exc:
@@ -287,9 +302,11 @@ def resolve_model(
     except (CheckpointError, OSError) as exc:
         raise GradcamError(str(exc)) from exc
     if ckpt.sha256 != meta["checkpoint_sha256"]:
-        raise GradcamError(f"checkpoint {ckpt_path} (sha256 {ckpt.sha256[:12]}) is not the one {onnx_path} was "
-                           f"exported from (sha256 {meta['checkpoint_sha256'][:12]}): pass that one with "
-                           "--checkpoint")  # fmt: skip
+        raise GradcamError(
+            f"checkpoint {ckpt_path} (sha256 {ckpt.sha256[:12]}) is not the one {onnx_path} was "
+            f"exported from (sha256 {meta['checkpoint_sha256'][:12]}): pass that one with "
+            "--checkpoint"
+        )
     return ResolvedModel(onnx_path, meta, cfg, classes, ckpt.model, ckpt_path)
 
 
@@ -303,8 +320,10 @@ def _find_checkpoint(checkpoint: str | Path | None, meta: dict, onnx_path: Path)
     for candidate in (Path(named), onnx_path.parent / named, onnx_path.parent / Path(named).name):
         if named and candidate.is_file():
             return candidate
-    raise GradcamError(f"the checkpoint {named or '(none named)'} that {onnx_path} was exported from is not found "
-                       "(as written, or beside the ONNX file): pass it with --checkpoint")  # fmt: skip
+    raise GradcamError(
+        f"the checkpoint {named or '(none named)'} that {onnx_path} was exported from is not found "
+        "(as written, or beside the ONNX file): pass it with --checkpoint"
+    )
 
 
 def read_preds(preds_csv: Path) -> pd.DataFrame:
@@ -312,8 +331,7 @@ def read_preds(preds_csv: Path) -> pd.DataFrame:
     if not preds_csv.is_file():
         raise GradcamError(f"{preds_csv} not found: run `dens-infer` first, or name the right preds.csv")
     preds = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
-    missing = [c for c in (labels.PATH, labels.STATUS, labels.SOP_UID, labels.DENSITY, MODEL_SHA256)
-               if c not in preds]  # fmt: skip
+    missing = [c for c in (labels.PATH, labels.STATUS, labels.SOP_UID, labels.DENSITY, MODEL_SHA256) if c not in preds]
     if missing:
         raise GradcamError(f"{preds_csv} lacks the column(s) {', '.join(missing)}: is it a dens-infer preds.csv?")
     return preds

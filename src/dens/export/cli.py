@@ -37,29 +37,59 @@ def _summary(model: dict) -> str:
     if "images" in r:
         unusable = sum(r["images"]["skipped"].values()) + len(r["images"]["errors"])
         seen += f" + {r['images'].get('count', 0)} preprocessed images ({unusable} files unusable)"
-    return (f"{head}: parity {'passed' if r['passed'] else 'FAILED'} on {seen} at batch "
-            f"{','.join(map(str, r['batch_sizes']))}: max |Δp| {r['max_abs_prob_diff']:.2g} "
-            f"(≤ {r['thresholds']['prob_atol']:g}), argmax agreement {r['argmax_agreement']:.1%}; "
-            f"report {model['report_path']}")  # fmt: skip
+    return (
+        f"{head}: parity {'passed' if r['passed'] else 'FAILED'} on {seen} at batch "
+        f"{','.join(map(str, r['batch_sizes']))}: max |Δp| {r['max_abs_prob_diff']:.2g} "
+        f"(≤ {r['thresholds']['prob_atol']:g}), argmax agreement {r['argmax_agreement']:.1%}; "
+        f"report {model['report_path']}"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--onnx", "onnx_format", is_flag=True, help="Export to ONNX (the one format so far; required).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="Checkpoint to export [default: runs/latest/best.pt].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="ONNX file to write [default: model.onnx beside the checkpoint].")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Checkpoint to export [default: runs/latest/best.pt].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="ONNX file to write [default: model.onnx beside the checkpoint].",
+)
 @click.option("--fp16", is_flag=True, help="Also write the float16 variant for GPU providers (<out>.fp16.onnx).")
-@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of DICOM/PNG files (searched recursively) for parity on real preprocessed images.")
-@click.option("--max-images", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGES, show_default=True,
-              help="Usable images taken from --images.")
-@click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 1), default=DEFAULT_OPSET, show_default=True,
-              help="ONNX opset of the graph.")
-@click.option("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), show_default=True,
-              callback=_batch_sizes, help="Batch sizes the parity check runs every image at.")
-@click.option("--optimize/--no-optimize", default=True, show_default=True,
-              help="Save ORT's provider-independent (BASIC) graph optimisation into the file.")
+@click.option(
+    "--images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of DICOM/PNG files (searched recursively) for parity on real preprocessed images.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_IMAGES,
+    show_default=True,
+    help="Usable images taken from --images.",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
+    default=DEFAULT_OPSET,
+    show_default=True,
+    help="ONNX opset of the graph.",
+)
+@click.option(
+    "--batch-sizes",
+    default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+    show_default=True,
+    callback=_batch_sizes,
+    help="Batch sizes the parity check runs every image at.",
+)
+@click.option(
+    "--optimize/--no-optimize",
+    default=True,
+    show_default=True,
+    help="Save ORT's provider-independent (BASIC) graph optimisation into the file.",
+)
 @click.option("--check-only", is_flag=True, help="Do not export: check parity of the existing --out file(s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(onnx_format: bool, **options) -> None:
@@ -82,6 +112,9 @@ def main(onnx_format: bool, **options) -> None:
         for model in failed:
             failures = model["report"]["failures"]
             listed = "; ".join(failures[:3]) + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else "")
-            click.echo(f"dens-export: PARITY FAILED for {model['path']}: it does not match {result['checkpoint']}; "
-                       f"do not use it. {listed}. Details: {model['report_path']}", err=True)  # fmt: skip
+            click.echo(
+                f"dens-export: PARITY FAILED for {model['path']}: it does not match {result['checkpoint']}; "
+                f"do not use it. {listed}. Details: {model['report_path']}",
+                err=True,
+            )
         sys.exit(PARITY_FAILED)

@@ -59,8 +59,15 @@ def fp16_path(out_path: str | os.PathLike) -> Path:
     return out_path.with_name(f"{out_path.stem}.fp16{out_path.suffix or '.onnx'}")
 
 
-def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                fp16: bool = False, optimize: bool = True, checkpoint: Checkpoint | None = None) -> Path:  # fmt: skip
+def export_onnx(
+    checkpoint_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    optimize: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> Path:
     """Export the checkpoint at ``checkpoint_path`` to ``out_path`` (written atomically) and return it.
 
     ``fp16``: weights and activations of the backbone in float16 (for GPU providers), with the uint8 input
@@ -101,8 +108,17 @@ def _torch_export(module: nn.Module, path: Path, size: int, opset: int) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         axes = {name: {0: BATCH_AXIS} for name in (INPUT, PROBS, LOGITS)}
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=[INPUT], output_names=[PROBS, LOGITS], dynamic_axes=axes)  # fmt: skip
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=[INPUT],
+            output_names=[PROBS, LOGITS],
+            dynamic_axes=axes,
+        )
 
 
 def _ort_optimize(src: Path, dst: Path) -> Path:
@@ -151,8 +167,25 @@ def _metadata(ckpt: Checkpoint, checkpoint_path: Path, opset: int, precision: st
 # --- float16 -----------------------------------------------------------------------------------------
 
 # Ops whose float inputs may all become float16 (the ONNX schema allows it and nothing must stay float32).
-_FP16_OPS = {"Add", "AveragePool", "BatchNormalization", "Cast", "Constant", "Conv", "Div", "Flatten", "Gemm",
-             "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Relu", "Reshape", "Sub"}  # fmt: skip
+_FP16_OPS = {
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Constant",
+    "Conv",
+    "Div",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Relu",
+    "Reshape",
+    "Sub",
+}
 
 
 def to_fp16(model: onnx.ModelProto, *, keep_fp32_after: str = LOGITS) -> onnx.ModelProto:

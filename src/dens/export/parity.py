@@ -65,8 +65,13 @@ class ImageSet:
     errors: dict[str, str]  # path -> message, for files that failed otherwise
 
 
-def load_images(directory: str | os.PathLike, checkpoint: Checkpoint, *, max_images: int = DEFAULT_MAX_IMAGES,
-                progress: bool = False) -> ImageSet:  # fmt: skip
+def load_images(
+    directory: str | os.PathLike,
+    checkpoint: Checkpoint,
+    *,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    progress: bool = False,
+) -> ImageSet:
     """Up to ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made by
     the decode engine (``dens.preprocess.load`` with the checkpoint's PreprocessConfig, in worker processes);
     unusable files are counted, not fatal."""
@@ -95,11 +100,19 @@ def load_images(directory: str | os.PathLike, checkpoint: Checkpoint, *, max_ima
     return ImageSet(str(directory), array, len(files), used, dict(skipped), errors)
 
 
-def check_parity(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike | Checkpoint, *,
-                 images: str | os.PathLike | ImageSet | None = None, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-                 atol: float | None = None, logit_rtol: float | None = None, max_images: int = DEFAULT_MAX_IMAGES,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), seed: int = 0,
-                 progress: bool = False) -> dict[str, Any]:  # fmt: skip
+def check_parity(
+    onnx_path: str | os.PathLike,
+    checkpoint: str | os.PathLike | Checkpoint,
+    *,
+    images: str | os.PathLike | ImageSet | None = None,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    atol: float | None = None,
+    logit_rtol: float | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Compare ONNX Runtime with PyTorch; returns the parity report (``report["passed"]``, ``["failures"]``).
 
     ``images``: a folder of files (or an already loaded :class:`ImageSet`) for the real-image check.
@@ -125,15 +138,20 @@ def check_parity(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike | C
         interface = _check_interface(session, ckpt.preprocess.size, len(ckpt.classes))
     failures = list(interface)
     if meta["checkpoint_sha256"] != ckpt.sha256:
-        failures.append(f"the model was exported from checkpoint sha256 {meta['checkpoint_sha256'][:12]}, not from "
-                        f"{ckpt.path} (sha256 {ckpt.sha256[:12]})")  # fmt: skip
+        failures.append(
+            f"the model was exported from checkpoint sha256 {meta['checkpoint_sha256'][:12]}, not from "
+            f"{ckpt.path} (sha256 {ckpt.sha256[:12]})"
+        )
     size = ckpt.preprocess.size
     rng = np.random.default_rng(seed)
     sets = {"random": rng.integers(0, 256, (max(RANDOM_IMAGES, batch_sizes[-1]), 1, size, size), dtype=np.uint8)}
     image_report = None
     if images is not None:
-        image_set = images if isinstance(images, ImageSet) else load_images(images, ckpt, max_images=max_images,
-                                                                            progress=progress)  # fmt: skip
+        image_set = (
+            images
+            if isinstance(images, ImageSet)
+            else load_images(images, ckpt, max_images=max_images, progress=progress)
+        )
         image_report = {k: v for k, v in dataclasses.asdict(image_set).items() if k != "images"}
         if len(image_set.images):
             sets["images"] = image_set.images
@@ -161,10 +179,10 @@ def check_parity(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike | C
         "providers": session.get_providers() if session else [],
         "thresholds": {**dataclasses.asdict(limits), "decisive_margin": limits.decisive_margin},
         "criteria": "pass when, at every batch size, max |p_onnx - p_torch| <= prob_atol, max |l_onnx - l_torch| / "
-                    "max(1, max |l_torch|) <= logit_rtol, and the argmax agrees on every decisive image (PyTorch's "
-                    "top-two probabilities more than decisive_margin apart), with finite outputs; p_torch = "
-                    "softmax(l_torch / T) in float64; and the graph's interface and source checkpoint are the expected "
-                    "ones",
+        "max(1, max |l_torch|) <= logit_rtol, and the argmax agrees on every decisive image (PyTorch's "
+        "top-two probabilities more than decisive_margin apart), with finite outputs; p_torch = "
+        "softmax(l_torch / T) in float64; and the graph's interface and source checkpoint are the expected "
+        "ones",
         "reference": "PyTorch float32 on CPU",
         "temperature": ckpt.temperature,
         "batch_sizes": list(batch_sizes),
@@ -172,7 +190,7 @@ def check_parity(onnx_path: str | os.PathLike, checkpoint: str | os.PathLike | C
         **results,
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 2),
-    }  # fmt: skip
+    }
 
 
 def _check_interface(session, size: int, num_classes: int) -> list[str]:
@@ -194,13 +212,22 @@ def _check_interface(session, size: int, num_classes: int) -> list[str]:
 def _reference(ckpt: Checkpoint, batch: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     model = ckpt.model.float().eval()
     with torch.no_grad():
-        logits = np.concatenate([model(torch.from_numpy(batch[i : i + chunk])).numpy()
-                                 for i in range(0, len(batch), chunk)])  # fmt: skip
+        logits = np.concatenate(
+            [model(torch.from_numpy(batch[i : i + chunk])).numpy() for i in range(0, len(batch), chunk)]
+        )
     return softmax(logits, ckpt.temperature), logits
 
 
-def _compare_set(session, ckpt: Checkpoint, batch: np.ndarray, batch_sizes: tuple[int, ...], limits: Thresholds,
-                 *, progress: bool, name: str) -> dict[str, Any]:  # fmt: skip
+def _compare_set(
+    session,
+    ckpt: Checkpoint,
+    batch: np.ndarray,
+    batch_sizes: tuple[int, ...],
+    limits: Thresholds,
+    *,
+    progress: bool,
+    name: str,
+) -> dict[str, Any]:
     ref_probs, ref_logits = _reference(ckpt, batch, batch_sizes[-1])
     top2 = np.sort(ref_probs, axis=1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > limits.decisive_margin
@@ -238,15 +265,23 @@ def _compare_set(session, ckpt: Checkpoint, batch: np.ndarray, batch_sizes: tupl
         if not stats["logit_rel_diff"] <= limits.logit_rtol:
             failures.append(f"{where}: relative logit difference {stats['logit_rel_diff']:.3g} > {limits.logit_rtol:g}")
         if not agree[decisive].all():
-            failures.append(f"{where}: argmax differs on {int((~agree[decisive]).sum())} of {int(decisive.sum())} "
-                            "decisive images")  # fmt: skip
+            failures.append(
+                f"{where}: argmax differs on {int((~agree[decisive]).sum())} of {int(decisive.sum())} decisive images"
+            )
     bar.close()
     ran = [s for s in by_size.values() if "error" not in s]
-    worst = {k: max((s[k] for s in ran), default=None)  # None: no batch size ran at all
-             for k in ("max_abs_prob_diff", "max_abs_logit_diff", "logit_rel_diff")}  # fmt: skip
-    return {"count": len(batch), "decisive": int(decisive.sum()), **worst,
-            "argmax_agreement": min((s["argmax_agreement"] for s in ran), default=None),
-            "by_batch_size": by_size, "failures": failures}  # fmt: skip
+    worst = {
+        k: max((s[k] for s in ran), default=None)  # None: no batch size ran at all
+        for k in ("max_abs_prob_diff", "max_abs_logit_diff", "logit_rel_diff")
+    }
+    return {
+        "count": len(batch),
+        "decisive": int(decisive.sum()),
+        **worst,
+        "argmax_agreement": min((s["argmax_agreement"] for s in ran), default=None),
+        "by_batch_size": by_size,
+        "failures": failures,
+    }
 
 
 def _overall(results: dict[str, dict]) -> dict[str, Any]:

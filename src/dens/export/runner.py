@@ -65,8 +65,9 @@ def resolve_paths(cfg: ExportConfig) -> tuple[Path, Path]:
     if checkpoint is None and cfg.check_only and cfg.out is not None:
         named = Path(read_metadata(cfg.out).get("checkpoint_path") or "")
         if not named.is_file():
-            raise FileNotFoundError(f"{cfg.out} was exported from {named}, which is not found: name the checkpoint "
-                                    "with --checkpoint")  # fmt: skip
+            raise FileNotFoundError(
+                f"{cfg.out} was exported from {named}, which is not found: name the checkpoint with --checkpoint"
+            )
         checkpoint = named
     if checkpoint is None:
         checkpoint = runs.latest_file("best.pt")

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 from dens.infer.config import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InferConfig
 
-__all__ = ["DEVICES", "EXIT_ERRORS", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "InferConfig",
-           "InferError", "Summary", "run"]
+__all__ = [
+    "DEVICES",
+    "EXIT_ERRORS",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "InferConfig",
+    "InferError",
+    "Summary",
+    "run",
+]
 
 
 def __getattr__(name: str):

@@ -21,37 +21,88 @@ explicit --device, an existing --out); {EXIT_USAGE} bad options; {EXIT_INTERRUPT
 
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("studies", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preds.csv"), show_default=True,
-              help="preds.csv to write; preds.breast.csv and preds.exam.csv go beside it.")  # fmt: skip
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="ONNX model from dens-export [default: runs/latest/model.onnx]. Image size and preprocessing "
-                   "come from its metadata.")  # fmt: skip
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="auto: TensorRT, then CUDA, then CPU (GPU ones only where a GPU is present). An explicit GPU "
-                   "choice that cannot be honoured is an error.")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per model call [default: 4 on CPU, 64 on CUDA/TensorRT].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Decode processes [default: CPU: all cores, at a lower priority than the model, which uses "
-                   "all of them too; GPU: cores - 1].")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime intra-op threads [default: CPU: all cores; GPU: 1].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("preds.csv"),
+    show_default=True,
+    help="preds.csv to write; preds.breast.csv and preds.exam.csv go beside it.",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX model from dens-export [default: runs/latest/model.onnx]. Image size and preprocessing "
+    "come from its metadata.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto: TensorRT, then CUDA, then CPU (GPU ones only where a GPU is present). An explicit GPU "
+    "choice that cannot be honoured is an error.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per model call [default: 4 on CPU, 64 on CUDA/TensorRT].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Decode processes [default: CPU: all cores, at a lower priority than the model, which uses "
+    "all of them too; GPU: cores - 1].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime intra-op threads [default: CPU: all cores; GPU: 1].",
+)
 @click.option("--resume", is_flag=True, help="Continue a killed run: skip the files --out already has a row for.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
-@click.option("--flag", "flag", default=None, metavar="RULE",
-              help="Which calls are flagged for review: classes ('C,D', the default) or a threshold "
-                   "('p_dense>=0.5', 'p_D>0.3').")  # fmt: skip
-@click.option("--gradcam", "gradcam", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="After inference, compute Grad-CAM (PyTorch) for the flagged images into this folder, add a "
-                   "'gradcam' column to --out and write report.html beside it.")  # fmt: skip
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="PyTorch checkpoint for --gradcam [default: the one named in the model's metadata; its sha256 "
-                   "must match].")  # fmt: skip
+@click.option(
+    "--flag",
+    "flag",
+    default=None,
+    metavar="RULE",
+    help="Which calls are flagged for review: classes ('C,D', the default) or a threshold ('p_dense>=0.5', 'p_D>0.3').",
+)
+@click.option(
+    "--gradcam",
+    "gradcam",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="After inference, compute Grad-CAM (PyTorch) for the flagged images into this folder, add a "
+    "'gradcam' column to --out and write report.html beside it.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="PyTorch checkpoint for --gradcam [default: the one named in the model's metadata; its sha256 must match].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every skipped or failed file.")
-def main(studies: Path, out: Path, model: Path | None, device: str, batch_size: int | None, workers: int | None,
-         threads: int | None, resume: bool, overwrite: bool, progress: bool | None, flag: str | None,
-         gradcam: Path | None, checkpoint: Path | None, verbose: bool) -> None:  # fmt: skip
+def main(
+    studies: Path,
+    out: Path,
+    model: Path | None,
+    device: str,
+    batch_size: int | None,
+    workers: int | None,
+    threads: int | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool | None,
+    flag: str | None,
+    gradcam: Path | None,
+    checkpoint: Path | None,
+    verbose: bool,
+) -> None:
     """Classify breast density (BI-RADS A-D) for every file under STUDIES: one row per file in --out
     (status ok | skipped | error, with a reason), plus breast- and exam-level calls beside it."""
     from dens.infer.runner import InferError, run  # here: spawned workers import this module
@@ -59,24 +110,37 @@ def main(studies: Path, out: Path, model: Path | None, device: str, batch_size: 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("PIL", "pydicom", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = InferConfig(studies=studies, out=out, model=model, device=device, batch_size=batch_size, workers=workers,
-                      threads=threads, resume=resume, overwrite=overwrite, progress=progress, flag=flag)  # fmt: skip
+    cfg = InferConfig(
+        studies=studies,
+        out=out,
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        threads=threads,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        flag=flag,
+    )
     try:
         summary = run(cfg)
     except InferError as exc:
         click.echo(f"dens-infer: error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
-        click.echo(f"\ndens-infer: interrupted; the rows written so far are in {out}: continue with --resume",
-                   err=True)  # fmt: skip
+        click.echo(f"\ndens-infer: interrupted; the rows written so far are in {out}: continue with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(summary.line())
     click.echo(f"dens-infer: wrote {summary.out}, {summary.breast_csv}, {summary.exam_csv}")
     if gradcam is not None:
         _gradcam(summary, gradcam, model, checkpoint, progress)
     if summary.errors:
-        click.echo(f"dens-infer: {summary.errors} files could not be read: their rows in {summary.out} have status "
-                   f"'error' and say why (exit status {EXIT_ERRORS})", err=True)  # fmt: skip
+        click.echo(
+            f"dens-infer: {summary.errors} files could not be read: their rows in {summary.out} have status "
+            f"'error' and say why (exit status {EXIT_ERRORS})",
+            err=True,
+        )
     sys.exit(summary.exit_code)
 
 
@@ -86,10 +150,21 @@ def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None
 
     device = "cuda" if summary.provider.lower().startswith(("cuda", "tensorrt")) else "cpu"
     try:
-        table = run(GradcamConfig(summary.out, out_dir, model=model, checkpoint=checkpoint, device=device,
-                                  progress=show_progress(progress)))
+        table = run(
+            GradcamConfig(
+                summary.out,
+                out_dir,
+                model=model,
+                checkpoint=checkpoint,
+                device=device,
+                progress=show_progress(progress),
+            )
+        )
     except GradcamError as exc:
-        click.echo(f"dens-infer: --gradcam failed: {exc}; the predictions in {summary.out} are complete "
-                   "(rerun `dens-gradcam` on them)", err=True)  # fmt: skip
+        click.echo(
+            f"dens-infer: --gradcam failed: {exc}; the predictions in {summary.out} are complete "
+            "(rerun `dens-gradcam` on them)",
+            err=True,
+        )
         sys.exit(EXIT_FAILED)
     click.echo(table.attrs["summary"].line())

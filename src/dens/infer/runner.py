@@ -77,11 +77,13 @@ class Summary:
 
     def line(self) -> str:
         resumed = f" (+{self.already_done} from the earlier run)" if self.already_done else ""
-        return (f"dens-infer: {self.files} files{resumed}: {self.ok} ok, {self.skipped} skipped, {self.errors} errors "
-                f"in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; decode {self.decode_s:.1f} s "
-                f"({self.workers} workers), model {self.model_s:.1f} s ({self.provider}, batch {self.batch_size}, "
-                f"{self.threads} threads), "
-                f"write {self.write_s:.1f} s, waiting for decode {self.wait_s:.1f} s")  # fmt: skip
+        return (
+            f"dens-infer: {self.files} files{resumed}: {self.ok} ok, {self.skipped} skipped, {self.errors} errors "
+            f"in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; decode {self.decode_s:.1f} s "
+            f"({self.workers} workers), model {self.model_s:.1f} s ({self.provider}, batch {self.batch_size}, "
+            f"{self.threads} threads), "
+            f"write {self.write_s:.1f} s, waiting for decode {self.wait_s:.1f} s"
+        )
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -127,16 +129,32 @@ def run(cfg: InferConfig) -> Summary:
             pool.grow(default_parallelism(runtime.device)[0])
             workers = pool.workers
         sha = file_sha256(model_path)
-        summary = Summary(provider=runtime.provider, workers=workers, threads=runtime.threads,
-                          batch_size=runtime.batch_size, out=out, already_done=writer.kept)  # fmt: skip
+        summary = Summary(
+            provider=runtime.provider,
+            workers=workers,
+            threads=runtime.threads,
+            batch_size=runtime.batch_size,
+            out=out,
+            already_done=writer.kept,
+        )
         with writer:
             others = writer.models - {sha}
             if others:
-                raise InferError(f"{out} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), "
-                                 f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite")  # fmt: skip
-            log.info("dens-infer: model %s (%s, S=%d, sha256 %s) on %s, batch %d, %d ORT thread(s), %d decode "
-                     "worker(s)", model_path, runtime.metadata.get("arch", "?"), runtime.preprocess.size, sha[:12],
-                     runtime.provider, runtime.batch_size, runtime.threads, workers)  # fmt: skip
+                raise InferError(
+                    f"{out} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), "
+                    f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite"
+                )
+            log.info(
+                "dens-infer: model %s (%s, S=%d, sha256 %s) on %s, batch %d, %d ORT thread(s), %d decode worker(s)",
+                model_path,
+                runtime.metadata.get("arch", "?"),
+                runtime.preprocess.size,
+                sha[:12],
+                runtime.provider,
+                runtime.batch_size,
+                runtime.threads,
+                workers,
+            )
             pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
             pool.buffer = 2 * runtime.batch_size
             _process(studies, [out, *aggregate.aggregate_paths(out)], pool, writer, runtime, sha, cfg, summary, rule)
@@ -162,14 +180,24 @@ def _entries(studies: Path, exclude: list[Path], done: set[str]):
             yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}" if entry.problem else ""
 
 
-def _process(studies: Path, exclude: list[Path], pool: DecodePool, writer: PredsWriter, runtime: Runtime, sha: str,
-             cfg: InferConfig, summary: Summary, rule: FlagRule) -> None:  # fmt: skip
+def _process(
+    studies: Path,
+    exclude: list[Path],
+    pool: DecodePool,
+    writer: PredsWriter,
+    runtime: Runtime,
+    sha: str,
+    cfg: InferConfig,
+    summary: Summary,
+    rule: FlagRule,
+) -> None:
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
     # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing).
     if not bar.disable:
-        threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in _entries(studies, exclude, writer.done))),
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=lambda: setattr(bar, "total", sum(1 for _ in _entries(studies, exclude, writer.done))), daemon=True
+        ).start()
     pending: list[Decoded] = []
     images = 0
 
@@ -183,11 +211,15 @@ def _process(studies: Path, exclude: list[Path], pool: DecodePool, writer: Preds
                 probs = iter(runtime.predict(np.stack([d.image for d in ok])[:, None]))
             except Exception as exc:  # ORT out of memory, a broken provider: stop, keeping what is written
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InferError(f"the model failed on a batch of {len(ok)} images ({first}); the rows written "
-                                 f"so far are in {writer.path}: fix the cause, then --resume") from exc
+                raise InferError(
+                    f"the model failed on a batch of {len(ok)} images ({first}); the rows written "
+                    f"so far are in {writer.path}: fix the cause, then --resume"
+                ) from exc
             summary.model_s += time.perf_counter() - t0
-        rows = [make_row(d.path, d.status, d.reason, d.info, next(probs) if d.status == "ok" else None, sha,
-                         rule) for d in pending]  # fmt: skip
+        rows = [
+            make_row(d.path, d.status, d.reason, d.info, next(probs) if d.status == "ok" else None, sha, rule)
+            for d in pending
+        ]
         t0 = time.perf_counter()
         writer.write(rows)
         summary.write_s += time.perf_counter() - t0

@@ -78,11 +78,15 @@ def _wanted(device: str) -> list[str]:
             return ["cpu"]
         return ["tensorrt", "cuda", "cpu"] if tensorrt_present() else ["cuda", "cpu"]
     if not gpu:
-        raise DeviceError(f"--device {device}: no CUDA GPU found on this machine (the CUDA driver reports none); "
-                          "use --device cpu or auto")  # fmt: skip
+        raise DeviceError(
+            f"--device {device}: no CUDA GPU found on this machine (the CUDA driver reports none); "
+            "use --device cpu or auto"
+        )
     if device == "tensorrt" and not tensorrt_present():
-        raise DeviceError("--device tensorrt: TensorRT's runtime (libnvinfer) is not installed or not on the library "
-                          "path; install TensorRT, or use --device cuda")  # fmt: skip
+        raise DeviceError(
+            "--device tensorrt: TensorRT's runtime (libnvinfer) is not installed or not on the library "
+            "path; install TensorRT, or use --device cuda"
+        )
     return ["tensorrt", "cuda"] if device == "tensorrt" else ["cuda"]
 
 
@@ -144,10 +148,15 @@ def _provider_options(name: str, size: int, batch: int, cuda_options: dict | Non
         shape = f"{INPUT}:{{}}x1x{size}x{size}"
         # An optimisation profile over the batch sizes the run feeds (1 .. batch) and an engine cache,
         # so the engine is built once per model and machine, not per run.
-        return PROVIDERS[name], {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                                 "trt_timing_cache_enable": True, "trt_profile_min_shapes": shape.format(1),
-                                 "trt_profile_opt_shapes": shape.format(batch),
-                                 "trt_profile_max_shapes": shape.format(batch)}  # fmt: skip
+        return PROVIDERS[name], {
+            "device_id": 0,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_profile_min_shapes": shape.format(1),
+            "trt_profile_opt_shapes": shape.format(batch),
+            "trt_profile_max_shapes": shape.format(batch),
+        }
     if name == "cuda":
         return PROVIDERS[name], {"device_id": 0, **(cuda_options or {})}
     return PROVIDERS[name], {}
@@ -185,8 +194,9 @@ class Runtime:
         value = self._device_input.get(batch.shape)
         if value is None:
             value = ort.OrtValue.ortvalue_from_shape_and_type(batch.shape, np.uint8, "cuda", 0)
-            self._device_input = {batch.shape: value} if len(self._device_input) >= 2 else {
-                **self._device_input, batch.shape: value}  # fmt: skip
+            self._device_input = (
+                {batch.shape: value} if len(self._device_input) >= 2 else {**self._device_input, batch.shape: value}
+            )
         value.update_inplace(np.ascontiguousarray(batch))
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUT, value)
@@ -195,9 +205,15 @@ class Runtime:
         return binding.copy_outputs_to_cpu()[0]
 
 
-def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_size: int | None = None,
-                 threads: int | None = None, spinning: bool = False,
-                 cuda_options: dict | None = None) -> Runtime:  # fmt: skip
+def open_runtime(
+    model_path: str | os.PathLike,
+    device: str = "auto",
+    *,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    spinning: bool = False,
+    cuda_options: dict | None = None,
+) -> Runtime:
     """Open ``model_path`` on ``device`` (auto = TensorRT, then CUDA, then CPU, GPU ones only when a GPU is
     present). ``threads``: ONNX Runtime's intra-op threads (the CPU provider's compute; on a GPU they only
     feed it; default: :func:`default_parallelism`). ``spinning``: let idle ORT threads spin, which steals
@@ -221,16 +237,19 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
     probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
     providers = [_provider_options(name, probe_size, probe_batch, cuda_options) for name in wanted]
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=[p for p, _ in providers],
-                                       provider_options=[o for _, o in providers])  # fmt: skip
+        session = ort.InferenceSession(
+            str(model_path), options, providers=[p for p, _ in providers], provider_options=[o for _, o in providers]
+        )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{model_path}: ONNX Runtime cannot open it ({first})") from exc
     provider = session.get_providers()[0]
     used = next(name for name, full in PROVIDERS.items() if full == provider)
     if device != "auto" and used != device:
-        raise DeviceError(f"--device {device}: ONNX Runtime could not start {PROVIDERS[device]} (it fell back to "
-                          f"{provider}); check the CUDA/cuDNN/TensorRT libraries, or use --device auto")  # fmt: skip
+        raise DeviceError(
+            f"--device {device}: ONNX Runtime could not start {PROVIDERS[device]} (it fell back to "
+            f"{provider}); check the CUDA/cuDNN/TensorRT libraries, or use --device auto"
+        )
     if used != wanted[0]:  # auto: a GPU is there but its provider did not load
         log.warning("%s was requested but did not load; running on %s", PROVIDERS[wanted[0]], provider)
         if used == "cpu" and chosen is None:  # reopen with the CPU's thread count, not the GPU's
@@ -239,8 +258,9 @@ def open_runtime(model_path: str | os.PathLike, device: str = "auto", *, batch_s
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     classes = tuple(str(c) for c in meta["classes"])
     _check_io(session, model_path, preprocess.size, len(classes))
-    return Runtime(session, model_path, meta, preprocess, classes, provider, used,
-                   batch_size or DEFAULT_BATCH[used], threads)  # fmt: skip
+    return Runtime(
+        session, model_path, meta, preprocess, classes, provider, used, batch_size or DEFAULT_BATCH[used], threads
+    )
 
 
 def _input_size(model_path: Path) -> int:
@@ -256,11 +276,15 @@ def _check_io(session: ort.InferenceSession, model_path: Path, size: int, num_cl
     outputs = {o.name: o for o in session.get_outputs()}
     image = inputs.get(INPUT)
     if image is None or OUTPUT not in outputs:
-        raise ModelError(f"{model_path}: expected input '{INPUT}' and output '{OUTPUT}', found inputs "
-                         f"{sorted(inputs)} and outputs {sorted(outputs)}; re-export it with dens-export")  # fmt: skip
+        raise ModelError(
+            f"{model_path}: expected input '{INPUT}' and output '{OUTPUT}', found inputs "
+            f"{sorted(inputs)} and outputs {sorted(outputs)}; re-export it with dens-export"
+        )
     if image.type != "tensor(uint8)" or len(image.shape) != 4 or list(image.shape[1:]) != [1, size, size]:
-        raise ModelError(f"{model_path}: input '{INPUT}' is {image.type} {image.shape}; dens-infer feeds uint8 "
-                         f"[N, 1, {size}, {size}] as its metadata's preprocess.size says; re-export it")  # fmt: skip
+        raise ModelError(
+            f"{model_path}: input '{INPUT}' is {image.type} {image.shape}; dens-infer feeds uint8 "
+            f"[N, 1, {size}, {size}] as its metadata's preprocess.size says; re-export it"
+        )
     width = outputs[OUTPUT].shape[-1]
     if isinstance(width, int) and width != num_classes:
         raise ModelError(f"{model_path}: '{OUTPUT}' has {width} columns for {num_classes} classes; re-export it")

@@ -81,4 +81,3 @@ def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-

@@ -24,13 +24,31 @@ log = logging.getLogger(__name__)
 
 FLAGGED, MODEL_SHA256, GRADCAM = labels.FLAGGED, labels.MODEL_SHA256, labels.GRADCAM
 STATUSES = ("ok", "skipped", "error")
-COLUMNS: tuple[str, ...] = (labels.PATH, labels.STATUS, labels.REASON, *labels.IDENTITY_COLUMNS, *labels.PROB_COLUMNS,
-                            labels.DENSITY, labels.P_DENSE, labels.DENSE, FLAGGED, MODEL_SHA256, GRADCAM)  # fmt: skip
+COLUMNS: tuple[str, ...] = (
+    labels.PATH,
+    labels.STATUS,
+    labels.REASON,
+    *labels.IDENTITY_COLUMNS,
+    *labels.PROB_COLUMNS,
+    labels.DENSITY,
+    labels.P_DENSE,
+    labels.DENSE,
+    FLAGGED,
+    MODEL_SHA256,
+    GRADCAM,
+)
 HEADER = ",".join(COLUMNS) + "\n"
 
 
-def make_row(path: str, status: str, reason: str, info: Mapping | None, probs: Sequence[float] | None,
-             model_sha256: str, rule: FlagRule = flag_dense) -> dict[str, str]:  # fmt: skip
+def make_row(
+    path: str,
+    status: str,
+    reason: str,
+    info: Mapping | None,
+    probs: Sequence[float] | None,
+    model_sha256: str,
+    rule: FlagRule = flag_dense,
+) -> dict[str, str]:
     """One preds.csv row; identity from ``info`` (``ImageInfo.to_dict()``), predictions when ``probs``."""
     row = dict.fromkeys(COLUMNS, "")
     row.update({labels.PATH: path, labels.STATUS: status, labels.REASON: reason, MODEL_SHA256: model_sha256})
@@ -86,8 +104,10 @@ def read_existing(path: Path) -> Existing:
     if not records or records[0] != list(COLUMNS):
         if not records and torn:
             return Existing(torn=True)
-        raise CorruptOutput(f"{path} does not start with the preds.csv header ({HEADER.strip()}); it was not "
-                            "written by this dens-infer: choose another --out, or --overwrite it")  # fmt: skip
+        raise CorruptOutput(
+            f"{path} does not start with the preds.csv header ({HEADER.strip()}); it was not "
+            "written by this dens-infer: choose another --out, or --overwrite it"
+        )
     rows = records[1:]
     good = [len(r) == len(COLUMNS) and r[1] in STATUSES for r in rows]
     if rows and not good[-1]:
@@ -102,8 +122,9 @@ def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bo
     """Raise OutputExists when ``path`` holds rows and neither ``resume`` nor ``overwrite`` is given."""
     path = Path(path)
     if path.exists() and path.stat().st_size > 0 and not (resume or overwrite):
-        raise OutputExists(f"{path} already exists: pass --resume to continue the run that wrote it, "
-                           "or --overwrite to replace it")  # fmt: skip
+        raise OutputExists(
+            f"{path} already exists: pass --resume to continue the run that wrote it, or --overwrite to replace it"
+        )
 
 
 class PredsWriter:
@@ -125,8 +146,9 @@ class PredsWriter:
             existing = read_existing(self.path)
             self.done, self.models, self.kept = existing.paths, existing.models, len(existing.rows)
             if existing.torn:
-                log.warning("%s: its last record was cut short by the crash; dropped, that file is done again",
-                            self.path)  # fmt: skip
+                log.warning(
+                    "%s: its last record was cut short by the crash; dropped, that file is done again", self.path
+                )
                 self._rewrite(existing.rows)
             elif not existing.rows and self.path.read_bytes() != HEADER.encode():
                 self._rewrite([])

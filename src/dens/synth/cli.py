@@ -14,8 +14,13 @@ from dens.synth.runner import MAX_SEED, SIZES, SynthConfig, run
 @click.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--patients", type=click.IntRange(min=1), required=True, help="Number of patients.")
-@click.option("--size", type=click.Choice(SIZES), default="small", show_default=True,
-              help="full: real detector sizes; small: about 4x smaller on each side.")  # fmt: skip
+@click.option(
+    "--size",
+    type=click.Choice(SIZES),
+    default="small",
+    show_default=True,
+    help="full: real detector sizes; small: about 4x smaller on each side.",
+)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all CPUs].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier cohort in OUT.")

@@ -24,10 +24,23 @@ _FRACTION_SD = 0.08
 _SYNTAXES = (JPEG2000Lossless, ExplicitVRLittleEndian, RLELossless, JPEGLSLossless)
 _SYNTAX_SHARE = (0.6, 0.2, 0.1, 0.1)
 COLUMNS = (
-    "site_id", labels.PATIENT_ID, labels.IMAGE_ID, labels.LATERALITY, labels.VIEW, "age", "cancer", "biopsy",
-    "invasive", "BIRADS", "implant", labels.DENSITY, "machine_id", "difficult_negative_case",
-    labels.STUDY_UID, labels.PATH,
-)  # fmt: skip
+    "site_id",
+    labels.PATIENT_ID,
+    labels.IMAGE_ID,
+    labels.LATERALITY,
+    labels.VIEW,
+    "age",
+    "cancer",
+    "biopsy",
+    "invasive",
+    "BIRADS",
+    "implant",
+    labels.DENSITY,
+    "machine_id",
+    "difficult_negative_case",
+    labels.STUDY_UID,
+    labels.PATH,
+)
 
 
 def plan_patient(seed: int, index: int, size: str) -> list[tuple[ImageSpec, dict]]:
@@ -87,10 +100,29 @@ def plan_patient(seed: int, index: int, size: str) -> list[tuple[ImageSpec, dict
                     orientation_tag=bool(rng.random() >= 0.3),
                     laterality_tag=bool(rng.random() >= 0.1),
                 )
-                row = dict(zip(COLUMNS, (
-                    machine.site_id, int(patient_id), image_id, laterality, view, age, cancer, biopsy,
-                    int(cancer and rng.random() < 0.6), birads, implant, CLASSES[density], machine.machine_id,
-                    bool(biopsy and not cancer), study_uid, spec.path,
-                ), strict=True))  # fmt: skip
+                row = dict(
+                    zip(
+                        COLUMNS,
+                        (
+                            machine.site_id,
+                            int(patient_id),
+                            image_id,
+                            laterality,
+                            view,
+                            age,
+                            cancer,
+                            biopsy,
+                            int(cancer and rng.random() < 0.6),
+                            birads,
+                            implant,
+                            CLASSES[density],
+                            machine.machine_id,
+                            bool(biopsy and not cancer),
+                            study_uid,
+                            spec.path,
+                        ),
+                        strict=True,
+                    )
+                )
                 planned.append((spec, row))
     return planned

@@ -111,8 +111,9 @@ def _prepare(out: Path, overwrite: bool) -> None:
         # Only ever delete what looks like an earlier cohort: train.csv and patient folders.
         foreign = [e.name for e in entries if not (e.name == "train.csv" or (e.is_dir() and e.name.isdigit()))]
         if foreign:
-            raise FileExistsError(f"{out} holds files dens-synth did not write ({', '.join(foreign[:3])}); "
-                                  "choose an empty folder")  # fmt: skip
+            raise FileExistsError(
+                f"{out} holds files dens-synth did not write ({', '.join(foreign[:3])}); choose an empty folder"
+            )
         for entry in entries:
             if entry.is_dir():
                 shutil.rmtree(entry)

@@ -63,8 +63,18 @@ def cache_dir_for(root: str | Path, cfg: PreprocessConfig) -> Path:
 
 # The libraries whose output is the canonical image's input: an upgraded codec or resize must not serve
 # images the old one made.
-_ROUTE_LIBRARIES = ("numpy", "opencv-python-headless", "Pillow", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg",
-                    "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "python-gdcm")  # fmt: skip
+_ROUTE_LIBRARIES = (
+    "numpy",
+    "opencv-python-headless",
+    "Pillow",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "python-gdcm",
+)
 
 
 @functools.cache
@@ -120,8 +130,9 @@ def _store(decoded: Decoded, base: Path) -> CacheEntry:
     return CacheEntry(decoded.path, str(base.with_suffix(".npy")), json.loads(blob))  # as a cache hit reads it
 
 
-def build_cache(paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, workers: int | None = None,
-                progress: bool = True) -> tuple[list[CacheEntry], int]:
+def build_cache(
+    paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, workers: int | None = None, progress: bool = True
+) -> tuple[list[CacheEntry], int]:
     """Decode every file not yet in the cache on the decode engine; returns one entry per path and how many
     were decoded now. Missing and unusable files come back with a reason, never as an exception, and a file
     that crashes or hangs a codec costs its own entry only."""
@@ -142,8 +153,10 @@ def build_cache(paths: Sequence[str], cfg: PreprocessConfig, root: str | Path, w
         return [entries[p] for p in paths], 0
     workers = max(1, min(workers or dens.usable_cores(), len(jobs)))
     log.info("decoding %d of %d images into %s (%d workers)", len(jobs), len(paths), folder, workers)
-    with DecodePool(workers, cfg, buffer=4 * workers) as pool, \
-            tqdm(total=len(jobs), unit="img", desc="decode", disable=not progress) as bar:
+    with (
+        DecodePool(workers, cfg, buffer=4 * workers) as pool,
+        tqdm(total=len(jobs), unit="img", desc="decode", disable=not progress) as bar,
+    ):
         for decoded in pool.map((path, "") for path, _ in jobs):
             entries[decoded.path] = _store(decoded, jobs[decoded.index][1])
             bar.update()

@@ -46,38 +46,77 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--data", type=click.Path(exists=True, path_type=str),
-              help="A dens-synth folder, an RSNA folder (train.csv + train_images/), "
-                   "or a CSV of path,density[,patient_id].")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=str),
+    help="A dens-synth folder, an RSNA folder (train.csv + train_images/), or a CSV of path,density[,patient_id].",
+)
 @click.option("--out", type=str, help="Run directory [default: runs/<date-time>; with --resume: runs/latest].")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML file of options (flags on the command line win).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file of options (flags on the command line win).",
+)
 @click.option("--arch", type=click.Choice(config.ARCHS), default=DEFAULTS["arch"], show_default=True)
-@click.option("--weights", default=DEFAULTS["weights"], show_default=True,
-              help="auto (ImageNet if its file is in the torch hub cache, else random init with a warning) | "
-                   "imagenet | none | PATH.")
-@click.option("--size", type=click.IntRange(16, 4096), default=DEFAULTS["size"], show_default=True,
-              help="Canonical image side S.")
+@click.option(
+    "--weights",
+    default=DEFAULTS["weights"],
+    show_default=True,
+    help="auto (ImageNet if its file is in the torch hub cache, else random init with a warning) | "
+    "imagenet | none | PATH.",
+)
+@click.option(
+    "--size", type=click.IntRange(16, 4096), default=DEFAULTS["size"], show_default=True, help="Canonical image side S."
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS["epochs"], show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS["batch_size"], show_default=True,
-              help="Global batch, divided between torchrun processes.")
-@click.option("--lr", type=float, default=DEFAULTS["lr"], show_default=True,
-              help="Peak learning rate (cosine-annealed per epoch). From scratch, use about 1e-3.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULTS["batch_size"],
+    show_default=True,
+    help="Global batch, divided between torchrun processes.",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=DEFAULTS["lr"],
+    show_default=True,
+    help="Peak learning rate (cosine-annealed per epoch). From scratch, use about 1e-3.",
+)
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True)
 @click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
-@click.option("--balance", type=click.Choice(config.BALANCES), default=DEFAULTS["balance"],
-              show_default=True, help="Class imbalance: inverse-frequency loss weights, balanced sampling, or none.")
-@click.option("--augment/--no-augment", default=DEFAULTS["augment"], show_default=True,
-              help="Small affine + gamma/gain jitter on training images (never a horizontal flip).")
+@click.option(
+    "--balance",
+    type=click.Choice(config.BALANCES),
+    default=DEFAULTS["balance"],
+    show_default=True,
+    help="Class imbalance: inverse-frequency loss weights, balanced sampling, or none.",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=DEFAULTS["augment"],
+    show_default=True,
+    help="Small affine + gamma/gain jitter on training images (never a horizontal flip).",
+)
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Split, initial weights and order.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [min(4, cores)].")
-@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
-              help="Processes that fill the decoded cache [all cores].")
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that fill the decoded cache [all cores].",
+)
 @click.option("--cache", type=str, default=None, help="Decoded-image cache folder [~/.cache/dens].")
 @click.option("--device", type=click.Choice(config.DEVICES), default=DEFAULTS["device"], show_default=True)
-@click.option("--precision", type=click.Choice(config.PRECISIONS), default=DEFAULTS["precision"],
-              show_default=True, help="Autocast dtype. CUDA: auto is bf16 where supported, else fp16. CPU: auto "
-                   "is fp32; bf16 runs CPU autocast (1.5x to 2.7x faster, measured on two AVX512-BF16 CPUs).")
+@click.option(
+    "--precision",
+    type=click.Choice(config.PRECISIONS),
+    default=DEFAULTS["precision"],
+    show_default=True,
+    help="Autocast dtype. CUDA: auto is bf16 where supported, else fp16. CPU: auto "
+    "is fp32; bf16 runs CPU autocast (1.5x to 2.7x faster, measured on two AVX512-BF16 CPUs).",
+)
 @click.option("--channels-last/--no-channels-last", default=None, help="[on CUDA]")
 @click.option("--compile", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
@@ -115,8 +154,11 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     if rank != 0:
         return
     if result.get("interrupted"):
-        click.echo(f"dens-train: interrupted at epoch {result['epoch'] + 1}, step {result['step']}; last.pt saved. "
-                   f"Continue with: dens-train --out {cfg.out} --resume", err=True)  # fmt: skip
+        click.echo(
+            f"dens-train: interrupted at epoch {result['epoch'] + 1}, step {result['step']}; last.pt saved. "
+            f"Continue with: dens-train --out {cfg.out} --resume",
+            err=True,
+        )
         sys.exit(130)
     test, best = result["test"], result["best"]
     temperature = result["calibration"]["validation"]["temperature"]
@@ -124,9 +166,11 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     click.echo(metrics.table({"image": test["image"], "breast": test["breast"]}))
     images = sum(result["data"][s]["images"] for s in ("train", "val", "test"))
     kappa = {level: metrics.fmt(test[level]["kappa_quadratic"]) for level in ("image", "breast")}
-    click.echo(f"dens-train: {images} images ({result['data']['unusable']} unusable), {cfg.epochs} epochs in "
-               f"{time.perf_counter() - start:.0f} s; test kappa {kappa['image']} (image), {kappa['breast']} (breast); "
-               f"run in {cfg.out}")  # fmt: skip
+    click.echo(
+        f"dens-train: {images} images ({result['data']['unusable']} unusable), {cfg.epochs} epochs in "
+        f"{time.perf_counter() - start:.0f} s; test kappa {kappa['image']} (image), {kappa['breast']} (breast); "
+        f"run in {cfg.out}"
+    )
 
 
 def _latest() -> Path:

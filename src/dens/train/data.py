@@ -46,8 +46,10 @@ def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
     data = Path(data)
     csv = data / "train.csv" if data.is_dir() else data
     if not csv.is_file():
-        raise ValueError(f"{data}: no labels found. Give a folder holding train.csv (RSNA layout or dens-synth "
-                         "output) or a CSV with columns path,density[,patient_id].")  # fmt: skip
+        raise ValueError(
+            f"{data}: no labels found. Give a folder holding train.csv (RSNA layout or dens-synth "
+            "output) or a CSV with columns path,density[,patient_id]."
+        )
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     root = csv.parent
     if labels.DENSITY not in frame.columns:
@@ -60,8 +62,10 @@ def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
         pairs = zip(frame[labels.PATIENT_ID], frame[labels.IMAGE_ID], strict=True)
         frame[labels.PATH] = [str(root / "train_images" / p / f"{i}.dcm") for p, i in pairs]
     else:
-        raise ValueError(f"{csv}: needs a '{labels.PATH}' column, or '{labels.PATIENT_ID}' and '{labels.IMAGE_ID}' "
-                         "(RSNA layout, images under train_images/<patient_id>/<image_id>.dcm)")  # fmt: skip
+        raise ValueError(
+            f"{csv}: needs a '{labels.PATH}' column, or '{labels.PATIENT_ID}' and '{labels.IMAGE_ID}' "
+            "(RSNA layout, images under train_images/<patient_id>/<image_id>.dcm)"
+        )
 
     density = frame[labels.DENSITY].str.strip().str.upper().str.replace(r"\.0$", "", regex=True)
     density = density.map(lambda d: _NUMERIC_DENSITY.get(d, d))
@@ -74,8 +78,11 @@ def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
     frame = frame.loc[~missing].reset_index(drop=True)
     frame[LABEL] = frame[labels.DENSITY].map(labels.CLASSES.index).astype(np.int64)
     if labels.PATIENT_ID not in frame.columns or (frame[labels.PATIENT_ID] == "").all():
-        log.warning("%s has no patient_id: every image counts as its own patient, so the split cannot keep a "
-                    "patient's views together", csv)  # fmt: skip
+        log.warning(
+            "%s has no patient_id: every image counts as its own patient, so the split cannot keep a "
+            "patient's views together",
+            csv,
+        )
         frame[labels.PATIENT_ID] = frame[labels.PATH]
     if frame.empty:
         raise ValueError(f"{csv}: no row has a density; nothing to train on")
@@ -83,8 +90,13 @@ def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
     if duplicated.any():
         first = frame.loc[duplicated, labels.PATH].iloc[0]
         raise ValueError(f"{csv}: {int(duplicated.sum())} rows repeat a file (first: {first}); list each file once")
-    info = {"csv": str(csv), "source": source, "rows": len(frame) + int(missing.sum()),
-            "without_density": int(missing.sum()), "labelled": len(frame)}  # fmt: skip
+    info = {
+        "csv": str(csv),
+        "source": source,
+        "rows": len(frame) + int(missing.sum()),
+        "without_density": int(missing.sum()),
+        "labelled": len(frame),
+    }
     return frame, info
 
 
@@ -133,11 +145,16 @@ def describe(frame: pd.DataFrame) -> dict:
     for split in SPLITS:
         part = usable[usable[SPLIT] == split]
         if part.empty:
-            raise ValueError(f"the {split} split has no usable image ({len(frame)} labelled, {len(unusable)} "
-                             "unusable): give more patients")  # fmt: skip
+            raise ValueError(
+                f"the {split} split has no usable image ({len(frame)} labelled, {len(unusable)} "
+                "unusable): give more patients"
+            )
         counts = part[labels.DENSITY].value_counts()
-        out[split] = {"images": len(part), "patients": int(part[labels.PATIENT_ID].nunique()),
-                      "classes": {c: int(counts.get(c, 0)) for c in labels.CLASSES}}  # fmt: skip
+        out[split] = {
+            "images": len(part),
+            "patients": int(part[labels.PATIENT_ID].nunique()),
+            "classes": {c: int(counts.get(c, 0)) for c in labels.CLASSES},
+        }
     return out
 
 
@@ -165,8 +182,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     samples an interrupted epoch had already used.
     """
 
-    def __init__(self, targets: Sequence[int], *, balanced: bool = False, seed: int = 0, rank: int = 0,
-                 world: int = 1):  # fmt: skip
+    def __init__(self, targets: Sequence[int], *, balanced: bool = False, seed: int = 0, rank: int = 0, world: int = 1):
         self.targets = np.asarray(targets, np.int64)
         self.balanced, self.seed, self.rank, self.world = balanced, seed, rank, world
         self.epoch, self.start = 0, 0

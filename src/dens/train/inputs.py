@@ -72,8 +72,13 @@ def _split_and_cache(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out:
     info.update(cache=str(cache.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
     if info["unusable"] and ranks.main:
         reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
-        log.warning("%d of %d images are unusable and left out (%s); listed in %s", info["unusable"], len(frame),
-                    reasons, out / "unusable.csv")  # fmt: skip
+        log.warning(
+            "%d of %d images are unusable and left out (%s); listed in %s",
+            info["unusable"],
+            len(frame),
+            reasons,
+            out / "unusable.csv",
+        )
     return frame, info
 
 
@@ -88,18 +93,26 @@ def as_rank_zero_saw(entries: list[cache.CacheEntry], ranks: Ranks, root: Path) 
         if reason and not entry.reason:  # rank 0 could not use it: left out here too, for rank 0's reason
             entry = cache.CacheEntry(entry.path, None, {}, reason, detail)
         elif entry.reason and not reason:
-            raise ValueError(f"rank {ranks.rank} cannot use {entry.path} ({entry.reason}: {entry.detail}), "
-                             f"which rank 0 decoded into the cache under {root}: every rank must read the data "
-                             "and that cache (put both on filesystems all the ranks share), or the file is "
-                             "failing to read")  # fmt: skip
+            raise ValueError(
+                f"rank {ranks.rank} cannot use {entry.path} ({entry.reason}: {entry.detail}), "
+                f"which rank 0 decoded into the cache under {root}: every rank must read the data "
+                "and that cache (put both on filesystems all the ranks share), or the file is "
+                "failing to read"
+            )
         agreed.append(entry)
     return agreed
 
 
 def loader(dataset, batch: int, workers: int, device: torch.device, sampler=None, drop_last=False):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=drop_last,
-                                       worker_init_fn=_ignore_sigint if workers else None)  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        worker_init_fn=_ignore_sigint if workers else None,
+    )
 
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -111,8 +124,17 @@ def _ignore_sigint(_worker_id: int) -> None:
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, dataset: data.CachedImages, ranks: Ranks, batch: int, workers: int,
-            amp_dtype: torch.dtype | None, channels_last: bool, desc: str, progress: bool) -> np.ndarray:  # fmt: skip
+def predict(
+    net: torch.nn.Module,
+    dataset: data.CachedImages,
+    ranks: Ranks,
+    batch: int,
+    workers: int,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    desc: str,
+    progress: bool,
+) -> np.ndarray:
     """Logits for every item of ``dataset`` (fp32, dataset order); under DDP each rank does a share."""
     net.eval()
     shard = list(range(ranks.rank, len(dataset), ranks.world))

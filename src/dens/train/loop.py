@@ -51,10 +51,15 @@ def start_model(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
     path = imagenet_weights_path(cfg.arch)
     if path.is_file():
         return build_model(cfg.arch, weights="imagenet"), "imagenet"
-    log.warning("!! ImageNet weights for %s are not in %s, so the model starts from RANDOM weights: it needs far more "
-                "data and epochs, and a higher --lr (about 1e-3).\n!! Copy %s there to fine-tune as the recipe "
-                "intends; pass --weights none to train from scratch without this warning, or --weights imagenet to "
-                "make their absence an error.", cfg.arch, path.parent, path.name)  # fmt: skip
+    log.warning(
+        "!! ImageNet weights for %s are not in %s, so the model starts from RANDOM weights: it needs far more "
+        "data and epochs, and a higher --lr (about 1e-3).\n!! Copy %s there to fine-tune as the recipe "
+        "intends; pass --weights none to train from scratch without this warning, or --weights imagenet to "
+        "make their absence an error.",
+        cfg.arch,
+        path.parent,
+        path.name,
+    )
     return build_model(cfg.arch, weights=None), "none (imagenet unavailable)"
 
 
@@ -156,8 +161,14 @@ class Trainer:
         if last:
             self._resume(last)
         self.resolved = self._write_config()
-        self.log("%s: %s on %s (%s), train %d / val %d / test %d images", out, cfg.arch, ranks.device,
-                 PRECISION_NAMES[self.amp_dtype], *(len(self.splits.sets[s]) for s in data.SPLITS))  # fmt: skip
+        self.log(
+            "%s: %s on %s (%s), train %d / val %d / test %d images",
+            out,
+            cfg.arch,
+            ranks.device,
+            PRECISION_NAMES[self.amp_dtype],
+            *(len(self.splits.sets[s]) for s in data.SPLITS),
+        )
 
     def _place_model(self, net: torch.nn.Module) -> None:
         """``net`` on this rank's device and memory layout; ``model`` is what training steps call (under DDP
@@ -178,8 +189,9 @@ class Trainer:
         targets = self.splits.frames["train"][data.LABEL].to_numpy()
         weight = data.class_weights(targets).to(ranks.device) if cfg.balance == "weighted-loss" else None
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-        self.sampler = data.EpochSampler(targets, balanced=cfg.balance == "sampler", seed=cfg.seed,
-                                         rank=ranks.rank, world=ranks.world)  # fmt: skip
+        self.sampler = data.EpochSampler(
+            targets, balanced=cfg.balance == "sampler", seed=cfg.seed, rank=ranks.rank, world=ranks.world
+        )
 
     def _resume(self, last: Checkpoint) -> None:
         """Optimiser, schedule, scaler, random state and progress from last.pt; the best weights from best.pt."""
@@ -219,21 +231,39 @@ class Trainer:
             log.info(message, *args)
 
     def summary(self, **extra) -> dict:
-        return {"arch": self.cfg.arch, "weights": self.weights, "epochs": self.cfg.epochs,
-                "best_epoch": self.progress.best_epoch + 1,
-                "data": {s: len(self.splits.sets[s]) for s in data.SPLITS}, **extra}  # fmt: skip
+        return {
+            "arch": self.cfg.arch,
+            "weights": self.weights,
+            "epochs": self.cfg.epochs,
+            "best_epoch": self.progress.best_epoch + 1,
+            "data": {s: len(self.splits.sets[s]) for s in data.SPLITS},
+            **extra,
+        }
 
     def save_last(self) -> None:
         if self.ranks.main:
-            extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": _rng_state(self.ranks.device),
-                     **self.progress.to_extra()}  # fmt: skip
+            extra = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(self.ranks.device),
+                **self.progress.to_extra(),
+            }
             _save(self.out / "last.pt", self.net, self.pre, self.summary(), extra=extra)
 
     def predict(self, split: str, *, autocast: bool = True) -> np.ndarray:
         amp_dtype = self.amp_dtype if autocast else None
-        return inputs.predict(self.eval_net, self.splits.sets[split], self.ranks, self.batch, self.workers,
-                              amp_dtype, self.channels_last, split, self.cfg.progress)  # fmt: skip
+        return inputs.predict(
+            self.eval_net,
+            self.splits.sets[split],
+            self.ranks,
+            self.batch,
+            self.workers,
+            amp_dtype,
+            self.channels_last,
+            split,
+            self.cfg.progress,
+        )
 
     def train_epoch(self, stop: _StopRequest) -> bool:
         """The rest of the current epoch (all of it, unless resumed mid-way); False when stopped early,
@@ -242,11 +272,22 @@ class Trainer:
         epoch, first = progress.epoch, progress.step
         self.sampler.set_epoch(epoch, start=first * self.batch)
         # Whole batches only (BatchNorm dislikes a batch of one), unless the split is smaller than a batch.
-        loader = inputs.loader(self.splits.sets["train"], self.batch, self.workers, ranks.device, self.sampler,
-                               drop_last=self.sampler.per_rank > self.batch)  # fmt: skip
+        loader = inputs.loader(
+            self.splits.sets["train"],
+            self.batch,
+            self.workers,
+            ranks.device,
+            self.sampler,
+            drop_last=self.sampler.per_rank > self.batch,
+        )
         self.model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (cfg.progress and ranks.main))  # fmt: skip
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not (cfg.progress and ranks.main),
+        )
         start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=ranks.device), 0
         for step, (images, targets) in enumerate(bar, start=first):
             images = images.to(ranks.device, non_blocking=True)
@@ -282,10 +323,15 @@ class Trainer:
         logits = self.predict("val")
         frame = self.splits.frames["val"]
         val = inputs.report(logits, frame)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[1]),
-               "train_img_s": float(totals[1]) / max(progress.seconds, 1e-9),
-               "val_loss": metrics.nll(softmax(logits), frame[data.LABEL].to_numpy()),
-               **{f"val_{k}": val["image"][k] for k in HEADLINE}, "val": val}  # fmt: skip
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(totals[0] / totals[1]),
+            "train_img_s": float(totals[1]) / max(progress.seconds, 1e-9),
+            "val_loss": metrics.nll(softmax(logits), frame[data.LABEL].to_numpy()),
+            **{f"val_{k}": val["image"][k] for k in HEADLINE},
+            "val": val,
+        }
         progress.history.append(metrics.jsonable(row))  # plain values: last.pt carries the history
         kappa = float(val["image"]["kappa_quadratic"])
         kappa = kappa if math.isfinite(kappa) else -1.0  # one class only in validation: kappa is undefined
@@ -297,9 +343,17 @@ class Trainer:
                 _save(self.out / "best.pt", self.net, self.pre, self.summary(val_kappa_quadratic=kappa))
         progress.next_epoch()
         self.save_last()
-        self.log("epoch %d/%d: train loss %.4f, %.1f img/s; val loss %.4f, acc %.3f, kappa %.3f%s", epoch + 1,
-                 self.cfg.epochs, row["train_loss"], row["train_img_s"], row["val_loss"], row["val_accuracy"], kappa,
-                 " (best)" if best else "")  # fmt: skip
+        self.log(
+            "epoch %d/%d: train loss %.4f, %.1f img/s; val loss %.4f, acc %.3f, kappa %.3f%s",
+            epoch + 1,
+            self.cfg.epochs,
+            row["train_loss"],
+            row["train_img_s"],
+            row["val_loss"],
+            row["val_accuracy"],
+            kappa,
+            " (best)" if best else "",
+        )
 
     def finish(self) -> dict:
         """With the best epoch's weights: temperature fitted on validation, the test split once, every
@@ -310,26 +364,45 @@ class Trainer:
         frames, progress = self.splits.frames, self.progress
         y_val, y_test = (frames[s][data.LABEL].to_numpy() for s in ("val", "test"))
         t = metrics.fit_temperature(val_logits, y_val)
-        result = metrics.jsonable({
-            "config": self.resolved, "data": self.splits.info, "history": progress.history,
-            "best": {"epoch": progress.best_epoch + 1, "val_kappa_quadratic": progress.best_kappa},
-            "validation": inputs.report(val_logits, frames["val"], t),
-            "test": inputs.report(test_logits, frames["test"], t),
-            "calibration": {"validation": metrics.calibration(val_logits, y_val, t),
-                            "test": metrics.calibration(test_logits, y_test, t)},
-        })  # fmt: skip
+        result = metrics.jsonable(
+            {
+                "config": self.resolved,
+                "data": self.splits.info,
+                "history": progress.history,
+                "best": {"epoch": progress.best_epoch + 1, "val_kappa_quadratic": progress.best_kappa},
+                "validation": inputs.report(val_logits, frames["val"], t),
+                "test": inputs.report(test_logits, frames["test"], t),
+                "calibration": {
+                    "validation": metrics.calibration(val_logits, y_val, t),
+                    "test": metrics.calibration(test_logits, y_test, t),
+                },
+            }
+        )
         if self.ranks.main:
             out = self.out
             headline = {level: {k: result["test"][level][k] for k in HEADLINE} for level in ("image", "breast")}
-            _save(out / "best.pt", self.net, self.pre, self.summary(val_kappa_quadratic=progress.best_kappa,
-                                                                    test=headline), temperature=t)  # fmt: skip
+            _save(
+                out / "best.pt",
+                self.net,
+                self.pre,
+                self.summary(val_kappa_quadratic=progress.best_kappa, test=headline),
+                temperature=t,
+            )
             (out / "metrics.json").write_text(json.dumps(result, indent=1))
             for level in ("image", "breast"):
                 test = result["test"][level]
-                plots.confusion_png(test["confusion"], out / f"confusion_{level}.png", normalised=False,
-                                    title=f"test, {level} level (counts)")  # fmt: skip
-                plots.confusion_png(test["confusion_normalised"], out / f"confusion_{level}_normalised.png",
-                                    normalised=True, title=f"test, {level} level (row-normalised)")  # fmt: skip
+                plots.confusion_png(
+                    test["confusion"],
+                    out / f"confusion_{level}.png",
+                    normalised=False,
+                    title=f"test, {level} level (counts)",
+                )
+                plots.confusion_png(
+                    test["confusion_normalised"],
+                    out / f"confusion_{level}_normalised.png",
+                    normalised=True,
+                    title=f"test, {level} level (row-normalised)",
+                )
             plots.curves_png(progress.history, out)
             runs.update_latest(out)
         self.ranks.barrier()

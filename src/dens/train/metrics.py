@@ -72,14 +72,17 @@ def class_metrics(cm: np.ndarray) -> dict:
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
     counted = present | (predicted > 0)  # sklearn's macro-F1 averages over labels seen in truth or predictions
     negatives = n - support
-    specificity = np.divide(n - support - predicted + tp, negatives, out=np.full_like(tp, np.nan),
-                            where=negatives > 0)  # fmt: skip
+    specificity = np.divide(n - support - predicted + tp, negatives, out=np.full_like(tp, np.nan), where=negatives > 0)
     per_class = {
-        c: {"support": int(support[i]), "sensitivity": float(recall[i]) if present[i] else float("nan"),
-            "specificity": float(specificity[i]), "precision": float(precision[i]) if predicted[i] else float("nan"),
-            "f1": float(f1[i])}
+        c: {
+            "support": int(support[i]),
+            "sensitivity": float(recall[i]) if present[i] else float("nan"),
+            "specificity": float(specificity[i]),
+            "precision": float(precision[i]) if predicted[i] else float("nan"),
+            "f1": float(f1[i]),
+        }
         for i, c in enumerate(CLASSES[: cm.shape[0]])
-    }  # fmt: skip
+    }
     return {
         "n": n,
         "accuracy": _div(tp.sum(), n),
@@ -96,8 +99,13 @@ def binary_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict:
     truth, flagged = np.asarray(truth, bool), np.asarray(flagged, bool)
     tp, tn = int((truth & flagged).sum()), int((~truth & ~flagged).sum())
     pos, neg = int(truth.sum()), int((~truth).sum())
-    return {"n": len(truth), "positives": pos, "accuracy": _div(tp + tn, len(truth)),
-            "sensitivity": _div(tp, pos), "specificity": _div(tn, neg)}  # fmt: skip
+    return {
+        "n": len(truth),
+        "positives": pos,
+        "accuracy": _div(tp + tn, len(truth)),
+        "sensitivity": _div(tp, pos),
+        "specificity": _div(tn, neg),
+    }
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -186,8 +194,13 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> f
 def calibration(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
     """NLL and ECE before and after dividing the logits by ``temperature``."""
     before, after = softmax(logits), softmax(logits, temperature)
-    return {"temperature": temperature, "nll_before": nll(before, y), "nll_after": nll(after, y),
-            "ece_before": ece(before, y), "ece_after": ece(after, y)}  # fmt: skip
+    return {
+        "temperature": temperature,
+        "nll_before": nll(before, y),
+        "nll_after": nll(after, y),
+        "ece_before": ece(before, y),
+        "ece_after": ece(after, y),
+    }
 
 
 def jsonable(value):
@@ -205,8 +218,13 @@ def jsonable(value):
 
 def table(results: dict[str, dict]) -> str:
     """A short fixed-width table of the headline figures, one column per result (e.g. image, breast)."""
-    rows = [("accuracy", "accuracy"), ("balanced acc", "balanced_accuracy"), ("macro-F1", "macro_f1"),
-            ("kappa linear", "kappa_linear"), ("kappa quadratic", "kappa_quadratic")]  # fmt: skip
+    rows = [
+        ("accuracy", "accuracy"),
+        ("balanced acc", "balanced_accuracy"),
+        ("macro-F1", "macro_f1"),
+        ("kappa linear", "kappa_linear"),
+        ("kappa quadratic", "kappa_quadratic"),
+    ]
     names = list(results)
     lines = [f"{'':<18}" + "".join(f"{n:>10}" for n in names)]
     for label, key in rows:

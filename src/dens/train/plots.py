@@ -22,8 +22,15 @@ def confusion_png(cm: list | np.ndarray, path: str | Path, *, normalised: bool, 
     image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalised else max(1.0, cm.max()))
     fig.colorbar(image, ax=ax, fraction=0.046)
     ticks = range(len(CLASSES))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted", ylabel="true",
-           title=title)  # fmt: skip
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=CLASSES,
+        yticklabels=CLASSES,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     threshold = (1 if normalised else cm.max()) / 2
     for i in ticks:
         for j in ticks:
@@ -38,10 +45,17 @@ def curves_png(history: list[dict], out_dir: str | Path) -> list[Path]:
     epochs = [h["epoch"] for h in history]
     panels = (
         ("loss.png", "loss", [("train", "train_loss"), ("validation", "val_loss")]),
-        ("accuracy.png", "validation", [("accuracy", "val_accuracy"), ("balanced accuracy", "val_balanced_accuracy"),
-                                        ("quadratic kappa", "val_kappa_quadratic")]),
+        (
+            "accuracy.png",
+            "validation",
+            [
+                ("accuracy", "val_accuracy"),
+                ("balanced accuracy", "val_balanced_accuracy"),
+                ("quadratic kappa", "val_kappa_quadratic"),
+            ],
+        ),
         ("lr.png", "learning rate", [("lr", "lr")]),
-    )  # fmt: skip
+    )
     written = []
     for name, ylabel, series in panels:
         fig, ax = _figure(figsize=(5, 3.4))
