@@ -103,13 +103,60 @@ def test_temperature_scaling_fixes_a_miscalibrated_model(sharpen):
     p = softmax(calibrated)
     y = (rng.random(4000)[:, None] > p.cumsum(1)).sum(1)
     logits = calibrated * sharpen  # overconfident (x4) or underconfident (x0.3)
-    t = metrics.fit_temperature(logits, y)
-    assert t == pytest.approx(sharpen, rel=0.15)
+    t, at_bound = metrics.fit_temperature(logits, y)
+    assert t == pytest.approx(sharpen, rel=0.15) and not at_bound
     cal = metrics.calibration(logits, y, t)
     assert cal["nll_after"] < cal["nll_before"] - 0.05
     assert cal["ece_after"] < cal["ece_before"]
     # Temperature never changes the predicted class.
     np.testing.assert_array_equal(softmax(logits, t).argmax(1), logits.argmax(1))
+
+
+def _miscalibrated(n: int, sharpen: float = 4.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``sharpen`` times too confident, and labels drawn from the calibrated ones."""
+    rng = np.random.default_rng(seed)
+    calibrated = rng.normal(0, 1.5, (n, 4))
+    y = (rng.random(n)[:, None] > softmax(calibrated).cumsum(1)).sum(1)
+    return calibrated * sharpen, y
+
+
+def test_a_temperature_that_lowers_validation_nll_is_kept():
+    logits, y = _miscalibrated(400)
+    choice = metrics.choose_temperature(logits, y)
+    assert choice["kept"] and choice["temperature"] == choice["fitted"] == pytest.approx(4.0, rel=0.3)
+    assert metrics.nll(softmax(logits, choice["temperature"]), y) < metrics.nll(softmax(logits), y)
+    assert "lowers the validation NLL" in choice["reason"]
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("few images", "validation has 29 images; fitting a temperature needs at least 30"),
+        ("one class", "validation has 1 class(es); fitting a temperature needs at least 2"),
+        ("all right", "the fit hit the bound T = 0.05 of [0.05, 20]: every validation image is predicted right"),
+        ("all wrong", "the fit hit the bound T = 20 of [0.05, 20]: the logits carry no useful signal"),
+        ("no better", "does not lower the validation NLL"),
+    ],
+)
+def test_otherwise_the_temperature_is_one_and_the_reason_recorded(case, reason):
+    logits, y = _miscalibrated(400)
+    if case == "few images":
+        logits, y = logits[: metrics.MIN_CALIBRATION_IMAGES - 1], y[: metrics.MIN_CALIBRATION_IMAGES - 1]
+    elif case == "one class":
+        y = np.zeros(len(y), np.int64)
+    elif case == "all right":  # the true class always ahead by 5: the NLL falls for ever as T -> 0
+        logits = np.eye(4)[y] * 5.0
+    elif case == "all wrong":  # the true class always behind: the uniform guess (T -> infinity) is best
+        logits = -np.eye(4)[y] * 5.0
+    elif case == "no better":  # logits without signal: every T gives the same NLL, none lowers it
+        logits = np.zeros((400, 4))
+    choice = metrics.choose_temperature(logits, y)
+    assert (choice["fitted"] is None) == (case != "no better")  # a fit tried inside the bounds is recorded
+    assert choice["temperature"] == 1.0 and not choice["kept"]
+    assert reason in choice["reason"], choice["reason"]
+    if case in ("all right", "all wrong"):  # the fit really ends at the bound: the NLL still falls there
+        t, at_bound = metrics.fit_temperature(logits, y)
+        assert at_bound and t in metrics.TEMPERATURE_BOUNDS
 
 
 def test_breast_level_is_the_mean_of_its_views():

@@ -81,17 +81,6 @@ def _fake_pretrained(path, arch=torchvision.models.resnet18):
     return state
 
 
-def test_imagenet_absent_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert torch.hub.get_dir() == str(tmp_path / "hub")
-    with pytest.raises(FileNotFoundError) as err:
-        build_model("resnet18", weights="imagenet")
-    message = str(err.value)
-    assert "resnet18-f37072fd.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
-    assert "TORCH_HOME" in message and "--weights none" in message
-    assert imagenet_weights_path("resnet50").name == "resnet50-11ad3fa6.pth"
-
-
 def test_imagenet_present_sums_conv1_and_replaces_fc(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     saved = _fake_pretrained(imagenet_weights_path("resnet18"))

@@ -382,6 +382,10 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert saved["test"]["breast"]["n"] < saved["test"]["image"]["n"]  # views pooled into breasts
     cal = saved["calibration"]["validation"]
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9 and {"ece_before", "ece_after"} <= set(cal)
+    # A validation split of a few images is too small to fit a temperature: 1.0, and metrics.json says why.
+    assert saved["data"]["val"]["images"] < 30 and saved["calibration"]["temperature"] == 1.0
+    assert not saved["calibration"]["kept"] and "at least 30" in saved["calibration"]["reason"]
+    assert saved["weights"] == {"start": "none", "from_scratch": True}
     split = pd.read_csv(out / "split.csv", dtype=str)
     assert len(split) == saved["data"]["labelled"] and set(split[data.SPLIT]) == set(data.SPLITS)
     assert split.groupby(labels.PATIENT_ID)[data.SPLIT].nunique().max() == 1
@@ -393,7 +397,7 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert best.preprocess == PreprocessConfig(size=SIZE) and tuple(best.classes) == labels.CLASSES
     assert best.summary["data"] == {s: saved["data"][s]["images"] for s in data.SPLITS}
     assert best.summary["test"]["image"]["kappa_quadratic"] == pytest.approx(saved["test"]["image"]["kappa_quadratic"])
-    assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none"
+    assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none" and best.summary["from_scratch"]
 
 
 def test_interrupted_run_resumes_to_the_same_weights(trained, cohort):
@@ -411,6 +415,8 @@ def test_interrupted_run_resumes_to_the_same_weights(trained, cohort):
     outcome = CliRunner().invoke(cli.main, ["--out", str(out), "--resume", "--no-progress"])
     assert outcome.exit_code == 0, outcome.output
     assert "kappa quadratic" in outcome.output and "dens-train:" in outcome.output
+    assert "STARTED FROM SCRATCH" in outcome.output.splitlines()[-1]  # the summary line says so
+    assert "not calibrated: validation has" in outcome.output
     resumed, uninterrupted = load_checkpoint(out / "last.pt"), load_checkpoint(Path(full_cfg.out) / "last.pt")
     assert resumed.extra["epoch"] == 3
     for (name, a), b in zip(resumed.model.state_dict().items(), uninterrupted.model.state_dict().values(), strict=True):

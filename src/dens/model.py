@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from dens.metadata import file_sha256
 FORMAT_VERSION = 1
 # The ImageNet RGB mean/std averaged over the channels: the summed 1-channel conv1 sees grey input.
 GREY_MEAN, GREY_STD = 0.449, 0.226
-# Random-init constructors and the torchvision weights whose file `weights="imagenet"` reads.
+# Random-init constructors and the torchvision weights whose file `weights="imagenet"` downloads.
 ARCHS = {"resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2), "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
 _KEYS = ("format_version", "model_args", "state_dict", "preprocess", "classes", "temperature", "summary", "extra")
@@ -62,11 +63,53 @@ class DensityNet(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
+class WeightsUnavailable(FileNotFoundError):
+    """Starting weights that can be neither found nor downloaded; the message says where and what to do."""
+
+
+def hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def imagenet_weights_path(arch: str) -> Path:
-    """Where ``weights="imagenet"`` looks: torchvision's file in the torch hub cache (TORCH_HOME moves it)."""
+    """Where ``weights="imagenet"`` keeps torchvision's file: the torch hub cache (TORCH_HOME moves it)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ARCHS[arch][1].url).name
+    return hub_cache_path(ARCHS[arch][1].url)
+
+
+def fetch_weights(url: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict at ``url``, downloaded once into the torch hub cache and read from there after.
+
+    This is what torchvision's ``Weights.get_state_dict`` does (``torch.hub.load_state_dict_from_url``):
+    a progress bar on stderr, the download written to a temporary file and moved into place only when the
+    sha256 of its bytes starts with the hash in its file name (``name-<sha256 prefix>.pth``). A download
+    that cannot happen, or a file that fails the check, raises :class:`WeightsUnavailable` naming the URL,
+    the cache path, TORCH_HOME and the ``--weights PATH`` / ``--weights none`` alternatives.
+    """
+    path = hub_cache_path(url)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=progress, check_hash=True, weights_only=True
+        )
+    except Exception as exc:  # no network, a proxy, DNS, HTTP errors, a hash mismatch, an unreadable file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cached = (
+            f"the cached file {path} cannot be read; delete it to download it again"
+            if path.is_file()
+            else f"nothing was saved to {path}"
+        )
+        raise WeightsUnavailable(
+            f"cannot get the starting weights from {url} ({type(exc).__name__}: {first}); {cached}. "
+            f"The download goes to the torch hub cache {path.parent} (set TORCH_HOME to move it). On a machine "
+            f"without network access: download that URL on another machine and copy the file to {path}, or pass "
+            "--weights PATH to a local copy of it, or --weights none to train from random weights (then with "
+            "a higher --lr, e.g. 1e-3)."
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{url} (cached as {path}) is not a state dict; delete the file and try again")
+    return state
 
 
 def build_model(
@@ -76,9 +119,11 @@ def build_model(
     *,
     mean: float = GREY_MEAN,
     std: float = GREY_STD,
+    progress: bool = True,
 ) -> DensityNet:
-    """A DensityNet with random (``None``/``"none"``), ImageNet (``"imagenet"``, from the torch hub cache)
-    or local-file (a path to a torchvision-style ResNet state dict) starting weights. Never downloads.
+    """A DensityNet with random (``None``/``"none"``), ImageNet (``"imagenet"``: torchvision's file for
+    ``arch``, downloaded into the torch hub cache by :func:`fetch_weights` the first time, with a progress bar
+    when ``progress``) or local-file (a path to a torchvision-style ResNet state dict) starting weights.
 
     A pretrained 3-channel conv1 is summed over RGB into the 1-channel stem; the pretrained fc is dropped.
     """
@@ -86,27 +131,22 @@ def build_model(
     if weights is None or weights == "none":
         return net
     if weights == "imagenet":
-        path = imagenet_weights_path(arch)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ImageNet weights for {arch} not found: expected the file {path.name} in {path.parent} (the torch "
-                f"hub cache; setting TORCH_HOME moves it). Copy {ARCHS[arch][1].url} there from a machine with "
-                "network access, or pass --weights PATH to a local copy, or --weights none to train from scratch."
-            )
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} not found (--weights takes 'imagenet', 'none' or a path)")
-    _load_backbone(net, path)
+        url = ARCHS[arch][1].url
+        _load_backbone(net, fetch_weights(url, progress=progress), f"{url} (cached as {hub_cache_path(url)})")
+        return net
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found (--weights takes 'imagenet', 'none' or a path)")
+    _load_backbone(net, _read(path, "weights file"), str(path))
     return net
 
 
-def _load_backbone(net: DensityNet, path: Path) -> None:
-    state = _read(path, "weights file")
+def _load_backbone(net: DensityNet, state: Any, name: str) -> None:
+    """Load a torchvision-style state dict (or a checkpoint holding one), read from ``name``, into ``net``."""
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a dens or trainer checkpoint
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict (a dict of name -> tensor)")
+        raise CheckpointError(f"{name} is not a state dict (a dict of name -> tensor)")
     state = strip_prefixes(state, (*_WRAPPER_PREFIXES, "backbone."))
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3:
@@ -117,11 +157,11 @@ def _load_backbone(net: DensityNet, path: Path) -> None:
     try:
         missing, unexpected = net.backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even with strict=False
-        raise CheckpointError(f"{path}: its weights do not fit a {arch}: {exc}") from exc
+        raise CheckpointError(f"{name}: its weights do not fit a {arch}: {exc}") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} is not a torchvision {arch} state dict: {len(missing)} missing keys "
+            f"{name} is not a torchvision {arch} state dict: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (another arch?)"
         )
 

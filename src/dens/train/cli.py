@@ -63,8 +63,10 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
     "--weights",
     default=DEFAULTS["weights"],
     show_default=True,
-    help="auto (ImageNet if its file is in the torch hub cache, else random init with a warning) | "
-    "imagenet | none | PATH.",
+    help="Starting weights. imagenet: torchvision's ImageNet file, downloaded once (with its hash checked) into "
+    "the torch hub cache ($TORCH_HOME/hub/checkpoints) and reused after; without network access the run stops "
+    "before decoding and says what to do. PATH: a local state dict (e.g. that file, copied). none: random "
+    "initialisation, which needs --lr >= 1e-4 (e.g. 1e-3). auto: the same as imagenet.",
 )
 @click.option(
     "--size", type=click.IntRange(16, 4096), default=DEFAULTS["size"], show_default=True, help="Canonical image side S."
@@ -82,7 +84,8 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
     type=float,
     default=DEFAULTS["lr"],
     show_default=True,
-    help="Peak learning rate (cosine-annealed per epoch). From scratch, use about 1e-3.",
+    help="Peak learning rate (cosine-annealed per epoch). From scratch (--weights none) it must be at least "
+    "1e-4; use about 1e-3.",
 )
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True)
 @click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True)
@@ -161,15 +164,22 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
         )
         sys.exit(130)
     test, best = result["test"], result["best"]
-    temperature = result["calibration"]["validation"]["temperature"]
-    click.echo(f"\ntest split ({cfg.out}, best epoch {best['epoch']}, temperature {temperature:.3f}):")
+    calibration = result["calibration"]
+    temperature = f"temperature {calibration['temperature']:.3f}"
+    if not calibration["kept"]:
+        temperature += f", not calibrated: {calibration['reason']}"
+    click.echo(f"\ntest split ({cfg.out}, best epoch {best['epoch']}, {temperature}):")
     click.echo(metrics.table({"image": test["image"], "breast": test["breast"]}))
     images = sum(result["data"][s]["images"] for s in ("train", "val", "test"))
     kappa = {level: metrics.fmt(test[level]["kappa_quadratic"]) for level in ("image", "breast")}
+    start_weights = result["weights"]["start"]
+    start_weights = "ImageNet weights" if start_weights == "imagenet" else f"the weights in {start_weights}"
+    if result["weights"]["from_scratch"]:
+        start_weights = "random weights: the model STARTED FROM SCRATCH (--weights none), not from pretrained ones"
     click.echo(
         f"dens-train: {images} images ({result['data']['unusable']} unusable), {cfg.epochs} epochs in "
-        f"{time.perf_counter() - start:.0f} s; test kappa {kappa['image']} (image), {kappa['breast']} (breast); "
-        f"run in {cfg.out}"
+        f"{time.perf_counter() - start:.0f} s from {start_weights}; test kappa {kappa['image']} (image), "
+        f"{kappa['breast']} (breast); run in {cfg.out}"
     )
 
 

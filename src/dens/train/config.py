@@ -16,6 +16,9 @@ OPTIMIZERS = ("adam", "adamw")
 BALANCES = ("weighted-loss", "sampler", "none")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Below this peak learning rate a randomly initialised model barely moves in a run of this length: such
+# rates suit fine-tuning pretrained weights, not training from scratch.
+MIN_SCRATCH_LR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,10 @@ class TrainConfig:
     data: str | None = None
     out: str = "runs/train"
     arch: str = "resnet50"
-    # 'auto': ImageNet weights when the torchvision file is in the torch hub cache, else a loud warning and
-    # random initialisation; 'imagenet' insists on them; 'none' trains from scratch; or a local file.
-    weights: str = "auto"
+    # 'imagenet': torchvision's file, downloaded into the torch hub cache once; 'none': random initialisation
+    # (from scratch, with lr >= MIN_SCRATCH_LR); or the path of a local state dict. 'auto', which older
+    # config files hold, means 'imagenet'.
+    weights: str = "imagenet"
     size: int = 512
     epochs: int = 15
     batch_size: int = 32  # global: divided between the DDP processes
@@ -60,6 +64,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("epochs and batch_size must be >= 1, lr > 0 and weight_decay >= 0")
+        if self.weights == "none" and self.lr < MIN_SCRATCH_LR:
+            raise ValueError(
+                f"--weights none trains from random weights, and --lr {self.lr:g} is a fine-tuning rate at which "
+                f"such a model barely learns: raise --lr (e.g. --lr 1e-3; at least {MIN_SCRATCH_LR:g}), or start "
+                "from pretrained weights (--weights imagenet, the default, or --weights PATH)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

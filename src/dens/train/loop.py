@@ -24,7 +24,7 @@ from tqdm import tqdm
 import dens
 from dens import runs
 from dens.labels import CLASSES
-from dens.model import Checkpoint, build_model, imagenet_weights_path, load_checkpoint, save_checkpoint, softmax
+from dens.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
 from dens.preprocess import PreprocessConfig
 from dens.train import data, distributed, inputs, metrics, plots
 from dens.train.config import TrainConfig
@@ -40,27 +40,24 @@ PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # --- the model -------------------------------------------------------------------------------------------
 
 
-def start_model(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
-    """The model a new run starts from, seeded so that every rank and every re-run starts alike, and a
-    description of its starting weights ('auto' falls back to random, loudly)."""
+def start_model(cfg: TrainConfig, ranks: Ranks) -> tuple[torch.nn.Module, str]:
+    """The model a new run starts from, seeded so that every rank and every re-run starts alike, and its
+    starting weights ('imagenet', 'none' or the file's path). ImageNet weights are downloaded on the first
+    run (rank 0 alone; the other ranks then read its cached file); a download that cannot happen stops the
+    run here, before any image is decoded."""
+    weights = "imagenet" if cfg.weights == "auto" else cfg.weights
+    if not ranks.main:
+        ranks.barrier()
     torch.manual_seed(cfg.seed)
-    if cfg.weights == "none":
-        return build_model(cfg.arch, weights=None), "none"
-    if cfg.weights != "auto":
-        return build_model(cfg.arch, weights=cfg.weights), cfg.weights
-    path = imagenet_weights_path(cfg.arch)
-    if path.is_file():
-        return build_model(cfg.arch, weights="imagenet"), "imagenet"
-    log.warning(
-        "!! ImageNet weights for %s are not in %s, so the model starts from RANDOM weights: it needs far more "
-        "data and epochs, and a higher --lr (about 1e-3).\n!! Copy %s there to fine-tune as the recipe "
-        "intends; pass --weights none to train from scratch without this warning, or --weights imagenet to "
-        "make their absence an error.",
-        cfg.arch,
-        path.parent,
-        path.name,
-    )
-    return build_model(cfg.arch, weights=None), "none (imagenet unavailable)"
+    net = build_model(cfg.arch, weights=None if weights == "none" else weights, progress=cfg.progress and ranks.main)
+    if ranks.main:
+        ranks.barrier()
+    return net, weights
+
+
+def from_scratch(weights: str) -> bool:
+    """Whether a run's starting weights (:func:`start_model`'s description) are random ones."""
+    return weights.startswith("none")
 
 
 # --- progress --------------------------------------------------------------------------------------------
@@ -151,9 +148,9 @@ class Trainer:
         self.channels_last = ranks.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.workers = min(4, dens.usable_cores()) if cfg.workers is None else cfg.workers
         self.batch = ranks.per_rank(cfg.batch_size)
-        # The model first: a missing weights file is reported before minutes of decoding, not after.
+        # The model first: weights that cannot be had are reported before minutes of decoding, not after.
         last = load_checkpoint(out / "last.pt") if cfg.resume else None
-        net, self.weights = (last.model, last.summary["weights"]) if last else start_model(cfg)
+        net, self.weights = (last.model, last.summary["weights"]) if last else start_model(cfg, ranks)
         self.splits = inputs.prepare_data(cfg, self.pre, ranks, out)
         self._place_model(net)
         self._setup_optimisation()
@@ -162,9 +159,10 @@ class Trainer:
             self._resume(last)
         self.resolved = self._write_config()
         self.log(
-            "%s: %s on %s (%s), train %d / val %d / test %d images",
+            "%s: %s from %s weights on %s (%s), train %d / val %d / test %d images",
             out,
             cfg.arch,
+            "RANDOM" if from_scratch(self.weights) else self.weights,
             ranks.device,
             PRECISION_NAMES[self.amp_dtype],
             *(len(self.splits.sets[s]) for s in data.SPLITS),
@@ -234,6 +232,7 @@ class Trainer:
         return {
             "arch": self.cfg.arch,
             "weights": self.weights,
+            "from_scratch": from_scratch(self.weights),
             "epochs": self.cfg.epochs,
             "best_epoch": self.progress.best_epoch + 1,
             "data": {s: len(self.splits.sets[s]) for s in data.SPLITS},
@@ -356,23 +355,31 @@ class Trainer:
         )
 
     def finish(self) -> dict:
-        """With the best epoch's weights: temperature fitted on validation, the test split once, every
+        """With the best epoch's weights: the temperature chosen on validation, the test split once, every
         artifact written (rank 0). Returns what metrics.json holds. In fp32 whatever the training precision:
         the temperature and the figures are those of the float32 model that dens-export ships."""
         self.net.load_state_dict(self.best_weights)
         val_logits, test_logits = self.predict("val", autocast=False), self.predict("test", autocast=False)
         frames, progress = self.splits.frames, self.progress
         y_val, y_test = (frames[s][data.LABEL].to_numpy() for s in ("val", "test"))
-        t = metrics.fit_temperature(val_logits, y_val)
+        choice = metrics.choose_temperature(val_logits, y_val)
+        t = choice["temperature"]
+        if not choice["kept"]:
+            self.log("temperature 1.0 (no calibration): %s", choice["reason"])
         result = metrics.jsonable(
             {
                 "config": self.resolved,
+                "weights": {"start": self.weights, "from_scratch": from_scratch(self.weights)},
                 "data": self.splits.info,
                 "history": progress.history,
                 "best": {"epoch": progress.best_epoch + 1, "val_kappa_quadratic": progress.best_kappa},
                 "validation": inputs.report(val_logits, frames["val"], t),
                 "test": inputs.report(test_logits, frames["test"], t),
                 "calibration": {
+                    **choice,
+                    "min_images": metrics.MIN_CALIBRATION_IMAGES,
+                    "min_classes": metrics.MIN_CALIBRATION_CLASSES,
+                    "bounds": list(metrics.TEMPERATURE_BOUNDS),
                     "validation": metrics.calibration(val_logits, y_val, t),
                     "test": metrics.calibration(test_logits, y_test, t),
                 },

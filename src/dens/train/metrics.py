@@ -5,7 +5,8 @@ them equal to scikit-learn's on fixed inputs. Dense-vs-not is the density call's
 the rule behind dens-infer's ``dense`` column and its default flag, and breasts are formed and averaged as
 dens-infer's preds.breast.csv forms them (:mod:`dens.exams`), so the training figures describe what a
 deployed model calls dense.
-Temperature scaling (Guo et al. 2017) is fitted on validation logits and stored in the checkpoint.
+Temperature scaling (Guo et al. 2017) is fitted on validation logits, kept only when it lowers their NLL
+(:func:`choose_temperature`), and stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dens import exams
 from dens.labels import CLASSES, DENSE_CLASSES
@@ -24,6 +24,10 @@ from dens.model import softmax
 NUM = len(CLASSES)
 DENSE_INDEX = [CLASSES.index(c) for c in DENSE_CLASSES]
 ECE_BINS = 15
+# Calibration: a temperature is fitted only on a validation split this big, and only within these bounds.
+MIN_CALIBRATION_IMAGES = 30
+MIN_CALIBRATION_CLASSES = 2
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], k: int = NUM) -> np.ndarray:
@@ -170,25 +174,74 @@ def report(logits: np.ndarray, y: np.ndarray, images: pd.DataFrame, temperature:
     return {"image": evaluate(probs, y), "breast": evaluate(breast_probs, breast_y)}
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
+    """The temperature T within ``TEMPERATURE_BOUNDS`` that minimises the NLL of ``softmax(logits / T)``,
+    and whether the NLL still falls at the bound it returns (the true minimum lies at or beyond it).
+
+    The NLL is convex in 1/T, so its slope in 1/T rises monotonically: the minimum is where the slope
+    crosses zero, found by bisection on log(1/T), and a slope of one sign across the whole range means the
+    minimum is out of range. No clamp hides that: the caller learns it hit a bound.
+    """
+    z, y = np.asarray(logits, np.float64), np.asarray(y, np.int64)
     if not len(y):
-        return 1.0
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    target = torch.as_tensor(np.array(y, dtype=np.int64))
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+        return 1.0, False
+    margin = z - z[np.arange(len(y)), y][:, None]  # z_k - z_true: summed with p_k, tiny p_k still count
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), target)
-        loss.backward()
-        return loss
+    def slope(inverse_t: float) -> float:  # d NLL / d(1/T)
+        return float((softmax(z, 1.0 / inverse_t) * margin).sum(1).mean())
 
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    # A degenerate fit (every prediction right: the NLL falls forever as T -> 0) must not blow up the logits.
-    return float(np.clip(t, 0.05, 20.0)) if math.isfinite(t) else 1.0
+    t_low, t_high = TEMPERATURE_BOUNDS
+    if slope(1.0 / t_low) < 0:  # still falling at the smallest T: every image right by a wide margin
+        return t_low, True
+    if slope(1.0 / t_high) > 0:  # still falling at the largest T: the logits carry no useful signal
+        return t_high, True
+    lo, hi = -math.log(t_high), -math.log(t_low)  # log(1/T)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if slope(math.exp(mid)) > 0 else (mid, hi)
+    return float(math.exp(-(lo + hi) / 2)), False
+
+
+def choose_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
+    """The temperature a model ships with, and why: fitted on validation (:func:`fit_temperature`) only when
+    validation has at least ``MIN_CALIBRATION_IMAGES`` images of at least ``MIN_CALIBRATION_CLASSES``
+    classes, and kept only when the fit stays inside ``TEMPERATURE_BOUNDS`` and lowers the validation NLL;
+    otherwise 1.0 (the logits as trained). Returns ``{"temperature", "fitted", "kept", "reason"}``
+    (``fitted``: the fit's value, None when no fit was tried or it hit a bound), so calibration never makes
+    the model worse on the split it is fitted on and never clamps silently."""
+    y = np.asarray(y, np.int64)
+    n, present = len(y), len(np.unique(y))
+    out = {"temperature": 1.0, "fitted": None, "kept": False}
+    if n < MIN_CALIBRATION_IMAGES:
+        return {
+            **out,
+            "reason": f"validation has {n} images; fitting a temperature needs at least {MIN_CALIBRATION_IMAGES}",
+        }
+    if present < MIN_CALIBRATION_CLASSES:
+        return {
+            **out,
+            "reason": f"validation has {present} class(es); "
+            f"fitting a temperature needs at least {MIN_CALIBRATION_CLASSES}",
+        }
+    t, at_bound = fit_temperature(logits, y)
+    if at_bound:
+        why = (
+            "every validation image is predicted right by a wide margin, so the NLL falls for ever as T -> 0"
+            if t == TEMPERATURE_BOUNDS[0]
+            else "the logits carry no useful signal on validation, so the NLL falls for ever as T grows"
+        )
+        low, high = TEMPERATURE_BOUNDS
+        return {**out, "reason": f"the fit hit the bound T = {t:g} of [{low:g}, {high:g}]: {why}"}
+    out["fitted"] = t
+    before, after = nll(softmax(logits), y), nll(softmax(logits, t), y)
+    if not after < before:
+        return {**out, "reason": f"T = {t:.4g} does not lower the validation NLL ({before:.4f} -> {after:.4f})"}
+    return {
+        **out,
+        "temperature": t,
+        "kept": True,
+        "reason": f"T = {t:.4g} lowers the validation NLL from {before:.4f} to {after:.4f}",
+    }
 
 
 def calibration(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
