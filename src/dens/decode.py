@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -50,20 +51,23 @@ class _PluginFailures(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_decoders(what: str) -> Iterator[list[str]]:
+def quiet_decoders(what: str, capture: BinaryIO | None = None) -> Iterator[list[str]]:
     """Inside this block, pydicom's per-plugin tracebacks and what C code writes to file descriptor 2 go to
     dens's debug log, and into the yielded list (filled when the block ends). GDCM's JPEG codec tries its
     8-bit libjpeg on a 12-bit stream before its 12-bit one and prints "Unsupported JPEG data precision 12"
     for every such file it then decodes correctly: a user's terminal should not see that.
 
     One block at a time per process (the decode engine's workers decode one file at a time): nested or
-    concurrent blocks would restore each other's descriptor.
+    concurrent blocks would restore each other's descriptor. ``capture``: a file to reuse for what fd 2
+    receives (a worker keeps one for all its files); by default a temporary file for this block.
     """
     noise: list[str] = []
     plugins = logging.getLogger(_PLUGIN_LOGGER)
     failures = _PluginFailures(noise)
     plugins.addFilter(failures)
-    with tempfile.TemporaryFile() as captured:
+    with contextlib.nullcontext(capture) if capture is not None else tempfile.TemporaryFile() as captured:
+        captured.seek(0)
+        captured.truncate()
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)

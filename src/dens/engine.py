@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -75,7 +76,12 @@ class Decoded:
     @property
     def code(self) -> str:
         """The reason's code (``corrupt_pixel_data``, ``worker_crashed``...); '' when ``ok``."""
-        return self.reason.split(":", 1)[0]
+        return self.reason.partition(": ")[0]
+
+    @property
+    def detail(self) -> str:
+        """The reason after its code."""
+        return self.reason.partition(": ")[2]
 
 
 def _pin_threads() -> None:
@@ -114,29 +120,31 @@ def _worker(conn: Connection) -> None:
     niceness = os.nice(nice)
     config = PreprocessConfig.from_dict(cfg)
     conn.send(("ready", os.getpid(), cv2.getNumThreads(), niceness))
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if task is None:
-            return
-        index, path = task
-        start = time.perf_counter()
-        noise: list[str] = []
-        try:
-            with quiet_decoders(path) as noise:
-                image, info = load(path, config)
-            result = (index, "ok", "", image, info.to_dict())
-        except UnusableFile as exc:
-            result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, None)
-        except Exception as exc:  # a decoder bug costs one file an error row, never the run
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            result = (index, "error", f"{Reason.UNEXPECTED.value}: {type(exc).__name__}: {first}", None, None)
-        try:
-            conn.send((*result, " | ".join(noise), time.perf_counter() - start))
-        except (BrokenPipeError, EOFError, OSError):
-            return
+    # What the codecs print on fd 2 goes to one file, reused for every file this worker decodes.
+    with tempfile.TemporaryFile() as capture:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                return
+            if task is None:
+                return
+            index, path = task
+            start = time.perf_counter()
+            noise: list[str] = []
+            try:
+                with quiet_decoders(path, capture) as noise:
+                    image, info = load(path, config)
+                result = (index, "ok", "", image, info.to_dict())
+            except UnusableFile as exc:
+                result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, None)
+            except Exception as exc:  # a decoder bug costs one file an error row, never the run
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                result = (index, "error", f"{Reason.UNEXPECTED.value}: {type(exc).__name__}: {first}", None, None)
+            try:
+                conn.send((*result, " | ".join(noise), time.perf_counter() - start))
+            except (BrokenPipeError, EOFError, OSError):
+                return
 
 
 class PoolError(RuntimeError):

@@ -35,9 +35,13 @@ log = logging.getLogger(__name__)
 GRADCAM, MODEL_SHA256 = labels.GRADCAM, labels.MODEL_SHA256
 
 
+THUMBNAILS = ("flagged", "all", "none")
+DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when there is one; ``cuda`` without one falls back to CPU with a warning."""
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+    if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     if device == "cpu":
         return torch.device("cpu")
@@ -87,10 +91,6 @@ class GradcamSummary:
             f"{self.rows} rows, {self.flagged} flagged, {self.maps} maps, {self.errors} errors{extra}, "
             f"{rate:.2f} img/s on {self.device}"
         )
-
-
-THUMBNAILS = ("flagged", "all", "none")
-DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
 
 @dataclass(frozen=True)

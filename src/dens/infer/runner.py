@@ -20,7 +20,8 @@ from tqdm import tqdm
 from dens import labels, runs, show_progress
 from dens.engine import Decoded, DecodePool, PoolError
 from dens.errors import Reason
-from dens.flags import parse_flag
+from dens.exams import aggregate_paths
+from dens.flags import FlagRule, parse_flag
 from dens.infer import aggregate, walk
 from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
 from dens.infer.runtime import (
@@ -32,7 +33,7 @@ from dens.infer.runtime import (
     open_runtime,
     planned_device,
 )
-from dens.infer.writer import CorruptOutput, FlagRule, OutputExists, PredsWriter, check_output, make_row
+from dens.infer.writer import CorruptOutput, OutputExists, PredsWriter, check_output, make_row
 from dens.metadata import file_sha256
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def run(cfg: InferConfig) -> Summary:
             )
             pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
             pool.buffer = 2 * runtime.batch_size
-            _process(studies, [out, *aggregate.aggregate_paths(out)], pool, writer, runtime, sha, cfg, summary, rule)
+            _process(studies, [out, *aggregate_paths(out)], pool, writer, runtime, sha, cfg, summary, rule)
     if not summary.files and not summary.already_done:
         log.warning("dens-infer: no files found under %s", studies)
     t0 = time.perf_counter()

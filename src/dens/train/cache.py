@@ -117,11 +117,10 @@ def _store(decoded: Decoded, base: Path) -> CacheEntry:
     A failure of the machinery (a codec that crashed or hung its worker, a bug) is listed, never cached."""
     base.parent.mkdir(parents=True, exist_ok=True)
     if decoded.status != "ok":
-        code, _, detail = decoded.reason.partition(": ")
-        if Reason(code).is_verdict:
+        if Reason(decoded.code).is_verdict:
             with atomic_write(base.with_suffix(".err.json")) as fh:
-                fh.write(json.dumps({"reason": code, "detail": detail}).encode())
-        return CacheEntry(decoded.path, None, {}, code, detail)
+                fh.write(json.dumps({"reason": decoded.code, "detail": decoded.detail}).encode())
+        return CacheEntry(decoded.path, None, {}, decoded.code, decoded.detail)
     with atomic_write(base.with_suffix(".npy")) as fh:
         np.save(fh, decoded.image, allow_pickle=False)
     blob = json.dumps(decoded.info)
