@@ -87,6 +87,14 @@ def breast_probabilities(view_probs: np.ndarray) -> np.ndarray:
     return np.asarray(view_probs, np.float64).mean(axis=0)
 
 
+def denser_breast(breast_probs: np.ndarray) -> int:
+    """Which of an exam's breasts (one row of probabilities each) gives the exam its call: the one called
+    the highest category, ties to the higher p_dense."""
+    probs = np.asarray(breast_probs, np.float64)
+    p_dense = probs[:, [labels.CLASSES.index(c) for c in labels.DENSE_CLASSES]].sum(1)
+    return int(np.argmax(probs.argmax(1) * 2 + p_dense))
+
+
 def lr_disagreement(left: str, right: str) -> bool:
     """True when a left and a right call are more than one category apart."""
     return abs(labels.class_index(left) - labels.class_index(right)) > 1
@@ -122,8 +130,7 @@ def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFra
     higher p_dense) and the left/right check."""
     rows = []
     for exam, group in breast_calls.groupby(EXAM, sort=True):
-        order = group[labels.DENSITY].map(labels.class_index) * 2 + group[labels.P_DENSE].astype(float)
-        denser = group.loc[order.idxmax()]
+        denser = group.iloc[denser_breast(group[list(labels.PROB_COLUMNS)].astype(float).to_numpy())]
         sides = {r[labels.LATERALITY]: r for _, r in group.iterrows()}
         left, right = sides.get("L"), sides.get("R")
         apart = left is not None and right is not None and lr_disagreement(left[labels.DENSITY], right[labels.DENSITY])
