@@ -271,7 +271,7 @@ def test_not_dicom_and_empty_file(tmp_path):
     ("syntax", "where", "reason"),
     [
         (ExplicitVRLittleEndian, "pixel-data", Reason.CORRUPT_PIXELS),
-        (JPEG2000Lossless, "pixel-data", Reason.UNREADABLE),  # pydicom keeps nothing of this data set
+        (JPEG2000Lossless, "pixel-data", Reason.CORRUPT_PIXELS),  # the fragment's length overruns the file
         (ExplicitVRLittleEndian, "header-value", Reason.UNREADABLE),
         (ExplicitVRLittleEndian, "header-tag", Reason.UNREADABLE),
     ],

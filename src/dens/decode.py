@@ -16,9 +16,11 @@ import contextlib
 import io
 import logging
 import os
+import struct
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import cv2
@@ -82,6 +84,152 @@ def quiet_decoders(what: str, capture: BinaryIO | None = None) -> Iterator[list[
             if text:
                 noise.append(" | ".join(text.splitlines()))
                 log.debug("%s wrote to stderr: %s", what, noise[-1])
+
+
+_ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins"
+
+
+def first_cause(exc: BaseException) -> str:
+    """The one line of a decoder's exception that says what went wrong. pydicom's "Unable to decode as
+    exceptions were raised by all available plugins:" says nothing by itself: the first plugin's own message,
+    on the next line, does."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith(_ALL_PLUGINS_FAILED):
+        return lines[1]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# --- what a compressed frame says about itself, before any decoder runs ------------------------------
+
+# Codestream families, by transfer syntax (the JPEG 2000 multi-component and HTJ2K syntaxes included).
+SYNTAX_FAMILIES = {
+    "1.2.840.10008.1.2.4.50": "JPEG",
+    "1.2.840.10008.1.2.4.51": "JPEG",
+    "1.2.840.10008.1.2.4.57": "JPEG",
+    "1.2.840.10008.1.2.4.70": "JPEG",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.4.92": "JPEG 2000",
+    "1.2.840.10008.1.2.4.93": "JPEG 2000",
+    "1.2.840.10008.1.2.4.201": "JPEG 2000",
+    "1.2.840.10008.1.2.4.202": "JPEG 2000",
+    "1.2.840.10008.1.2.4.203": "JPEG 2000",
+}
+_JPEG_SOF = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless", 0xC5: "hierarchical"}
+_JPEG_SOF.update(dict.fromkeys((0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF), "non-baseline"))
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+@dataclass(frozen=True)
+class Codestream:
+    """What a compressed frame's own header declares: its family (``JPEG``, ``JPEG-LS``, ``JPEG 2000``), a
+    description (``JPEG 2000 (JP2 box)``, ``JPEG lossless``...), its size, components and precision."""
+
+    family: str
+    kind: str
+    rows: int
+    cols: int
+    components: int
+    precision: int
+
+
+def read_codestream_header(head: bytes) -> Codestream | None:
+    """The header of a JPEG (SOF), JPEG-LS (SOF55) or JPEG 2000 (SIZ, or a JP2 file's ihdr box) frame from its
+    first bytes; None when they are none of these or too short to tell. Reads only ``head``: no decoder runs."""
+    try:
+        if head[:2] == b"\xff\xd8":
+            return _jpeg_header(head)
+        if head[:4] == b"\xff\x4f\xff\x51":
+            return _siz_header(head, "JPEG 2000")
+        if head[:12] == _JP2_SIGNATURE:
+            return _jp2_header(head)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _jpeg_header(head: bytes) -> Codestream | None:
+    at = 2
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", head[at + 2 : at + 4])
+        if marker in _JPEG_SOF or marker == 0xF7:
+            precision, rows, cols, components = struct.unpack(">BHHB", head[at + 4 : at + 10])
+            family = "JPEG-LS" if marker == 0xF7 else "JPEG"
+            kind = "JPEG-LS" if marker == 0xF7 else f"JPEG {_JPEG_SOF[marker]}"
+            return Codestream(family, kind, rows, cols, components, precision)
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        at += 2 + length
+    return None
+
+
+def _siz_header(head: bytes, kind: str) -> Codestream:
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[8:24])
+    (components,) = struct.unpack(">H", head[40:42])
+    precision = (head[42] & 0x7F) + 1
+    return Codestream("JPEG 2000", kind, ysiz - yosiz, xsiz - xosiz, components, precision)
+
+
+def _jp2_header(head: bytes) -> Codestream | None:
+    at = 0
+    while at + 8 <= len(head):
+        length, box = struct.unpack(">I4s", head[at : at + 8])
+        body = at + 8
+        if length == 1:  # an 8-byte length follows
+            (length,) = struct.unpack(">Q", head[body : body + 8])
+            body += 8
+        if box == b"jp2h":  # a superbox: its first box is the image header
+            _, sub_box = struct.unpack(">I4s", head[body : body + 8])
+            if sub_box == b"ihdr":
+                rows, cols, components, bpc = struct.unpack(">IIHB", head[body + 8 : body + 19])
+                return Codestream("JPEG 2000", "JPEG 2000 (JP2 box)", rows, cols, components, (bpc & 0x7F) + 1)
+        if box == b"jp2c":
+            return _siz_header(head[body:], "JPEG 2000 (JP2 box)")
+        if length < 8:  # 0: to the end of the file; anything else below 8 is broken
+            return None
+        at += length
+    return None
+
+
+# --- the memory a decode may take -------------------------------------------------------------------
+
+
+def data_memory() -> int | None:
+    """Bytes of this process's data segment (VmData: heap and private mappings, what RLIMIT_DATA limits);
+    None where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_room() -> int | None:
+    """Bytes this process may still allocate under its RLIMIT_DATA soft limit (the decode engine's workers
+    set it to their memory budget around each file); None when there is no limit or no way to tell."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    used = data_memory()
+    if soft == resource.RLIM_INFINITY or used is None:
+        return None
+    return max(0, soft - used)
 
 
 def decode_pydicom(ds: Dataset) -> np.ndarray:

@@ -1,5 +1,13 @@
 """File -> header identity + decoded stored pixel values.
 
+The header is read up to the pixel data and no further (``stop_before_pixels``); the pixel data element's
+own header says where its value lies and how long it is, and a compressed frame's own header (JPEG SOF,
+JPEG 2000 SIZ or JP2 ihdr) says its size. So every decision that can be made before decoding is made
+before any pixel byte is loaded: not DICOM (from the first bytes), not a usable mammogram, multi-frame,
+pixel data shorter than the declared geometry, a codestream of another size or kind than the header and the
+transfer syntax say, a decode over the memory budget. A file refused there costs milliseconds and no large
+allocation, whatever it claims.
+
 The decoder is chosen by transfer syntax. JPEG 2000 is decoded with Pillow, which can stop the wavelet
 synthesis early (``Image.reduce``) and return the image at 1/2**level resolution for a fraction of the
 cost; other syntaxes are decoded in full by pydicom's plugins and then downsampled with the same
@@ -8,27 +16,41 @@ reader is the last resort when pydicom's plugins all fail (it decodes 12-bit JPE
 cannot). The decoders live in :mod:`dens.decode`, the error type in :mod:`dens.errors`; this module reads the
 header, checks the file is a usable mammogram and picks the decoder.
 
-Files that cannot be used raise :class:`UnusableFile` with a :class:`Reason`; inference turns it into a
-row (``skipped`` or ``error``), training counts it.
+Files that cannot be used raise :class:`UnusableFile` with a :class:`Reason` and, once the header was read,
+the file's identity; inference turns it into a row (``skipped`` or ``error``), training counts it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dens.decode import decode_gdcm, decode_j2k_reduced, decode_pydicom, hold_to_range, reduce_like_j2k
+from dens.decode import (
+    SYNTAX_FAMILIES,
+    Codestream,
+    decode_gdcm,
+    decode_j2k_reduced,
+    decode_pydicom,
+    first_cause,
+    hold_to_range,
+    memory_room,
+    read_codestream_header,
+    reduce_like_j2k,
+)
 from dens.errors import Reason, UnusableFile
 
-__all__ = ["JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "read"]
+__all__ = ["EXCLUSION_RULES", "JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "ExclusionRule", "read"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +74,6 @@ _NON_IMAGE_SOP_PREFIXES = (
 )
 # Modalities that can carry a 2D mammogram ("" = absent, common in anonymised RSNA files).
 _MAMMO_MODALITIES = {"", "MG", "DX", "CR", "RG", "OT", "SC", "XC"}
-_EXCLUDED_VIEW_WORDS = ("spot", "magnif", "cleavage")
-_EXCLUDED_VIEW_POSITIONS = {"CV", "SPOT", "MAG", "M"}
 
 JPEG2000_SYNTAXES = {
     "1.2.840.10008.1.2.4.90",
@@ -61,6 +81,12 @@ JPEG2000_SYNTAXES = {
     "1.2.840.10008.1.2.4.201",  # HTJ2K lossless (Pillow handles when its openjpeg does)
     "1.2.840.10008.1.2.4.202",
     "1.2.840.10008.1.2.4.203",
+}
+_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
 }
 
 _VIEW_MEANINGS = {
@@ -75,11 +101,75 @@ _VIEW_MEANINGS = {
 }
 
 
+# --- which images are not routine screening views ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExclusionRule:
+    """Images whose ``tags`` match ``pattern`` (a case-insensitive regular expression, searched in the value;
+    for a code sequence, in each item's CodeMeaning, nested ViewModifierCodeSequence items included) are
+    skipped with ``reason``; ``means`` says what such a value is."""
+
+    tags: tuple[str, ...]
+    pattern: str
+    reason: Reason
+    means: str
+
+
+EXCLUSION_RULES: tuple[ExclusionRule, ...] = (
+    ExclusionRule(
+        ("ViewPosition",),
+        r"^(CV|SPOT|MAG|M|SPOT ?MAG|MAG ?SPOT|[A-Z]+ ?ID)$",
+        Reason.EXCLUDED_VIEW,
+        "a cleavage (CV), spot, magnification (M, MAG) or implant-displaced (CCID, MLOID...) view",
+    ),
+    ExclusionRule(
+        ("ViewCodeSequence", "ViewModifierCodeSequence"),
+        r"magnif|spot|cleavage|implant displaced|rolled|tangential|axillary tissue",
+        Reason.EXCLUDED_VIEW,
+        "a magnification, spot compression, cleavage, implant-displaced, rolled, tangential or axillary tissue view",
+    ),
+    ExclusionRule(
+        ("ViewCodeSequence", "ViewModifierCodeSequence"),
+        r"specimen",
+        Reason.NOT_SCREENING,
+        "a specimen radiograph",
+    ),
+    ExclusionRule(
+        ("SeriesDescription", "StudyDescription", "PerformedProcedureStepDescription", "RequestedProcedureDescription"),
+        r"biops|specimen|stereo|locali[sz]|needle|\bclips?\b|\b(hook ?)?wire\b|galactogra|ductogra|\bfna\b",
+        Reason.NOT_SCREENING,
+        "a biopsy, specimen, stereotactic, localisation (needle, hook wire), clip placement or "
+        "galactography/ductography procedure",
+    ),
+)
+"""Which images are not routine screening (or diagnostic) mammograms, and the tag each rule reads.
+
+A density call is made only on the standard views of a breast (CC, MLO and their kin). dens skips:
+
+- ``excluded_view``: views that show part of a breast, magnified or displaced: ViewPosition ``CV``
+  (cleavage), ``SPOT``, ``MAG``/``M`` (magnification), ``...ID`` (implant displaced: ``CCID``, ``MLOID``);
+  a ViewCodeSequence or ViewModifierCodeSequence item (the MG IOD nests the modifiers in the view's item;
+  some vendors write them at the top level) whose CodeMeaning names a magnification, spot compression,
+  cleavage, implant-displaced, rolled, tangential or axillary tissue view.
+- ``not_screening``: images of a procedure: a SeriesDescription, StudyDescription,
+  PerformedProcedureStepDescription or RequestedProcedureDescription that names a biopsy, a specimen,
+  stereotactic guidance, a localisation (needle, hook wire), a clip or a galactography/ductography; a view
+  code that names a specimen.
+
+Only the file's own tags decide; a file without them is scored. The study description rule skips every
+image of such a study, the routine-looking views of a biopsy study included.
+"""
+
+
 # --- the header -------------------------------------------------------------------------------------
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value: identity is best effort, the checks say what is wrong
+        return ""
     if value is None:
         return ""
     if isinstance(value, pydicom.multival.MultiValue):
@@ -87,36 +177,82 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _number(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where the Pixel Data element's value lies in the file, from the element's own header: ``offset`` and
+    ``length`` of its value (for encapsulated data: the items up to the sequence delimiter) and, for
+    encapsulated data, the first bytes of the first frame's first fragment."""
+
+    offset: int
+    length: int
+    vr: str
+    encapsulated: bool
+    head: bytes = b""
+
+
 @dataclass
 class DicomFile:
-    """A parsed DICOM file that passed the usability checks, with its pixel data still encoded."""
+    """A parsed DICOM file that passed the usability checks, with its pixel data still in the file."""
 
     path: str
     ds: Dataset
     transfer_syntax: str
     sop_class: str
+    pixel_element: PixelElement | None = None  # None: the pixel data is already in ``ds`` (deflated files)
+    codestream: Codestream | None = None  # what a compressed frame's own header says
     _full: tuple[np.ndarray, str] | None = field(default=None, repr=False)
 
     # identity -----------------------------------------------------------------------------------
     @property
-    def identity(self) -> dict[str, str]:
-        sop_uid = _text(self.ds, "SOPInstanceUID") or _text(self.ds.file_meta, "MediaStorageSOPInstanceUID")
+    def identity(self) -> dict:
+        """Whose image this is and what the header says of it: the identity keys of
+        :class:`dens.preprocess.ImageInfo`, as far as the header gives them."""
+        meta = getattr(self.ds, "file_meta", Dataset())
+        sop_uid = _text(self.ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
+        laterality, source = self.laterality_and_source
         return {
+            "path": self.path,
             "patient_id": _text(self.ds, "PatientID"),
             "accession": _text(self.ds, "AccessionNumber"),
             "study_uid": _text(self.ds, "StudyInstanceUID"),
             "series_uid": _text(self.ds, "SeriesInstanceUID"),
             "sop_uid": sop_uid,
+            "laterality": laterality,
+            "laterality_source": source,
+            "view": self.view,
+            "manufacturer": _text(self.ds, "Manufacturer"),
+            "manufacturer_model": _text(self.ds, "ManufacturerModelName"),
+            "transfer_syntax": self.transfer_syntax,
+            "photometric": self.photometric,
+            "rows": _number(self.ds, "Rows"),
+            "cols": _number(self.ds, "Columns"),
         }
 
     @property
-    def laterality(self) -> str:
-        """'L' or 'R' from ImageLaterality, then Laterality; '' when neither says."""
+    def laterality_and_source(self) -> tuple[str, str]:
+        """('L' or 'R', 'tag') from ImageLaterality, then Laterality; else ('L' or 'R', 'orientation') from
+        PatientOrientation's column direction (a left breast's columns run towards the patient's right:
+        ``A\\R`` for a left CC, ``P\\FL`` for a right MLO, in the standard hanging); else ('', '')."""
         for keyword in ("ImageLaterality", "Laterality"):
             value = _text(self.ds, keyword).upper()
             if value in ("L", "R"):
-                return value
-        return ""
+                return value, "tag"
+        column = self._orientation(1)
+        if ("R" in column) != ("L" in column):
+            return ("L" if "R" in column else "R"), "orientation"
+        return "", ""
+
+    @property
+    def laterality(self) -> str:
+        """'L' or 'R' from the tags (see :attr:`laterality_and_source`); '' when they do not say."""
+        return self.laterality_and_source[0]
 
     @property
     def view(self) -> str:
@@ -124,23 +260,25 @@ class DicomFile:
         view = _text(self.ds, "ViewPosition").upper()
         if view:
             return view
-        seq = self.ds.get("ViewCodeSequence")
-        if seq:
-            meaning = str(seq[0].get("CodeMeaning", "")).strip().lower()
-            return _VIEW_MEANINGS.get(meaning, meaning.upper())
-        return ""
+        try:
+            seq = self.ds.get("ViewCodeSequence")
+            meaning = str(seq[0].get("CodeMeaning", "")).strip().lower() if seq else ""
+        except Exception:
+            return ""
+        return _VIEW_MEANINGS.get(meaning, meaning.upper())
 
     @property
     def chest_wall_side(self) -> str:
         """'left'/'right' from PatientOrientation's row direction ('A': moving right goes anterior)."""
-        orientation = self.ds.get("PatientOrientation")
-        if orientation and len(orientation) >= 1:
-            row_dir = str(orientation[0]).strip().upper()[:1]
-            if row_dir == "A":
-                return "left"
-            if row_dir == "P":
-                return "right"
-        return ""
+        row_dir = self._orientation(0)[:1]
+        return {"A": "left", "P": "right"}.get(row_dir, "")
+
+    def _orientation(self, axis: int) -> str:
+        try:
+            orientation = self.ds.get("PatientOrientation")
+            return str(orientation[axis]).strip().upper() if orientation and len(orientation) > axis else ""
+        except Exception:
+            return ""
 
     @property
     def photometric(self) -> str:
@@ -157,6 +295,14 @@ class DicomFile:
             return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         return 0, (1 << bits) - 1
 
+    @property
+    def decode_bytes(self) -> int:
+        """About the most memory a decode of this file takes: the decoded frame, a decoder's copy of it
+        and three float32 working images (the full-resolution route's peak)."""
+        rows, cols = self.shape
+        allocated = max(1, int(self.ds.get("BitsAllocated") or 16) // 8)
+        return rows * cols * int(self.ds.get("SamplesPerPixel") or 1) * (2 * allocated + 12)
+
     # pixels ---------------------------------------------------------------------------------------
     def decode(self, level: int) -> tuple[np.ndarray, int, str]:
         """Stored values at 1/2**level resolution (float32), the level reached, and the route taken.
@@ -165,10 +311,14 @@ class DicomFile:
         fewer decomposition levels fails beyond them). Other syntaxes decode in full once and are
         downsampled with the JPEG 2000 low-pass filter.
         """
-        if self.transfer_syntax in JPEG2000_SYNTAXES:
+        self._load_pixel_data()
+        codestream_family = self.codestream.family if self.codestream else SYNTAX_FAMILIES.get(self.transfer_syntax)
+        if codestream_family == "JPEG 2000":
             for lvl in range(level, -1, -1):
                 try:
                     pixels = decode_j2k_reduced(self.ds, lvl, self.stored_range, self.path)
+                except MemoryError:
+                    raise
                 except Exception as exc:  # Pillow raises OSError, ValueError... for a level too deep
                     log.debug("%s: JPEG 2000 at level %d failed: %s", self.path, lvl, exc)
                     continue
@@ -178,6 +328,19 @@ class DicomFile:
         pixels = hold_to_range(reduce_like_j2k(full, level), self.stored_range, self.path, clip=True)
         return pixels, level, f"{route}:lowpass{level}" if level else route
 
+    def _load_pixel_data(self) -> None:
+        """Read the Pixel Data element's value into ``ds`` (once): only now, after every check passed."""
+        where = self.pixel_element
+        if where is None or "PixelData" in self.ds:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(where.offset)
+            value = fh.read(where.length)
+        if len(value) < where.length:
+            raise UnusableFile(Reason.CORRUPT_PIXELS, "the pixel data ends early (file truncated)", self.path)
+        element = DataElement(0x7FE00010, where.vr, value, is_undefined_length=where.encapsulated)
+        self.ds[0x7FE00010] = element
+
     def _decode_full(self) -> tuple[np.ndarray, str]:
         if self._full is not None:
             return self._full
@@ -186,45 +349,82 @@ class DicomFile:
         for name, decoder in decoders:
             try:
                 pixels = decoder()
+            except MemoryError:
+                raise
             except Exception as exc:
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                errors.append(f"{name}: {first_cause(exc)}")
                 continue
             if pixels.shape != self.shape:
-                errors.append(f"{name}: decoded shape {pixels.shape} != header {self.shape}")
+                errors.append(f"{name} decoded {_size(pixels.shape)}, the header says {_size(self.shape)}")
                 continue
             self._full = (hold_to_range(pixels, self.stored_range, self.path, clip=False), name)
             return self._full
+        diagnosis = _diagnose(self)
         detail = "no decoder could read the pixel data (" + "; ".join(errors) + ")"
-        raise UnusableFile(Reason.CORRUPT_PIXELS, detail, self.path)
+        raise UnusableFile(Reason.CORRUPT_PIXELS, f"{diagnosis}; {detail}" if diagnosis else detail, self.path)
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}x{shape[1]} (rows x columns)" if len(shape) >= 2 else str(shape)
+
+
+def _syntax_name(syntax: str) -> str:
+    name = _SYNTAX_NAMES.get(syntax)
+    if name is None:
+        try:
+            name = pydicom.uid.UID(syntax).name
+        except Exception:
+            name = syntax
+    return name or syntax
+
+
+def _diagnose(f: DicomFile) -> str:
+    """What the compressed frame's first bytes say, when no decoder could read it."""
+    if f.pixel_element is None or not f.pixel_element.encapsulated or f.codestream is not None:
+        return ""
+    head = f.pixel_element.head[:4]
+    return f"the {_syntax_name(f.transfer_syntax)} frame does not start like one (its first bytes: {head.hex(' ')})"
 
 
 # --- opening and checking a file -------------------------------------------------------------------
 
 
-def read(path: str | Path, *, any_modality: bool = False) -> DicomFile:
-    """Parse a DICOM file and check it holds a usable 2D For-Presentation mammogram.
+def read(path: str | Path, *, any_modality: bool = False, memory_budget: int | None = None) -> DicomFile:
+    """Parse a DICOM file's header and check it holds a usable 2D For-Presentation mammogram.
 
-    Raises :class:`UnusableFile` with the reason when it does not. Pixel data is not decoded here.
-    ``any_modality`` lifts the mammography and view checks (decoder tests run on CT/MR samples).
+    Raises :class:`UnusableFile` with the reason when it does not (with the file's identity once the header
+    was read). No pixel data is read here: only the Pixel Data element's header and a compressed frame's
+    first bytes. ``any_modality`` lifts the mammography and view checks (decoder tests run on CT/MR
+    samples). ``memory_budget``: bytes a decode may take (default: what the process may still allocate under
+    its RLIMIT_DATA, which the decode engine sets per file; no limit, no check); a file whose decode would
+    take more is refused from its header.
     """
     path = str(path)
-    ds = _parse(path)
+    ds, pixel_element = _parse(path)
     meta = getattr(ds, "file_meta", Dataset())
     sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
     syntax = _text(meta, "TransferSyntaxUID") or pydicom.uid.ImplicitVRLittleEndian
-    f = DicomFile(path=path, ds=ds, transfer_syntax=syntax, sop_class=sop_class)
+    f = DicomFile(path=path, ds=ds, transfer_syntax=syntax, sop_class=sop_class, pixel_element=pixel_element)
+    try:
+        _check(f, any_modality, memory_budget)
+    except UnusableFile as exc:
+        raise exc.with_identity(f.identity) from exc.__cause__
+    return f
 
+
+def _check(f: DicomFile, any_modality: bool, memory_budget: int | None) -> None:
+    ds, path, sop_class = f.ds, f.path, f.sop_class
     if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
         raise UnusableFile(Reason.NON_IMAGE_OBJECT, f"SOP class {sop_class} is not an image", path)
-    if "PixelData" not in ds:
+    if f.pixel_element is None and "PixelData" not in ds:
         raise UnusableFile(Reason.NO_PIXEL_DATA, f"no pixel data (SOP class {sop_class or 'absent'})", path)
     intent = _text(ds, "PresentationIntentType").upper()
     if sop_class in _FOR_PROCESSING_SOP or intent == "FOR PROCESSING":
         raise UnusableFile(Reason.FOR_PROCESSING, "a 'For Processing' (raw detector) image", path)
     if not any_modality:
         _check_mammography(f)
-        _check_view(f)
-    for keyword in ("NumberOfFrames", "RescaleSlope", "RescaleIntercept"):
+        _check_exclusions(f)
+    for keyword in ("NumberOfFrames", "RescaleSlope", "RescaleIntercept", "Rows", "Columns", "BitsAllocated"):
         # Text numbers (IS, DS) come back as the raw string when malformed ('1A'): an error, not a crash.
         try:
             float(ds.get(keyword) or 0)
@@ -237,43 +437,218 @@ def read(path: str | Path, *, any_modality: bool = False) -> DicomFile:
     for keyword in ("Rows", "Columns", "BitsAllocated"):
         if not ds.get(keyword):
             raise UnusableFile(Reason.UNREADABLE, f"{keyword} missing from the header", path)
-    if not pydicom.uid.UID(syntax).is_transfer_syntax:
-        raise UnusableFile(Reason.UNSUPPORTED_SYNTAX, f"unknown transfer syntax {syntax}", path)
-    return f
+    if not pydicom.uid.UID(f.transfer_syntax).is_transfer_syntax:
+        raise UnusableFile(Reason.UNSUPPORTED_SYNTAX, f"unknown transfer syntax {f.transfer_syntax}", path)
+    _check_geometry(f)
+    if memory_budget is None:
+        memory_budget = memory_room()
+    if memory_budget is not None and f.decode_bytes > memory_budget:
+        raise UnusableFile(
+            Reason.OVER_MEMORY_BUDGET,
+            f"decoding {_size(f.shape)} takes about {f.decode_bytes / 2**20:,.0f} MiB, over the "
+            f"{memory_budget / 2**20:,.0f} MiB this decode may take (the decode engine's memory budget per file)",
+            path,
+        )
 
 
-def _parse(path: str) -> Dataset:
+def _check_geometry(f: DicomFile) -> None:
+    """The declared geometry against the pixel data, before any decoder runs: a native value must hold
+    Rows x Columns x BitsAllocated; a compressed frame's own header must declare Rows x Columns (and the
+    codestream must be the kind the transfer syntax says, or at least one dens can decode)."""
+    where = f.pixel_element
+    if where is None:  # deflated: pydicom inflated the data set, pixel data included, and checks it itself
+        return
+    rows, cols = f.shape
+    syntax = pydicom.uid.UID(f.transfer_syntax)
+    if not where.encapsulated:
+        if syntax.is_compressed and syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                f"the transfer syntax is {_syntax_name(syntax)} (compressed) but the pixel data is not encapsulated",
+                f.path,
+            )
+        bits = int(f.ds.BitsAllocated)
+        needed = (rows * cols * int(f.ds.get("SamplesPerPixel") or 1) * bits + 7) // 8
+        if where.length < needed:
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                f"the header declares {_size(f.shape)} at {bits} bits ({needed:,} bytes) but the pixel data "
+                f"holds {where.length:,} bytes",
+                f.path,
+            )
+        return
+    f.codestream = read_codestream_header(where.head)
+    stream = f.codestream
+    if stream is None:
+        return  # a syntax dens cannot look into (RLE) or an unrecognised start: the decoders say
+    family = SYNTAX_FAMILIES.get(f.transfer_syntax)
+    mismatch = (
+        f"the transfer syntax says {_syntax_name(syntax)}, the codestream is {stream.kind}"
+        if family and family != stream.family
+        else ""
+    )
+    if stream.rows and (stream.rows, stream.cols) != (rows, cols):  # JPEG's 0 rows: defined later (DNL)
+        declared = _size((stream.rows, stream.cols))
+        detail = f"the header says {_size(f.shape)}, the {stream.kind} codestream is {declared}"
+        raise UnusableFile(Reason.CORRUPT_PIXELS, f"{mismatch}; {detail}" if mismatch else detail, f.path)
+    if mismatch and stream.family != "JPEG 2000":
+        raise UnusableFile(Reason.UNSUPPORTED_SYNTAX, mismatch, f.path)
+    if mismatch:
+        log.info("%s: %s; decoding it as JPEG 2000", f.path, mismatch)
+
+
+_PIXEL_TAGS = {0x7FE00010: "", 0x7FE00008: "float", 0x7FE00009: "double float"}
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+_FRAME_HEAD = 1 << 16  # bytes of a compressed frame read to find its header
+
+
+def _parse(path: str) -> tuple[Dataset, PixelElement | None]:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        fh = open(path, "rb")  # noqa: SIM115 (closed below, after the pixel element is located)
     except OSError as exc:
         raise UnusableFile(Reason.UNREADABLE, f"cannot open: {exc.strerror or exc}", path) from exc
-    if not head:
-        raise UnusableFile(Reason.EMPTY_FILE, "the file is empty", path)
-    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    with fh:
+        head = fh.read(132)
+        if not head:
+            raise UnusableFile(Reason.EMPTY_FILE, "the file is empty", path)
+        has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+        if not has_preamble and not _starts_like_dicom(head):
+            raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no DICM preamble, no DICOM data set start)", path)
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, force=not has_preamble, stop_before_pixels=True)
+        except InvalidDicomError as exc:
+            raise UnusableFile(Reason.NOT_DICOM, f"not a DICOM file ({exc})", path) from exc
+        except Exception as exc:
+            if not has_preamble:
+                raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file", path) from exc
+            detail = f"DICOM header unreadable ({type(exc).__name__}: {exc})"
+            raise UnusableFile(Reason.UNREADABLE, detail, path) from exc
+        if not has_preamble and not _looks_like_dicom(ds):
+            raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no preamble, no DICOM identity)", path)
+        syntax = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
+        if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            # The data set is one zlib stream: no byte positions to look at. Deflated files are small; read it.
+            pixel_element = None
+            ds = _read_whole(path)
+        else:
+            implicit, little = ds.original_encoding
+            pixel_element = _locate_pixel_data(fh, path, bool(implicit), little is not False)
+            if pixel_element is None:
+                _check_complete(ds, path)
     try:
-        ds = pydicom.dcmread(path, force=not has_preamble)
-    except InvalidDicomError as exc:
-        raise UnusableFile(Reason.NOT_DICOM, f"not a DICOM file ({exc})", path) from exc
-    except Exception as exc:
-        if not has_preamble:
-            raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file", path) from exc
-        raise UnusableFile(Reason.UNREADABLE, f"DICOM header unreadable ({type(exc).__name__}: {exc})", path) from exc
-    if not has_preamble and not _looks_like_dicom(ds):
-        raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no preamble, no DICOM identity)", path)
-    _check_complete(ds, path)
-    try:
-        # pydicom parses lazily: touch every top-level element now so a truncated header is an error here.
+        # pydicom parses lazily: touch every top-level element now so a corrupt header is an error here.
         for _ in ds:
             pass
     except Exception as exc:
         raise UnusableFile(Reason.UNREADABLE, f"DICOM header truncated or corrupt ({exc})", path) from exc
+    return ds, pixel_element
+
+
+def _read_whole(path: str) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise UnusableFile(Reason.UNREADABLE, f"DICOM data set unreadable ({type(exc).__name__}: {exc})", path) from exc
+    _check_complete(ds, path)
     return ds
+
+
+def _starts_like_dicom(head: bytes) -> bool:
+    """A DICOM file without the 128-byte preamble starts with its first element: group 0002 (file meta) or
+    0008 (identity), little or big endian, then an explicit VR (two capitals) or an implicit 4-byte length.
+    Anything else (zeros, text, another format) is not DICOM, told from the first bytes without reading on."""
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        group, _ = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6].isalpha() and head[4:6].isupper():
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length < 1 << 16:
+            return True
+    return False
+
+
+def _locate_pixel_data(fh: BinaryIO, path: str, implicit: bool, little: bool) -> PixelElement | None:
+    """The Pixel Data element at the file's current position (where pydicom stopped), from its header and,
+    for encapsulated data, its items' headers; None when the data set has no pixel data."""
+    start = fh.tell()
+    size = os.fstat(fh.fileno()).st_size
+    order = "<" if little else ">"
+    tag_bytes = fh.read(8)
+    if len(tag_bytes) < 8:
+        return None
+    group, element = struct.unpack(order + "HH", tag_bytes[:4])
+    tag = group << 16 | element
+    if tag not in _PIXEL_TAGS:
+        return None
+    if _PIXEL_TAGS[tag]:
+        raise UnusableFile(Reason.NOT_GRAYSCALE, f"{_PIXEL_TAGS[tag]} pixel data, not stored integer values", path)
+    if implicit:
+        vr = "OW"
+        (length,) = struct.unpack(order + "I", tag_bytes[4:8])
+    else:
+        vr = tag_bytes[4:6].decode("latin-1")
+        (length,) = struct.unpack(order + "I", fh.read(4))
+    offset = fh.tell()
+    if vr not in ("OB", "OW"):
+        vr = "OB" if length == 0xFFFFFFFF else "OW"
+    if length != 0xFFFFFFFF:
+        if offset + length > size:
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                f"file truncated: the pixel data element declares {length:,} bytes, the file holds "
+                f"{size - offset:,} after its start; copy it again from its source",
+                path,
+            )
+        return PixelElement(offset, length, vr, encapsulated=False)
+    return _walk_fragments(fh, path, offset, size, start)
+
+
+def _walk_fragments(fh: BinaryIO, path: str, offset: int, size: int, start: int) -> PixelElement:
+    """Encapsulated pixel data: the basic offset table item, then fragments, then the sequence delimiter.
+    Only the items' 8-byte headers are read (and the first fragment's first bytes), never the fragments."""
+    at, items, head = offset, 0, b""
+    while True:
+        fh.seek(at)
+        header = fh.read(8)
+        if len(header) < 8:
+            if items >= 2 and not header:  # no delimiter, but whole fragments up to the end: pydicom reads it
+                return PixelElement(offset, at - offset, "OB", encapsulated=True, head=head)
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                "file truncated inside the encapsulated pixel data; copy it again from its source",
+                path,
+            )
+        group, element, length = struct.unpack("<HHI", header)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return PixelElement(offset, at - offset, "OB", encapsulated=True, head=head)
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                f"encapsulated pixel data broken at byte {at:,} (an item expected, found {header[:4].hex(' ')})",
+                path,
+            )
+        if at + 8 + length > size:
+            raise UnusableFile(
+                Reason.CORRUPT_PIXELS,
+                f"file truncated: a pixel data fragment declares {length:,} bytes, the file holds "
+                f"{size - at - 8:,}; copy it again from its source",
+                path,
+            )
+        if items == 1:
+            head = fh.read(min(length, _FRAME_HEAD))
+        items += 1
+        at += 8 + length
 
 
 def _check_complete(ds: Dataset, path: str) -> None:
     """pydicom reads a truncated file without a word: a short last value, a few bytes of a next element
-    ignored, or (encapsulated pixel data cut short) an empty data set. Those are errors, not skips."""
+    ignored, or an empty data set. Those are errors, not skips."""
     if not len(ds):
         raise UnusableFile(Reason.UNREADABLE, "no data set after the file meta (file truncated?)", path)
     last = ds.get_item(next(reversed(ds.keys())))
@@ -315,15 +690,25 @@ def _check_mammography(f: DicomFile) -> None:
         raise UnusableFile(Reason.NOT_MAMMOGRAPHY, f"modality {modality or 'absent'}, body part {body_part}", f.path)
 
 
-def _check_view(f: DicomFile) -> None:
-    position = _text(f.ds, "ViewPosition").upper()
-    if position in _EXCLUDED_VIEW_POSITIONS:
-        raise UnusableFile(Reason.EXCLUDED_VIEW, f"view position {position}", f.path)
-    meanings = []
-    for item in f.ds.get("ViewCodeSequence") or []:
-        meanings.append(str(item.get("CodeMeaning", "")))
-        meanings.extend(str(m.get("CodeMeaning", "")) for m in item.get("ViewModifierCodeSequence") or [])
-    meanings.extend(str(m.get("CodeMeaning", "")) for m in f.ds.get("ViewModifierCodeSequence") or [])
-    for meaning in meanings:
-        if any(word in meaning.lower() for word in _EXCLUDED_VIEW_WORDS):
-            raise UnusableFile(Reason.EXCLUDED_VIEW, f"view modifier '{meaning}'", f.path)
+def _tag_values(ds: Dataset, keyword: str) -> list[str]:
+    """A text tag's value, or a code sequence's CodeMeanings (nested ViewModifierCodeSequence items too)."""
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, pydicom.sequence.Sequence):
+            meanings = []
+            for item in value:
+                meanings.append(str(item.get("CodeMeaning", "")))
+                meanings.extend(str(m.get("CodeMeaning", "")) for m in item.get("ViewModifierCodeSequence") or [])
+            return [m for m in meanings if m]
+    except Exception:
+        return []
+    text = _text(ds, keyword)
+    return [text] if text else []
+
+
+def _check_exclusions(f: DicomFile) -> None:
+    for rule in EXCLUSION_RULES:
+        for keyword in rule.tags:
+            for value in _tag_values(f.ds, keyword):
+                if re.search(rule.pattern, value, re.IGNORECASE):
+                    raise UnusableFile(rule.reason, f"{keyword} '{value}': {rule.means}", f.path)

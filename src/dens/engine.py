@@ -1,15 +1,19 @@
 """The decode engine: the one way to run :func:`dens.preprocess.load` over many files, for every stage.
 
 dens-infer, the training cache, export's parity check on real images and Grad-CAM all decode through
-:class:`DecodePool`: files in, canonical ``uint8 [S, S]`` images out, in input order. Each worker runs the
-one route from a file to pixels and sends back the small canonical image (resizing inside the worker: a
-512x512 image crosses the pipe almost free, a 27 MB frame does not).
+:class:`DecodePool`: files in, canonical ``uint8 [S, S]`` images out, in input order as far as that costs
+nothing (a slow file is overtaken: see :meth:`DecodePool.map`). Each worker runs the one route from a file to
+pixels and sends back the small canonical image (resizing inside the worker: a 512x512 image crosses the pipe
+almost free, a 27 MB frame does not).
 
 The pool is hand-made rather than ``concurrent.futures`` or ``multiprocessing.Pool``: a worker killed by a
 codec (a segfault on a hostile file) or stuck in one (no result within ``timeout`` seconds) must cost that
 one file a row with a reason while the run carries on; a ``ProcessPoolExecutor`` is broken for good after one
 death and ``Pool.imap`` waits forever for a task whose worker died. Each worker has its own pipe and at most
-``per_worker`` tasks, so the pool always knows which file a dead worker was reading.
+``per_worker`` tasks, so the pool always knows which file a dead worker was reading. Each file is decoded
+under a memory budget (RLIMIT_DATA, set around the one file): a file whose header promises a decode larger
+than the budget is refused before any pixel is read, and a decoder that tries to allocate past it fails with a
+MemoryError; either way the file gets an ``over_memory_budget`` row and the machine never runs out of memory.
 
 Work in flight is bounded (tasks at the workers + results waiting to be consumed), so memory stays flat
 however large the archive. Workers are spawned (never forked from a process that holds an ONNX Runtime
@@ -54,15 +58,20 @@ THREAD_ENV = (
 # row. The slowest honest decode (a 5355x4915 JPEG 2000 frame in full, GDCM on a large 12-bit JPEG) takes
 # seconds on one core; a minute leaves room for a loaded machine.
 DEFAULT_TIMEOUT = 60.0
+# Bytes one file's decode may allocate in a worker. The largest mammograms (about 30 megapixels, 16 bits)
+# take under 400 MiB decoded in full; 1 GiB leaves room and bounds N workers to N GiB whatever the files say.
+DEFAULT_MEMORY_BUDGET = 1 << 30
 _DONE = object()
 
 
 @dataclass
 class Decoded:
-    """One file's outcome. ``image`` (uint8 [S, S]) and ``info`` (``ImageInfo.to_dict()``) when ``status``
-    is ``ok``; otherwise ``reason`` says why (``code: detail``, the code a :class:`dens.errors.Reason`).
-    ``noise``: what the codecs logged or printed on the way (debug material). ``seconds``: time in the
-    worker."""
+    """One file's outcome. ``index``: its position in the input. ``image`` (uint8 [S, S]) and ``info``
+    (``ImageInfo.to_dict()``) when ``status`` is ``ok``; otherwise ``reason`` says why (``code: detail``, the
+    code a :class:`dens.errors.Reason`) and ``info`` is the file's identity as its header gave it (the keys
+    of ``dens.preprocess.IDENTITY_KEYS``), or None when no header was read (not DICOM, unreadable, a worker
+    that crashed or timed out). ``noise``: what the codecs logged or printed on the way (debug material).
+    ``seconds``: time in the worker."""
 
     index: int
     path: str
@@ -96,11 +105,34 @@ def _pin_threads() -> None:
     cv2.setNumThreads(0)  # sequential OpenCV
 
 
+@contextlib.contextmanager
+def _memory_limit(budget: int | None) -> Iterator[None]:
+    """Inside this block the process may allocate at most ``budget`` more bytes of data (RLIMIT_DATA's soft
+    limit, raised back when the block ends). Where the limit cannot be read or set, no limit."""
+    from dens.decode import data_memory
+
+    used = data_memory()
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if budget is None or used is None or resource is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = used + budget if hard == resource.RLIM_INFINITY else min(hard, used + budget)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def _worker(conn: Connection) -> None:
-    """Worker main: ``(PreprocessConfig dict, nice)`` first, then ``(index, path)`` in and ``(index, status,
-    reason, image, info, noise, seconds)`` out. The setup comes over the pipe so that a worker can start
-    (imports take a second) while the parent is still opening the model that says what the config is, and
-    on which device (the niceness to add: lower priority than the parent's model on a CPU)."""
+    """Worker main: ``(PreprocessConfig dict, nice, memory budget)`` first, then ``(index, path)`` in and
+    ``(index, status, reason, image, info, noise, seconds)`` out. The setup comes over the pipe so that a
+    worker can start (imports take a second) while the parent is still opening the model that says what the
+    config is, and on which device (the niceness to add: lower priority than the parent's model on a CPU)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our pipe
     _pin_threads()
     import cv2
@@ -116,7 +148,7 @@ def _worker(conn: Connection) -> None:
         return
     if setup is None:
         return
-    cfg, nice = setup
+    cfg, nice, budget = setup
     niceness = os.nice(nice)
     config = PreprocessConfig.from_dict(cfg)
     conn.send(("ready", os.getpid(), cv2.getNumThreads(), niceness))
@@ -133,11 +165,12 @@ def _worker(conn: Connection) -> None:
             start = time.perf_counter()
             noise: list[str] = []
             try:
-                with quiet_decoders(path, capture) as noise:
+                # The budget also reaches dens.dicom's check from the header, which reads the limit.
+                with quiet_decoders(path, capture) as noise, _memory_limit(budget):
                     image, info = load(path, config)
                 result = (index, "ok", "", image, info.to_dict())
             except UnusableFile as exc:
-                result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, None)
+                result = (index, exc.status, f"{exc.reason.value}: {exc.detail}", None, exc.identity)
             except Exception as exc:  # a decoder bug costs one file an error row, never the run
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 result = (index, "error", f"{Reason.UNEXPECTED.value}: {type(exc).__name__}: {first}", None, None)
@@ -152,7 +185,7 @@ class PoolError(RuntimeError):
 
 
 class _Worker:
-    def __init__(self, ctx, setup: tuple[dict, int] | None):
+    def __init__(self, ctx, setup: tuple[dict, int, int | None] | None):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="dens-decode")
         self.proc.start()
@@ -165,7 +198,7 @@ class _Worker:
         self.niceness: int | None = None
         self.busy_since: float | None = None  # when it began its first pending task (once ready)
 
-    def configure(self, setup: tuple[dict, int]) -> None:
+    def configure(self, setup: tuple[dict, int, int | None]) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is found by its sentinel
             self.conn.send(setup)
 
@@ -202,7 +235,11 @@ class DecodePool:
     decoding fills its gaps.
     ``timeout``: seconds one file may take before its worker is killed and the file gets a
     ``worker_timeout`` row (None: wait forever).
-    Use as a context manager; :meth:`map` yields one :class:`Decoded` per input, in input order.
+    ``memory_budget``: bytes one file's decode may allocate in its worker (default
+    :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB; None: no limit). A file whose header promises more is refused
+    before its pixels are read, a decode that tries to take more fails; either way the file gets an
+    ``over_memory_budget`` error row. Enforced through RLIMIT_DATA on Linux (kernel 4.7 or later).
+    Use as a context manager; :meth:`map` yields one :class:`Decoded` per input.
     """
 
     def __init__(
@@ -214,11 +251,15 @@ class DecodePool:
         buffer: int = 16,
         nice: int = 0,
         timeout: float | None = DEFAULT_TIMEOUT,
+        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.timeout = timeout
-        self._setup: tuple[dict, int] | None = (cfg.to_dict(), nice) if cfg is not None else None
+        self.memory_budget = memory_budget
+        self._setup: tuple[dict, int, int | None] | None = (
+            (cfg.to_dict(), nice, memory_budget) if cfg is not None else None
+        )
         self._ctx = multiprocessing.get_context("spawn")
         self.per_worker = per_worker
         self.buffer = max(1, buffer)
@@ -230,7 +271,7 @@ class DecodePool:
         """Send the PreprocessConfig and the niceness to the workers (once, before :meth:`map`)."""
         if self._setup is not None:
             raise RuntimeError("the pool is already configured")
-        self._setup = (cfg.to_dict(), nice)
+        self._setup = (cfg.to_dict(), nice, self.memory_budget)
         for w in self._workers:
             w.configure(self._setup)
 
@@ -273,7 +314,13 @@ class DecodePool:
 
     def map(self, items: Iterable[tuple[str, str]]) -> Iterator[Decoded]:
         """Decode ``(path, problem)`` items; an item with a ``problem`` (from the walk) is not decoded and
-        comes back as an ``error`` with that reason. Yields in input order; single use per pool."""
+        comes back as an ``error`` with that reason. Single use per pool.
+
+        Yields one :class:`Decoded` per item, in input order except that a file still decoding never holds up
+        more than ``buffer`` finished ones: they are delivered ahead of it, and it follows when it is done
+        (or timed out). So a slow file stalls nobody, and memory stays bounded. Each result carries its
+        input ``index``: a caller that needs input order restores it from that.
+        """
         if self._setup is None:
             raise RuntimeError("configure the pool (DecodePool(..., cfg) or .configure(cfg)) before map()")
         out: queue.Queue = queue.Queue(maxsize=self.buffer)
@@ -312,6 +359,7 @@ class DecodePool:
     def _loop(self, items: Iterator[tuple[str, str]], out: queue.Queue) -> None:
         done: dict[int, Decoded] = {}
         retry: deque[tuple[int, str]] = deque()  # the tasks a dead worker had not started
+        overtook: set[int] = set()  # results delivered ahead of a slow file (all above next_out)
         next_in = next_out = 0
         exhausted = False
         while not self._stop.is_set():
@@ -338,10 +386,18 @@ class DecodePool:
                         done[task[0]] = Decoded(task[0], path, "error", problem)
                         continue
                 self._send(free, task)
-            while next_out in done:
-                if not self._put(out, done.pop(next_out)):
+            while next_out in done or next_out in overtook:
+                if next_out in overtook:
+                    overtook.remove(next_out)
+                elif not self._put(out, done.pop(next_out)):
                     return
                 next_out += 1
+            if len(done) >= self.buffer:
+                # A file still decoding holds up a full buffer of finished ones: they go ahead of it.
+                for index in sorted(done):
+                    if not self._put(out, done.pop(index)):
+                        return
+                    overtook.add(index)
             if exhausted and not retry and not done and not any(w.pending for w in self._workers):
                 return
             # Idle workers too: one that dies idle (the OOM killer) is replaced, and no file is blamed.

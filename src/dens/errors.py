@@ -15,12 +15,16 @@ class Reason(str, Enum):
     NOT_MAMMOGRAPHY = "not_mammography"
     FOR_PROCESSING = "for_processing"
     EXCLUDED_VIEW = "excluded_view"
+    NOT_SCREENING = "not_screening"
     MULTI_FRAME = "multi_frame"
     NOT_GRAYSCALE = "not_grayscale"
     EMPTY_FILE = "empty_file"
     UNREADABLE = "unreadable"
     UNSUPPORTED_SYNTAX = "unsupported_transfer_syntax"
     CORRUPT_PIXELS = "corrupt_pixel_data"
+    # Decoding the file needs more memory than a decode may take (the engine's budget per file): not the
+    # file's verdict either, as a larger budget can decode it.
+    OVER_MEMORY_BUDGET = "over_memory_budget"
     # What the decode engine reports when the route never answered for a file: not the file's own verdict,
     # so the training cache never keeps them.
     WORKER_CRASHED = "worker_crashed"
@@ -44,23 +48,38 @@ _SKIP_REASONS = {
     Reason.NOT_MAMMOGRAPHY,
     Reason.FOR_PROCESSING,
     Reason.EXCLUDED_VIEW,
+    Reason.NOT_SCREENING,
     Reason.MULTI_FRAME,
     Reason.NOT_GRAYSCALE,
 }
 
 
-_ENGINE_FAILURES = {Reason.WORKER_CRASHED, Reason.WORKER_TIMEOUT, Reason.UNEXPECTED}
+_ENGINE_FAILURES = {Reason.WORKER_CRASHED, Reason.WORKER_TIMEOUT, Reason.UNEXPECTED, Reason.OVER_MEMORY_BUDGET}
 
 
 class UnusableFile(Exception):
-    """A file that yields no canonical image, with a machine-readable reason and a human detail."""
+    """A file that yields no canonical image, with a machine-readable reason and a human detail.
 
-    def __init__(self, reason: Reason, detail: str, path: str | Path | None = None):
+    ``identity``: what the file's header says about whose image it is (the identity keys of
+    :class:`dens.preprocess.ImageInfo`: path, patient_id, accession, study/series/SOP UIDs, laterality and its
+    source, view, manufacturer and model, transfer syntax, photometric, rows, cols) when the header could be
+    read; None when it could not. Rows of skipped and failed files carry it, so every row says whose image
+    it is.
+    """
+
+    def __init__(self, reason: Reason, detail: str, path: str | Path | None = None, *, identity: dict | None = None):
         self.reason = Reason(reason)
         self.detail = detail
         self.path = str(path) if path is not None else None
+        self.identity = identity
         where = f"{self.path}: " if self.path else ""
         super().__init__(f"{where}{self.reason.value}: {detail}")
+
+    def with_identity(self, identity: dict | None) -> UnusableFile:
+        """This error with ``identity`` attached, unless it carries one already (``raise exc.with_identity(i)``)."""
+        if self.identity is None:
+            self.identity = identity
+        return self
 
     @property
     def status(self) -> str:

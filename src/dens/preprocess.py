@@ -23,7 +23,7 @@ from dens import decode, dicom
 from dens.config import PreprocessConfig
 from dens.errors import Reason, UnusableFile
 
-__all__ = ["PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
+__all__ = ["IDENTITY_KEYS", "PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
 # A first guess of how much of the image's long side the breast spans, so that most files decode once;
@@ -34,7 +34,14 @@ _MASK_SIDE = 256  # the breast is found on a thumbnail of this long side
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What :func:`load` learnt about a file: identity, geometry and the route its pixels took."""
+    """What :func:`load` learnt about a file: identity, geometry and the route its pixels took.
+
+    ``laterality_source``: where ``laterality`` comes from: ``tag`` (ImageLaterality, else Laterality),
+    ``orientation`` (no laterality tag; PatientOrientation's column direction, read in the standard hanging:
+    columns running towards the patient's right are a left breast's) or ``pixels`` (neither: the side the
+    breast leans on, chest wall left for a left breast, as displayed; every plain image). '' when the file
+    failed before its pixels were seen.
+    """
 
     path: str
     patient_id: str = ""
@@ -43,8 +50,10 @@ class ImageInfo:
     series_uid: str = ""
     sop_uid: str = ""
     laterality: str = ""
-    laterality_source: str = ""  # 'tag' or 'pixels'
+    laterality_source: str = ""  # 'tag', 'orientation' or 'pixels'
     view: str = ""
+    manufacturer: str = ""
+    manufacturer_model: str = ""
     transfer_syntax: str = ""
     photometric: str = ""
     rows: int = 0
@@ -56,6 +65,27 @@ class ImageInfo:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+IDENTITY_KEYS = (
+    "path",
+    "patient_id",
+    "accession",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "laterality",
+    "laterality_source",
+    "view",
+    "manufacturer",
+    "manufacturer_model",
+    "transfer_syntax",
+    "photometric",
+    "rows",
+    "cols",
+)
+"""The :class:`ImageInfo` fields a file's header gives: what ``UnusableFile.identity`` holds for a file that
+failed after its header was read (the rest of ImageInfo describes decoded pixels)."""
 
 
 # --- pixel maths: pure (array, dataset) -> array functions ------------------------------------------
@@ -260,28 +290,43 @@ def _read_plain(path: str) -> _PlainImage:
 # --- the route -----------------------------------------------------------------------------------
 
 
-def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, ImageInfo]:
+def load(
+    path: str | Path, cfg: PreprocessConfig | None = None, *, memory_budget: int | None = None
+) -> tuple[np.ndarray, ImageInfo]:
     """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [S, S]`` image and its info.
 
-    Raises :class:`dens.errors.UnusableFile` (with a reason code) for files that yield no image.
+    Raises :class:`dens.errors.UnusableFile` (with a reason code) for files that yield no image; once the
+    DICOM header was read, the error carries the file's identity (:data:`IDENTITY_KEYS`), whatever failed
+    after it. ``memory_budget``: bytes a decode may take (the decode engine's budget); a file whose decode
+    would take more is refused from its header (``over_memory_budget``), before any pixel is read.
     """
     cfg = cfg or PreprocessConfig()
     path = str(path)
     if path.lower().endswith(PLAIN_IMAGE_SUFFIXES):
         source = _read_plain(path)
         unit_of: Callable[[np.ndarray], np.ndarray] = source.to_unit
-        tags: dict = {}
+        tags: dict = {"path": path}
     else:
-        source = dicom.read(path)
+        source = dicom.read(path, memory_budget=memory_budget)
         unit_of = lambda px: to_unit(px, source.ds)  # noqa: E731
-        tags = {
-            **source.identity,
-            "view": source.view,
-            "transfer_syntax": source.transfer_syntax,
-            "photometric": source.photometric,
-        }
-    rows, cols = source.shape
+        tags = source.identity
+    try:
+        return _canonical(source, unit_of, tags, cfg)
+    except UnusableFile as exc:
+        raise exc.with_identity(tags if len(tags) > 1 else None) from exc.__cause__
+    except MemoryError as exc:
+        detail = f"out of memory decoding {source.shape[0]}x{source.shape[1]} (rows x columns)"
+        if memory_budget is not None:
+            detail += f" within the {memory_budget / 2**20:,.0f} MiB a decode may take (the decode engine's budget)"
+        raise UnusableFile(Reason.OVER_MEMORY_BUDGET, detail, path, identity=tags if len(tags) > 1 else None) from exc
+    except Exception as exc:  # a decoder bug, after the header was read: the row keeps whose image it is
+        if len(tags) <= 1:
+            raise
+        raise UnusableFile(Reason.UNEXPECTED, decode.first_cause(exc), path, identity=tags) from exc
 
+
+def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, cfg: PreprocessConfig):
+    rows, cols = source.shape
     level = initial_level(rows, cols, cfg)
     while True:
         pixels, reached, route = source.decode(level)
@@ -294,16 +339,16 @@ def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndar
             break
         level = wanted  # the first guess was too deep for this breast: decode once more, shallower
 
-    laterality = getattr(source, "laterality", "")
+    laterality = tags.get("laterality", "")
+    laterality_source = tags.get("laterality_source", "")
     side = getattr(source, "chest_wall_side", "")
     pixel_side = chest_wall_from_pixels(mask)
     if not side:
-        # Without PatientOrientation, the laterality tag and the display convention (chest wall of a
-        # right breast on the right edge) tell the side; failing both, the pixels do.
+        # Without PatientOrientation, the laterality and the display convention (chest wall of a right
+        # breast on the right edge) tell the side; failing both, the pixels do.
         side = {"L": "left", "R": "right"}.get(laterality, pixel_side)
-    laterality_source = "tag" if laterality else "pixels"
     if not laterality:
-        laterality = "L" if pixel_side == "left" else "R"
+        laterality, laterality_source = ("L" if pixel_side == "left" else "R"), "pixels"
 
     y0, y1, x0, x1 = box
     image = unit[y0:y1, x0:x1]
@@ -314,12 +359,7 @@ def load(path: str | Path, cfg: PreprocessConfig | None = None) -> tuple[np.ndar
 
     factor = 2**reached
     info = ImageInfo(
-        path=path,
-        **tags,
-        laterality=laterality,
-        laterality_source=laterality_source,
-        rows=rows,
-        cols=cols,
+        **{**tags, "rows": rows, "cols": cols, "laterality": laterality, "laterality_source": laterality_source},
         decode_route=route,
         reduce_level=reached,
         flipped=bool(flipped),
