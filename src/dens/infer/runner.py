@@ -2,7 +2,12 @@
 Runtime session, append rows to preds.csv, then write the breast and exam CSVs.
 
 The main thread only batches, runs the model and writes; a dispatcher thread keeps the decode workers fed
-meanwhile (ONNX Runtime releases the GIL), so decoding and the model overlap.
+meanwhile (ONNX Runtime releases the GIL), so decoding and the model overlap. Decoded files may arrive out
+of order (a slow file does not hold up the ones after it); their rows are written in the walk's order,
+each as soon as the rows before it are.
+
+The run holds the output's lock (:mod:`dens.infer.lock`) from start to end, so two runs never write one
+preds.csv.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dens import labels, runs, show_progress
+from dens import labels, modelcard, runs, show_progress
 from dens.engine import Decoded, DecodePool, PoolError
 from dens.errors import Reason
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
 from dens.infer import aggregate, walk
+from dens.infer.cells import escape_text, path_cell
 from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
+from dens.infer.lock import OutputLocked, lock_path, output_lock
 from dens.infer.runtime import (
     DeviceError,
     ModelError,
@@ -33,13 +40,19 @@ from dens.infer.runtime import (
     open_runtime,
     planned_device,
 )
-from dens.infer.writer import CorruptOutput, OutputExists, PredsWriter, check_output, make_row
+from dens.infer.writer import CorruptOutput, OutputExists, PredsWriter, check_output, make_row, preprocess_cell
 from dens.metadata import file_sha256
 
 log = logging.getLogger(__name__)
 
 # Rows held before a write even when no batch fills (a long run of skipped files still reaches the disk).
 _MAX_PENDING_FACTOR = 4
+# The reason of a plain image (PNG/PGM/TIFF) met without --plain-images: a skipped row, never decoded, so that
+# pictures in an archive (dens-infer's own Grad-CAM maps and thumbnails among them) get no density call.
+PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested"
+_PLAIN_IMAGE_REASON = f"{PLAIN_IMAGE_NOT_REQUESTED}: a PNG/PGM/TIFF image; pass --plain-images to read plain images"
+# The first bytes of a PyTorch checkpoint: a zip archive (torch.save), or a pickle (the legacy format).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
 
 
 class InferError(Exception):
@@ -48,13 +61,16 @@ class InferError(Exception):
 
 @dataclass
 class Summary:
-    """Counts and where the time went; ``exit_code`` is 0, or 3 when some file errored."""
+    """Counts and where the time went; ``exit_code`` is 0, or 3 when preds.csv holds error rows (this
+    run's, or an earlier run's that were not retried)."""
 
     files: int = 0
     ok: int = 0
     skipped: int = 0
     errors: int = 0
     already_done: int = 0
+    already_errors: int = 0  # error rows kept from the earlier run (--resume without --retry-errors)
+    retried: int = 0  # error rows of the earlier run done again (--retry-errors)
     seconds: float = 0.0
     decode_s: float = 0.0  # summed over workers (busy time)
     wait_s: float = 0.0  # the main thread waiting for decoded images: > 0 means decode-bound
@@ -74,10 +90,15 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ERRORS if self.errors else EXIT_OK
+        return EXIT_ERRORS if self.errors or self.already_errors else EXIT_OK
 
     def line(self) -> str:
-        resumed = f" (+{self.already_done} from the earlier run)" if self.already_done else ""
+        resumed = ""
+        if self.already_done:
+            kept = f", {self.already_errors} of them errors" if self.already_errors else ""
+            resumed = f" (+{self.already_done} from the earlier run{kept})"
+        if self.retried:
+            resumed += f" ({self.retried} earlier errors retried)"
         return (
             f"dens-infer: {self.files} files{resumed}: {self.ok} ok, {self.skipped} skipped, {self.errors} errors "
             f"in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; decode {self.decode_s:.1f} s "
@@ -92,6 +113,14 @@ def resolve_model(model: Path | None) -> Path:
     if model is not None:
         if not Path(model).is_file():
             raise InferError(f"model {model} not found: export one with `dens-export --onnx`, or pass --model PATH")
+        with open(model, "rb") as f:
+            head = f.read(4)
+        if head.startswith(_CHECKPOINT_MAGIC):
+            raise InferError(
+                f"{model} is a PyTorch checkpoint (such as dens-train's best.pt), not an ONNX model: dens-infer runs "
+                f"the exported model; make it with `dens-export --onnx --checkpoint {model} --out model.onnx`, then "
+                "pass --model model.onnx"
+            )
         return Path(model)
     try:
         return runs.latest_file("model.onnx")
@@ -100,20 +129,39 @@ def resolve_model(model: Path | None) -> Path:
 
 
 def run(cfg: InferConfig) -> Summary:
-    """Run inference as ``cfg`` says; returns the summary (raises InferError when the run cannot start)."""
+    """Run inference as ``cfg`` says; returns the summary (raises InferError when the run cannot start or
+    cannot go on: the message says what to do)."""
     start = time.perf_counter()
     studies, out = Path(cfg.studies), Path(cfg.out)
     if not studies.exists():
         raise InferError(f"{studies} does not exist: pass the folder of studies to read")
-    if cfg.resume and cfg.overwrite:
-        raise InferError("--resume and --overwrite contradict each other: choose one")
+    if cfg.overwrite and (cfg.resume or cfg.retry_errors):
+        asked = "--retry-errors" if cfg.retry_errors else "--resume"
+        raise InferError(f"{asked} and --overwrite contradict each other: choose one")
     model_path = resolve_model(cfg.model)
     try:
         rule = parse_flag(cfg.flag)
     except ValueError as exc:
         raise InferError(str(exc)) from exc
+    # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
+    studies = Path(os.path.realpath(studies))
+    exclude = [out, *aggregate_paths(out), lock_path(out)]
+    if next(walk.walk(studies, exclude), None) is None:
+        raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
     try:
-        check_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+        with output_lock(out):
+            return _run(cfg, studies, out, exclude, model_path, rule, start)
+    except OutputLocked as exc:
+        raise InferError(str(exc)) from exc
+    except OSError as exc:  # the lock, or the output folder, cannot be written
+        raise InferError(f"cannot write {out} ({_os_error(exc)}): choose an --out in a folder you can write") from exc
+
+
+def _run(
+    cfg: InferConfig, studies: Path, out: Path, exclude: list[Path], model_path: Path, rule: FlagRule, start: float
+) -> Summary:
+    try:
+        check_output(out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite)
         device = planned_device(cfg.device)
     except (OutputExists, DeviceError) as exc:
         raise InferError(str(exc)) from exc
@@ -123,7 +171,9 @@ def run(cfg: InferConfig) -> Summary:
     with DecodePool(workers) as pool:
         try:
             runtime = _open(model_path, cfg)
-            writer = PredsWriter(out, resume=cfg.resume, overwrite=cfg.overwrite)
+            writer = PredsWriter(
+                out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite, retry_errors=cfg.retry_errors
+            )
         except (DeviceError, ModelError, OutputExists, CorruptOutput) as exc:
             raise InferError(str(exc)) from exc
         if cfg.workers is None and runtime.device != device:  # auto fell back to the CPU: its worker count
@@ -137,6 +187,8 @@ def run(cfg: InferConfig) -> Summary:
             batch_size=runtime.batch_size,
             out=out,
             already_done=writer.kept,
+            already_errors=writer.kept_errors,
+            retried=writer.retried,
         )
         with writer:
             others = writer.models - {sha}
@@ -146,26 +198,40 @@ def run(cfg: InferConfig) -> Summary:
                     f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite"
                 )
             log.info(
-                "dens-infer: model %s (%s, S=%d, sha256 %s) on %s, batch %d, %d ORT thread(s), %d decode worker(s)",
+                "dens-infer: model %s (%s, sha256 %s; preprocess %s) on %s, batch %d, %d ORT thread(s), "
+                "%d decode worker(s)",
                 model_path,
                 runtime.metadata.get("arch", "?"),
-                runtime.preprocess.size,
                 sha[:12],
+                preprocess_cell(runtime.preprocess),
                 runtime.provider,
                 runtime.batch_size,
                 runtime.threads,
                 workers,
             )
+            caveats = modelcard.caveats(runtime.metadata.get("summary"))
+            if caveats:  # one line, before any call is made: what the model's card says against trusting it
+                log.warning("dens-infer: warning: %s: %s (see its model card)", model_path.name, "; ".join(caveats))
             pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
             pool.buffer = 2 * runtime.batch_size
-            _process(studies, [out, *aggregate_paths(out)], pool, writer, runtime, sha, cfg, summary, rule)
-    if not summary.files and not summary.already_done:
-        log.warning("dens-infer: no files found under %s", studies)
+            _process(studies, exclude, pool, writer, runtime, sha, cfg, summary, rule)
     t0 = time.perf_counter()
-    summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
+    try:
+        summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
+    except OSError as exc:
+        raise InferError(
+            f"{out} is complete, but its breast and exam CSVs could not be written ({_os_error(exc)}): make room, "
+            "then run again with --resume (it only rewrites them)"
+        ) from exc
     summary.write_s += time.perf_counter() - t0
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as a user reads it: its cause, and the file when it names one."""
+    where = f": {escape_text(os.fsdecode(exc.filename))}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def _open(model_path: Path, cfg: InferConfig) -> Runtime:
@@ -175,10 +241,17 @@ def _open(model_path: Path, cfg: InferConfig) -> Runtime:
     return runtime
 
 
-def _entries(studies: Path, exclude: list[Path], done: set[str]):
-    for entry in walk.walk(os.path.abspath(studies), exclude):
-        if entry.path not in done:
-            yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}" if entry.problem else ""
+def _entries(studies: Path, exclude: list[Path], done: set[str], plain_images: bool):
+    """``(path, problem)`` for the pool: the files under ``studies`` that preds.csv has no row for yet."""
+    for entry in walk.walk(studies, exclude):
+        if path_cell(entry.path) in done:
+            continue
+        if entry.problem:
+            yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}"
+        elif not plain_images and entry.path.lower().endswith(walk.PLAIN_IMAGE_SUFFIXES):
+            yield entry.path, _PLAIN_IMAGE_REASON
+        else:
+            yield entry.path, ""
 
 
 def _process(
@@ -192,18 +265,22 @@ def _process(
     summary: Summary,
     rule: FlagRule,
 ) -> None:
+    def entries():
+        return _entries(studies, exclude, writer.done, cfg.plain_images)
+
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
     # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing).
     if not bar.disable:
-        threading.Thread(
-            target=lambda: setattr(bar, "total", sum(1 for _ in _entries(studies, exclude, writer.done))), daemon=True
-        ).start()
+        threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in entries())), daemon=True).start()
     pending: list[Decoded] = []
     images = 0
+    preprocess = preprocess_cell(runtime.preprocess)
+    waiting: dict[int, dict[str, str]] = {}  # rows by input index, until the rows before them are written
+    next_row = 0
 
     def flush() -> None:
-        nonlocal pending, images
+        nonlocal pending, images, next_row
         ok = [d for d in pending if d.status == "ok"]
         probs = iter(())
         if ok:
@@ -217,13 +294,14 @@ def _process(
                     f"so far are in {writer.path}: fix the cause, then --resume"
                 ) from exc
             summary.model_s += time.perf_counter() - t0
-        rows = [
-            make_row(d.path, d.status, d.reason, d.info, next(probs) if d.status == "ok" else None, sha, rule)
-            for d in pending
-        ]
-        t0 = time.perf_counter()
-        writer.write(rows)
-        summary.write_s += time.perf_counter() - t0
+        for d in pending:
+            p = next(probs) if d.status == "ok" else None
+            waiting[d.index] = make_row(d.path, d.status, d.reason, d.info, p, sha, rule, preprocess)
+        rows = []
+        while next_row in waiting:
+            rows.append(waiting.pop(next_row))
+            next_row += 1
+        _write(rows)
         for d in pending:
             summary.files += 1
             summary.ok += d.status == "ok"
@@ -233,8 +311,21 @@ def _process(
         bar.update(len(pending))
         pending, images = [], 0
 
+    def _write(rows: list[dict[str, str]]) -> None:
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        try:
+            writer.write(rows)
+        except OSError as exc:
+            raise InferError(
+                f"writing {writer.path} failed ({_os_error(exc)}); the rows written before are kept, whole: "
+                "make room (or fix the folder), then run again with --resume"
+            ) from exc
+        summary.write_s += time.perf_counter() - t0
+
     try:
-        results = pool.map(_entries(studies, exclude, writer.done))
+        results = pool.map(entries())
         while True:
             t0 = time.perf_counter()
             decoded = next(results, None)
@@ -242,16 +333,19 @@ def _process(
             if decoded is None:
                 break
             summary.decode_s += decoded.seconds
+            if decoded.code == PLAIN_IMAGE_NOT_REQUESTED:  # the pool reports an undecoded item as an error
+                decoded.status = "skipped"
             if decoded.status != "ok":
-                log.debug("%s: %s %s", decoded.path, decoded.status, decoded.reason)
+                log.debug("%s: %s %s", escape_text(decoded.path), decoded.status, escape_text(decoded.reason))
             if decoded.noise:
-                log.debug("%s: the codecs said: %s", decoded.path, decoded.noise)
+                log.debug("%s: the codecs said: %s", escape_text(decoded.path), escape_text(decoded.noise))
             pending.append(decoded)
             images += decoded.status == "ok"
             if images >= runtime.batch_size or len(pending) >= _MAX_PENDING_FACTOR * runtime.batch_size:
                 flush()
         if pending:
             flush()
+        _write([waiting.pop(i) for i in sorted(waiting)])  # none, unless the pool skipped an index
     except PoolError as exc:
         raise InferError(str(exc)) from exc
     finally:
