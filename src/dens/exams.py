@@ -10,6 +10,8 @@ all group and call through this module, so a figure from training describes the 
   p_dense), and is marked when the left and right calls are more than one category apart
   (:func:`lr_disagreement`), which is rare between two breasts of one woman and worth a look (a wrong
   laterality tag, a foreign image in the study, an implant).
+* An exam is incomplete when any of the four standard screening views (L-CC, L-MLO, R-CC, R-MLO) has no
+  ``ok`` image (:func:`missing_views`): its call then rests on fewer views.
 
 Rows are preds.csv's, as strings; torch-free, so dens-infer never imports torch for it.
 """
@@ -30,6 +32,8 @@ EXAM = "exam"  # the key column: which identity the grouping used, and its value
 N_IMAGES = "n_images"
 VIEWS = "views"
 LR_DISAGREEMENT = "lr_disagreement"
+INCOMPLETE, MISSING_VIEWS = "incomplete", "missing_views"
+STANDARD_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 IDENTITY = (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)
 _KEY_ORDER = (labels.STUDY_UID, labels.ACCESSION, labels.PATIENT_ID)
 _PREDICTION = (*labels.PROB_COLUMNS, labels.DENSITY, labels.P_DENSE, labels.DENSE, labels.FLAGGED)
@@ -45,6 +49,8 @@ EXAM_COLUMNS = (
     "p_dense_R",
     LR_DISAGREEMENT,
     labels.MODEL_SHA256,
+    INCOMPLETE,  # columns added later go at the end, so a reader of an older file keeps working
+    MISSING_VIEWS,
 )
 
 
@@ -95,6 +101,17 @@ def denser_breast(breast_probs: np.ndarray) -> int:
     return int(np.argmax(probs.argmax(1) * 2 + p_dense))
 
 
+def missing_views(breast_calls: pd.DataFrame) -> list[str]:
+    """The standard views (``L-CC``, ``L-MLO``, ``R-CC``, ``R-MLO``) that none of an exam's breasts
+    (:func:`breasts`' rows: laterality, ``;``-joined views) has an image of."""
+    present = {
+        (side, view)
+        for side, views in zip(breast_calls[labels.LATERALITY], breast_calls[VIEWS], strict=True)
+        for view in views.split(";")
+    }
+    return [f"{side}-{view}" for side, view in STANDARD_VIEWS if (side, view) not in present]
+
+
 def lr_disagreement(left: str, right: str) -> bool:
     """True when a left and a right call are more than one category apart."""
     return abs(labels.class_index(left) - labels.class_index(right)) > 1
@@ -127,7 +144,7 @@ def breasts(preds: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
 
 def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
     """One row per exam (EXAM_COLUMNS) from :func:`breasts`' rows: the denser breast's call (ties: the
-    higher p_dense) and the left/right check."""
+    higher p_dense), the left/right check, and which standard views are missing."""
     rows = []
     for exam, group in breast_calls.groupby(EXAM, sort=True):
         denser = group.iloc[denser_breast(group[list(labels.PROB_COLUMNS)].astype(float).to_numpy())]
@@ -135,6 +152,7 @@ def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFra
         left, right = sides.get("L"), sides.get("R")
         apart = left is not None and right is not None and lr_disagreement(left[labels.DENSITY], right[labels.DENSITY])
         probs = denser[list(labels.PROB_COLUMNS)].astype(float).to_numpy()
+        missing = missing_views(group)
         rows.append(
             {
                 EXAM: exam,
@@ -147,6 +165,8 @@ def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFra
                 "p_dense_R": "" if right is None else right[labels.P_DENSE],
                 LR_DISAGREEMENT: TRUE if apart else FALSE,
                 labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256]),
+                INCOMPLETE: TRUE if missing else FALSE,
+                MISSING_VIEWS: ";".join(missing),
             }
         )
     return pd.DataFrame(rows, columns=list(EXAM_COLUMNS))

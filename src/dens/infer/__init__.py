@@ -8,7 +8,16 @@ console script's module before it starts, and should not pay for ONNX Runtime or
 
 from __future__ import annotations
 
-from dens.infer.config import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InferConfig
+from dens.infer.config import (
+    DEVICES,
+    EXIT_ERRORS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    InferConfig,
+)
 
 __all__ = [
     "DEVICES",
@@ -16,6 +25,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "InferConfig",
     "InferError",

@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from dens import show_progress
-from dens.infer.config import DEVICES, EXIT_ERRORS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, InferConfig
+from dens.infer.config import (
+    DEVICES,
+    EXIT_ERRORS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    PRECISIONS,
+    InferConfig,
+)
 
 _EPILOG = f"""\b
-Exit status: 0 every file ok or skipped; {EXIT_ERRORS} the run finished but some files are
-'error' rows (see their reason); {EXIT_FAILED} the run could not start (no model, no GPU for an
-explicit --device, an existing --out); {EXIT_USAGE} bad options; {EXIT_INTERRUPTED} interrupted
-(continue with --resume).
+Exit status: 0 every file ok or skipped; {EXIT_ERRORS} the run finished but --out holds
+'error' rows (see their reason; --retry-errors does them again); {EXIT_FAILED} the run could
+not start or go on (no model, no GPU for an explicit --device, an existing --out, another run
+writing --out, no files in STUDIES, an output that cannot be written); {EXIT_USAGE} bad
+options; {EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue with --resume).
 """
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so the run stops as it does on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from dens.flags import parse_flag  # here: pandas stays out of the decode workers' imports
+
+    try:
+        parse_flag(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
 
 
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +63,13 @@ explicit --device, an existing --out); {EXIT_USAGE} bad options; {EXIT_INTERRUPT
     default=None,
     help="ONNX model from dens-export [default: runs/latest/model.onnx]. Image size and preprocessing "
     "come from its metadata.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Run the variant dens-export wrote beside --model: int8 (model.int8.onnx; the fast one on CPUs), fp16 "
+    "(model.fp16.onnx; GPUs) or fp32 (model.onnx) [default: the --model file as it is].",
 )
 @click.option(
     "--device",
@@ -63,13 +99,25 @@ explicit --device, an existing --out); {EXIT_USAGE} bad options; {EXIT_INTERRUPT
     help="ONNX Runtime intra-op threads [default: CPU: all cores; GPU: 1].",
 )
 @click.option("--resume", is_flag=True, help="Continue a killed run: skip the files --out already has a row for.")
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="Continue as --resume does, and do again the files whose rows in --out are errors.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--plain-images",
+    is_flag=True,
+    help="Read PNG/PGM/TIFF files too (as the breast image, like a DICOM's pixels); without it each is a "
+    "skipped row (plain_image_not_requested), so pictures in an archive get no density call.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
 @click.option(
     "--flag",
     "flag",
     default=None,
     metavar="RULE",
+    callback=_check_flag,
     help="Which calls are flagged for review: classes ('C,D', the default) or a threshold ('p_dense>=0.5', 'p_D>0.3').",
 )
 @click.option(
@@ -91,12 +139,15 @@ def main(
     studies: Path,
     out: Path,
     model: Path | None,
+    precision: str | None,
     device: str,
     batch_size: int | None,
     workers: int | None,
     threads: int | None,
     resume: bool,
+    retry_errors: bool,
     overwrite: bool,
+    plain_images: bool,
     progress: bool | None,
     flag: str | None,
     gradcam: Path | None,
@@ -105,11 +156,23 @@ def main(
 ) -> None:
     """Classify breast density (BI-RADS A-D) for every file under STUDIES: one row per file in --out
     (status ok | skipped | error, with a reason), plus breast- and exam-level calls beside it."""
-    from dens.infer.runner import InferError, run  # here: spawned workers import this module
+    from dens.infer.runner import InferError, resolve_model, run  # here: spawned workers import this module
+    from dens.infer.runtime import ModelError, model_for_precision
 
+    if overwrite and (resume or retry_errors):
+        raise click.UsageError(
+            f"{'--retry-errors' if retry_errors else '--resume'} and --overwrite contradict each other: choose one"
+        )
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("PIL", "pydicom", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if precision is not None:
+        try:
+            model = model_for_precision(resolve_model(model), precision)
+        except (InferError, ModelError) as exc:
+            click.echo(f"dens-infer: error: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
     cfg = InferConfig(
         studies=studies,
         out=out,
@@ -122,23 +185,30 @@ def main(
         overwrite=overwrite,
         progress=progress,
         flag=flag,
+        plain_images=plain_images,
+        retry_errors=retry_errors,
     )
     try:
         summary = run(cfg)
     except InferError as exc:
         click.echo(f"dens-infer: error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        click.echo(f"\ndens-infer: interrupted; the rows written so far are in {out}: continue with --resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        what, status = (
+            ("terminated", EXIT_TERMINATED) if isinstance(exc, _Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        )
+        click.echo(f"\ndens-infer: {what}; the rows written so far are in {out}: continue with --resume", err=True)
+        sys.exit(status)
     click.echo(summary.line())
     click.echo(f"dens-infer: wrote {summary.out}, {summary.breast_csv}, {summary.exam_csv}")
     if gradcam is not None:
         _gradcam(summary, gradcam, model, checkpoint, progress)
-    if summary.errors:
+    if summary.errors or summary.already_errors:
+        earlier = f" ({summary.already_errors} from the earlier run)" if summary.already_errors else ""
         click.echo(
-            f"dens-infer: {summary.errors} files could not be read: their rows in {summary.out} have status "
-            f"'error' and say why (exit status {EXIT_ERRORS})",
+            f"dens-infer: {summary.errors + summary.already_errors} files could not be read{earlier}: their rows in "
+            f"{summary.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does them "
+            "again",
             err=True,
         )
     sys.exit(summary.exit_code)
@@ -147,20 +217,22 @@ def main(
 def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None, progress: bool | None) -> None:
     """Grad-CAM for the rows dens-infer flagged, on the device the ONNX model ran on."""
     from dens.explain import GradcamConfig, GradcamError, run  # torch: imported only when asked for
+    from dens.infer.lock import OutputLocked, output_lock
 
     device = "cuda" if summary.provider.lower().startswith(("cuda", "tensorrt")) else "cpu"
     try:
-        table = run(
-            GradcamConfig(
-                summary.out,
-                out_dir,
-                model=model,
-                checkpoint=checkpoint,
-                device=device,
-                progress=show_progress(progress),
+        with output_lock(summary.out):  # it rewrites preds.csv: no other run may append meanwhile
+            table = run(
+                GradcamConfig(
+                    summary.out,
+                    out_dir,
+                    model=model,
+                    checkpoint=checkpoint,
+                    device=device,
+                    progress=show_progress(progress),
+                )
             )
-        )
-    except GradcamError as exc:
+    except (GradcamError, OutputLocked, OSError) as exc:
         click.echo(
             f"dens-infer: --gradcam failed: {exc}; the predictions in {summary.out} are complete "
             "(rerun `dens-gradcam` on them)",

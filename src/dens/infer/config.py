@@ -1,7 +1,8 @@
 """What dens-infer is asked to do: :class:`InferConfig`, its choice lists and its exit statuses.
 
-Standard library only: dens-infer's command-line module imports this, and a spawned decode worker imports
-that module before it starts, so nothing heavy may load here.
+Standard library only (and dens.metadata's names, which need nothing more at import): dens-infer's
+command-line module imports this, and a spawned decode worker imports that module before it starts, so
+nothing heavy may load here.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dens.metadata import PRECISIONS as PRECISIONS  # --precision: the variant beside the model (model.int8.onnx)
+
 DEVICES = ("auto", "tensorrt", "cuda", "cpu")
-# Exit status of dens-infer.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Exit status of dens-infer (130: Ctrl-C; 143: SIGTERM).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 @dataclass(frozen=True)
@@ -29,3 +32,5 @@ class InferConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: when the terminal is interactive
     flag: str | None = None  # which calls are flagged (dens.flags.parse_flag); default C/D
+    plain_images: bool = False  # read PNG/PGM/TIFF files too (else each is a skipped row)
+    retry_errors: bool = False  # resume, and do the files of the earlier error rows again

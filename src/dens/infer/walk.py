@@ -1,7 +1,8 @@
 """The files under an input folder: recursive, in a deterministic (sorted) order, symlinks followed once.
 
 Every regular file is yielded, whatever its name or extension: whether it is DICOM is decided by its
-content (``dens.dicom.read``), so a non-DICOM file becomes a ``skipped`` row, not a silent omission.
+content (``dens.dicom.read``), so a non-DICOM file becomes a ``skipped`` row, not a silent omission. Paths
+are ``str``; a name that is not UTF-8 carries its bytes as ``surrogateescape`` characters, as ``os`` gives it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+# The names dens.preprocess.load reads as plain images rather than DICOM (a test holds the two equal: this
+# process never imports preprocess, which loads the decoders). dens-infer reads them only when asked.
+PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,16 @@
 Rows are appended one batch at a time in a single write, flushed and fsync'd, so a crash (kill -9, power)
 loses at most the batch being written, and that batch can only be torn at its end. ``--resume`` reads the
 file back, drops a torn last record, and skips every file that already has a row: after a crash at any
-moment, the resumed run ends with exactly one row per file.
+moment, the resumed run ends with exactly one row per file. A write that fails (a full disk) is cut back to
+the last whole record before the error goes up, so the file never ends torn by it.
+
+Cells hold text as :mod:`dens.infer.cells` writes it: control characters escaped, formulas guarded, the path
+reversibly escaped; ``--resume`` recognises a file by its path cell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -17,13 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dens import labels
+from dens.config import PreprocessConfig
 from dens.files import atomic_write
 from dens.flags import FlagRule, flag_dense, prediction_cells
+from dens.infer.cells import path_cell, text_cell
 
 log = logging.getLogger(__name__)
 
 FLAGGED, MODEL_SHA256, GRADCAM = labels.FLAGGED, labels.MODEL_SHA256, labels.GRADCAM
+# Where the laterality came from: 'tag' (ImageLaterality/Laterality), 'orientation' (PatientOrientation),
+# 'pixels' (guessed from the image); the maker and model of the unit; the preprocessing the model's metadata
+# asked for (an edited metadata shows here, and in model_sha256).
+LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
+    "laterality_source",
+    "manufacturer",
+    "manufacturer_model",
+    "preprocess",
+)
 STATUSES = ("ok", "skipped", "error")
+# Columns added later go at the end, but before gradcam, the column the Grad-CAM step fills afterwards:
+# a reader of an older preds.csv by column name keeps working.
 COLUMNS: tuple[str, ...] = (
     labels.PATH,
     labels.STATUS,
@@ -35,9 +53,16 @@ COLUMNS: tuple[str, ...] = (
     labels.DENSE,
     FLAGGED,
     MODEL_SHA256,
+    LATERALITY_SOURCE,
+    MANUFACTURER,
+    MANUFACTURER_MODEL,
+    PREPROCESS,
     GRADCAM,
 )
+# The columns of a preds.csv written before these four were added; --resume carries such a file over.
+OLDER_COLUMNS = tuple(c for c in COLUMNS if c not in (LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS))
 HEADER = ",".join(COLUMNS) + "\n"
+_FROM_INFO = (*labels.IDENTITY_COLUMNS, LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL)
 
 
 def make_row(
@@ -48,12 +73,23 @@ def make_row(
     probs: Sequence[float] | None,
     model_sha256: str,
     rule: FlagRule = flag_dense,
+    preprocess: str = "",
 ) -> dict[str, str]:
-    """One preds.csv row; identity from ``info`` (``ImageInfo.to_dict()``), predictions when ``probs``."""
+    """One preds.csv row, whatever its status: the identity from ``info`` (``ImageInfo.to_dict()``, or
+    on a failure the header's identity as far as it was read; None when no header was), predictions when
+    ``probs``. Every cell is written as :mod:`dens.infer.cells` says."""
     row = dict.fromkeys(COLUMNS, "")
-    row.update({labels.PATH: path, labels.STATUS: status, labels.REASON: reason, MODEL_SHA256: model_sha256})
-    for column in labels.IDENTITY_COLUMNS:
-        row[column] = str((info or {}).get(column, "") or "")
+    row.update(
+        {
+            labels.PATH: path_cell(path),
+            labels.STATUS: status,
+            labels.REASON: text_cell(reason),
+            MODEL_SHA256: model_sha256,
+            PREPROCESS: preprocess,
+        }
+    )
+    for column in _FROM_INFO:
+        row[column] = text_cell((info or {}).get(column, "") or "")
     if probs is not None:
         row.update(prediction_cells(probs, rule))
     return row
@@ -67,16 +103,27 @@ class CorruptOutput(ValueError):
     """preds.csv cannot be resumed (not a dens-infer file, or damaged before its last record)."""
 
 
+def preprocess_cell(cfg: PreprocessConfig) -> str:
+    """The ``preprocess`` cell: the model's preprocessing settings, ``key=value`` joined by ``;``."""
+    return ";".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.to_dict().items())
+
+
 @dataclass
 class Existing:
-    """What a previous run left in preds.csv."""
+    """What a previous run left in preds.csv (rows padded to COLUMNS)."""
 
     rows: list[list[str]] = field(default_factory=list)
     torn: bool = False  # a torn last record (or header) was found and dropped
+    older: bool = False  # written with OLDER_COLUMNS, by an older dens-infer
 
     @property
     def paths(self) -> set[str]:
+        """The path cells."""
         return {r[0] for r in self.rows}
+
+    @property
+    def errors(self) -> int:
+        return sum(r[1] == "error" for r in self.rows)
 
     @property
     def models(self) -> set[str]:
@@ -101,21 +148,26 @@ def read_existing(path: Path) -> Existing:
         records.extend(csv.reader(io.StringIO(text, newline="")))
     except csv.Error:
         torn = True  # an unterminated quote at the very end: the last record was cut inside a quoted path
-    if not records or records[0] != list(COLUMNS):
+    if not records or records[0] not in (list(COLUMNS), list(OLDER_COLUMNS)):
         if not records and torn:
             return Existing(torn=True)
         raise CorruptOutput(
             f"{path} does not start with the preds.csv header ({HEADER.strip()}); it was not "
             "written by this dens-infer: choose another --out, or --overwrite it"
         )
+    width = len(records[0])
     rows = records[1:]
-    good = [len(r) == len(COLUMNS) and r[1] in STATUSES for r in rows]
+    good = [len(r) == width and r[1] in STATUSES for r in rows]
     if rows and not good[-1]:
         rows, good, torn = rows[:-1], good[:-1], True
     if not all(good):
         bad = good.index(False) + 2
         raise CorruptOutput(f"{path}: record {bad} is not a preds.csv row (damaged or edited); fix it, or --overwrite")
-    return Existing(rows, torn)
+    if width == len(COLUMNS):
+        return Existing(rows, torn)
+    return Existing(
+        [[dict(zip(OLDER_COLUMNS, r, strict=True)).get(c, "") for c in COLUMNS] for r in rows], torn, older=True
+    )
 
 
 def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -131,31 +183,41 @@ class PredsWriter:
     """Append rows to preds.csv, one flushed and fsync'd write per batch.
 
     A new file gets the header. An existing one is refused unless ``resume`` (its rows are kept, a torn
-    end is cut off, ``done`` lists the paths to skip) or ``overwrite`` (it starts again).
+    end is cut off, ``done`` lists the path cells to skip) or ``overwrite`` (it starts again).
+    ``retry_errors`` (with ``resume``): the earlier ``error`` rows are dropped, so their files are done
+    again; without it they stay, and ``kept_errors`` counts them.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, retry_errors: bool = False
+    ):
         self.path = Path(path)
         self.done: set[str] = set()
         self.models: set[str] = set()
-        self.kept = 0
+        self.kept = self.kept_errors = self.retried = 0
         check_output(self.path, resume=resume, overwrite=overwrite)
         exists = self.path.exists() and self.path.stat().st_size > 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if exists and resume:
             existing = read_existing(self.path)
-            self.done, self.models, self.kept = existing.paths, existing.models, len(existing.rows)
+            rows = existing.rows
+            if retry_errors:
+                rows = [r for r in rows if r[1] != "error"]
+                self.retried = len(existing.rows) - len(rows)
+            kept = Existing(rows)
+            self.done, self.models, self.kept, self.kept_errors = kept.paths, kept.models, len(rows), kept.errors
             if existing.torn:
                 log.warning(
                     "%s: its last record was cut short by the crash; dropped, that file is done again", self.path
                 )
-                self._rewrite(existing.rows)
+            if existing.torn or existing.older or self.retried:
+                self._rewrite(rows)
             elif not existing.rows and self.path.read_bytes() != HEADER.encode():
                 self._rewrite([])
         elif not exists or overwrite:
             self._rewrite([])
-        self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 (closed in close())
-        self._csv = csv.writer(self._file, lineterminator="\n")
+        # Unbuffered bytes: a write that fails leaves nothing behind in a buffer to fail again at close.
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
 
     def _rewrite(self, rows: list[list[str]]) -> None:
         """Replace the file with the header and ``rows``, atomically."""
@@ -165,12 +227,21 @@ class PredsWriter:
             writer.writerows(rows)
 
     def write(self, rows: Iterable[Mapping[str, str]]) -> None:
-        """Append ``rows`` (dicts keyed by COLUMNS) in one write, then flush and fsync."""
+        """Append ``rows`` (dicts keyed by COLUMNS) in one write, then flush and fsync. On an error (a full
+        disk, an interrupt) the file is cut back to where it ended before, then the error goes up."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows([r[c] for c in COLUMNS] for r in rows)
-        self._file.write(buffer.getvalue())
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = memoryview(buffer.getvalue().encode("utf-8"))
+        fd = self._file.fileno()
+        end = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except BaseException:  # a full disk, or a signal between two writes
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
 
     def close(self) -> None:
         self._file.close()
