@@ -19,6 +19,10 @@ METADATA_KEY = "dens"
 METADATA_FORMAT = 1
 # The graph's tensors: uint8 images [N, 1, S, S] in; calibrated probabilities and raw logits [N, classes] out.
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
+# What a graph computes in: fp32 (dens-export's reference), fp16 (GPU providers), int8 (CPUs; calibrated).
+PRECISIONS = ("fp32", "fp16", "int8")
+# An int8 graph's "int8" entry: how it was quantized and on what (dens.export.quantize writes it).
+_INT8_REQUIRED = {"format": str, "calibration_images": int, "calibration_sha256": str, "source_sha256": str}
 _REQUIRED = {
     "format_version": int,
     "classes": list,
@@ -46,6 +50,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def variant_path(path: str | os.PathLike, precision: str) -> Path:
+    """The file of ``precision`` beside the fp32 model ``path``: ``model.onnx`` -> ``model.int8.onnx`` (fp32: the
+    model itself). A path that already names a variant gives its sibling: ``model.int8.onnx`` -> fp32
+    ``model.onnx``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    base, _, tail = stem.rpartition(".")
+    if base and tail in PRECISIONS:  # a variant: go through its fp32 name
+        stem = base
+    elif precision == "fp32":
+        return path
+    return path.with_name(stem + ("" if precision == "fp32" else f".{precision}") + (path.suffix or ".onnx"))
 
 
 def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
@@ -88,4 +108,17 @@ def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]
         raise OnnxMetadataError(f"{where}: its dens metadata has an unusable preprocess ({exc}); {hint}") from exc
     if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]) or not meta["temperature"] > 0:
         raise OnnxMetadataError(f"{where}: its dens metadata has empty classes or a non-positive temperature; {hint}")
+    if meta["precision"] not in PRECISIONS:
+        raise OnnxMetadataError(
+            f"{where}: its dens metadata names precision {meta['precision']!r}; this dens {dens.__version__} knows "
+            f"{', '.join(PRECISIONS)}"
+        )
+    int8 = meta.get("int8")
+    if meta["precision"] == "int8" and (
+        not isinstance(int8, dict) or any(not isinstance(int8.get(k), t) for k, t in _INT8_REQUIRED.items())
+    ):
+        raise OnnxMetadataError(
+            f"{where}: an int8 graph whose dens metadata lacks its calibration record ({', '.join(_INT8_REQUIRED)}); "
+            "re-export it with `dens-export --onnx --int8 --calibrate DIR`"
+        )
     return meta

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
+from dens.export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_INT8_FORMAT, INT8_FORMATS
 from dens.export.runner import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
 from dens.metadata import OnnxMetadataError
 from dens.model import CheckpointError
@@ -31,6 +32,8 @@ def _summary(model: dict) -> str:
     r = model["report"]
     size_mb = model["path"].stat().st_size / 2**20
     head = f"{model['path']} ({r['precision']}, opset {r['opset']}, {size_mb:.1f} MiB)"
+    if r["precision"] == "int8":
+        return f"{head}: {_int8_summary(r)}; report {model['report_path']}"
     if r.get("max_abs_prob_diff") is None:
         return f"{head}: parity FAILED before any comparison; report {model['report_path']}"
     seen = f"{r['random']['count']} random"
@@ -42,6 +45,19 @@ def _summary(model: dict) -> str:
         f"{','.join(map(str, r['batch_sizes']))}: max |Δp| {r['max_abs_prob_diff']:.2g} "
         f"(≤ {r['thresholds']['prob_atol']:g}), argmax agreement {r['argmax_agreement']:.1%}; "
         f"report {model['report_path']}"
+    )
+
+
+def _int8_summary(r: dict) -> str:
+    calibrated = f"calibrated on {r['int8'].get('calibration_images', '?')} images"
+    if r.get("argmax_agreement") is None:
+        return f"{calibrated}; parity FAILED before any comparison"
+    t = r["thresholds"]
+    return (
+        f"{calibrated}; parity with fp32 {'passed' if r['passed'] else 'FAILED'} on {r['images']} held-out images: "
+        f"dense-call agreement {r['dense_agreement']:.1%} (≥ {t['dense_agreement']:.0%}), argmax agreement "
+        f"{r['argmax_agreement']:.1%} (≥ {t['argmax_agreement']:.0%}), mean |Δp| {r['mean_abs_prob_diff']:.2g} "
+        f"(≤ {t['mean_abs_prob_diff']:g}), max |Δp| {r['max_abs_prob_diff']:.2g}, kappa {r['kappa']:.3f}"
     )
 
 
@@ -90,11 +106,40 @@ def _summary(model: dict) -> str:
     show_default=True,
     help="Save ORT's provider-independent (BASIC) graph optimisation into the file.",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write the int8 variant for CPUs (<out>.int8.onnx): static quantization calibrated on --calibrate, "
+    "checked against the fp32 graph on held-out images.",
+)
+@click.option(
+    "--calibrate",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="With --int8: folder of DICOM/PNG mammograms (searched recursively, sorted) whose first "
+    "--calibration-images usable images calibrate the int8 ranges, 20% of them (at least 40 where there "
+    "are 80) held out for parity.",
+)
+@click.option(
+    "--calibration-images",
+    type=click.IntRange(min=2),
+    default=DEFAULT_CALIBRATION_IMAGES,
+    show_default=True,
+    help="Usable images taken from --calibrate, the held-out part included.",
+)
+@click.option(
+    "--int8-format",
+    type=click.Choice(INT8_FORMATS),
+    default=DEFAULT_INT8_FORMAT,
+    show_default=True,
+    help="Activations x weights. u8s8: fast on every x86 CPU (AVX2 and VNNI), weights in a 7-bit range; "
+    "s8s8: full 8-bit weights, fast on VNNI/AMX and ARM CPUs but no faster than fp32 on AVX2-only ones.",
+)
 @click.option("--check-only", is_flag=True, help="Do not export: check parity of the existing --out file(s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(onnx_format: bool, **options) -> None:
     """Export a dens checkpoint to ONNX (uint8 image in; probs and logits out; its configuration in the
-    file's metadata) and prove it against PyTorch. Exits with status 2 when parity fails."""
+    file's metadata) and prove it against PyTorch (the int8 variant: against the fp32 graph, on decisions).
+    Exits with status 2 when parity fails."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # pydicom logs a traceback for every decoder plugin that fails before another succeeds; the parity report
     # records each file's outcome (used, skipped with a reason, error) instead.
@@ -113,7 +158,8 @@ def main(onnx_format: bool, **options) -> None:
             failures = model["report"]["failures"]
             listed = "; ".join(failures[:3]) + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else "")
             click.echo(
-                f"dens-export: PARITY FAILED for {model['path']}: it does not match {result['checkpoint']}; "
+                f"dens-export: PARITY FAILED for {model['path']}: it does not match "
+                f"{model['report'].get('reference_path', result['checkpoint'])}; "
                 f"do not use it. {listed}. Details: {model['report_path']}",
                 err=True,
             )

@@ -135,7 +135,7 @@ def check_parity(
     except Exception as exc:  # ORT's own exception types; a graph that does not load fails parity, loudly
         session, interface = None, [f"ONNX Runtime cannot load the graph: {type(exc).__name__}: {exc}"]
     else:
-        interface = _check_interface(session, ckpt.preprocess.size, len(ckpt.classes))
+        interface = check_interface(session, ckpt.preprocess.size, len(ckpt.classes))
     failures = list(interface)
     if meta["checkpoint_sha256"] != ckpt.sha256:
         failures.append(
@@ -193,7 +193,7 @@ def check_parity(
     }
 
 
-def _check_interface(session, size: int, num_classes: int) -> list[str]:
+def check_interface(session, size: int, num_classes: int) -> list[str]:
     """The graph's inputs and outputs against the contract: image uint8 [N,1,S,S]; probs, logits float [N,C]."""
     failures = []
     inputs, outputs = session.get_inputs(), session.get_outputs()

@@ -22,7 +22,15 @@ import onnxruntime as ort
 import dens
 from dens.config import PreprocessConfig
 from dens.infer.config import DEVICES
-from dens.metadata import INPUT, METADATA_KEY, PROBS, OnnxMetadataError, parse_metadata, read_metadata
+from dens.metadata import (
+    INPUT,
+    METADATA_KEY,
+    PROBS,
+    OnnxMetadataError,
+    parse_metadata,
+    read_metadata,
+    variant_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,19 @@ def _provider_options(name: str, size: int, batch: int, cuda_options: dict | Non
     return PROVIDERS[name], {}
 
 
+def model_for_precision(model_path: str | os.PathLike, precision: str) -> Path:
+    """The ``precision`` variant dens-export wrote beside ``model_path`` (``model.onnx`` + int8 ->
+    ``model.int8.onnx``); raises ModelError, saying how to make it, when it is not there."""
+    path = variant_path(model_path, precision)
+    if not path.is_file():
+        make = {"int8": " --int8 --calibrate DIR", "fp16": " --fp16"}.get(precision, "")
+        raise ModelError(
+            f"--precision {precision}: {path} not found beside {model_path}; make it with `dens-export --onnx{make} "
+            f"--out {variant_path(model_path, 'fp32')}`, or pass the file with --model"
+        )
+    return path
+
+
 def read_session_metadata(session: ort.InferenceSession, model_path: Path) -> dict:
     """The ``dens`` JSON that ``dens-export`` writes into the model's metadata_props, checked."""
     try:
@@ -184,6 +205,11 @@ class Runtime:
     batch_size: int
     threads: int
     _device_input: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def precision(self) -> str:
+        """What the graph computes in, from its metadata: fp32, fp16 or int8."""
+        return self.metadata["precision"]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities ``[N, len(classes)]`` (float32) for a uint8 batch."""
@@ -258,6 +284,9 @@ def open_runtime(
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     classes = tuple(str(c) for c in meta["classes"])
     _check_io(session, model_path, preprocess.size, len(classes))
+    int8 = meta.get("int8") or {}
+    calibrated = f", {int8['format']}, calibrated on {int8['calibration_images']} images" if int8 else ""
+    log.info("dens-infer: running the %s graph %s%s", meta["precision"], model_path, calibrated)
     return Runtime(
         session, model_path, meta, preprocess, classes, provider, used, batch_size or DEFAULT_BATCH[used], threads
     )
