@@ -333,6 +333,12 @@ def _code(value: str, meaning: str) -> Dataset:
 def _excluded_view_tags(kind: str) -> dict:
     if kind == "cleavage":
         return {"ViewPosition": "CV"}
+    if kind == "implant-displaced-position":
+        return {"ViewPosition": "MLOID"}
+    if kind == "implant-displaced":
+        view = _code("399162004", "cranio-caudal")
+        view.ViewModifierCodeSequence = [_code("399161002", "Implant Displaced")]
+        return {"ViewCodeSequence": [view]}
     if kind == "spot":  # the modifier at the top level, as some vendors write it
         return {
             "ViewCodeSequence": [_code("399162004", "cranio-caudal")],
@@ -343,7 +349,9 @@ def _excluded_view_tags(kind: str) -> dict:
     return {"ViewCodeSequence": [view]}
 
 
-@pytest.mark.parametrize("kind", ["cleavage", "spot", "magnification"])
+@pytest.mark.parametrize(
+    "kind", ["cleavage", "spot", "magnification", "implant-displaced", "implant-displaced-position"]
+)
 def test_excluded_views_are_skipped(make_dicom, breast, kind):
     path = make_dicom(breast(), **_excluded_view_tags(kind))
     error = _raises(path, Reason.EXCLUDED_VIEW, "skipped")

@@ -72,3 +72,15 @@ def test_codec_noise_stays_off_the_terminal(real_mammo, capfd):
     assert result.status == "ok", result.reason
     assert "Unsupported JPEG data precision 12" in result.noise
     assert "JPEG" not in capfd.readouterr().err
+
+
+def test_a_slow_file_is_overtaken_not_waited_for(files, codec_fault):
+    # Results came in input order, so one slow file held up every file after it. With buffer=2, each two
+    # finished files waiting behind it go ahead; the last one (less than a buffer) waits for it, as the run
+    # cannot end before it anyway. (per_worker=1: with 2, the file queued at its worker waits with it.)
+    codec_fault("hang", "img0.dcm")
+    with DecodePool(2, PreprocessConfig(size=S), timeout=3, buffer=2, per_worker=1) as engine:
+        results = list(engine.map((str(p), "") for p in files))
+    assert [r.index for r in results] == [1, 2, 3, 4, 0, 5]
+    assert [r.path for r in results] == [str(files[i]) for i in (1, 2, 3, 4, 0, 5)]
+    assert results[4].code == Reason.WORKER_TIMEOUT.value and all(r.status == "ok" for r in results[:4])

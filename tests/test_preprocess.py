@@ -212,6 +212,25 @@ def test_patient_orientation_decides_the_flip(make_dicom, breast, laterality):
     np.testing.assert_array_equal(kept, reference)
 
 
+@pytest.mark.parametrize(
+    ("orientation", "expected"),
+    [(["A", "R"], ("L", "orientation")), (["P", "FL"], ("R", "orientation")), (["A", "F"], ("L", "pixels"))],
+    ids=["left-cc", "right-mlo", "mlo-without-side"],
+)
+def test_laterality_from_patient_orientation_when_no_tag_says(make_dicom, breast, orientation, expected):
+    # A left breast's columns run towards the patient's right; an MLO's "F" alone names no side.
+    stored = breast() if orientation[0] == "A" else breast()[:, ::-1]
+    _, info = preprocess.load(make_dicom(stored, PatientOrientation=orientation), SMALL)
+    assert (info.laterality, info.laterality_source) == expected
+
+
+def test_info_names_the_manufacturer_and_model(make_dicom, breast):
+    path = make_dicom(breast(), Manufacturer="HOLOGIC, Inc.", ManufacturerModelName="Selenia Dimensions")
+    _, info = preprocess.load(path, SMALL)
+    assert (info.manufacturer, info.manufacturer_model) == ("HOLOGIC, Inc.", "Selenia Dimensions")
+    assert tuple(info.to_dict())[: len(preprocess.IDENTITY_KEYS)] == preprocess.IDENTITY_KEYS
+
+
 def test_laterality_from_pixels_when_no_tag_says(make_dicom, breast):
     stored = breast()
     for pixels, laterality in ((stored, "L"), (stored[:, ::-1], "R")):

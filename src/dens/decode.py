@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -89,13 +90,17 @@ def quiet_decoders(what: str, capture: BinaryIO | None = None) -> Iterator[list[
 _ALL_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins"
 
 
+# A plugin's message that speaks of its own code, not of the file (GDCM's binding on a frame it cannot read).
+_PLUGIN_BUG = re.compile(r"NoneType|object has no attribute|object is not")
+
+
 def first_cause(exc: BaseException) -> str:
     """The one line of a decoder's exception that says what went wrong. pydicom's "Unable to decode as
-    exceptions were raised by all available plugins:" says nothing by itself: the first plugin's own message,
-    on the next line, does."""
+    exceptions were raised by all available plugins:" says nothing by itself: the first plugin's own message
+    that speaks of the file, on the lines after it, does."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith(_ALL_PLUGINS_FAILED):
-        return lines[1]
+        return next((line for line in lines[1:] if not _PLUGIN_BUG.search(line)), lines[1])
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 

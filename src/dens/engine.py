@@ -318,8 +318,9 @@ class DecodePool:
 
         Yields one :class:`Decoded` per item, in input order except that a file still decoding never holds up
         more than ``buffer`` finished ones: they are delivered ahead of it, and it follows when it is done
-        (or timed out). So a slow file stalls nobody, and memory stays bounded. Each result carries its
-        input ``index``: a caller that needs input order restores it from that.
+        (or timed out). So a slow file stalls nobody (but the ``per_worker - 1`` files already queued at its
+        worker, which wait with it), and memory stays bounded. Each result carries its input ``index``: a
+        caller that needs input order restores it from that.
         """
         if self._setup is None:
             raise RuntimeError("configure the pool (DecodePool(..., cfg) or .configure(cfg)) before map()")
@@ -393,7 +394,8 @@ class DecodePool:
                     return
                 next_out += 1
             if len(done) >= self.buffer:
-                # A file still decoding holds up a full buffer of finished ones: they go ahead of it.
+                # A file still decoding holds up a full buffer of finished ones: they go ahead of it. (The
+                # input's last ones wait for it: the run cannot end before it anyway.)
                 for index in sorted(done):
                     if not self._put(out, done.pop(index)):
                         return
