@@ -72,29 +72,41 @@ def load_images(
     max_images: int = DEFAULT_MAX_IMAGES,
     progress: bool = False,
 ) -> ImageSet:
-    """Up to ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made by
-    the decode engine (``dens.preprocess.load`` with the checkpoint's PreprocessConfig, in worker processes);
-    unusable files are counted, not fatal."""
+    """The first ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made
+    by the decode engine (``dens.preprocess.load`` with the checkpoint's PreprocessConfig, in worker
+    processes), in that order; unusable files are counted, not fatal."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} not found (--images takes a folder of DICOM/PNG files)")
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    images, used, skipped, errors = [], [], Counter(), {}
     bar = tqdm(total=len(files), desc="parity: images", unit="file", disable=not progress, leave=False)
     workers = max(1, min(dens.usable_cores(), len(files)))
+    # The engine may deliver a file ahead of a slower one before it; the images taken are still the first
+    # max_images usable files in sorted order (int8 calibration hashes that list), so decoding stops only
+    # once every file before them is done.
+    done, settled, usable = {}, 0, 0  # files [0, settled) are all decoded; usable: the ok ones among them
     with DecodePool(workers, checkpoint.preprocess, buffer=2 * workers) as pool:
         for decoded in pool.map((str(path), "") for path in files):
             bar.update()
-            if decoded.status == "ok":
-                images.append(decoded.image[None])
-                used.append(decoded.path)
-                if len(used) >= max_images:
-                    break
-            elif Reason(decoded.code).is_verdict:  # the file's own verdict: counted by reason
-                skipped[decoded.code] += 1
-            else:  # the route failed on it (a codec crash, a bug): one bad file must not stop the check
-                errors[decoded.path] = decoded.reason
+            done[decoded.index] = decoded
+            while settled in done:
+                usable += done[settled].status == "ok"
+                settled += 1
+            if usable >= max_images:
+                break
     bar.close()
+    images, used, skipped, errors = [], [], Counter(), {}
+    for index in range(settled):
+        decoded = done[index]
+        if decoded.status == "ok":
+            if len(used) >= max_images:
+                break
+            images.append(decoded.image[None])
+            used.append(decoded.path)
+        elif Reason(decoded.code).is_verdict:  # the file's own verdict: counted by reason
+            skipped[decoded.code] += 1
+        else:  # the route failed on it (a codec crash, a bug): one bad file must not stop the check
+            errors[decoded.path] = decoded.reason
     size = checkpoint.preprocess.size
     array = np.stack(images) if images else np.zeros((0, 1, size, size), np.uint8)
     return ImageSet(str(directory), array, len(files), used, dict(skipped), errors)

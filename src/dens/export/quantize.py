@@ -318,6 +318,7 @@ def check_int8_parity(
         "mean |p_int8 - p_fp32| over images and classes <= mean_abs_prob_diff, with finite outputs; max |Δp| "
         "and Cohen's kappa are reported, not thresholded (kappa is undefined-prone on one-class sets)",
         "held_out": {"source": split.source, "count": len(split.held_out), "files": split.held_out_files},
+        "calibration_files": split.calibration_files,
         "batch_size": batch_size,
         **figures,
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
