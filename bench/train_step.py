@@ -66,7 +66,7 @@ def bench_one(
     sync(device)
     steps, start = 0, time.perf_counter()
     while steps < min_steps or time.perf_counter() - start < min_seconds:
-        loss = train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)
+        loss, _ = train_step(model, (images, targets), optimizer, scaler, loss_fn, amp_dtype)
         steps += 1
         if device.type == "cuda" and steps % 10:
             continue

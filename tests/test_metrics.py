@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from dens import exams, labels
+from dens import labels
 from dens.flags import prediction_cells
 from dens.model import softmax
 from dens.train import metrics
@@ -157,49 +156,6 @@ def test_otherwise_the_temperature_is_one_and_the_reason_recorded(case, reason):
     if case in ("all right", "all wrong"):  # the fit really ends at the bound: the NLL still falls there
         t, at_bound = metrics.fit_temperature(logits, y)
         assert at_bound and t in metrics.TEMPERATURE_BOUNDS
-
-
-def test_breast_level_is_the_mean_of_its_views():
-    keys = pd.DataFrame(
-        {
-            "patient_id": ["1", "1", "1", "1", "2"],
-            "study_uid": ["s", "s", "s", "s", "t"],
-            "laterality": ["L", "L", "R", "R", "L"],
-        }
-    )
-    probs = np.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 1]])
-    mean, y = metrics.breast_level(keys, probs, np.array([0, 0, 2, 2, 3]))
-    np.testing.assert_allclose(mean, [[0.6, 0.4, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0, 1]])
-    np.testing.assert_array_equal(y, [0, 2, 3])
-
-
-def test_breasts_are_the_breasts_of_preds_breast_csv():
-    # A study UID decides (two patient IDs in one study: one breast); without one, the accession, then the
-    # patient; without any, each file is its own breast.
-    images = pd.DataFrame(
-        {
-            labels.PATH: [f"/d/{i}.dcm" for i in range(9)],
-            labels.PATIENT_ID: ["P1", "P1-typo", "P1", "P2", "P2", "P3", "P3", "", ""],
-            labels.ACCESSION: ["", "", "", "A2", "A2", "", "", "", ""],
-            labels.STUDY_UID: ["S1", "S1", "S1", "", "", "", "", "", ""],
-            labels.LATERALITY: ["L", "L", "R", "R", "R", "L", "L", "L", "L"],
-            labels.VIEW: ["CC", "MLO", "CC", "CC", "MLO", "CC", "MLO", "CC", "CC"],
-        }
-    )
-    probs = RNG.dirichlet(np.ones(4), size=len(images))
-    mean, _ = metrics.breast_level(images, probs, np.zeros(len(images), np.int64))
-    cells = {c: [f"{p:.6f}" for p in probs[:, k]] for k, c in enumerate(labels.PROB_COLUMNS)}
-    preds = images.assign(**{labels.STATUS: "ok", labels.MODEL_SHA256: "f" * 64}, **cells)
-    written = exams.breasts(preds)  # what dens-infer writes to preds.breast.csv
-    assert list(zip(written[exams.EXAM], written[labels.LATERALITY], written[exams.N_IMAGES], strict=True)) == [
-        ("accession:A2", "R", "2"),
-        ("path:/d/7.dcm", "L", "1"),
-        ("path:/d/8.dcm", "L", "1"),
-        ("patient_id:P3", "L", "2"),
-        ("study_uid:S1", "L", "2"),
-        ("study_uid:S1", "R", "1"),
-    ]
-    np.testing.assert_allclose(mean, written[list(labels.PROB_COLUMNS)].astype(float), atol=1e-6)
 
 
 def test_table_lists_the_headline_figures():

@@ -99,6 +99,37 @@ def test_generic_csv_paths_relative_to_it_numeric_density_and_no_patient(tmp_pat
         data.read_manifest(tmp_path / "missing")
 
 
+def test_a_csv_whose_files_are_all_missing_says_where_it_looked(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "labels").mkdir()
+    csv = tmp_path / "labels" / "train.csv"
+    pd.DataFrame({"path": ["images/a.png", "images/b.png"], "density": ["A", "B"]}).to_csv(csv, index=False)
+    monkeypatch.chdir(tmp_path)  # the paths were written relative to here, not to the CSV's folder
+    cfg = _config(tmp_path, tmp_path / "run", data=str(csv))
+    with pytest.raises(ValueError) as caught:
+        loop.run(cfg)  # before any image is decoded
+    message = str(caught.value)
+    assert "none of its 2 files exists" in message and str(tmp_path / "labels") in message
+    assert f"1 of the first 2 exist relative to the working directory {tmp_path}" in message
+    monkeypatch.chdir(tmp_path / "labels")
+    with pytest.raises(ValueError, match="nor relative to the working directory"):
+        loop.run(cfg)
+
+
+def test_a_class_a_split_lacks_is_a_warning_that_says_what_it_means():
+    def split(**counts):
+        return {"classes": {c: counts.get(c, 5) for c in labels.CLASSES}}
+
+    described = {"train": split(D=0), "val": split(A=0), "test": split(A=0, C=0)}
+    warnings = data.class_warnings(described)
+    assert len(warnings) == 4, warnings
+    assert warnings[0].startswith("class A has no validation image")
+    assert "class A has no test image" in warnings[1] and "class C has no test image" in warnings[2]
+    assert "class D has no usable training image: the model cannot learn to call it" in warnings[3]
+    assert data.class_warnings({s: split() for s in data.SPLITS}) == []
+
+
 def test_split_keeps_patients_together_and_class_ratios():
     rng = np.random.default_rng(3)
     rows = []
@@ -242,7 +273,7 @@ def _step(amp_dtype, scaler: torch.amp.GradScaler, optim=torch.optim.SGD):
     optimizer.register_step_post_hook(lambda *_: steps.append(1))
     before = [p.detach().clone() for p in model.parameters()]
     batch = (torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
-    loss = train_step(model, batch, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
+    loss, _ = train_step(model, batch, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
     after = [p.detach() for p in model.parameters()]
     return model, loss, len(steps), before, after
 
@@ -286,7 +317,8 @@ def test_a_bf16_step_on_cpu_learns():
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
     targets = torch.tensor([0, 1, 2, 3])
     loss_fn = torch.nn.CrossEntropyLoss()
-    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16)) for _ in range(8)]
+    step = (net, (images, targets), optimizer, scaler, loss_fn, torch.bfloat16)
+    losses = [float(train_step(*step)[0]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
@@ -305,7 +337,7 @@ def test_cuda_steps_learn_in_every_precision(precision):
     images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8, device=device)
     targets = torch.tensor([0, 1, 2, 3], device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, amp)) for _ in range(8)]
+    losses = [float(train_step(net, (images, targets), optimizer, scaler, loss_fn, amp)[0]) for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
@@ -355,6 +387,12 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
         "confusion_image_normalised.png",
         "confusion_breast.png",
         "confusion_breast_normalised.png",
+        "confusion_exam.png",
+        "confusion_exam_normalised.png",
+        "roc_dense.png",
+        "reliability.png",
+        "classes.png",
+        "model_card.md",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out.parent / "latest").resolve() == out.resolve()
@@ -362,9 +400,13 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2  # it learns
     assert history[0]["lr"] == pytest.approx(1e-3) and history[2]["lr"] == pytest.approx(0.25e-3)  # cosine, 3 epochs
+    assert all(0 <= h["train_accuracy"] <= 1 for h in history)
     saved = json.loads((out / "metrics.json").read_text())
-    for level in ("image", "breast"):
+    for level in ("image", "breast", "exam"):
         test = saved["test"][level]
+        assert set(test["ci"]) >= {"kappa_quadratic", "dense_sensitivity", "dense_specificity", "dense_auc"}
+        low, high = test["ci"]["accuracy"]
+        assert low <= test["accuracy"] <= high, (level, test["ci"]["accuracy"])
         for key in (
             "accuracy",
             "balanced_accuracy",
@@ -379,7 +421,15 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
         ):
             assert key in test, (level, key)
         assert set(test["per_class"]["B"]) >= {"sensitivity", "specificity"}
-    assert saved["test"]["breast"]["n"] < saved["test"]["image"]["n"]  # views pooled into breasts
+    assert saved["test"]["exam"]["n"] < saved["test"]["breast"]["n"] < saved["test"]["image"]["n"]
+    assert saved["test"]["bootstrap"]["unit"] == "patient" and saved["test"]["bootstrap"]["resamples"] == 1000
+    # dens-synth cohorts carry site_id and machine_id, and their headers a manufacturer: figures per value.
+    assert {"site_id", "machine_id", "manufacturer"} <= set(saved["test"]["by"])
+    assert saved["data"]["synthetic"] and set(saved["data"]["groups"]) >= {"site_id", "machine_id"}
+    card = (out / "model_card.md").read_text()
+    assert "not a medical device" in card and "synthetic phantoms" in card and "random weights" in card
+    assert f"{saved['test']['exam']['kappa_quadratic']:.3f} [" in card  # the exam kappa with its interval
+    assert saved["model_card"]["data"]["splits"]["test"]["images"] == saved["data"]["test"]["images"]
     cal = saved["calibration"]["validation"]
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9 and {"ece_before", "ece_after"} <= set(cal)
     # A validation split of a few images is too small to fit a temperature: 1.0, and metrics.json says why.
@@ -398,6 +448,7 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert best.summary["data"] == {s: saved["data"][s]["images"] for s in data.SPLITS}
     assert best.summary["test"]["image"]["kappa_quadratic"] == pytest.approx(saved["test"]["image"]["kappa_quadratic"])
     assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none" and best.summary["from_scratch"]
+    assert best.summary["model_card"] == saved["model_card"]  # the card travels with the weights
 
 
 def test_interrupted_run_resumes_to_the_same_weights(trained, cohort):

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dens import exams, labels
+from dens import exams, labels, modelcard
 from dens.files import atomic_write
 
 THUMBS = "thumbs"
@@ -107,6 +107,7 @@ def write_report(
     *,
     overlays: Mapping[int, str] | None = None,
     exam_calls: pd.DataFrame | None = None,
+    card: Mapping | None = None,
 ) -> Path:
     """Write ``report.html`` beside ``preds_csv`` (atomically) and return its path.
 
@@ -114,7 +115,8 @@ def write_report(
     overlay path relative to preds.csv's folder (default: the ``gradcam`` column); ``exam_calls``:
     preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise (other images,
     another model: a stale file), and every exam when it is None, is called from ``preds`` by the same rule
-    (:mod:`dens.exams`); the call's cell says which source it came from.
+    (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the model card's facts
+    (:mod:`dens.modelcard`), summed up in the page's header; {} or None for a model without one.
     """
     html_path = preds_csv.parent / REPORT
     base = html_path.parent.resolve()
@@ -150,6 +152,7 @@ def write_report(
         nonce=nonce,
         title=_e(f"dens review: {preds_csv.name}"),
         summary=_e(_summary_text(preds, len(members_of), len(overlays))),
+        card=_card_block(card or {}),
         rows="\n".join(row for _, row in rows),
         unusable=_unusable_table(unusable),
         script=_SCRIPT,
@@ -236,6 +239,18 @@ def _unusable_table(rows: list[Mapping[str, str]]) -> str:
     )
 
 
+def _card_block(card: Mapping) -> str:
+    """The model card's summary lines (what the model is, its test figures, what must not be missed), the
+    warnings in red, as the page's header."""
+    lines = modelcard.summary_lines(card)
+    warn = bool(modelcard.caveats({modelcard.CARD_KEY: card})) or not card
+    paragraphs = "".join(
+        f'<p class="caveat">{_e(line)}</p>' if line.startswith("Warning") or not card else f"<p>{_e(line)}</p>"
+        for line in lines
+    )
+    return f'<div class="card{" warn" if warn else ""}" id="model-card">{paragraphs}</div>'
+
+
 def _summary_text(preds: pd.DataFrame, exams: int, maps: int) -> str:
     status = preds[labels.STATUS].value_counts().to_dict() if labels.STATUS in preds else {}
     counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
@@ -268,6 +283,10 @@ style-src 'unsafe-inline'; script-src 'nonce-{nonce}'">
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d1d1f; background: #fafafa; }}
 h1 {{ font-size: 1.4em; margin: 0 0 .3em; }}
 .summary {{ color: #555; margin: 0 0 1em; }}
+.card {{ border-left: 4px solid #999; background: #fff; padding: .4em .8em; margin: 0 0 1em; max-width: 60em; }}
+.card.warn {{ border-left-color: #c0392b; }}
+.card p {{ margin: .2em 0; }}
+.card .caveat {{ color: #c0392b; font-weight: bold; }}
 table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; background: #fff; }}
 th {{ background: #eee; position: sticky; top: 0; }}
@@ -284,6 +303,7 @@ button {{ font: inherit; margin-bottom: .8em; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="summary">{summary}</p>
+{card}
 <p>Exam call: the denser breast's, a breast's probabilities being the mean of its views; from preds.exam.csv
 where it describes the exam, else by the same rule from preds.csv (hover the call). A Grad-CAM map (under a
 flagged view) shows where the model looked for the class it called; click an image for full size.</p>

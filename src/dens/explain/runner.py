@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import dens
-from dens import labels, runs
+from dens import labels, modelcard, runs
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
 from dens.explain.gradcam import GradCAM, assign_stems
@@ -201,7 +201,12 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
             bar.update(len(batch))
         bar.close()
         preds.attrs["report"] = pages.write_report(
-            preds, preds_csv, thumbs, overlays=overlays, exam_calls=_exam_calls(preds_csv)
+            preds,
+            preds_csv,
+            thumbs,
+            overlays=overlays,
+            exam_calls=_exam_calls(preds_csv),
+            card=modelcard.of(resolved.metadata.get("summary")),
         )
     preds.attrs["summary"] = GradcamSummary(
         len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)

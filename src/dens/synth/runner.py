@@ -7,6 +7,7 @@ seed gives the same bytes whatever the worker count.
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import dens
+from dens.modelcard import SYNTH_MARKER
 from dens.synth.cohort import COLUMNS, plan_patient
 from dens.synth.image import write_image
 
@@ -80,6 +82,9 @@ def run(cfg: SynthConfig) -> pd.DataFrame:
                 for _ in pool.imap_unordered(write, specs):
                     bar.update()
     table = pd.DataFrame([row for _, row in planned], columns=list(COLUMNS))
+    # The marker that says these are phantoms: a model trained on them says so in its card and in dens-infer.
+    marker = {"generator": "dens-synth", "dens_version": dens.__version__, "patients": patients, "seed": seed}
+    (out / SYNTH_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     table.to_csv(out / "train.csv", index=False)
     return table
 
@@ -108,8 +113,9 @@ def _prepare(out: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose an empty folder or pass --overwrite")
     if entries:
-        # Only ever delete what looks like an earlier cohort: train.csv and patient folders.
-        foreign = [e.name for e in entries if not (e.name == "train.csv" or (e.is_dir() and e.name.isdigit()))]
+        # Only ever delete what looks like an earlier cohort: train.csv, its marker and patient folders.
+        ours = ("train.csv", SYNTH_MARKER)
+        foreign = [e.name for e in entries if not (e.name in ours or (e.is_dir() and e.name.isdigit()))]
         if foreign:
             raise FileExistsError(
                 f"{out} holds files dens-synth did not write ({', '.join(foreign[:3])}); choose an empty folder"

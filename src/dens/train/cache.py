@@ -35,8 +35,13 @@ from dens.engine import Decoded, DecodePool
 from dens.errors import Reason
 from dens.files import atomic_write
 from dens.preprocess import PreprocessConfig
+from dens.train.data import MISSING_FILE
 
 log = logging.getLogger(__name__)
+
+
+# Where the image was taken, as its header says: the figures are reported per manufacturer and model too.
+FROM_HEADER = ("manufacturer", "manufacturer_model")
 
 
 def default_cache_dir() -> Path:
@@ -141,7 +146,7 @@ def build_cache(
     for path in paths:
         base = _entry_base(folder, path)
         if base is None:
-            entries[path] = CacheEntry(path, None, {}, "missing_file", "file not found or not readable")
+            entries[path] = CacheEntry(path, None, {}, MISSING_FILE, "file not found or not readable")
             continue
         entry = _read_entry(path, base)
         if entry is None:
@@ -173,7 +178,7 @@ def attach_cache(frame: pd.DataFrame, entries: Sequence[CacheEntry]) -> pd.DataF
     frame["npy"] = [e.npy for e in entries]
     frame[labels.REASON] = [e.reason for e in entries]
     frame["detail"] = [e.detail for e in entries]
-    for column in (labels.ACCESSION, labels.STUDY_UID, labels.LATERALITY, labels.VIEW):
+    for column in (labels.ACCESSION, labels.STUDY_UID, labels.LATERALITY, labels.VIEW, *FROM_HEADER):
         from_file = pd.Series([e.info.get(column, "") for e in entries], index=frame.index)
         frame[column] = frame[column].where(frame[column] != "", from_file) if column in frame else from_file
     return frame

@@ -103,6 +103,13 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
     help="Small affine + gamma/gain jitter on training images (never a horizontal flip).",
 )
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Split, initial weights and order.")
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=DEFAULTS["bootstrap"],
+    show_default=True,
+    help="Bootstrap draws of the test patients for the 95% confidence intervals (0: none).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [min(4, cores)].")
 @click.option(
     "--decode-workers",
@@ -168,18 +175,24 @@ def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     temperature = f"temperature {calibration['temperature']:.3f}"
     if not calibration["kept"]:
         temperature += f", not calibrated: {calibration['reason']}"
+    for warning in result["warnings"]:  # said at the start too; repeated here, where the figures are read
+        click.echo(f"dens-train: warning: {warning}", err=True)
     click.echo(f"\ntest split ({cfg.out}, best epoch {best['epoch']}, {temperature}):")
-    click.echo(metrics.table({"image": test["image"], "breast": test["breast"]}))
+    click.echo(metrics.table({level: test[level] for level in ("image", "breast", "exam")}))
     images = sum(result["data"][s]["images"] for s in ("train", "val", "test"))
-    kappa = {level: metrics.fmt(test[level]["kappa_quadratic"]) for level in ("image", "breast")}
+    kappa = {level: metrics.fmt(test[level]["kappa_quadratic"]) for level in ("image", "breast", "exam")}
+    for level in kappa:
+        low, high = test[level].get("ci", {}).get("kappa_quadratic", (None, None))
+        if low is not None and high is not None:
+            kappa[level] += f" [{low:.3f}, {high:.3f}]"
     start_weights = result["weights"]["start"]
     start_weights = "ImageNet weights" if start_weights == "imagenet" else f"the weights in {start_weights}"
     if result["weights"]["from_scratch"]:
         start_weights = "random weights: the model STARTED FROM SCRATCH (--weights none), not from pretrained ones"
     click.echo(
         f"dens-train: {images} images ({result['data']['unusable']} unusable), {cfg.epochs} epochs in "
-        f"{time.perf_counter() - start:.0f} s from {start_weights}; test kappa {kappa['image']} (image), "
-        f"{kappa['breast']} (breast); run in {cfg.out}"
+        f"{time.perf_counter() - start:.0f} s from {start_weights}; test quadratic kappa (95% CI) {kappa['image']} "
+        f"(image), {kappa['breast']} (breast), {kappa['exam']} (exam); run and model card in {cfg.out}"
     )
 
 

@@ -41,6 +41,7 @@ class TrainConfig:
     balance: str = "weighted-loss"
     augment: bool = True
     seed: int = 0
+    bootstrap: int = 1000  # draws of test patients for the 95% confidence intervals (0: no intervals)
     workers: int | None = None  # DataLoader workers per process [min(4, cores)]
     decode_workers: int | None = None  # processes that fill the decoded cache [all cores]
     cache: str | None = None  # [~/.cache/dens]
@@ -62,8 +63,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("epochs and batch_size must be >= 1, lr > 0 and weight_decay >= 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.bootstrap < 0:
+            raise ValueError("epochs and batch_size must be >= 1, lr > 0, weight_decay and bootstrap >= 0")
         if self.weights == "none" and self.lr < MIN_SCRATCH_LR:
             raise ValueError(
                 f"--weights none trains from random weights, and --lr {self.lr:g} is a fine-tuning rate at which "

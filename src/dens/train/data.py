@@ -15,6 +15,7 @@ through the shared route, and epochs, validation and test read the cache.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,13 +24,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dens import labels
+from dens import exams, labels, modelcard
+
+# Columns that name where an image was taken (CSV columns such as RSNA's, or the file's header): images and
+# figures are counted per value of each.
+GROUP_COLUMNS = ("site_id", "machine_id", "manufacturer", "manufacturer_model")
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 LABEL = "label"  # the class index of `density`
 SPLIT = "split"
+MISSING_FILE = "missing_file"  # the reason of a listed file that does not exist
 _NUMERIC_DENSITY = {"1": "A", "2": "B", "3": "C", "4": "D"}  # BI-RADS a-d written as 1-4 (CBIS-DDSM and others)
 
 
@@ -96,6 +102,7 @@ def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
         "rows": len(frame) + int(missing.sum()),
         "without_density": int(missing.sum()),
         "labelled": len(frame),
+        "synthetic": modelcard.synthetic_folder(root),
     }
     return frame, info
 
@@ -136,12 +143,20 @@ def assign_split(frame: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0
     return frame[labels.PATIENT_ID].map(lambda p: SPLITS[chosen[p]]).rename(SPLIT)
 
 
-def describe(frame: pd.DataFrame) -> dict:
-    """Images, patients and classes per split, and the unusable files by reason; ValueError when a split is
-    left with no usable image."""
+def describe(frame: pd.DataFrame, csv: str | Path) -> dict:
+    """Images, patients, exams and classes per split, images per site, machine and manufacturer, the unusable
+    files by reason, and a warning for each class a split lacks; ValueError when a split is left with no
+    usable image (saying where the files were looked for when not one of them exists)."""
     unusable = frame[frame["npy"].isna()]
     usable = frame[frame["npy"].notna()]
+    if usable.empty and (unusable[labels.REASON] == MISSING_FILE).all():
+        raise ValueError(_nothing_found(Path(csv), frame[labels.PATH].tolist()))
     out = {"unusable": len(unusable), "unusable_reasons": unusable[labels.REASON].value_counts().to_dict()}
+    out["groups"] = {
+        column: {str(k): int(v) for k, v in usable[column].astype(str).value_counts().sort_index().items()}
+        for column in GROUP_COLUMNS
+        if column in usable and (usable[column].astype(str) != "").any()
+    }
     for split in SPLITS:
         part = usable[usable[SPLIT] == split]
         if part.empty:
@@ -153,9 +168,50 @@ def describe(frame: pd.DataFrame) -> dict:
         out[split] = {
             "images": len(part),
             "patients": int(part[labels.PATIENT_ID].nunique()),
+            "exams": len({exams.exam_key(row) for row in part.to_dict("records")}),
             "classes": {c: int(counts.get(c, 0)) for c in labels.CLASSES},
         }
+    out["classes_absent_from_training"] = [c for c in labels.CLASSES if not out["train"]["classes"][c]]
+    out["warnings"] = class_warnings(out)
     return out
+
+
+def _nothing_found(csv: Path, paths: Sequence[str]) -> str:
+    """Where the files of a CSV none of whose files exists were looked for: relative to the CSV's folder (as
+    they are read), and whether they would exist relative to the working directory (the usual mistake: paths
+    written relative to where the CSV's author stood)."""
+    listed = [os.path.relpath(p, csv.parent) for p in paths[:1000]]
+    from_cwd = sum(os.path.exists(p) for p in listed)
+    hint = (
+        f"{from_cwd} of the first {len(listed)} exist relative to the working directory {Path.cwd()}: write "
+        "them relative to the CSV's folder, or absolute"
+        if from_cwd
+        else f"nor relative to the working directory {Path.cwd()}"
+    )
+    return (
+        f"{csv}: none of its {len(paths)} files exists. Relative paths are read relative to the CSV's folder "
+        f"{csv.parent} (the first: {paths[0]}); {hint}"
+    )
+
+
+def class_warnings(described: dict) -> list[str]:
+    """One sentence for each class a split lacks, saying what that does to the model or its figures."""
+    warnings = []
+    for c in labels.CLASSES:
+        present = {split: described[split]["classes"][c] > 0 for split in SPLITS}
+        if not present["train"]:
+            warnings.append(
+                f"class {c} has no usable training image: the model cannot learn to call it, so its {c} calls "
+                f"and every figure about {c} mean nothing (add {c} exams, or read its figures with that in mind)"
+            )
+            continue
+        if not present["val"]:
+            warnings.append(
+                f"class {c} has no validation image: the best epoch and the temperature are chosen without it"
+            )
+        if not present["test"]:
+            warnings.append(f"class {c} has no test image: the test figures say nothing about how {c} is called")
+    return warnings
 
 
 # --- loading -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dens import labels
 from dens.labels import CLASSES
 from dens.preprocess import PreprocessConfig
-from dens.train import cache, data, metrics
+from dens.train import cache, data, evaluation
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks
 
@@ -69,7 +69,7 @@ def _split_and_cache(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out:
     if not ranks.main:
         entries, _ = cache.build_cache(paths, pre, root, 1, progress=False)
     frame = cache.attach_cache(frame, as_rank_zero_saw(entries, ranks, root))
-    info.update(cache=str(cache.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame))
+    info.update(cache=str(cache.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame, info["csv"]))
     if info["unusable"] and ranks.main:
         reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
         log.warning(
@@ -153,6 +153,7 @@ def predict(
     return logits
 
 
-def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0) -> dict:
-    """Image- and breast-level figures for one split's logits; its breasts as dens-infer forms them."""
-    return metrics.report(logits, frame[data.LABEL].to_numpy(), frame, temperature)
+def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0, **kwargs) -> dict:
+    """Image-, breast- and exam-level figures for one split's logits (:func:`dens.train.evaluation.report`;
+    ``kwargs``: its resamples, seed, groups), its breasts and exams as dens-infer forms them."""
+    return evaluation.report(frame, logits, frame[data.LABEL].to_numpy(), temperature, **kwargs)

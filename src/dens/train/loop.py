@@ -22,11 +22,11 @@ import yaml
 from tqdm import tqdm
 
 import dens
-from dens import runs
+from dens import modelcard, runs
 from dens.labels import CLASSES
 from dens.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
 from dens.preprocess import PreprocessConfig
-from dens.train import data, distributed, inputs, metrics, plots
+from dens.train import card, data, distributed, evaluation, inputs, metrics, plots
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks, setup_ranks
 from dens.train.step import resolve_precision, train_step
@@ -72,23 +72,26 @@ class Progress:
     step: int = 0  # steps completed in the current epoch
     loss_sum: float = 0.0  # this epoch's training loss, summed over its images so far (this rank's share)
     seen: int = 0  # this epoch's training images so far (this rank's)
+    correct: int = 0  # of which the forward pass called right (the running train accuracy)
     seconds: float = 0.0  # this epoch's training time so far
     history: list[dict] = field(default_factory=list)  # one row per completed epoch: metrics.json's history
     best_epoch: int = -1  # the completed epoch with the best validation kappa (0-based)
     best_kappa: float = -math.inf
 
-    def add_steps(self, loss_sum: float, seen: int, seconds: float) -> None:
-        self.loss_sum, self.seen, self.seconds = self.loss_sum + loss_sum, self.seen + seen, self.seconds + seconds
+    def add_steps(self, loss_sum: float, seen: int, correct: int, seconds: float) -> None:
+        self.loss_sum, self.seen, self.correct = self.loss_sum + loss_sum, self.seen + seen, self.correct + correct
+        self.seconds += seconds
 
     def next_epoch(self) -> None:
-        self.epoch, self.step, self.loss_sum, self.seen, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
+        self.epoch, self.step, self.loss_sum, self.seen, self.correct, self.seconds = self.epoch + 1, 0, 0.0, 0, 0, 0.0
 
     def to_extra(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_extra(cls, extra: dict) -> Progress:
-        return cls(**{f.name: extra[f.name] for f in dataclasses.fields(cls)})
+        # A field a last.pt from an older dens lacks starts from its default.
+        return cls(**{f.name: extra[f.name] for f in dataclasses.fields(cls) if f.name in extra})
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -158,6 +161,8 @@ class Trainer:
         if last:
             self._resume(last)
         self.resolved = self._write_config()
+        for warning in self.splits.info["warnings"] if ranks.main else ():
+            log.warning("warning: %s", warning)
         self.log(
             "%s: %s from %s weights on %s (%s), train %d / val %d / test %d images",
             out,
@@ -288,6 +293,7 @@ class Trainer:
             disable=not (cfg.progress and ranks.main),
         )
         start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=ranks.device), 0
+        correct = torch.zeros((), dtype=torch.int64, device=ranks.device)
         for step, (images, targets) in enumerate(bar, start=first):
             images = images.to(ranks.device, non_blocking=True)
             targets = targets.to(ranks.device, non_blocking=True)
@@ -295,8 +301,11 @@ class Trainer:
                 images = data.augment(images, torch.Generator().manual_seed(_seed(cfg.seed, ranks.rank, epoch, step)))
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss = train_step(self.model, (images, targets), self.optimizer, self.scaler, self.loss_fn, self.amp_dtype)
+            loss, right = train_step(
+                self.model, (images, targets), self.optimizer, self.scaler, self.loss_fn, self.amp_dtype
+            )
             loss_sum += loss * len(targets)
+            correct += right
             seen += len(targets)
             if step % 5 == 0 or step + 1 == first + len(loader):  # .item() waits for the device: not every step
                 rate = seen * ranks.world / (time.perf_counter() - start)
@@ -304,28 +313,31 @@ class Trainer:
             progress.step = step + 1
             last_step = step + 1 == first + len(loader)
             if not last_step and stop(epoch, step, ranks):
-                progress.add_steps(float(loss_sum), seen, time.perf_counter() - start)
+                progress.add_steps(float(loss_sum), seen, int(correct), time.perf_counter() - start)
                 self.save_last()
                 bar.close()
                 return False
         bar.close()
-        progress.add_steps(float(loss_sum), seen, time.perf_counter() - start)
+        progress.add_steps(float(loss_sum), seen, int(correct), time.perf_counter() - start)
         return True
 
     def end_epoch(self) -> None:
         """Validate, keep the best weights, save best.pt / last.pt and log one line."""
         ranks, progress = self.ranks, self.progress
         epoch = progress.epoch
-        totals = ranks.sum(torch.tensor([progress.loss_sum, float(progress.seen)], device=ranks.device))
+        totals = ranks.sum(
+            torch.tensor([progress.loss_sum, float(progress.seen), float(progress.correct)], device=ranks.device)
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         logits = self.predict("val")
         frame = self.splits.frames["val"]
-        val = inputs.report(logits, frame)
+        val = inputs.report(logits, frame, resamples=0, groups=False)  # intervals only for the final figures
         row = {
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": float(totals[0] / totals[1]),
+            "train_accuracy": float(totals[2] / totals[1]),
             "train_img_s": float(totals[1]) / max(progress.seconds, 1e-9),
             "val_loss": metrics.nll(softmax(logits), frame[data.LABEL].to_numpy()),
             **{f"val_{k}": val["image"][k] for k in HEADLINE},
@@ -354,6 +366,34 @@ class Trainer:
             " (best)" if best else "",
         )
 
+    def _write_results(self, result: dict, test_logits: np.ndarray, temperature: float) -> None:
+        """best.pt with its temperature, headline figures and model card; metrics.json, model_card.md and
+        the plots."""
+        out, test = self.out, result["test"]
+        headline = {level: {k: test[level][k] for k in HEADLINE} for level in evaluation.LEVELS}
+        summary = self.summary(
+            val_kappa_quadratic=self.progress.best_kappa, test=headline, **{modelcard.CARD_KEY: result["model_card"]}
+        )
+        _save(out / "best.pt", self.net, self.pre, summary, temperature=temperature)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        (out / "model_card.md").write_text(modelcard.render(result["model_card"]))
+        for level in evaluation.LEVELS:
+            title = f"test, {level} level"
+            plots.confusion_png(test[level]["confusion"], out / f"confusion_{level}.png", normalised=False, title=title)
+            plots.confusion_png(
+                test[level]["confusion_normalised"],
+                out / f"confusion_{level}_normalised.png",
+                normalised=True,
+                title=f"{title} (row-normalised)",
+            )
+        frame, y = self.splits.frames["test"], self.splits.frames["test"][data.LABEL].to_numpy()
+        plots.roc_png(evaluation.curves(frame, test_logits, y, temperature), test, out / "roc_dense.png")
+        before, after = softmax(test_logits), softmax(test_logits, temperature)
+        plots.reliability_png(before, after, y, temperature, out / "reliability.png")
+        plots.classes_png({s: result["data"][s]["classes"] for s in data.SPLITS}, out / "classes.png")
+        plots.curves_png(self.progress.history, out, best_epoch=self.progress.best_epoch + 1)
+        runs.update_latest(out)
+
     def finish(self) -> dict:
         """With the best epoch's weights: the temperature chosen on validation, the test split once, every
         artifact written (rank 0). Returns what metrics.json holds. In fp32 whatever the training precision:
@@ -366,52 +406,39 @@ class Trainer:
         t = choice["temperature"]
         if not choice["kept"]:
             self.log("temperature 1.0 (no calibration): %s", choice["reason"])
+        test = inputs.report(test_logits, frames["test"], t, resamples=self.cfg.bootstrap, seed=self.cfg.seed)
+        calibration = {
+            **choice,
+            "min_images": metrics.MIN_CALIBRATION_IMAGES,
+            "min_classes": metrics.MIN_CALIBRATION_CLASSES,
+            "bounds": list(metrics.TEMPERATURE_BOUNDS),
+            "validation": metrics.calibration(val_logits, y_val, t),
+            "test": metrics.calibration(test_logits, y_test, t),
+        }
         result = metrics.jsonable(
             {
                 "config": self.resolved,
                 "weights": {"start": self.weights, "from_scratch": from_scratch(self.weights)},
                 "data": self.splits.info,
+                "warnings": self.splits.info["warnings"],
                 "history": progress.history,
                 "best": {"epoch": progress.best_epoch + 1, "val_kappa_quadratic": progress.best_kappa},
-                "validation": inputs.report(val_logits, frames["val"], t),
-                "test": inputs.report(test_logits, frames["test"], t),
-                "calibration": {
-                    **choice,
-                    "min_images": metrics.MIN_CALIBRATION_IMAGES,
-                    "min_classes": metrics.MIN_CALIBRATION_CLASSES,
-                    "bounds": list(metrics.TEMPERATURE_BOUNDS),
-                    "validation": metrics.calibration(val_logits, y_val, t),
-                    "test": metrics.calibration(test_logits, y_test, t),
-                },
+                "validation": inputs.report(val_logits, frames["val"], t, resamples=0, groups=False),
+                "test": test,
+                "calibration": calibration,
             }
         )
-        if self.ranks.main:
-            out = self.out
-            headline = {level: {k: result["test"][level][k] for k in HEADLINE} for level in ("image", "breast")}
-            _save(
-                out / "best.pt",
-                self.net,
-                self.pre,
-                self.summary(val_kappa_quadratic=progress.best_kappa, test=headline),
-                temperature=t,
+        result["model_card"] = metrics.jsonable(
+            card.facts(
+                self.resolved,
+                self.splits.info,
+                progress.best_epoch + 1,
+                result["test"],
+                {**{k: choice[k] for k in ("temperature", "kept", "reason")}, **calibration["test"]},
             )
-            (out / "metrics.json").write_text(json.dumps(result, indent=1))
-            for level in ("image", "breast"):
-                test = result["test"][level]
-                plots.confusion_png(
-                    test["confusion"],
-                    out / f"confusion_{level}.png",
-                    normalised=False,
-                    title=f"test, {level} level (counts)",
-                )
-                plots.confusion_png(
-                    test["confusion_normalised"],
-                    out / f"confusion_{level}_normalised.png",
-                    normalised=True,
-                    title=f"test, {level} level (row-normalised)",
-                )
-            plots.curves_png(progress.history, out)
-            runs.update_latest(out)
+        )
+        if self.ranks.main:
+            self._write_results(result, test_logits, t)
         self.ranks.barrier()
         return result
 

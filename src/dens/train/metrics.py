@@ -2,9 +2,9 @@
 
 One confusion matrix feeds all the class metrics, so they cannot disagree with each other; the tests hold
 them equal to scikit-learn's on fixed inputs. Dense-vs-not is the density call's (the argmax is C or D),
-the rule behind dens-infer's ``dense`` column and its default flag, and breasts are formed and averaged as
-dens-infer's preds.breast.csv forms them (:mod:`dens.exams`), so the training figures describe what a
-deployed model calls dense.
+the rule behind dens-infer's ``dense`` column and its default flag, so the training figures describe what a
+deployed model calls dense. The levels (image, breast, exam), their intervals and the per-site figures are
+:mod:`dens.train.evaluation`'s.
 Temperature scaling (Guo et al. 2017) is fitted on validation logits, kept only when it lowers their NLL
 (:func:`choose_temperature`), and stored in the checkpoint.
 """
@@ -15,9 +15,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 
-from dens import exams
 from dens.labels import CLASSES, DENSE_CLASSES
 from dens.model import softmax
 
@@ -40,10 +38,17 @@ def _div(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-def weighted_kappa(cm: np.ndarray, weights: str | None = "quadratic") -> float:
-    """Cohen's kappa from a confusion matrix; ``weights`` None, 'linear' or 'quadratic'."""
+def ratio(a: np.ndarray, b: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """a / b elementwise, ``fill`` where b is 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.divide(a, b, out=np.full(np.broadcast(a, b).shape, fill), where=b != 0)
+
+
+def weighted_kappa(cm: np.ndarray, weights: str | None = "quadratic") -> np.ndarray | float:
+    """Cohen's kappa from a confusion matrix [K, K], or from each of a stack [..., K, K]; ``weights`` None,
+    'linear' or 'quadratic'."""
     cm = np.asarray(cm, np.float64)
-    k = cm.shape[0]
+    k = cm.shape[-1]
     i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     if weights is None:
         w = (i != j).astype(np.float64)
@@ -53,49 +58,56 @@ def weighted_kappa(cm: np.ndarray, weights: str | None = "quadratic") -> float:
         w = ((i - j) ** 2).astype(np.float64)
     else:
         raise ValueError(f"unknown kappa weights {weights!r}")
-    n = cm.sum()
-    if not n:
-        return float("nan")
-    expected = np.outer(cm.sum(1), cm.sum(0)) / n
-    return 1.0 - _div((w * cm).sum(), (w * expected).sum())
+    n = cm.sum((-2, -1))
+    expected = ratio(cm.sum(-1)[..., :, None] * cm.sum(-2)[..., None, :], n[..., None, None])
+    kappa = 1.0 - ratio((w * cm).sum((-2, -1)), (w * expected).sum((-2, -1)))
+    return float(kappa) if kappa.ndim == 0 else kappa
 
 
-def class_metrics(cm: np.ndarray) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, kappas and per-class sensitivity/specificity from ``cm``.
+def headline(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy, macro-F1 and the linear and quadratic kappas of a confusion matrix
+    [K, K], or of each of a stack [..., K, K] (a bootstrap's draws): arrays of the leading shape.
 
     Balanced accuracy and macro-F1 average over the classes present in the truth (scikit-learn's choice
     for balanced accuracy; for F1 a class absent from truth and predictions would otherwise count as 0).
     """
+    cm = np.asarray(cm, np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support, predicted = cm.sum(-1), cm.sum(-2)
+    present = support > 0
+    recall, precision = ratio(tp, support, 0.0), ratio(tp, predicted, 0.0)
+    f1 = ratio(2 * precision * recall, precision + recall, 0.0)
+    counted = present | (predicted > 0)  # sklearn's macro-F1 averages over labels seen in truth or predictions
+    return {
+        "accuracy": ratio(tp.sum(-1), cm.sum((-2, -1))),
+        "balanced_accuracy": ratio((recall * present).sum(-1), present.sum(-1)),
+        "macro_f1": ratio((f1 * counted).sum(-1), counted.sum(-1)),
+        "kappa_linear": np.asarray(weighted_kappa(cm, "linear")),
+        "kappa_quadratic": np.asarray(weighted_kappa(cm, "quadratic")),
+    }
+
+
+def class_metrics(cm: np.ndarray) -> dict:
+    """:func:`headline`'s figures and per-class support, sensitivity, specificity, precision and F1 of one
+    confusion matrix ``cm`` (rows: truth)."""
     cm = np.asarray(cm, np.int64)
     n = int(cm.sum())
     tp = np.diag(cm).astype(np.float64)
     support, predicted = cm.sum(1).astype(np.float64), cm.sum(0).astype(np.float64)
-    present = support > 0
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
-    counted = present | (predicted > 0)  # sklearn's macro-F1 averages over labels seen in truth or predictions
-    negatives = n - support
-    specificity = np.divide(n - support - predicted + tp, negatives, out=np.full_like(tp, np.nan), where=negatives > 0)
+    recall, precision = ratio(tp, support), ratio(tp, predicted)
+    f1 = ratio(2 * np.nan_to_num(precision) * np.nan_to_num(recall), np.nan_to_num(precision + recall), 0.0)
+    specificity = ratio(n - support - predicted + tp, n - support)
     per_class = {
         c: {
             "support": int(support[i]),
-            "sensitivity": float(recall[i]) if present[i] else float("nan"),
+            "sensitivity": float(recall[i]),
             "specificity": float(specificity[i]),
-            "precision": float(precision[i]) if predicted[i] else float("nan"),
+            "precision": float(precision[i]),
             "f1": float(f1[i]),
         }
         for i, c in enumerate(CLASSES[: cm.shape[0]])
     }
-    return {
-        "n": n,
-        "accuracy": _div(tp.sum(), n),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
-        "macro_f1": float(f1[counted].mean()) if counted.any() else float("nan"),
-        "kappa_linear": weighted_kappa(cm, "linear"),
-        "kappa_quadratic": weighted_kappa(cm, "quadratic"),
-        "per_class": per_class,
-    }
+    return {"n": n, **{name: float(value) for name, value in headline(cm).items()}, "per_class": per_class}
 
 
 def binary_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict:
@@ -148,30 +160,6 @@ def evaluate(probs: np.ndarray, y: np.ndarray) -> dict:
     out["nll"] = nll(probs, y)
     out["ece"] = ece(probs, y)
     return out
-
-
-def breast_level(images: pd.DataFrame, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each breast's probabilities (the mean of its views') and its density (the most common label of its
-    views, the lower class on a tie).
-
-    ``images`` has one row per image (in ``probs``' order) with the identity columns that
-    :func:`dens.exams.breast_key` reads (study_uid, accession, patient_id, path, laterality).
-    """
-    probs, y = np.asarray(probs, np.float64), np.asarray(y, np.int64)
-    groups = list(exams.breast_groups(images.reset_index(drop=True)).values())
-    if not groups:
-        return np.zeros((0, probs.shape[1])), np.zeros(0, np.int64)
-    mean = np.stack([exams.breast_probabilities(probs[g]) for g in groups])
-    density = np.array([np.bincount(y[g], minlength=probs.shape[1]).argmax() for g in groups])
-    return mean, density
-
-
-def report(logits: np.ndarray, y: np.ndarray, images: pd.DataFrame, temperature: float = 1.0) -> dict:
-    """``{"image": ..., "breast": ...}``: :func:`evaluate` on the images and on their breasts (``images``:
-    see :func:`breast_level`)."""
-    probs = softmax(logits, temperature)
-    breast_probs, breast_y = breast_level(images, probs, y)
-    return {"image": evaluate(probs, y), "breast": evaluate(breast_probs, breast_y)}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
@@ -282,8 +270,8 @@ def table(results: dict[str, dict]) -> str:
     lines = [f"{'':<18}" + "".join(f"{n:>10}" for n in names)]
     for label, key in rows:
         lines.append(f"{label:<18}" + "".join(f"{fmt(results[n].get(key)):>10}" for n in names))
-    for key in ("accuracy", "sensitivity", "specificity"):
-        cells = "".join(f"{fmt(results[n]['dense'][key]):>10}" for n in names)
+    for key in ("accuracy", "sensitivity", "specificity", "auc"):
+        cells = "".join(f"{fmt(results[n]['dense'].get(key)):>10}" for n in names)
         lines.append(f"{'dense ' + key[:4] + '.':<18}" + cells)
     for c in CLASSES:
         cells = "".join(f"{fmt(results[n]['per_class'][c]['sensitivity']):>10}" for n in names)

@@ -1,4 +1,5 @@
-"""PNG figures of a run: confusion matrices (raw and row-normalised) and loss/accuracy/learning-rate curves.
+"""PNG figures of a run: confusion matrices (raw and row-normalised), the dense ROC, the reliability diagram,
+the class distribution per split and the loss/accuracy/learning-rate curves.
 
 Each figure is drawn on its own Agg canvas, never through pyplot: no display is needed on a training
 machine, and importing this module selects no backend for the process that imports it.
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dens.labels import CLASSES
+from dens.train.metrics import ECE_BINS
 
 
 def confusion_png(cm: list | np.ndarray, path: str | Path, *, normalised: bool, title: str) -> Path:
@@ -39,37 +42,102 @@ def confusion_png(cm: list | np.ndarray, path: str | Path, *, normalised: bool, 
     return _save(fig, path)
 
 
-def curves_png(history: list[dict], out_dir: str | Path) -> list[Path]:
-    """loss.png (train and validation), accuracy.png (validation accuracy and kappa), lr.png."""
+def curves_png(history: list[dict], out_dir: str | Path, best_epoch: int | None = None) -> list[Path]:
+    """loss.png (train and validation), accuracy.png (train accuracy beside validation accuracy, balanced
+    accuracy and kappa), lr.png; the best epoch (the weights kept) marked on each."""
     out_dir = Path(out_dir)
     epochs = [h["epoch"] for h in history]
     panels = (
         ("loss.png", "loss", [("train", "train_loss"), ("validation", "val_loss")]),
         (
             "accuracy.png",
-            "validation",
+            "accuracy / kappa",
             [
-                ("accuracy", "val_accuracy"),
-                ("balanced accuracy", "val_balanced_accuracy"),
-                ("quadratic kappa", "val_kappa_quadratic"),
+                ("train accuracy (running, augmented)", "train_accuracy"),
+                ("validation accuracy", "val_accuracy"),
+                ("validation balanced accuracy", "val_balanced_accuracy"),
+                ("validation quadratic kappa", "val_kappa_quadratic"),
             ],
         ),
         ("lr.png", "learning rate", [("lr", "lr")]),
     )
     written = []
     for name, ylabel, series in panels:
-        fig, ax = _figure(figsize=(5, 3.4))
+        fig, ax = _figure(figsize=(5.6, 3.6))
         for label, key in series:
             values = [np.nan if h.get(key) is None else h[key] for h in history]
             ax.plot(epochs, values, marker="o", label=label)
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
         ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if name == "lr.png":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        else:
-            ax.legend()
+        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
         written.append(_save(fig, out_dir / name))
     return written
+
+
+def roc_png(curves: dict[str, dict], test: dict, path: str | Path) -> Path:
+    """The dense-vs-not ROC curve of p_dense at each level, its AUC with the 95% interval in the legend, and
+    the density call's operating point (argmax C or D) on each curve."""
+    fig, ax = _figure(figsize=(4.8, 4.6))
+    for level, curve in curves.items():
+        auc = test[level]["dense"].get("auc")
+        low, high = test[level].get("ci", {}).get("dense_auc", (None, None))
+        label = f"{level}: AUC {'-' if auc is None else f'{auc:.3f}'}"
+        if low is not None and high is not None:
+            label += f" [{low:.3f}, {high:.3f}]"
+        (line,) = ax.plot(curve["fpr"], curve["tpr"], label=label)
+        x, y = curve["operating_point"]
+        if np.isfinite(x) and np.isfinite(y):
+            ax.plot([x], [y], marker="o", color=line.get_color(), markeredgecolor="black")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.plot([], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="the call (C or D)")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="test: dense (C/D) vs not", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize="small", loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def reliability_png(before: np.ndarray, after: np.ndarray, y: np.ndarray, temperature: float, path: str | Path) -> Path:
+    """Reliability diagram of the test split: accuracy against confidence of the top class, in equal-width
+    bins, before and after dividing the logits by the temperature, with how many images each bin holds."""
+    fig = Figure(figsize=(5, 5.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    y = np.asarray(y)
+    for probs, label in ((before, "T = 1"), (after, f"T = {temperature:.3g}")):
+        confidence, right = probs.max(1), probs.argmax(1) == y
+        index = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+        n = np.bincount(index, minlength=ECE_BINS)
+        accuracy = np.divide(np.bincount(index, right, ECE_BINS), n, out=np.full(ECE_BINS, np.nan), where=n > 0)
+        mean_conf = np.divide(np.bincount(index, confidence, ECE_BINS), n, out=np.full(ECE_BINS, np.nan), where=n > 0)
+        ax.plot(mean_conf, accuracy, marker="o", label=label)
+        counts.bar(centres, n, width=1 / ECE_BINS, alpha=0.5, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    ax.set(ylabel="accuracy", title="test: reliability of the top class", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    counts.set(xlabel="confidence (top-class probability)", ylabel="images")
+    return _save(fig, path)
+
+
+def classes_png(classes: dict[str, dict[str, int]], path: str | Path) -> Path:
+    """Images per density class in each split, side by side, with the counts written on the bars."""
+    fig, ax = _figure(figsize=(5.2, 3.4))
+    width = 0.8 / max(len(classes), 1)
+    x = np.arange(len(CLASSES))
+    for i, (split, counts) in enumerate(classes.items()):
+        values = [counts.get(c, 0) for c in CLASSES]
+        bars = ax.bar(x + (i - (len(classes) - 1) / 2) * width, values, width, label=split)
+        ax.bar_label(bars, fontsize="x-small")
+    ax.set(xticks=x, xticklabels=CLASSES, xlabel="density", ylabel="images", title="class distribution per split")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
 
 
 def _figure(figsize: tuple[float, float]):

@@ -21,10 +21,11 @@ def train_step(
     scaler: torch.amp.GradScaler,
     loss_fn: Callable,
     amp_dtype: torch.dtype | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: forward under autocast when ``amp_dtype`` is set, the loss in fp32, a scaled
     backward and exactly one optimizer step (the scaler skips it only on inf/NaN gradients). Returns the
-    loss, detached (no host sync)."""
+    loss and how many of the batch's images the forward pass called right (the running train accuracy),
+    both detached device tensors (no host sync)."""
     images, targets = batch
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -33,7 +34,7 @@ def train_step(
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return loss.detach(), (logits.detach().argmax(1) == targets).sum()
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
