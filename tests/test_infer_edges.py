@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,28 @@ def test_verbose_log_lines_carry_no_control_characters(model, tmp_path):
     result = cli(studies, "--out", tmp_path / "p.csv", "--model", model[1], "-v")
     assert result.returncode == EXIT_OK, result.stderr
     assert "evil\\x1b[2J\\rname.txt" in result.stderr and "\x1b" not in result.stderr and "\r" not in result.stderr
+
+
+# --- Grad-CAM -------------------------------------------------------------------------------------------
+
+
+def test_two_runs_sharing_a_gradcam_folder_keep_their_own_maps_quietly(model, tmp_path):
+    studies = tmp_path / "in"
+    hostile = {"SOPInstanceUID": "../../etc/passwd", "StudyInstanceUID": "1.2.x-y"}  # pydicom warns on reading
+    with warnings.catch_warnings():  # writing them warns too
+        warnings.simplefilter("ignore")
+        mammogram(studies / "1.dcm", **hostile)
+    cams, maps = tmp_path / "cams", {}
+    for run_name in ("a", "b"):
+        out = tmp_path / run_name / "preds.csv"
+        result = cli(
+            studies, "--out", out, "--model", model[1], "--checkpoint", model[0], "--flag", "p_A>=0", "--gradcam", cams
+        )
+        assert result.returncode == EXIT_OK, result.stderr
+        assert "UserWarning" not in result.stderr and "pydicom" not in result.stderr, result.stderr
+        maps[run_name] = (out.parent / read(out).loc[0, labels.GRADCAM]).resolve()
+    assert maps["a"] != maps["b"] and maps["a"].parent == maps["b"].parent == cams.resolve()
+    assert maps["a"].is_file() and maps["b"].is_file()
 
 
 # --- the model's preprocessing, visible in every row ------------------------------------------------------

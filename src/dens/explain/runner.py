@@ -9,6 +9,7 @@ preds.csv (``model_sha256``): otherwise the maps would explain a different model
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ import dens
 from dens import labels, modelcard, runs
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
-from dens.explain.gradcam import GradCAM, assign_stems
+from dens.explain.gradcam import GradCAM, assign_stems, safe_stem
 from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
 
@@ -154,7 +155,9 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     preds_csv, out_dir = Path(cfg.preds), Path(cfg.out)
     preds = read_preds(preds_csv)
     selected = parse_flag(flag).select(preds).to_numpy()
-    stems = assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())
+    # Names of this preds.csv's own: two runs sharing one Grad-CAM folder never overwrite each other's maps.
+    tag = run_tag(preds_csv)
+    stems = [f"{tag}_{stem}" for stem in assign_stems(preds[labels.SOP_UID].tolist(), preds[labels.PATH].tolist())]
     resolved = resolve_model(
         preds, preds_csv, model_path=model_path, checkpoint=checkpoint, need_weights=bool(selected.any())
     )
@@ -212,6 +215,13 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
         len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)
     )
     return preds
+
+
+def run_tag(preds_csv: str | Path) -> str:
+    """What this preds.csv's maps and thumbnails are named after: its stem and a digest of its full path
+    (``preds-1a2b3c4d``), the same on every run over it, distinct between preds files."""
+    path = Path(preds_csv).resolve()
+    return f"{safe_stem(path.stem, str(path))}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
 
 
 def _log_failures(batch: list[tuple[int, np.ndarray | str]], preds: pd.DataFrame, what: str) -> int:
