@@ -184,8 +184,10 @@ def summary_lines(card: Mapping) -> list[str]:
     images = sum(part.get("images", 0) for part in splits.values())
     patients = sum(part.get("patients", 0) for part in splits.values())
     exam = card.get("test", {}).get("exam", {})
+    weights = model.get("weights") or "?"
+    start = {"imagenet": "ImageNet weights", "none": "random weights"}.get(weights, f"the weights in {weights}")
     lines = [
-        f"Model: {model.get('arch')} from {model.get('weights')} weights, trained {model.get('trained')} on "
+        f"Model: {model.get('arch')} from {start}, trained {model.get('trained')} on "
         f"{images} images of {patients} patients ({'synthetic' if data.get('synthetic') else data.get('source')}).",
         f"Test, exam level: quadratic kappa {_with_ci(exam, 'kappa_quadratic', 'kappa_quadratic')}; dense "
         f"sensitivity {_with_ci(exam.get('dense', {}) | {'ci': exam.get('ci')}, 'sensitivity', 'dense_sensitivity')}, "
