@@ -140,6 +140,10 @@ def test_every_file_gets_exactly_one_row_with_its_status(studies, first_run):
     assert (ok[list(labels.PROB_COLUMNS)].astype(float).sum(axis=1) - 1).abs().max() < 1e-5
     assert set(ok[labels.LATERALITY]) <= {"L", "R"} and ok[labels.SOP_UID].all() and ok[labels.STUDY_UID].all()
     assert (preds["model_sha256"].str.len() == 64).all()
+    for name in ("report-sr.dcm", "raw-for-processing.dcm", "cleavage.dcm", "corrupt-j2k.dcm"):  # headers read
+        row = by_name[name]
+        assert row[labels.SOP_UID] and row[labels.STUDY_UID] and row[labels.PATIENT_ID] == "P0001", row
+    assert not by_name["notes.txt"][labels.SOP_UID] and not by_name["empty.dcm"][labels.SOP_UID]  # no header
     assert (summary.ok, summary.errors) == (len(ok), (preds[labels.STATUS] == "error").sum())
     assert summary.files == len(preds) and summary.exit_code == EXIT_ERRORS
 
