@@ -30,8 +30,9 @@ options; {EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue 
 """
 
 
-class _Terminated(Exception):
-    """SIGTERM, raised in the main thread so the run stops as it does on Ctrl-C."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the run stops as it does on Ctrl-C (and, like Ctrl-C, past any
+    ``except Exception``)."""
 
 
 def _terminate(signum, frame) -> None:
@@ -193,7 +194,7 @@ def main(
     except InferError as exc:
         click.echo(f"dens-infer: error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_Terminated)
         what, status = (
             ("terminated", EXIT_TERMINATED) if isinstance(exc, _Terminated) else ("interrupted", EXIT_INTERRUPTED)
         )

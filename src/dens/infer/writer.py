@@ -238,9 +238,10 @@ class PredsWriter:
             while data:
                 data = data[os.write(fd, data) :]
             os.fsync(fd)
-        except BaseException:  # a full disk, or a signal between two writes
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, end)
+        except BaseException as exc:  # a full disk, or a signal between two writes (whole rows are kept)
+            if data or isinstance(exc, OSError):
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
             raise
 
     def close(self) -> None:
