@@ -440,7 +440,7 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert len(split) == saved["data"]["labelled"] and set(split[data.SPLIT]) == set(data.SPLITS)
     assert split.groupby(labels.PATIENT_ID)[data.SPLIT].nunique().max() == 1
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["arch"] == "resnet18" and config["preprocess"]["size"] == SIZE
+    assert config["arch"] == "resnet18" and config["preprocess"]["height"] == SIZE
     assert config["resolved"]["precision"] == "fp32"
     best = load_checkpoint(out / "best.pt")
     assert best.temperature == pytest.approx(cal["temperature"])
@@ -496,7 +496,8 @@ def test_cli_flags_override_the_yaml_file_which_overrides_the_recipe(tmp_path, m
     assert outcome.exit_code == 130, outcome.output
     (cfg,) = seen
     assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet18", 5, 4, 0.001)
-    assert (cfg.optimizer, cfg.weight_decay, cfg.size, cfg.balance) == ("adam", 3e-3, 512, "weighted-loss")
+    assert (cfg.optimizer, cfg.weight_decay, cfg.balance) == ("adam", 3e-3, "weighted-loss")
+    assert (cfg.height, cfg.width, cfg.size) == (736, 352, None)  # the 2:1 canvas; --size S: a square one
     for text, message in (("epoch: 3\n", "unknown options epoch"), ("arch: resnet34\n", "'resnet34' is not one of")):
         (tmp_path / "bad.yaml").write_text(text)
         outcome = CliRunner().invoke(cli.main, ["--data", str(tmp_path), "--config", str(tmp_path / "bad.yaml")])

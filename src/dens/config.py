@@ -11,41 +11,112 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The routes a config can name. 1: a square S x S canvas, the crop keeps the largest bright component,
+# VOI output as is (every model exported before version 2 existed). 2: an H x W canvas, a crop that drops
+# film labels, rulers and film edges, and the in-breast grey range harmonised after VOI.
+VERSIONS = (1, 2)
+VERSION = 2
+# About 512 x 512's pixel count (98.8%) on a 2:1 canvas, both sides multiples of a ResNet's stride of 32.
+HEIGHT, WIDTH = 736, 352
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class PreprocessConfig:
-    """How a decoded mammogram becomes the canonical ``uint8 [size, size]`` image."""
+    """How a decoded mammogram becomes the canonical ``uint8 [height, width]`` image.
 
-    size: int = 512
+    ``PreprocessConfig(size=S)`` is a square ``S x S`` canvas. A dict without ``version`` (a checkpoint or
+    ONNX file written before the version existed) is version 1, the route those models were trained on.
+    """
+
+    version: int
+    height: int
+    width: int
     # Decode JPEG 2000 at reduced resolution (and downsample other syntaxes the same way) while the
-    # breast keeps at least `size` pixels on its long side.
-    reduce: bool = True
-    max_reduce_levels: int = 5
-    # Crop to the breast's bounding box (background, padding and burnt-in markers excluded).
-    crop: bool = True
-    crop_margin: float = 0.02
+    # breast keeps at least the canvas's long side on its own long side.
+    reduce: bool
+    max_reduce_levels: int
+    # Crop to the breast's bounding box (background, padding, burnt-in markers and film labels excluded).
+    crop: bool
+    crop_margin: float
     # Flip so the chest wall is on the left edge of every canonical image.
-    orient: bool = True
+    orient: bool
 
-    def __post_init__(self) -> None:
-        if not 16 <= self.size <= 4096:
-            raise ValueError(f"PreprocessConfig.size must be in 16..4096, got {self.size}")
+    def __init__(
+        self,
+        *,
+        version: int = VERSION,
+        height: int | None = None,
+        width: int | None = None,
+        size: int | None = None,
+        reduce: bool = True,
+        max_reduce_levels: int = 5,
+        crop: bool = True,
+        crop_margin: float = 0.02,
+        orient: bool = True,
+    ) -> None:
+        if size is not None and (height is not None or width is not None):
+            raise ValueError("PreprocessConfig takes size (a square canvas) or height and width, not both")
+        if size is None and version == 1 and height is None and width is None:
+            size = 512
+        default_h, default_w = (size, size) if size is not None else (HEIGHT, WIDTH)
+        values = {
+            "version": version,
+            "height": default_h if height is None else height,
+            "width": default_w if width is None else width,
+            "reduce": reduce,
+            "max_reduce_levels": max_reduce_levels,
+            "crop": crop,
+            "crop_margin": crop_margin,
+            "orient": orient,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
+        if self.version not in VERSIONS:
+            raise ValueError(
+                f"PreprocessConfig.version {self.version!r} is not one this dens knows "
+                f"({', '.join(map(str, VERSIONS))}); a model made by a newer dens needs a newer dens"
+            )
+        for side in ("height", "width"):
+            if not 16 <= getattr(self, side) <= 4096:
+                raise ValueError(f"PreprocessConfig.{side} must be in 16..4096, got {getattr(self, side)}")
+        if self.version == 1 and self.height != self.width:
+            raise ValueError(f"PreprocessConfig version 1 has a square canvas; got {self.height}x{self.width}")
         if not 0 <= self.max_reduce_levels <= 8:
             raise ValueError(f"PreprocessConfig.max_reduce_levels must be in 0..8, got {self.max_reduce_levels}")
         if not 0.0 <= self.crop_margin < 0.5:
             raise ValueError(f"PreprocessConfig.crop_margin must be in [0, 0.5), got {self.crop_margin}")
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The canvas, ``(height, width)``: the model's input is ``uint8 [N, 1, height, width]``."""
+        return self.height, self.width
+
+    @property
+    def size(self) -> int:
+        """The canvas's long side: the breast's long side is decoded to at least this many pixels."""
+        return max(self.height, self.width)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON-able settings. Version 1 writes the keys it always wrote (``size``, no version), so its
+        cache keys and metadata stay what they were."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.version == 1:
+            del data["version"], data["height"], data["width"]
+            data = {"size": self.height, **data}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        """Build from a dict (checkpoint, ONNX metadata, YAML); unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Build from a dict (checkpoint, ONNX metadata, YAML); unknown keys are an error, not ignored. A dict
+        without ``version`` is version 1 (it was written before versions existed)."""
+        known = {f.name for f in dataclasses.fields(cls)} | {"size"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown PreprocessConfig keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**{"version": 1, **data})
 
     def key(self) -> str:
         """A short stable digest, for cache keys."""

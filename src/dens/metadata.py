@@ -17,7 +17,8 @@ from dens.config import PreprocessConfig
 
 METADATA_KEY = "dens"
 METADATA_FORMAT = 1
-# The graph's tensors: uint8 images [N, 1, S, S] in; calibrated probabilities and raw logits [N, classes] out.
+# The graph's tensors: uint8 images [N, 1, H, W] in (H x W: the preprocess canvas; a preprocess without a version,
+# from before it existed, is version 1's square S x S route); calibrated probabilities and raw logits out.
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
 # What a graph computes in: fp32 (dens-export's reference), fp16 (GPU providers), int8 (CPUs; calibrated).
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -1,11 +1,13 @@
-"""The one route from a file to the canonical image: ``load(path, cfg) -> (uint8 [S, S], ImageInfo)``.
+"""The one route from a file to the canonical image: ``load(path, cfg) -> (uint8 [H, W], ImageInfo)``.
 
 Training, validation, inference and Grad-CAM all call :func:`load`; augmentation happens after it, in
 training only. numpy/OpenCV only, never torch, so decode workers stay light.
 
 Steps: decode (reduced resolution where it is cheap) -> Modality LUT -> VOI (window or LUT, min-max when
-there is none) -> MONOCHROME1 inverted -> breast crop -> chest wall to the left -> aspect-preserving
-resize, padded to S -> uint8.
+there is none) -> MONOCHROME1 inverted -> breast crop -> in-breast grey range harmonised -> chest wall to
+the left -> aspect-preserving resize onto the H x W canvas, padded -> uint8. ``PreprocessConfig.version``
+names the route: version 1 (square canvas, no harmonisation, the crop of the largest bright component)
+stays as it was, so a model trained on it sees what it saw.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dens import decode, dicom
-from dens.config import PreprocessConfig
+from dens.config import VERSION, PreprocessConfig
 from dens.errors import Reason, UnusableFile
 
 __all__ = ["IDENTITY_KEYS", "PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
@@ -30,6 +32,13 @@ PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
 # the measured breast box corrects it when the guess was too deep.
 _ASSUMED_BREAST_FILL = 0.8
 _MASK_SIDE = 256  # the breast is found on a thumbnail of this long side
+# Film labels, rulers and film edges are cut from the breast by an opening this wide (of the thumbnail's long
+# side): wider than a label's stroke or an edge strip, far narrower than any breast.
+_CUT_FRACTION = 0.035
+HARMONISE_PERCENTILES = (2.0, 98.0)
+# Where the in-breast 2nd and 98th percentiles land after harmonisation: darker than 0.1 is background.
+HARMONISE_TARGET = (0.1, 0.9)
+HARMONISE_MAX_GAIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -178,27 +187,72 @@ def to_unit(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
 # --- geometry -------------------------------------------------------------------------------------
 
 
-def breast_mask(unit: np.ndarray) -> tuple[np.ndarray, float]:
+def breast_mask(unit: np.ndarray, version: int = VERSION) -> tuple[np.ndarray, float]:
     """The breast as the largest bright component on a thumbnail; returns (mask, thumbnail scale).
 
-    Burnt-in markers and labels are separate components and drop out; so does speckle.
+    Burnt-in markers and labels are separate components and drop out; so does speckle. On digitised film the
+    label, the ruler and the film's bright unexposed edges often touch the breast or each other through thin
+    strips, so (version 2) an opening as wide as a label's stroke cuts those strips before the largest
+    component is taken, and a dilation of the same width, inside the threshold, gives the skin line back.
     """
-    h, w = unit.shape
-    scale = min(1.0, _MASK_SIDE / max(h, w))
-    small = cv2.resize(unit, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    thumb = np.clip(small * 255.0, 0, 255).astype(np.uint8)
+    thumb, scale = _thumbnail(unit)
     otsu, _ = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     below = thumb[thumb <= otsu]
     background = float(np.median(below)) if below.size else 0.0
     # Otsu alone can cut a fatty breast's periphery off; a threshold nearer the background keeps it.
     threshold = background + 0.25 * (otsu - background)
-    mask = (thumb > threshold).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    bright = (thumb > threshold).astype(np.uint8)
+    if version == 1:
+        kernel = np.ones((3, 3), np.uint8)
+    else:
+        side = max(3, int(_CUT_FRACTION * max(thumb.shape)) | 1)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+    mask = cv2.morphologyEx(bright, cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         return np.zeros_like(mask, dtype=bool), scale
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return labels == largest, scale
+    largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    if version != 1:
+        largest = cv2.dilate(largest, kernel) & bright
+    return largest.astype(bool), scale
+
+
+def _thumbnail(unit: np.ndarray) -> tuple[np.ndarray, float]:
+    """``unit`` at a long side of at most :data:`_MASK_SIDE`, as uint8; and its scale."""
+    h, w = unit.shape
+    scale = min(1.0, _MASK_SIDE / max(h, w))
+    small = cv2.resize(unit, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return np.clip(small * 255.0, 0, 255).astype(np.uint8), scale
+
+
+def in_breast_levels(unit: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The in-breast 2nd and 98th percentile grey of ``unit`` ([0, 1]) under ``mask`` (its thumbnail's size)."""
+    small = cv2.resize(unit, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_AREA)
+    values = small[mask]
+    if values.size < 16:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, HARMONISE_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def harmonise(unit: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map the in-breast grey range ``lo``..``hi`` (2nd-98th percentile after VOI) onto
+    :data:`HARMONISE_TARGET`, linearly, clipped to [0, 1], so every vendor and film uses the range alike.
+
+    The guard that keeps density: the map is one straight line for the whole breast, so the order and the
+    relative spacing of greys inside a breast stay as VOI left them; a dense breast, whose bulk lies near its
+    98th percentile, keeps a higher mean grey than a fatty one, whose bulk lies near its 2nd. Its anchor is
+    the dark end, the subcutaneous fat every breast has at its periphery, and its gain is capped at
+    :data:`HARMONISE_MAX_GAIN`: a breast with little above fat (a narrow span) is not stretched until its few
+    strands look like dense tissue; it stays dark. Greys below ``lo`` (background, film base) go linearly
+    onto 0..``t_lo``, so the canvas's black padding and a digital background stay alike.
+    """
+    t_lo, t_hi = HARMONISE_TARGET
+    gain = min(HARMONISE_MAX_GAIN, (t_hi - t_lo) / max(hi - lo, 1e-6))
+    out = (unit - np.float32(lo)) * np.float32(gain) + np.float32(t_lo)
+    if lo > 0:  # below the breast's darkest grey (background): onto 0..t_lo, so black stays black
+        out = np.where(unit < lo, unit * np.float32(t_lo / lo), out)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def _box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
@@ -239,16 +293,16 @@ def _needed_level(breast_long_full: float, cfg: PreprocessConfig) -> int:
     return level
 
 
-def fit_to_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize so the long side is ``size``, left-aligned (chest wall), vertically
-    centred, zero-padded."""
+def fit_to_canvas(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Aspect-preserving resize to fit ``height x width``, left-aligned (chest wall), vertically centred,
+    zero-padded."""
     h, w = image.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    scale = min(height / h, width / w)
+    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (nw, nh), interpolation=interp)
-    canvas = np.zeros((size, size), dtype=image.dtype)
-    top = (size - nh) // 2
+    canvas = np.zeros((height, width), dtype=image.dtype)
+    top = (height - nh) // 2
     canvas[top : top + nh, :nw] = resized
     return canvas
 
@@ -293,7 +347,7 @@ def _read_plain(path: str) -> _PlainImage:
 def load(
     path: str | Path, cfg: PreprocessConfig | None = None, *, memory_budget: int | None = None
 ) -> tuple[np.ndarray, ImageInfo]:
-    """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [S, S]`` image and its info.
+    """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [height, width]`` image and its info.
 
     Raises :class:`dens.errors.UnusableFile` (with a reason code) for files that yield no image; once the
     DICOM header was read, the error carries the file's identity (:data:`IDENTITY_KEYS`), whatever failed
@@ -331,7 +385,7 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
     while True:
         pixels, reached, route = source.decode(level)
         unit = unit_of(pixels)
-        mask, _ = breast_mask(unit)
+        mask, _ = breast_mask(unit, cfg.version)
         box = _box(mask, unit.shape, cfg.crop_margin) if cfg.crop else (0, unit.shape[0], 0, unit.shape[1])
         breast_long_full = max(box[1] - box[0], box[3] - box[2]) * 2**reached
         wanted = min(reached, _needed_level(breast_long_full, cfg)) if cfg.reduce else 0
@@ -352,10 +406,13 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
 
     y0, y1, x0, x1 = box
     image = unit[y0:y1, x0:x1]
+    if cfg.version >= 2:
+        image = harmonise(image, *in_breast_levels(unit, mask))
     flipped = cfg.orient and side == "right"
     if flipped:
         image = image[:, ::-1]
-    canonical = np.rint(np.clip(fit_to_square(np.ascontiguousarray(image), cfg.size), 0, 1) * 255).astype(np.uint8)
+    canvas = fit_to_canvas(np.ascontiguousarray(image), cfg.height, cfg.width)
+    canonical = np.rint(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
 
     factor = 2**reached
     info = ImageInfo(

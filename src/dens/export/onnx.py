@@ -80,11 +80,11 @@ def export_onnx(
         raise ValueError(f"opset {opset} is not supported: choose {OPSETS.start}..{OPSETS.stop - 1}")
     checkpoint_path, out_path = Path(checkpoint_path).resolve(), Path(out_path)
     ckpt = checkpoint or load_checkpoint(checkpoint_path)
-    size = ckpt.preprocess.size
+    shape = ckpt.preprocess.shape
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        _torch_export(_Exported(ckpt.model.float().eval(), ckpt.temperature), raw, size, opset)
+        _torch_export(_Exported(ckpt.model.float().eval(), ckpt.temperature), raw, shape, opset)
         if optimize:
             raw = _ort_optimize(raw, Path(tmp) / "optimized.onnx")
         model = onnx.load(raw)
@@ -101,8 +101,8 @@ def export_onnx(
     return out_path
 
 
-def _torch_export(module: nn.Module, path: Path, size: int, opset: int) -> None:
-    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)  # batch 2: no size-1 specialisation to trace
+def _torch_export(module: nn.Module, path: Path, shape: tuple[int, int], opset: int) -> None:
+    example = torch.zeros(2, 1, *shape, dtype=torch.uint8)  # batch 2: no size-1 specialisation to trace
     with warnings.catch_warnings(), torch.no_grad():
         # The legacy exporter is chosen on purpose (module docstring); its deprecation notice is not news.
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -107,8 +107,7 @@ def load_images(
             skipped[decoded.code] += 1
         else:  # the route failed on it (a codec crash, a bug): one bad file must not stop the check
             errors[decoded.path] = decoded.reason
-    size = checkpoint.preprocess.size
-    array = np.stack(images) if images else np.zeros((0, 1, size, size), np.uint8)
+    array = np.stack(images) if images else np.zeros((0, 1, *checkpoint.preprocess.shape), np.uint8)
     return ImageSet(str(directory), array, len(files), used, dict(skipped), errors)
 
 
@@ -147,16 +146,17 @@ def check_parity(
     except Exception as exc:  # ORT's own exception types; a graph that does not load fails parity, loudly
         session, interface = None, [f"ONNX Runtime cannot load the graph: {type(exc).__name__}: {exc}"]
     else:
-        interface = check_interface(session, ckpt.preprocess.size, len(ckpt.classes))
+        interface = check_interface(session, ckpt.preprocess.shape, len(ckpt.classes))
     failures = list(interface)
     if meta["checkpoint_sha256"] != ckpt.sha256:
         failures.append(
             f"the model was exported from checkpoint sha256 {meta['checkpoint_sha256'][:12]}, not from "
             f"{ckpt.path} (sha256 {ckpt.sha256[:12]})"
         )
-    size = ckpt.preprocess.size
     rng = np.random.default_rng(seed)
-    sets = {"random": rng.integers(0, 256, (max(RANDOM_IMAGES, batch_sizes[-1]), 1, size, size), dtype=np.uint8)}
+    sets = {
+        "random": rng.integers(0, 256, (max(RANDOM_IMAGES, batch_sizes[-1]), 1, *ckpt.preprocess.shape), dtype=np.uint8)
+    }
     image_report = None
     if images is not None:
         image_set = (
@@ -205,14 +205,15 @@ def check_parity(
     }
 
 
-def check_interface(session, size: int, num_classes: int) -> list[str]:
-    """The graph's inputs and outputs against the contract: image uint8 [N,1,S,S]; probs, logits float [N,C]."""
+def check_interface(session, shape: tuple[int, int], num_classes: int) -> list[str]:
+    """The graph's inputs and outputs against the contract: image uint8 [N,1,H,W] (``shape``: the preprocess
+    canvas, H x W); probs, logits float [N,C]."""
     failures = []
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [INPUT] or inputs[0].type != "tensor(uint8)":
         failures.append(f"inputs are {[(i.name, i.type) for i in inputs]}, expected one '{INPUT}' of uint8")
-    elif isinstance(inputs[0].shape[0], int) or list(inputs[0].shape[1:]) != [1, size, size]:
-        failures.append(f"input shape {inputs[0].shape}, expected [N, 1, {size}, {size}] with a symbolic N")
+    elif isinstance(inputs[0].shape[0], int) or list(inputs[0].shape[1:]) != [1, *shape]:
+        failures.append(f"input shape {inputs[0].shape}, expected [N, 1, {shape[0]}, {shape[1]}] with a symbolic N")
     names = [o.name for o in outputs]
     if names != [PROBS, LOGITS] or any(o.type != "tensor(float)" for o in outputs):
         failures.append(f"outputs are {[(o.name, o.type) for o in outputs]}, expected float '{PROBS}', '{LOGITS}'")

@@ -39,6 +39,7 @@ import onnx
 from onnx import helper
 
 from dens import labels
+from dens.config import PreprocessConfig
 from dens.export.parity import ImageSet, check_interface
 from dens.metadata import INPUT, LOGITS, METADATA_KEY, PROBS, file_sha256, read_metadata, variant_path
 
@@ -286,7 +287,9 @@ def check_int8_parity(
         except Exception as exc:  # ORT's own exception types: a graph that does not load fails parity, loudly
             failures.append(f"ONNX Runtime cannot load {path}: {type(exc).__name__}: {exc}")
     if "int8" in sessions:
-        failures += check_interface(sessions["int8"], meta["preprocess"]["size"], len(classes))
+        failures += check_interface(
+            sessions["int8"], PreprocessConfig.from_dict(meta["preprocess"]).shape, len(classes)
+        )
     figures: dict[str, Any] = {}
     if not failures and len(split.held_out):
         ref = _run(sessions["fp32"], split.held_out, batch_size)

@@ -149,11 +149,13 @@ def load_cuda_libraries() -> None:
         log.debug("onnxruntime.preload_dlls: %s", exc)
 
 
-def _provider_options(name: str, size: int, batch: int, cuda_options: dict | None = None) -> tuple[str, dict]:
+def _provider_options(
+    name: str, shape: tuple[int, int], batch: int, cuda_options: dict | None = None
+) -> tuple[str, dict]:
     if name == "tensorrt":
         cache = Path(os.environ.get("DENS_TRT_CACHE", Path.home() / ".cache" / "dens" / "tensorrt"))
         cache.mkdir(parents=True, exist_ok=True)
-        shape = f"{INPUT}:{{}}x1x{size}x{size}"
+        dims = f"{INPUT}:{{}}x1x{shape[0]}x{shape[1]}"
         # An optimisation profile over the batch sizes the run feeds (1 .. batch) and an engine cache,
         # so the engine is built once per model and machine, not per run.
         return PROVIDERS[name], {
@@ -161,9 +163,9 @@ def _provider_options(name: str, size: int, batch: int, cuda_options: dict | Non
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,
-            "trt_profile_min_shapes": shape.format(1),
-            "trt_profile_opt_shapes": shape.format(batch),
-            "trt_profile_max_shapes": shape.format(batch),
+            "trt_profile_min_shapes": dims.format(1),
+            "trt_profile_opt_shapes": dims.format(batch),
+            "trt_profile_max_shapes": dims.format(batch),
         }
     if name == "cuda":
         return PROVIDERS[name], {"device_id": 0, **(cuda_options or {})}
@@ -259,9 +261,9 @@ def open_runtime(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us, once
-    probe_size = _input_size(model_path) if "tensorrt" in wanted else 0
+    probe_shape = _input_shape(model_path) if "tensorrt" in wanted else (0, 0)
     probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
-    providers = [_provider_options(name, probe_size, probe_batch, cuda_options) for name in wanted]
+    providers = [_provider_options(name, probe_shape, probe_batch, cuda_options) for name in wanted]
     try:
         session = ort.InferenceSession(
             str(model_path), options, providers=[p for p, _ in providers], provider_options=[o for _, o in providers]
@@ -283,7 +285,7 @@ def open_runtime(
     meta = read_session_metadata(session, model_path)
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     classes = tuple(str(c) for c in meta["classes"])
-    _check_io(session, model_path, preprocess.size, len(classes))
+    _check_io(session, model_path, preprocess.shape, len(classes))
     int8 = meta.get("int8") or {}
     calibrated = f", {int8['format']}, calibrated on {int8['calibration_images']} images" if int8 else ""
     log.info("dens-infer: running the %s graph %s%s", meta["precision"], model_path, calibrated)
@@ -292,15 +294,16 @@ def open_runtime(
     )
 
 
-def _input_size(model_path: Path) -> int:
-    """S from the metadata, read before the session exists (TensorRT's optimisation profile needs it)."""
+def _input_shape(model_path: Path) -> tuple[int, int]:
+    """The canvas (H, W) from the metadata, read before the session exists (TensorRT's optimisation profile
+    needs it)."""
     try:
-        return int(read_metadata(model_path)["preprocess"]["size"])
-    except (OnnxMetadataError, OSError):
-        return 0  # the session opened next reports the real problem
+        return PreprocessConfig.from_dict(read_metadata(model_path)["preprocess"]).shape
+    except (OnnxMetadataError, OSError, ValueError):
+        return 0, 0  # the session opened next reports the real problem
 
 
-def _check_io(session: ort.InferenceSession, model_path: Path, size: int, num_classes: int) -> None:
+def _check_io(session: ort.InferenceSession, model_path: Path, shape: tuple[int, int], num_classes: int) -> None:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     image = inputs.get(INPUT)
@@ -309,10 +312,10 @@ def _check_io(session: ort.InferenceSession, model_path: Path, size: int, num_cl
             f"{model_path}: expected input '{INPUT}' and output '{OUTPUT}', found inputs "
             f"{sorted(inputs)} and outputs {sorted(outputs)}; re-export it with dens-export"
         )
-    if image.type != "tensor(uint8)" or len(image.shape) != 4 or list(image.shape[1:]) != [1, size, size]:
+    if image.type != "tensor(uint8)" or len(image.shape) != 4 or list(image.shape[1:]) != [1, *shape]:
         raise ModelError(
             f"{model_path}: input '{INPUT}' is {image.type} {image.shape}; dens-infer feeds uint8 "
-            f"[N, 1, {size}, {size}] as its metadata's preprocess.size says; re-export it"
+            f"[N, 1, {shape[0]}, {shape[1]}] as its metadata's preprocess says; re-export it"
         )
     width = outputs[OUTPUT].shape[-1]
     if isinstance(width, int) and width != num_classes:

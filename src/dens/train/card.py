@@ -31,7 +31,7 @@ def facts(resolved: dict, info: dict, best_epoch: int, test: dict, calibration: 
         "format": modelcard.CARD_FORMAT,
         "model": {
             "arch": resolved["arch"],
-            "input": f"uint8 grey {resolved['size']}x{resolved['size']}, dens's canonical image",
+            "input": f"uint8 grey {_canvas(resolved)}, dens's canonical image",
             "classes": list(CLASSES),
             "weights": run["weights"],
             "from_scratch": run["weights"].startswith("none"),
@@ -64,3 +64,9 @@ def facts(resolved: dict, info: dict, best_epoch: int, test: dict, calibration: 
         "intended_use": modelcard.INTENDED_USE,
         "not_a_medical_device": modelcard.NOT_A_MEDICAL_DEVICE,
     }
+
+
+def _canvas(resolved: dict) -> str:
+    """H x W of the run's canonical image (a config.yaml from before H x W holds only ``size``)."""
+    side = resolved.get("size")
+    return f"{side}x{side}" if side else f"{resolved['height']}x{resolved['width']}"

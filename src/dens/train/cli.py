@@ -69,8 +69,12 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
     "initialisation, which needs --lr >= 1e-4 (e.g. 1e-3). auto: the same as imagenet.",
 )
 @click.option(
-    "--size", type=click.IntRange(16, 4096), default=DEFAULTS["size"], show_default=True, help="Canonical image side S."
+    "--height", type=click.IntRange(16, 4096), default=DEFAULTS["height"], show_default=True, help="Canvas height H."
 )
+@click.option(
+    "--width", type=click.IntRange(16, 4096), default=DEFAULTS["width"], show_default=True, help="Canvas width W."
+)
+@click.option("--size", type=click.IntRange(16, 4096), default=None, help="A square S x S canvas instead of H x W.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS["epochs"], show_default=True)
 @click.option(
     "--batch-size",

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dens import model
+from dens.config import HEIGHT, WIDTH
 
 ARCHS: tuple[str, ...] = tuple(model.ARCHS)
 OPTIMIZERS = ("adam", "adamw")
@@ -32,7 +33,10 @@ class TrainConfig:
     # (from scratch, with lr >= MIN_SCRATCH_LR); or the path of a local state dict. 'auto', which older
     # config files hold, means 'imagenet'.
     weights: str = "imagenet"
-    size: int = 512
+    # The canonical canvas, H x W (dens.config's default); size: a square S x S canvas instead.
+    height: int = HEIGHT
+    width: int = WIDTH
+    size: int | None = None
     epochs: int = 15
     batch_size: int = 32  # global: divided between the DDP processes
     lr: float = 1e-5

@@ -146,7 +146,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks, out: Path):
         self.cfg, self.ranks, self.out = cfg, ranks, out
-        self.pre = PreprocessConfig(size=cfg.size)
+        self.pre = PreprocessConfig(size=cfg.size) if cfg.size else PreprocessConfig(height=cfg.height, width=cfg.width)
         self.amp_dtype = resolve_precision(cfg.precision, ranks.device)
         self.channels_last = ranks.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.workers = min(4, dens.usable_cores()) if cfg.workers is None else cfg.workers
