@@ -221,9 +221,39 @@ def gpu_decode_figures(r: dict) -> list[Figure]:
     ]
 
 
+def int8_figures(r: dict) -> list[Figure]:
+    s, res = r["settings"], r["results"]
+    flags = ", ".join(res["cpu_flags"]) or "none"
+    stage = f"int8 vs fp32 model ({s['arch']} S={s['size']}, CPU int8 instructions: {flags})"
+    out = [
+        Figure(
+            stage,
+            f"{row['graph']}, batch {row['batch']}, {row['threads']} threads",
+            row["img_per_s"],
+            f"x{row['speedup']} fp32" if "speedup" in row else "",
+        )
+        for row in res["model_stage"]
+    ]
+    e2e = res["end_to_end"]
+    end = f"int8 vs fp32 end to end ({s['arch']} S={s['size']}, {e2e['images']} files)"
+    out.append(Figure(end, "dens-infer, fp32", e2e["fp32"]["img_per_s"]))
+    note = f"x{e2e['speedup']} fp32"
+    agreement = res.get("agreement", {}).get("u8s8")  # the format dens-export writes by default
+    if agreement:
+        sets = [("held_out", "held-out"), ("unseen_synthetic", "unseen synthetic"), ("real", "real")]
+        note += "; dense-call agreement with fp32 (demo resnet18 S=128, u8s8): " + ", ".join(
+            f"{label} {agreement[key]['dense_agreement']:.1%} of {agreement[key]['images']}"
+            for key, label in sets
+            if agreement.get(key, {}).get("images")
+        )
+    out.append(Figure(end, "dens-infer, int8", e2e["int8"]["img_per_s"], note))
+    return out
+
+
 FIGURES = {
     "decode": decode_figures,
     "model": model_figures,
+    "int8": int8_figures,
     "pipeline": pipeline_figures,
     "scaling": scaling_figures,
     "train_step": train_figures,

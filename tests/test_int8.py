@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +274,27 @@ def test_agreement_figures():
     assert figures["dense_agreement"] == pytest.approx(2 / 3)  # only B->C changes the dense call
     assert figures["max_abs_prob_diff"] == pytest.approx(0.3)
     assert figures["mean_abs_prob_diff"] == pytest.approx(np.abs(got - ref).mean())
+
+
+@pytest.mark.slow
+def test_the_int8_benchmark_runs_and_summarize_reads_it(cohort, tmp_path):
+    """bench/int8.py at toy settings (resnet18 at S=64, fractions of a second per setting, no agreement part,
+    which needs the demo model): it writes its JSON with the CPU's flags, and summarize.py tables it."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    env = {**os.environ, "DENS_BENCH_RESULTS": str(tmp_path)}
+    toy = ["--arch", "resnet18", "--size", "64", "--batch-sizes", "1,2", "--seconds", "0.2", "--rounds", "1"]
+    for script, args in (
+        ("int8.py", ["--cohort", str(cohort), *toy, "--calibration-images", "6", "--skip-agreement"]),
+        ("summarize.py", ["--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(bench / script), *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode == 0, f"{script}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (result,) = tmp_path.glob("int8-*.json")
+    record = json.loads(result.read_text())
+    assert isinstance(record["results"]["cpu_flags"], list) and record["machine"]["cpu"]
+    graphs = {(r["graph"], r["batch"]) for r in record["results"]["model_stage"]}
+    assert graphs == {(g, b) for g in ("fp32", "int8 u8s8", "int8 s8s8") for b in (1, 2)}
+    assert record["results"]["end_to_end"]["int8"]["images"] == record["results"]["end_to_end"]["fp32"]["images"] > 0
+    assert "int8 vs fp32 end to end" in (tmp_path / "README.md").read_text()
