@@ -44,7 +44,11 @@ def contact_sheet(
 
 
 def _fit(text: str, width: int) -> str:
-    """``text`` cut with an ellipsis to fit ``width`` pixels in the caption font."""
-    while text and cv2.getTextSize(text, _FONT, 0.38, 1)[0][0] > width:
-        text = text[:-2] + "~" if len(text) > 2 else ""
-    return text
+    """``text`` cut to fit ``width`` pixels in the caption font, ``~`` marking the cut: a third of what
+    stays from its start, two thirds from its end, so a file's own name stays in sight beside its folder."""
+    for keep in range(len(text), -1, -1):
+        head = keep // 3
+        shown = text if keep == len(text) else text[:head] + "~" + text[len(text) - (keep - head) :]
+        if cv2.getTextSize(shown, _FONT, 0.38, 1)[0][0] <= width:
+            return shown
+    return ""

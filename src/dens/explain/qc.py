@@ -1,0 +1,270 @@
+"""The contact sheet of a set of files (dens-qc): the canonical images a model sees, each captioned, so a
+person checks the preprocessing at a glance (the crop, the side, the grey range, what the model said).
+
+Files decode through the decode engine (:class:`dens.engine.DecodePool`), so a sheet shows exactly what
+``dens.preprocess.load`` gives the model, and a file that crashes a codec costs its own tile only. With a
+model, the route is the one its metadata names and each tile carries the model's call and p_dense (ONNX
+Runtime on the CPU: a sheet is a few dozen images); without one, the default :class:`PreprocessConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import dens
+from dens.config import PreprocessConfig
+from dens.engine import Decoded, DecodePool
+from dens.explain.sheet import contact_sheet
+from dens.files import atomic_write
+from dens.flags import call
+from dens.metadata import INPUT, PROBS, OnnxMetadataError, file_sha256, parse_metadata
+from dens.preprocess import PLAIN_IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+FORMATS = (".png", ".jpg", ".jpeg")  # what --out may name
+PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested: a PNG/PGM/TIFF image; pass --plain-images to read it"
+_BATCH = 8  # images per model call
+_SHOWN_FAILURES = 10  # failed files listed one per line; the rest are counted
+
+
+class QcError(Exception):
+    """A problem the user must fix (no files, no usable image, an unusable model); the message says how."""
+
+
+@dataclass(frozen=True)
+class QcConfig:
+    """What one dens-qc run makes. ``inputs``: files and folders (folders are walked recursively, in sorted
+    order). ``limit``: images on the sheet, the first usable ones in that order. ``model``: an exported ONNX
+    model; its metadata's preprocessing is used and each tile shows its call. ``plain_images``: read
+    PNG/PGM/TIFF files too (else each is a skipped file, as in dens-infer). ``workers``: decode processes."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    model: Path | None = None
+    limit: int = 48
+    columns: int = 8
+    workers: int | None = None
+    plain_images: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("dens-qc needs at least one file or folder")
+        if self.limit < 1 or self.columns < 1:
+            raise ValueError(f"limit and columns must be at least 1, got {self.limit} and {self.columns}")
+        if Path(self.out).suffix.lower() not in FORMATS:
+            raise ValueError(f"--out {self.out}: name a {', '.join(FORMATS)} file for the sheet")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One image on the sheet: its file, what the route learnt about it and, with a model, the call."""
+
+    path: str
+    info: dict
+    density: str = ""
+    p_dense: float | None = None
+
+    def caption(self, shown_path: str) -> list[str]:
+        """The lines under the image: file, vendor, side/view/decode route, and the call when there is one."""
+        info = self.info
+        maker = " ".join(part for part in (info.get("manufacturer", ""), info.get("manufacturer_model", "")) if part)
+        side = " ".join(part for part in (info.get("laterality", ""), info.get("view", "")) if part)
+        lines = [shown_path, maker or "manufacturer not given", f"{side}  {info.get('decode_route', '')}".strip()]
+        if self.p_dense is not None:
+            lines.append(f"call {self.density}  p_dense {self.p_dense:.2f}")
+        return lines
+
+
+@dataclass
+class QcResult:
+    """What a run made: the sheet, its tiles in order, the files that gave no image and the summary line."""
+
+    sheet: Path
+    tiles: list[Tile] = field(default_factory=list)
+    failures: list[Decoded] = field(default_factory=list)
+    files: int = 0  # files found
+    unread: int = 0  # files past the limit, never decoded
+    seconds: float = 0.0
+
+    def counts(self) -> str:
+        """How many files were read and what they gave."""
+        skipped = sum(d.status == "skipped" for d in self.failures)
+        errors = len(self.failures) - skipped
+        return f"{len(self.tiles)} images from {self.files - self.unread} files ({skipped} skipped, {errors} errors)"
+
+    def line(self) -> str:
+        """The one-line summary."""
+        past = f"; {self.unread} more files not read (--limit)" if self.unread else ""
+        return f"{self.counts()}{past} in {self.seconds:.1f} s; sheet {self.sheet}"
+
+
+def find_files(inputs: Sequence[Path], exclude: Path | None = None) -> list[tuple[Path, str]]:
+    """``(file, name to show)`` for every file named or under a folder named, folders walked in sorted order;
+    the name is relative to the folder it was found in (a named file: its name). ``exclude``: the sheet."""
+    found = []
+    for root in inputs:
+        root = Path(root)
+        if root.is_dir():
+            found += [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*")) if p.is_file()]
+        else:
+            found.append((root, root.name))
+    if exclude is not None and exclude.exists():
+        found = [(p, name) for p, name in found if not p.samefile(exclude)]
+    return found
+
+
+class _Model:
+    """An exported dens model on ONNX Runtime's CPU provider: its preprocessing, classes and calls."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise QcError(f"model {path} not found: pass an ONNX file that dens-export wrote")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QcError(f"{path}: ONNX Runtime cannot open it ({first})") from exc
+        try:
+            meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map.get("dens"), path)
+        except OnnxMetadataError as exc:
+            raise QcError(str(exc)) from exc
+        self.path, self.sha256 = path, file_sha256(path)
+        self.preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+        self.classes = tuple(meta["classes"])
+        shape = next((i.shape for i in self.session.get_inputs() if i.name == INPUT), None)
+        if shape is None or list(shape[1:]) != [1, *self.preprocess.shape]:
+            raise QcError(
+                f"{path}: input '{INPUT}' is {shape}, not [N, 1, {self.preprocess.height}, "
+                f"{self.preprocess.width}] as its metadata's preprocess says; re-export it with dens-export"
+            )
+
+    def calls(self, images: list[np.ndarray]) -> list[tuple[str, float]]:
+        """(call, p_dense) per canonical image."""
+        out = []
+        for start in range(0, len(images), _BATCH):
+            batch = np.stack(images[start : start + _BATCH])[:, None]
+            out += [call(p, self.classes) for p in self.session.run([PROBS], {INPUT: batch})[0]]
+        return out
+
+
+def decode_first(
+    files: Sequence[Path], cfg: PreprocessConfig, limit: int, workers: int, plain_images: bool, progress: bool
+) -> Iterator[Decoded]:
+    """The decode results of ``files`` in input order, up to and including the ``limit``-th usable image.
+
+    The engine may deliver a file ahead of a slower one before it; results wait here until the files
+    before them are in, so which files make the sheet never depends on timing."""
+    unread = PLAIN_IMAGE_NOT_REQUESTED if not plain_images else ""
+    items = ((str(p), unread if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES) else "") for p in files)
+    waiting: dict[int, Decoded] = {}
+    next_index = ok = 0
+    bar = tqdm(total=min(limit, len(files)), desc="dens-qc", unit="img", disable=not progress)
+    with DecodePool(max(1, min(workers, len(files))), cfg, buffer=2 * _BATCH) as pool:
+        for decoded in pool.map(items):
+            waiting[decoded.index] = decoded
+            while next_index in waiting and ok < limit:
+                result = waiting.pop(next_index)
+                next_index += 1
+                if result.reason.startswith(PLAIN_IMAGE_NOT_REQUESTED):
+                    result.status = "skipped"  # the pool reports an item it did not decode as an error
+                ok += result.status == "ok"
+                bar.update(result.status == "ok")
+                yield result
+            if ok >= limit:
+                break
+    bar.close()
+
+
+def run(cfg: QcConfig) -> QcResult:
+    """Write the contact sheet ``cfg.out`` of the first ``cfg.limit`` usable images among ``cfg.inputs``.
+
+    Raises :class:`QcError` when there is nothing to show (no files, none usable) or the model is unusable.
+    """
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    files = find_files(cfg.inputs, exclude=out)
+    if not files:
+        raise QcError(f"no files in {', '.join(map(str, cfg.inputs))}")
+    model = _Model(Path(cfg.model)) if cfg.model is not None else None
+    preprocess = model.preprocess if model is not None else PreprocessConfig()
+    names = {str(p): name for p, name in files}
+    workers = cfg.workers or min(4, dens.usable_cores())
+
+    images, tiles, failures = [], [], []
+    for decoded in decode_first([p for p, _ in files], preprocess, cfg.limit, workers, cfg.plain_images, cfg.progress):
+        if decoded.status == "ok":
+            images.append(decoded.image)
+            tiles.append(Tile(decoded.path, decoded.info or {}))
+        else:
+            failures.append(decoded)
+    read = len(tiles) + len(failures)
+    result = QcResult(out, failures=failures, files=len(files), unread=len(files) - read)
+    _log_failures(failures)
+    if not tiles:
+        raise QcError(
+            f"none of the {read} files read gave an image ({result.counts()}); "
+            "the reasons are above (a folder of PNG/PGM/TIFF images needs --plain-images)"
+        )
+    if model is not None:
+        tiles = [
+            Tile(tile.path, tile.info, density, p_dense)
+            for tile, (density, p_dense) in zip(tiles, model.calls(images), strict=True)
+        ]
+    sheet = contact_sheet(
+        [(image, tile.caption(names[tile.path])) for image, tile in zip(images, tiles, strict=True)],
+        columns=cfg.columns,
+    )
+    sheet = _with_title(sheet, _title(preprocess, model))
+    ok, encoded = cv2.imencode(out.suffix.lower(), sheet)
+    if not ok:
+        raise QcError(f"OpenCV could not encode the sheet as {out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_write(out) as f:
+            f.write(encoded.tobytes())
+    except OSError as exc:
+        raise QcError(f"cannot write {out} ({exc.strerror or exc}): choose another --out") from exc
+    result.tiles = tiles
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _title(preprocess: PreprocessConfig, model: _Model | None) -> str:
+    route = f"preprocess version {preprocess.version}, {preprocess.height}x{preprocess.width} canvas"
+    if model is None:
+        return f"dens-qc: {route} (the default; no model)"
+    return f"dens-qc: {route}, from {model.path.name} (sha256 {model.sha256[:12]})"
+
+
+def _with_title(sheet: np.ndarray, title: str) -> np.ndarray:
+    """``sheet`` under a strip that says which route (and model) made it."""
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+    (w, h), _ = cv2.getTextSize(title, font, scale, 1)
+    width = max(sheet.shape[1], w + 16)
+    strip = np.full((h + 16, width, 3), 32, np.uint8)
+    cv2.putText(strip, title, (8, h + 8), font, scale, (235, 235, 235), 1, cv2.LINE_AA)
+    body = np.full((sheet.shape[0], width, 3), 32, np.uint8)
+    body[:, : sheet.shape[1]] = sheet
+    return np.vstack([strip, body])
+
+
+def _log_failures(failures: list[Decoded]) -> None:
+    for decoded in failures[:_SHOWN_FAILURES]:
+        shown = decoded.path.encode("utf-8", "backslashreplace").decode()  # a name that is not UTF-8, escaped
+        log.warning("dens-qc: %s: %s (%s)", shown, decoded.status, decoded.reason)
+    if len(failures) > _SHOWN_FAILURES:
+        log.warning("dens-qc: ... and %d more files without an image", len(failures) - _SHOWN_FAILURES)
