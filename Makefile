@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint bench bench-gpu demo clean
+.PHONY: setup tools test lint bench bench-gpu demo clean
 
 setup: $(STAMP)
 
@@ -13,14 +13,32 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $(STAMP)
+
+# The third-party programs the tests run against, from Debian's packages: Chromium (the review page), Orthanc
+# (the PACS), DCMTK (storescu, echoscu, dsrdump) and dicom3tools (dciodvfy). Installed where this runs as root
+# with apt-get (CI does); elsewhere nothing is installed and the tests that need a missing program skip and
+# name it. DENS_NO_TOOLS=1 skips this step.
+TOOLS_PACKAGES := chromium orthanc dcmtk dicom3tools
+TOOLS_PROGRAMS := chromium Orthanc storescu dciodvfy
+tools:
+	@if [ -n "$$DENS_NO_TOOLS" ]; then exit 0; fi; \
+	missing=""; for p in $(TOOLS_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(TOOLS_PACKAGES) (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(TOOLS_PACKAGES) >/dev/null || echo "warning: apt-get could not install them; their tests will skip"; \
+	else \
+		echo "not installing$$missing (needs root and apt-get): the tests that use them will skip"; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
-test: lint
+test: lint tools
 	$(PY) -m pytest -q
 
 # The suite, one JSON per benchmark in bench/results/, then the plot and bench/README.md's table. The

@@ -14,6 +14,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+# The Ray engine's fixtures (tests/ray_cases.py), shared by its two test modules.
+pytest_plugins = ["ray_cases"]
+
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 # The real mammograms are never in the repository (their terms forbid redistribution): DENS_REAL_MAMMO names
 # a folder of them. The default is where CI keeps them, beside the checkout.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from conftest import REAL_FILES, synthetic_breast, write_dicom
 from dens import labels, sr
 from dens.flags import prediction_cells
 
+DENS_INFER = [sys.executable, "-c", "from dens.infer.cli import main; main()"]
 SHA = "ab" * 32
 MODEL = sr.ModelIdentity("dens resnet18 breast density", "dens 0.1.0; resnet18 fp32", SHA)
 VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
@@ -237,3 +239,49 @@ def test_reports_on_the_real_samples_are_valid(real_mammo, tmp_path):
     assert written
     for path in written:
         assert dciodvfy_errors(path) == [], path.name
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    """A random resnet18 at S=64, exported: calls that mean nothing, through the real pipeline."""
+    import torch
+
+    from dens.config import PreprocessConfig
+    from dens.export.onnx import export_onnx
+    from dens.model import build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_checkpoint(root / "best.pt", build_model("resnet18"), PreprocessConfig(size=64))
+    return export_onnx(root / "best.pt", root / "model.onnx")
+
+
+def test_dens_infer_sr_writes_one_report_per_exam_with_the_exam_csvs_calls(synthetic_cohort, onnx_model, tmp_path):
+    out, folder = tmp_path / "preds.csv", tmp_path / "sr"
+    done = subprocess.run(
+        [
+            *DENS_INFER,
+            str(synthetic_cohort()),
+            "--model",
+            str(onnx_model),
+            "--out",
+            str(out),
+            "--sr",
+            str(folder),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = pd.read_csv(tmp_path / "preds.exam.csv", dtype=str, keep_default_na=False)
+    reports = sorted(folder.glob("*.sr.dcm"))
+    assert len(reports) == len(calls) and f"wrote {len(calls)} density SRs" in done.stdout
+    for path in reports:
+        ds = dcmread(path)
+        call = calls[calls[labels.STUDY_UID] == ds.StudyInstanceUID].iloc[0]
+        assert call["incomplete"] == "False"
+        found = groups(ds)
+        assert composition(found["exam"]) == sr.COMPOSITION[call[labels.DENSITY]].value
+        assert composition(found["breast L"]) == sr.COMPOSITION[call["density_L"]].value
+        assert dciodvfy_errors(path) == [] if shutil.which("dciodvfy") else True

@@ -12,6 +12,7 @@ import click
 from dens import show_progress
 from dens.infer.config import (
     DEVICES,
+    ENGINES,
     EXIT_ERRORS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -44,6 +45,16 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 
     try:
         parse_flag(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from dens.infer.sources import Shard
+
+    try:
+        Shard.parse(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     return value
@@ -135,6 +146,37 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
     default=None,
     help="PyTorch checkpoint for --gradcam [default: the one named in the model's metadata; its sha256 must match].",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="local",
+    show_default=True,
+    help="local: decode processes on this machine; ray: Ray Data on a Ray cluster (pip install 'dens[ray]'; "
+    "STUDIES on a filesystem every node mounts).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="--engine ray: 'auto' (the cluster this machine is a node of), 'HOST:PORT' or 'ray://HOST:10001' "
+    "[default: start a local Ray].",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    callback=_check_shard,
+    help="Only the files whose path hashes to shard I of N (0-based), for N array jobs of a scheduler "
+    "(Slurm, Kubernetes); join their outputs with dens-merge.",
+)
+@click.option(
+    "--sr",
+    "sr",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="After inference, write one DICOM density SR per exam into this folder (<StudyInstanceUID>.sr.dcm; "
+    "only screening-complete exams get a call).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every skipped or failed file.")
 def main(
     studies: Path,
@@ -153,10 +195,15 @@ def main(
     flag: str | None,
     gradcam: Path | None,
     checkpoint: Path | None,
+    engine: str,
+    ray_address: str | None,
+    shard: str | None,
+    sr: Path | None,
     verbose: bool,
 ) -> None:
-    """Classify breast density (BI-RADS A-D) for every file under STUDIES: one row per file in --out
-    (status ok | skipped | error, with a reason), plus breast- and exam-level calls beside it."""
+    """Classify breast density (BI-RADS A-D) for every file under STUDIES (a folder, or a CSV/Parquet
+    manifest with a 'path' column): one row per file in --out (status ok | skipped | error, with a reason),
+    plus breast- and exam-level calls beside it."""
     from dens.infer.runner import InferError, resolve_model, run  # here: spawned workers import this module
     from dens.infer.runtime import ModelError, model_for_precision
 
@@ -166,7 +213,7 @@ def main(
         )
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("PIL", "pydicom", "matplotlib"):
+    for noisy in ("PIL", "pydicom", "matplotlib", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if precision is not None:
         try:
@@ -188,6 +235,10 @@ def main(
         flag=flag,
         plain_images=plain_images,
         retry_errors=retry_errors,
+        sr=sr,
+        engine=engine,
+        ray_address=ray_address,
+        shard=shard,
     )
     try:
         summary = run(cfg)
@@ -202,6 +253,8 @@ def main(
         sys.exit(status)
     click.echo(summary.line())
     click.echo(f"dens-infer: wrote {summary.out}, {summary.breast_csv}, {summary.exam_csv}")
+    if sr is not None:
+        click.echo(f"dens-infer: wrote {len(summary.reports)} density SRs (one per exam) to {sr}")
     if gradcam is not None:
         _gradcam(summary, gradcam, model, checkpoint, progress)
     if summary.errors or summary.already_errors:
@@ -241,3 +294,30 @@ def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None
         )
         sys.exit(EXIT_FAILED)
     click.echo(table.attrs["summary"].line())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The merged preds.csv.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--flag", "flag", default=None, metavar="RULE", callback=_check_flag, help="As dens-infer's (default C,D)."
+)
+def merge_main(shards: tuple[Path, ...], out: Path, overwrite: bool, flag: str | None) -> None:
+    """Join the preds.csv files of `dens-infer --shard i/N` runs (SHARDS) into one --out, and write its
+    breast and exam CSVs from all of them (an exam's views may lie in several shards). Exit status as
+    dens-infer's: 3 when the merged file holds error rows."""
+    from dens.flags import parse_flag
+    from dens.infer.merge import MergeError, merge
+    from dens.infer.writer import CorruptOutput, OutputExists
+
+    try:
+        merged = merge(shards, out, overwrite=overwrite, rule=parse_flag(flag))
+    except (MergeError, CorruptOutput, OutputExists, OSError) as exc:
+        click.echo(f"dens-merge: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(
+        f"dens-merge: {merged.rows} rows from {merged.shards} shards ({merged.errors} errors) into {merged.out}; "
+        f"wrote {merged.breast_csv}, {merged.exam_csv}"
+    )
+    sys.exit(EXIT_ERRORS if merged.errors else 0)

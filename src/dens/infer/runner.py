@@ -12,10 +12,12 @@ preds.csv.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dens import labels, modelcard, runs, show_progress
-from dens.engine import Decoded, DecodePool, PoolError
+from dens.config import PreprocessConfig
+from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, DecodePool, PoolError
 from dens.errors import Reason
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
-from dens.infer import aggregate, walk
+from dens.infer import aggregate, sources, walk
 from dens.infer.cells import escape_text, path_cell
 from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
 from dens.infer.lock import OutputLocked, lock_path, output_lock
@@ -41,10 +44,12 @@ from dens.infer.runtime import (
     planned_device,
 )
 from dens.infer.writer import CorruptOutput, OutputExists, PredsWriter, check_output, make_row, preprocess_cell
-from dens.metadata import file_sha256
+from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
 
 log = logging.getLogger(__name__)
 
+# Rows the Ray engine gathers before a write (one fsync'd append each).
+_RAY_WRITE_ROWS = 256
 # Rows held before a write even when no batch fills (a long run of skipped files still reaches the disk).
 _MAX_PENDING_FACTOR = 4
 # The reason of a plain image (PNG/PGM/TIFF) met without --plain-images: a skipped row, never decoded, so that
@@ -83,6 +88,7 @@ class Summary:
     out: Path | None = None
     breast_csv: Path | None = None
     exam_csv: Path | None = None
+    reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
 
     @property
     def images_per_s(self) -> float:
@@ -146,11 +152,15 @@ def run(cfg: InferConfig) -> Summary:
     # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
     studies = Path(os.path.realpath(studies))
     exclude = [out, *aggregate_paths(out), lock_path(out)]
-    if next(walk.walk(studies, exclude), None) is None:
-        raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
+    try:
+        shard = sources.Shard.parse(cfg.shard)
+        if next(sources.entries(studies, exclude), None) is None:
+            raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
+    except ValueError as exc:  # a bad --shard, a file that is no manifest
+        raise InferError(str(exc)) from exc
     try:
         with output_lock(out):
-            return _run(cfg, studies, out, exclude, model_path, rule, start)
+            return _run(cfg, studies, out, exclude, shard, model_path, rule, start)
     except OutputLocked as exc:
         raise InferError(str(exc)) from exc
     except OSError as exc:  # the lock, or the output folder, cannot be written
@@ -158,22 +168,69 @@ def run(cfg: InferConfig) -> Summary:
 
 
 def _run(
-    cfg: InferConfig, studies: Path, out: Path, exclude: list[Path], model_path: Path, rule: FlagRule, start: float
+    cfg: InferConfig,
+    studies: Path,
+    out: Path,
+    exclude: list[Path],
+    shard: sources.Shard,
+    model_path: Path,
+    rule: FlagRule,
+    start: float,
 ) -> Summary:
     try:
         check_output(out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite)
         device = planned_device(cfg.device)
     except (OutputExists, DeviceError) as exc:
         raise InferError(str(exc)) from exc
+    entries = functools.partial(_entries, studies, exclude, shard, cfg.plain_images)
+    if cfg.engine == "ray":
+        summary = _score_on_ray(cfg, out, entries, model_path, rule)
+    else:
+        summary = _score_here(cfg, out, entries, device, model_path, rule)
+    t0 = time.perf_counter()
+    try:
+        summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
+    except OSError as exc:
+        raise InferError(
+            f"{out} is complete, but its breast and exam CSVs could not be written ({_os_error(exc)}): make room, "
+            "then run again with --resume (it only rewrites them)"
+        ) from exc
+    summary.write_s += time.perf_counter() - t0
+    if cfg.sr is not None:
+        summary.reports = write_reports(out, Path(cfg.sr), model_path, rule)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _writer(cfg: InferConfig, out: Path) -> PredsWriter:
+    resume = cfg.resume or cfg.retry_errors
+    return PredsWriter(out, resume=resume, overwrite=cfg.overwrite, retry_errors=cfg.retry_errors)
+
+
+def _check_model(writer: PredsWriter, sha: str, model_path: Path, meta: dict) -> None:
+    """Refuse to append to rows of another model; say in one line what the model's card says against it."""
+    others = writer.models - {sha}
+    if others:
+        raise InferError(
+            f"{writer.path} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), "
+            f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite"
+        )
+    caveats = modelcard.caveats(meta.get("summary"))
+    if caveats:  # one line, before any call is made: what the model's card says against trusting it
+        log.warning("dens-infer: warning: %s: %s (see its model card)", model_path.name, "; ".join(caveats))
+
+
+def _score_here(
+    cfg: InferConfig, out: Path, entries: Callable, device: str, model_path: Path, rule: FlagRule
+) -> Summary:
+    """The local engine: this machine's decode processes feeding one ONNX Runtime session."""
     workers = cfg.workers or default_parallelism(device)[0]
     # The workers start (a second of imports each) while the model opens; they learn the preprocessing
     # from its metadata once it is open.
     with DecodePool(workers) as pool:
         try:
             runtime = _open(model_path, cfg)
-            writer = PredsWriter(
-                out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite, retry_errors=cfg.retry_errors
-            )
+            writer = _writer(cfg, out)
         except (DeviceError, ModelError, OutputExists, CorruptOutput) as exc:
             raise InferError(str(exc)) from exc
         if cfg.workers is None and runtime.device != device:  # auto fell back to the CPU: its worker count
@@ -191,12 +248,7 @@ def _run(
             retried=writer.retried,
         )
         with writer:
-            others = writer.models - {sha}
-            if others:
-                raise InferError(
-                    f"{out} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), "
-                    f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite"
-                )
+            _check_model(writer, sha, model_path, runtime.metadata)
             log.info(
                 "dens-infer: model %s (%s, sha256 %s; preprocess %s) on %s, batch %d, %d ORT thread(s), "
                 "%d decode worker(s)",
@@ -209,22 +261,9 @@ def _run(
                 runtime.threads,
                 workers,
             )
-            caveats = modelcard.caveats(runtime.metadata.get("summary"))
-            if caveats:  # one line, before any call is made: what the model's card says against trusting it
-                log.warning("dens-infer: warning: %s: %s (see its model card)", model_path.name, "; ".join(caveats))
             pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
             pool.buffer = 2 * runtime.batch_size
-            _process(studies, exclude, pool, writer, runtime, sha, cfg, summary, rule)
-    t0 = time.perf_counter()
-    try:
-        summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
-    except OSError as exc:
-        raise InferError(
-            f"{out} is complete, but its breast and exam CSVs could not be written ({_os_error(exc)}): make room, "
-            "then run again with --resume (it only rewrites them)"
-        ) from exc
-    summary.write_s += time.perf_counter() - t0
-    summary.seconds = time.perf_counter() - start
+            _process(entries, pool, writer, runtime, sha, cfg, summary, rule)
     return summary
 
 
@@ -241,9 +280,10 @@ def _open(model_path: Path, cfg: InferConfig) -> Runtime:
     return runtime
 
 
-def _entries(studies: Path, exclude: list[Path], done: set[str], plain_images: bool):
-    """``(path, problem)`` for the pool: the files under ``studies`` that preds.csv has no row for yet."""
-    for entry in walk.walk(studies, exclude):
+def _entries(studies: Path, exclude: list[Path], shard: sources.Shard, plain_images: bool, done: set[str]):
+    """``(path, problem)`` for the pool: the files of ``studies`` (this shard's) that preds.csv has no row for
+    yet."""
+    for entry in sources.entries(studies, exclude, shard):
         if path_cell(entry.path) in done:
             continue
         if entry.problem:
@@ -254,9 +294,104 @@ def _entries(studies: Path, exclude: list[Path], done: set[str], plain_images: b
             yield entry.path, ""
 
 
+def _status(status: str, code: str) -> str:
+    """A row's status: the pool reports an item it was told not to decode as an error; a plain image met
+    without --plain-images is a skipped one."""
+    return "skipped" if code == PLAIN_IMAGE_NOT_REQUESTED else status
+
+
+def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Path, rule: FlagRule) -> Summary:
+    """The Ray engine (:mod:`dens.infer.ray_engine`): decode and model actors on a Ray cluster; the rows are
+    made and written here, as the local engine makes and writes them."""
+    try:
+        from dens.infer import ray_engine  # Ray only when asked: its import takes seconds
+    except ImportError as exc:
+        raise InferError(f"--engine ray needs Ray ({exc}): pip install 'dens[ray]'") from exc
+    try:
+        meta = read_metadata(model_path)
+    except (OnnxMetadataError, FileNotFoundError) as exc:
+        raise InferError(str(exc)) from exc
+    if tuple(meta["classes"]) != labels.CLASSES:
+        raise InferError(f"{model_path} predicts classes {tuple(meta['classes'])}; dens-infer writes {labels.CLASSES}")
+    try:
+        writer = _writer(cfg, out)
+    except (OutputExists, CorruptOutput) as exc:
+        raise InferError(str(exc)) from exc
+    try:
+        resources = ray_engine.connect(cfg.ray_address, show_progress(cfg.progress))
+    except Exception as exc:  # no cluster at that address, a version mismatch: Ray's own message
+        raise InferError(f"cannot start or join Ray at {cfg.ray_address or 'a local Ray'}: {exc}") from exc
+    plan = ray_engine.plan(resources, cfg.device, cfg.batch_size)
+    sha = file_sha256(model_path)
+    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    summary = Summary(
+        provider=f"Ray ({plan.scorers} model actor(s) on {'GPU' if plan.scorer_gpus else 'CPU'})",
+        workers=plan.decoders,
+        threads=int(plan.scorer_cpus),
+        batch_size=plan.batch_size,
+        out=out,
+        already_done=writer.kept,
+        already_errors=writer.kept_errors,
+        retried=writer.retried,
+    )
+    rows: list[dict[str, str]] = []
+    cell = preprocess_cell(preprocess)
+
+    def write() -> None:
+        t0 = time.perf_counter()
+        try:
+            writer.write(rows)
+        except OSError as exc:
+            raise InferError(
+                f"writing {writer.path} failed ({_os_error(exc)}); the rows written before are kept, whole: "
+                "make room (or fix the folder), then run again with --resume"
+            ) from exc
+        summary.write_s += time.perf_counter() - t0
+        rows.clear()
+
+    def add(result: dict) -> None:
+        status = _status(result["status"], result["reason"].partition(": ")[0])
+        row = make_row(result["path"], status, result["reason"], result["info"], result["probs"], sha, rule, cell)
+        rows.append(row)
+        summary.files += 1
+        summary.ok += status == "ok"
+        summary.skipped += status == "skipped"
+        summary.errors += status == "error"
+        summary.decode_s += result["seconds"]
+        if len(rows) >= _RAY_WRITE_ROWS:
+            write()
+
+    with writer:
+        _check_model(writer, sha, model_path, meta)
+        log.info(
+            "dens-infer: model %s (%s, sha256 %s; preprocess %s) on Ray (%d CPUs, %d GPUs): %d decode actor(s), "
+            "%d model actor(s), batch %d",
+            model_path,
+            meta.get("arch", "?"),
+            sha[:12],
+            cell,
+            int(resources.get("CPU", 0)),
+            int(resources.get("GPU", 0)),
+            plan.decoders,
+            plan.scorers,
+            plan.batch_size,
+        )
+        ray_engine.process(
+            entries(writer.done),
+            plan,
+            model_path,
+            cfg.device,
+            preprocess.to_dict(),
+            add,
+            timeout=DEFAULT_TIMEOUT,
+            memory_budget=DEFAULT_MEMORY_BUDGET,
+        )
+        write()
+    return summary
+
+
 def _process(
-    studies: Path,
-    exclude: list[Path],
+    entries_of: Callable,
     pool: DecodePool,
     writer: PredsWriter,
     runtime: Runtime,
@@ -266,7 +401,7 @@ def _process(
     rule: FlagRule,
 ) -> None:
     def entries():
-        return _entries(studies, exclude, writer.done, cfg.plain_images)
+        return entries_of(writer.done)
 
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
@@ -333,8 +468,7 @@ def _process(
             if decoded is None:
                 break
             summary.decode_s += decoded.seconds
-            if decoded.code == PLAIN_IMAGE_NOT_REQUESTED:  # the pool reports an undecoded item as an error
-                decoded.status = "skipped"
+            decoded.status = _status(decoded.status, decoded.code)
             if decoded.status != "ok":
                 log.debug("%s: %s %s", escape_text(decoded.path), decoded.status, escape_text(decoded.reason))
             if decoded.noise:
@@ -350,3 +484,24 @@ def _process(
         raise InferError(str(exc)) from exc
     finally:
         bar.close()
+
+
+def write_reports(out: Path, folder: Path, model_path: Path, rule: FlagRule) -> tuple[Path, ...]:
+    """``--sr``: one density SR per exam of ``out`` (preds.csv) into ``folder`` (:mod:`dens.sr`, whose pydicom and
+    highdicom load only now: the decoding is over)."""
+    import pandas as pd
+
+    from dens import sr
+    from dens.infer.cells import raw_path
+    from dens.metadata import read_metadata
+
+    preds = pd.read_csv(out, dtype=str, keep_default_na=False)
+    preds[labels.PATH] = [raw_path(cell) for cell in preds[labels.PATH]]
+    model = sr.ModelIdentity.from_metadata(read_metadata(model_path), file_sha256(model_path))
+    try:
+        return tuple(sr.write_reports(preds, folder, model, rule))
+    except (OSError, ValueError) as exc:
+        raise InferError(
+            f"{out} is complete, but the SRs could not be written to {folder} ({exc}): fix the cause, then run "
+            "again with --resume --sr (it only rewrites them)"
+        ) from exc
