@@ -280,7 +280,7 @@ def test_dens_infer_sr_writes_one_report_per_exam_with_the_exam_csvs_calls(synth
     for path in reports:
         ds = dcmread(path)
         call = calls[calls[labels.STUDY_UID] == ds.StudyInstanceUID].iloc[0]
-        assert call["incomplete"] == "False"
+        assert call["incomplete"] == "false"
         found = groups(ds)
         assert composition(found["exam"]) == sr.COMPOSITION[call[labels.DENSITY]].value
         assert composition(found["breast L"]) == sr.COMPOSITION[call["density_L"]].value
