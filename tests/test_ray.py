@@ -120,3 +120,19 @@ def test_a_manifest_lists_the_files_and_every_one_gets_a_row(mixed_studies, smal
     preds = read(out)
     assert len(preds) == 6 and preds[labels.PATH].iloc[-1].endswith("nowhere.dcm")
     assert preds[labels.STATUS].iloc[-1] == "error" and "not exist" in preds[labels.REASON].iloc[-1]
+
+
+@pytest.mark.parametrize(
+    ("resources", "device"),
+    [({"CPU": 1}, "auto"), ({"CPU": 2}, "auto"), ({"CPU": 16}, "cpu"), ({"CPU": 32, "GPU": 4}, "auto")],
+)
+def test_the_plan_fits_the_cluster(resources, device):
+    """Every actor the plan asks for can start at once on the cluster: a pool that cannot would wait forever."""
+    from dens.infer.ray_engine import plan
+
+    p = plan(resources, device, None)
+    assert p.decoders >= 1 and p.scorers >= 1
+    assert p.decoders * p.decoder_cpus + p.scorers * p.scorer_cpus <= resources["CPU"]
+    assert p.scorers * p.scorer_gpus <= resources.get("GPU", 0)
+    if resources.get("GPU"):
+        assert p.scorer_gpus == 1 and p.scorers == resources["GPU"]

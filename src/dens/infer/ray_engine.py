@@ -42,11 +42,12 @@ DECODE_BATCH = 8  # files per decode task: small, so one slow file delays few ot
 class RayPlan:
     """How the cluster is used: where it is, how many actors of each kind, and what each gets."""
 
-    decoders: int  # decode actors (one CPU each)
+    decoders: int  # decode actors
     scorers: int  # model actors
     scorer_cpus: float
     scorer_gpus: float
     batch_size: int
+    decoder_cpus: float = 1.0
 
 
 def connect(address: str | None, progress: bool) -> dict:
@@ -80,6 +81,8 @@ def plan(resources: dict, device: str, batch_size: int | None) -> RayPlan:
     """Actors for the cluster's resources: a model actor per GPU when there are GPUs (and the device allows
     them), else one CPU model actor per 8 CPUs (at least one) with 2 threads; the remaining CPUs decode."""
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if cpus < 2 and not gpus:  # one CPU: one decode and one model actor share it (else the second never starts)
+        return RayPlan(1, 1, 0.5, 0, batch_size or 4, decoder_cpus=0.5)
     if gpus and device in ("auto", "cuda", "tensorrt"):
         return RayPlan(max(1, cpus - gpus), gpus, 1, 1, batch_size or 64)
     scorers = max(1, cpus // 8)
@@ -158,41 +161,64 @@ def process(
     """Decode and score ``items`` (``(path, problem)`` as the local engine's pool takes them) on the
     cluster, calling ``on_result`` with each file's outcome (path, status, reason, info dict or None, probs or
     None, noise, seconds) in ``items``' order."""
-    import ray.data
-
     # Ray Data's actors are restarted when they die and their task retried (max_restarts and
     # max_task_retries -1 by default): a killed worker costs its batch's time, not its rows.
     for part in _chunks(items, chunk):
         started = time.perf_counter()
-        ds = ray.data.from_items([{"index": i, "item": json.dumps(item)} for i, item in enumerate(part)])
-        ds = ds.map_batches(
-            _Decode,
-            fn_constructor_kwargs={"preprocess": preprocess, "timeout": timeout, "memory_budget": memory_budget},
-            batch_size=DECODE_BATCH,
-            compute=ray.data.ActorPoolStrategy(size=plan.decoders),
-            num_cpus=1,
-        )
-        ds = ds.map_batches(
-            _Score,
-            fn_constructor_kwargs={
-                "model": str(model),
-                "device": device if plan.scorer_gpus else "cpu",
-                "batch_size": plan.batch_size,
-                "threads": max(1, int(plan.scorer_cpus)),
-            },
-            batch_size=plan.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=plan.scorers),
-            num_cpus=plan.scorer_cpus,
-            num_gpus=plan.scorer_gpus,
-        )
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for index, result, probs in zip(batch["index"], batch["result"], batch["probs"], strict=True):
-                outcome = json.loads(result)
-                on_result(
-                    {
-                        "path": part[int(index)][0],
-                        **outcome,
-                        "probs": probs if outcome["status"] == "ok" else None,
-                    }
-                )
+        # A file the walk or the manifest already found wanting (missing, a folder) gets its error row here,
+        # in its place, as the local pool makes it: a manifest of mostly missing paths costs Ray nothing.
+        told = 0  # the first index of ``part`` not yet reported
+        for index, outcome, probs in _run_chunk(part, plan, model, device, preprocess, timeout, memory_budget):
+            for path, problem in part[told:index]:  # only files with a problem lie between two sent ones
+                on_result(_problem_row(path, problem))
+            on_result({"path": part[index][0], **outcome, "probs": probs if outcome["status"] == "ok" else None})
+            told = index + 1
+        for path, problem in part[told:]:
+            on_result(_problem_row(path, problem))
         log.debug("ray engine: %d files in %.1f s", len(part), time.perf_counter() - started)
+
+
+def _problem_row(path: str, problem: str) -> dict:
+    return {
+        "path": path,
+        "status": "error",
+        "reason": problem,
+        "info": None,
+        "probs": None,
+        "noise": "",
+        "seconds": 0.0,
+    }
+
+
+def _run_chunk(part, plan, model, device, preprocess, timeout, memory_budget):
+    """``(index, outcome, probs)`` for the items of ``part`` that have no problem, in order, through Ray
+    Data: the decode actor pool, then the model actor pool."""
+    send = [{"index": i, "item": json.dumps(item)} for i, item in enumerate(part) if not item[1]]
+    if not send:
+        return
+    import ray.data
+
+    ds = ray.data.from_items(send)
+    ds = ds.map_batches(
+        _Decode,
+        fn_constructor_kwargs={"preprocess": preprocess, "timeout": timeout, "memory_budget": memory_budget},
+        batch_size=DECODE_BATCH,
+        compute=ray.data.ActorPoolStrategy(size=plan.decoders),
+        num_cpus=plan.decoder_cpus,
+    )
+    ds = ds.map_batches(
+        _Score,
+        fn_constructor_kwargs={
+            "model": str(model),
+            "device": device if plan.scorer_gpus else "cpu",
+            "batch_size": plan.batch_size,
+            "threads": max(1, int(plan.scorer_cpus)),
+        },
+        batch_size=plan.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan.scorers),
+        num_cpus=plan.scorer_cpus,
+        num_gpus=plan.scorer_gpus,
+    )
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for index, result, probs in zip(batch["index"], batch["result"], batch["probs"], strict=True):
+            yield int(index), json.loads(result), probs
