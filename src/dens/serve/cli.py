@@ -1,0 +1,201 @@
+"""``dens-serve STATE --model model.onnx --allow-aet PACS --send-to PACS@host:104``: click options ->
+:class:`ServeConfig` -> :func:`dens.serve.node.start` and :meth:`Node.serve`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from dens.serve.config import (
+    DEFAULT_AET,
+    DEFAULT_PORT,
+    DEFAULT_RETRY_SECONDS,
+    DEFAULT_STABLE_SECONDS,
+    EXIT_FAILED,
+    Allowed,
+    Destination,
+    ServeConfig,
+)
+
+_DEVICES = ("auto", "tensorrt", "cuda", "cpu")  # as dens-infer's --device
+_EPILOG = f"""\b
+Exit status: 0 stopped (SIGTERM, Ctrl-C) after the study being scored; {EXIT_FAILED} could not start
+(no model, a port in use, a state folder of another model); 2 bad options.
+"""
+
+
+def _parse(kind):
+    def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+        try:
+            return tuple(kind.parse(v) for v in values)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return parse
+
+
+@click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("state", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--status", "show_status", is_flag=True, help="Print the status of the node that keeps STATE (JSON) and exit."
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX model from dens-export [default: runs/latest/model.onnx]. A state folder serves one model.",
+)
+@click.option("--aet", default=DEFAULT_AET, show_default=True, help="The node's AE title (callers must call it).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="DICOM port (0: any free one).",
+)
+@click.option(
+    "--allow-aet",
+    "allow",
+    multiple=True,
+    metavar="AET[@ADDRESS]",
+    callback=_parse(Allowed),
+    help="A calling AE title allowed to associate, from any address or only from ADDRESS (repeatable).",
+)
+@click.option("--allow-any-aet", "allow_any", is_flag=True, help="Accept any calling AE title (no allow-list).")
+@click.option(
+    "--stable-seconds",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_STABLE_SECONDS,
+    show_default=True,
+    help="A study is complete once no instance of it arrived for this long.",
+)
+@click.option(
+    "--send-to",
+    "send_to",
+    multiple=True,
+    metavar="AET@HOST:PORT",
+    callback=_parse(Destination),
+    help="C-STORE each study's SR to this AE (repeatable).",
+)
+@click.option(
+    "--stow-url", "stow_urls", multiple=True, metavar="URL", help="STOW-RS each SR to this DICOMweb URL (repeatable)."
+)
+@click.option(
+    "--retry-seconds",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_RETRY_SECONDS,
+    show_default=True,
+    help="Wait before retrying a failed send; doubled each time, up to 10 minutes.",
+)
+@click.option(
+    "--status-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the status as JSON over HTTP on --host at this port.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TLS certificate (PEM): DICOM over TLS only.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's private key (PEM).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificates (PEM): callers must present a certificate one of them signed.",
+)
+@click.option(
+    "--device", type=click.Choice(_DEVICES), default="auto", show_default=True, help="As dens-infer's --device."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call [default: as dens-infer]."
+)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes [default: as dens-infer].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime intra-op threads [default: as dens-infer].",
+)
+@click.option(
+    "--flag",
+    "flag",
+    default=None,
+    metavar="RULE",
+    help="Which calls are flagged, as dens-infer's --flag (default C,D).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log pynetdicom's protocol messages too.")
+def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
+    """A DICOM node that scores breast density: it receives mammograms by C-STORE (and answers C-ECHO),
+    spools each instance durably before acknowledging it, scores each study once it has been quiet for
+    --stable-seconds, appends the rows to STATE/preds.csv and sends the study's density SR to each --send-to
+    AE and --stow-url. Listens on 127.0.0.1 unless --host says otherwise; only --allow-aet callers."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr
+    )
+    for noisy in ("PIL", "highdicom", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy == "pynetdicom" else logging.WARNING)
+    # A sender's invalid values (a UID with path characters) are the node's to refuse or contain, not lines
+    # in its log for every element read.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    if show_status:
+        _print_status(state)
+        return
+    from dens.flags import parse_flag
+
+    try:
+        parse_flag(options["flag"])
+        cfg = ServeConfig(state=state, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    from dens.serve.node import ServeError, start  # here: spawned decode workers import this module
+
+    try:
+        node = start(cfg)
+    except ServeError as exc:
+        click.echo(f"dens-serve: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: node.stop())
+    host, port = node.address
+    status = (
+        f", status on http://{node.status_address[0]}:{node.status_address[1]}/status" if node.status_address else ""
+    )
+    click.echo(
+        f"dens-serve: listening on {host}:{port} as {cfg.aet}{' (TLS)' if cfg.tls_cert else ''}{status}; "
+        f"state {cfg.state}",
+        err=False,
+    )
+    sys.stdout.flush()
+    node.serve()
+    click.echo("dens-serve: stopped")
+
+
+def _print_status(folder: Path) -> None:
+    from dens.serve.state import State
+    from dens.serve.status import snapshot
+
+    try:
+        state = State(folder, read_only=True)
+    except (FileNotFoundError, OSError) as exc:
+        click.echo(f"dens-serve: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    try:
+        click.echo(json.dumps(snapshot(state), indent=1))
+    finally:
+        state.close()

@@ -1,0 +1,233 @@
+"""``run(ServeConfig)``: the node's life. Open the state folder and recover what a crash left, open the
+pipeline (the model and the decode engine), then listen; score each study once it has been quiet for
+``stable_seconds``, write its SR and queue it for every destination; stop cleanly when :meth:`Node.stop`
+is called (SIGTERM, Ctrl-C).
+
+Threads: pynetdicom's (one per association) spool instances; the caller's thread (:meth:`Node.serve`)
+schedules and scores studies one at a time; the sender empties the outbox; the status endpoint answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dens import runs
+from dens.flags import parse_flag
+from dens.serve.config import ServeConfig
+from dens.serve.pipeline import Pipeline
+from dens.serve.scp import StorageSCP
+from dens.serve.send import Sender
+from dens.serve.state import State
+from dens.serve.status import serve as serve_status
+
+log = logging.getLogger(__name__)
+
+_SCHEDULE_WAIT = 0.25  # seconds between looks for a quiet study while none is due
+
+
+class ServeError(Exception):
+    """The node cannot start; the message says what to do."""
+
+
+def resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        return Path(model)
+    try:
+        return runs.latest_file("model.onnx")
+    except FileNotFoundError as exc:
+        raise ServeError(f"{exc} (--model PATH)") from exc
+
+
+@dataclass
+class Node:
+    """A running node: :func:`start` makes one, :meth:`serve` runs it until :meth:`stop`."""
+
+    cfg: ServeConfig
+    state: State
+    pipeline: Pipeline
+    scp: StorageSCP
+    sender: Sender
+    address: tuple[str, int]
+    started: float = field(default_factory=time.time)
+    status_address: tuple[str, int] | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    received: threading.Event = field(default_factory=threading.Event)  # set by the SCP after each instance
+    _status_server: object = None
+    _dirty: bool = True  # preds.csv has rows the breast and exam CSVs lack
+
+    def info(self) -> dict:
+        """What the node says about itself in its status."""
+        return {
+            "aet": self.cfg.aet,
+            "address": f"{self.address[0]}:{self.address[1]}",
+            "tls": self.cfg.tls_cert is not None,
+            "allow": "any"
+            if self.cfg.allow_any
+            else [a.aet + (f"@{a.address}" if a.address else "") for a in self.cfg.allow],
+            "stable_seconds": self.cfg.stable_seconds,
+            "destinations": list(self.cfg.destinations),
+            "model": {"name": self.pipeline.model.name, "sha256": self.pipeline.sha256},
+            "state": str(self.state.folder),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+        }
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (after the study it is scoring)."""
+        self._stop.set()
+        self.received.set()
+
+    def serve(self) -> None:
+        """Score quiet studies until :meth:`stop`; then close everything."""
+        try:
+            while not self._stop.is_set():
+                study = self.state.stable_study(self.cfg.stable_seconds)
+                if study is None:
+                    if self._dirty:
+                        self._aggregate()
+                    self.received.wait(_SCHEDULE_WAIT)
+                    self.received.clear()
+                    continue
+                self._process(study)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.scp.stop()
+        if self._status_server is not None:
+            self._status_server.shutdown()
+            self._status_server = None
+        self.sender.stop()
+        if self._dirty:
+            self._aggregate()
+        self.pipeline.close()
+        self.state.close()
+
+    def _aggregate(self) -> None:
+        try:
+            self.pipeline.write_aggregates()
+            self._dirty = False
+        except (OSError, ValueError) as exc:
+            log.error("dens-serve: cannot rewrite the breast and exam CSVs (%s); tried again later", exc)
+
+    def _process(self, study_key: str) -> None:
+        uid, generation, instances = self.state.snapshot(study_key)
+        t0 = time.perf_counter()
+        try:
+            todo = [i for i in instances if i.row is None]
+            new = dict(zip((i.sop_key for i in todo), self.pipeline.score([i.path for i in todo]), strict=True))
+            if new:
+                self._dirty = True
+                self.state.set_rows(new)
+            rows = [i.row or new[i.sop_key] for i in instances]
+            report = self.pipeline.report(rows, [i.path for i in instances], self.state.sr_dir)
+        except Exception as exc:  # a full disk, a model failure, an SR highdicom refuses: kept until the next start
+            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.error("dens-serve: study %s failed (%s); it is retried at the next start", uid, message)
+            self.state.fail(study_key, generation, message)
+            return
+        sr_uid = report.sr_uid if report else None
+        if not self.state.answer(
+            study_key,
+            generation,
+            sr_uid,
+            report.path if report else None,
+            report.density if report else "",
+            self.cfg.destinations,
+        ):
+            log.info("dens-serve: study %s received more instances while it was scored; scored again when quiet", uid)
+            return
+        call = (report.density or "no call (incomplete exam)") if report else "no usable image, no SR"
+        log.info(
+            "dens-serve: study %s: %d instance(s), %d new, %s; SR %s in %.2f s",
+            uid,
+            len(instances),
+            len(new),
+            call,
+            sr_uid or "-",
+            time.perf_counter() - t0,
+        )
+        if report and self.cfg.destinations:
+            self.sender.wake.set()
+
+
+def recover(state: State) -> int:
+    """What a crash can leave in the spool: temporaries (removed) and files renamed into place whose record
+    was not committed (their instance was not acknowledged; recorded now, as the sender will send it again).
+    How many files were recorded."""
+    known = state.known_paths()
+    adopted = 0
+    for path in sorted(state.spool.glob("*/*")):
+        if path.name.startswith("."):
+            path.unlink(missing_ok=True)
+            continue
+        if str(path) in known:
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        except Exception as exc:
+            log.warning("dens-serve: %s in the spool cannot be read (%s); left alone", path, exc)
+            continue
+        if state.spool_path(study_uid, sop_uid) == path and state.register(study_uid, sop_uid, path):
+            adopted += 1
+    return adopted
+
+
+def start(cfg: ServeConfig) -> Node:
+    """Open the state, recover, open the pipeline and listen; raises ServeError when the node cannot start."""
+    model = resolve_model(cfg.model)
+    try:
+        rule = parse_flag(cfg.flag)
+        state = State(Path(cfg.state).resolve())
+    except (ValueError, OSError) as exc:
+        raise ServeError(f"cannot use {cfg.state} as the state folder ({exc})") from exc
+    try:
+        adopted = recover(state)
+        pipeline = Pipeline(
+            model,
+            state.preds,
+            rule,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            threads=cfg.threads,
+        )
+    except Exception as exc:
+        state.close()
+        raise ServeError(str(exc)) from exc
+    scored = state.adopt_rows(pipeline.existing_rows())
+    retried = state.retry_failed()
+    if adopted or scored or retried:
+        log.info(
+            "dens-serve: recovered %d spooled instance(s), %d row(s) from preds.csv, %d failed study(ies) to retry",
+            adopted,
+            scored,
+            retried,
+        )
+    received = threading.Event()
+    scp = StorageSCP(cfg, state, received)
+    sender = Sender(state, cfg.aet, cfg.retry_seconds)
+    try:
+        address = scp.start()
+    except OSError as exc:
+        pipeline.close()
+        state.close()
+        raise ServeError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from exc
+    node = Node(cfg, state, pipeline, scp, sender, address, received=received)
+    sender.start()
+    if cfg.status_port is not None:
+        try:
+            node._status_server = serve_status(state, cfg.host, cfg.status_port, node.info)
+        except OSError as exc:
+            node.close()
+            raise ServeError(
+                f"cannot serve the status on {cfg.host}:{cfg.status_port} ({exc.strerror or exc})"
+            ) from exc
+        node.status_address = node._status_server.server_address[:2]
+    return node

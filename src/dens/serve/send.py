@@ -1,0 +1,161 @@
+"""The outbox: each SR goes to each destination, a DICOM AE by C-STORE or a DICOMweb server by STOW-RS,
+and a send that fails is tried again after a delay that doubles each time (up to ten minutes), for as long as
+the node runs and again after a restart: an SR is never dropped.
+
+A destination's acknowledgement (a C-STORE success or warning status; an HTTP 200, or a 202 that lists no
+failure) marks the entry sent. The SR's instance UID is fixed by its study and sources (:mod:`dens.sr`), so
+the one resend a crash between that acknowledgement and its record can cause stores nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dens.serve.config import MAX_RETRY_SECONDS, Destination
+from dens.serve.state import Send, State
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+# C-STORE statuses that mean stored: success, and the warnings (coercion, elements discarded, mismatch).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_TIMEOUT = 30.0  # seconds for a connection, an association or a response
+
+
+class SendError(Exception):
+    """A destination did not take the SR; the message says what it answered."""
+
+
+def send_dicom(path: Path, destination: Destination, calling_aet: str) -> None:
+    """C-STORE the file ``path`` to ``destination`` (raises SendError unless it is stored)."""
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT
+    ae.connection_timeout = _TIMEOUT
+    ae.add_requested_context(COMPREHENSIVE_3D_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.aet)
+    if not assoc.is_established:
+        what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        raise SendError(f"association with {destination} {what}")
+    try:
+        status = assoc.send_c_store(dcmread(path))
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code not in _STORED:
+        comment = getattr(status, "ErrorComment", "") if status else ""
+        shown = "no response" if code is None else f"status 0x{code:04X}"
+        raise SendError(f"{destination} answered {shown}{f' ({comment})' if comment else ''}")
+
+
+def send_stow(path: Path, url: str) -> None:
+    """STOW-RS: POST the file ``path`` to ``url`` as multipart/related (raises SendError unless stored)."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        [
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+            path.read_bytes(),
+            f"\r\n--{boundary}--\r\n".encode(),
+        ]
+    )
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
+            code, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        raise SendError(f"{url} answered HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise SendError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+    if code == 202 and _failed_sop(answer):  # accepted in part: the SR is among the failures
+        raise SendError(f"{url} answered HTTP 202 listing the SR as failed")
+    if code not in (200, 202):
+        raise SendError(f"{url} answered HTTP {code}")
+
+
+def _failed_sop(answer: bytes) -> bool:
+    try:
+        return bool(json.loads(answer or b"{}").get("00081198", {}).get("Value"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def deliver(send: Send, calling_aet: str) -> None:
+    """Send one outbox entry to its destination (``dicom:AET@HOST:PORT`` or ``stow:URL``)."""
+    kind, _, where = send.destination.partition(":")
+    if kind == "dicom":
+        send_dicom(send.sr_path, Destination.parse(where), calling_aet)
+    elif kind == "stow":
+        send_stow(send.sr_path, where)
+    else:
+        raise SendError(f"unknown destination {send.destination!r}")
+
+
+def backoff(attempts: int, first: float) -> float:
+    """Seconds before the next try after ``attempts`` failed ones: ``first``, then doubling, at most ten
+    minutes."""
+    return min(MAX_RETRY_SECONDS, first * 2 ** max(0, attempts - 1))
+
+
+class Sender:
+    """A thread that empties the outbox: due entries are sent; failures wait their backoff."""
+
+    def __init__(self, state: State, calling_aet: str, first_retry: float):
+        self.state = state
+        self.calling_aet = calling_aet
+        self.first_retry = first_retry
+        self.wake = threading.Event()  # set when new entries are queued
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dens-serve-sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(timeout=2 * _TIMEOUT)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for send in self.state.due():
+                if self._stop.is_set():
+                    return
+                self._try(send)
+            wait = self.state.next_send_in()
+            self.wake.wait(timeout=1.0 if wait is None else min(max(wait, 0.05), 1.0))
+            self.wake.clear()
+
+    def _try(self, send: Send) -> None:
+        try:
+            deliver(send, self.calling_aet)
+        except Exception as exc:  # SendError, an unreadable SR file, a pynetdicom failure: retried later
+            delay = backoff(send.attempts + 1, self.first_retry)
+            log.warning(
+                "dens-serve: sending SR %s to %s failed (attempt %d: %s); next try in %.0f s",
+                send.sr_uid,
+                send.destination,
+                send.attempts + 1,
+                exc,
+                delay,
+            )
+            self.state.retry_later(send.id, str(exc), delay)
+            return
+        self.state.sent(send.id)
+        log.info("dens-serve: sent SR %s to %s", send.sr_uid, send.destination)

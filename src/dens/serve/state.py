@@ -1,0 +1,399 @@
+"""The node's durable state: the spool of received instances and an SQLite database that says which studies
+are receiving, answered or failed, each instance's preds.csv row, and the outbox of SRs to send.
+
+Layout of the state folder::
+
+    serve.db                      this database (WAL, synchronous FULL)
+    spool/<study key>/<sop key>.dcm   each received instance, as sent
+    preds.csv, preds.breast.csv, preds.exam.csv
+    sr/<SR SOP Instance UID>.dcm  each density SR, as sent
+
+A key is the first 32 hex digits of the sha256 of the UID: a file name never holds a character a sender
+chose, so no UID (``../``, ``/``, a NUL) can name a file outside the spool.
+
+Exactly once: an instance is acknowledged only after its file is renamed into place (written, fsync'd, and
+its folder fsync'd) and its database row committed; an instance already known is acknowledged again and not
+stored twice. preds.csv is the truth about which instances are scored (a row per spool file, appended and
+fsync'd before the database learns it; :meth:`State.adopt_rows` reconciles the two after a crash). A study is
+answered in one transaction with its outbox entries, and an outbox entry is unique per SR instance and
+destination, so no SR goes twice to a destination that acknowledged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DB_NAME, SPOOL, SR_DIR, PREDS = "serve.db", "spool", "sr", "preds.csv"
+RECEIVING, ANSWERED, FAILED = "receiving", "answered", "failed"
+PENDING, SENT = "pending", "sent"
+_RECENT = 10  # errors, refusals and failed sends listed in the status
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_key TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, generation INTEGER NOT NULL,
+    first_received REAL NOT NULL, last_received REAL NOT NULL, answered REAL, sr_uid TEXT, density TEXT,
+    error TEXT);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_key TEXT PRIMARY KEY, study_key TEXT NOT NULL, sop_uid TEXT NOT NULL, path TEXT NOT NULL,
+    calling_aet TEXT, address TEXT, received REAL NOT NULL, row TEXT);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_key);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY, study_key TEXT NOT NULL, sr_uid TEXT NOT NULL, sr_path TEXT NOT NULL,
+    destination TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL,
+    last_error TEXT, created REAL NOT NULL, sent REAL, UNIQUE (sr_uid, destination));
+CREATE TABLE IF NOT EXISTS refused (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, calling_aet TEXT, address TEXT, sop_uid TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, time REAL NOT NULL, study_uid TEXT, message TEXT);
+"""
+
+
+def key(kind: str, uid: str) -> str:
+    """The file-name key of a UID: 32 hex digits of its sha256 (``kind`` keeps a study's and an instance's
+    keys apart even for one UID)."""
+    return hashlib.sha256(f"{kind}:{uid}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """``data`` as ``path``, all or nothing: a hidden temporary in the same folder, fsync'd, renamed over
+    ``path``, and the folder fsync'd, so that once this returns the file survives a crash or a power cut."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A spooled instance: its keys, where its file is, and its preds.csv row once it is scored."""
+
+    sop_key: str
+    path: Path
+    row: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class Send:
+    """An outbox entry due for a (re)try."""
+
+    id: int
+    study_key: str
+    sr_uid: str
+    sr_path: Path
+    destination: str
+    attempts: int
+
+
+class State:
+    """The state folder's database, shared by the node's threads (one connection, one lock)."""
+
+    def __init__(self, folder: str | os.PathLike, *, read_only: bool = False):
+        self.folder = Path(folder)
+        self.spool = self.folder / SPOOL
+        self.sr_dir = self.folder / SR_DIR
+        self.preds = self.folder / PREDS
+        db = self.folder / DB_NAME
+        if read_only:
+            if not db.is_file():
+                raise FileNotFoundError(f"{self.folder} holds no dens-serve state ({DB_NAME} not found)")
+            self._db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            for folder_ in (self.folder, self.spool, self.sr_dir):
+                folder_.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # --- receiving ------------------------------------------------------------------------------------------
+
+    def spool_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.spool / key("study", study_uid) / f"{key('sop', sop_uid)}.dcm"
+
+    def knows(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_key = ?", [key("sop", sop_uid)]))
+
+    def receive(self, study_uid: str, sop_uid: str, data: bytes, calling_aet: str = "", address: str = "") -> bool:
+        """Spool one instance durably and record it; False when it was already there (stored once)."""
+        if self.knows(sop_uid):
+            return False
+        path = self.spool_path(study_uid, sop_uid)
+        if not path.parent.is_dir():
+            path.parent.mkdir(exist_ok=True)
+            fsync_dir(self.spool)
+        write_durably(path, data)
+        return self.register(study_uid, sop_uid, path, calling_aet, address)
+
+    def register(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
+        """Record a spooled file: its study goes back to receiving (its quiet time starts again)."""
+        now = time.time()
+        study_key = key("study", study_uid)
+        with self._transaction() as db:
+            added = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_key, study_key, sop_uid, path, calling_aet, address, received) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key("sop", sop_uid), study_key, sop_uid, str(path), calling_aet, address, now),
+            ).rowcount
+            if added:
+                db.execute(
+                    "INSERT INTO studies (study_key, study_uid, state, generation, first_received, last_received) "
+                    "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (study_key) DO UPDATE SET state = ?, "
+                    "generation = generation + 1, last_received = ?, error = NULL",
+                    (study_key, study_uid, RECEIVING, now, now, RECEIVING, now),
+                )
+        return bool(added)
+
+    def refuse(self, calling_aet: str, address: str, sop_uid: str, reason: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO refused (time, calling_aet, address, sop_uid, reason) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), calling_aet, address, sop_uid, reason),
+            )
+
+    def known_paths(self) -> set[str]:
+        return {p for (p,) in self._query("SELECT path FROM instances")}
+
+    # --- scoring --------------------------------------------------------------------------------------------
+
+    def stable_study(self, quiet_seconds: float) -> str | None:
+        """The study quiet for ``quiet_seconds`` that has waited longest, if any (its key)."""
+        found = self._query(
+            "SELECT study_key FROM studies WHERE state = ? AND last_received <= ? ORDER BY last_received LIMIT 1",
+            [RECEIVING, time.time() - quiet_seconds],
+        )
+        return found[0][0] if found else None
+
+    def snapshot(self, study_key: str) -> tuple[str, int, list[Instance]]:
+        """A study's UID, generation (one more per instance received) and instances."""
+        with self._lock:
+            uid, generation = self._db.execute(
+                "SELECT study_uid, generation FROM studies WHERE study_key = ?", (study_key,)
+            ).fetchone()
+            rows = self._db.execute(
+                "SELECT sop_key, path, row FROM instances WHERE study_key = ? ORDER BY received, sop_key", (study_key,)
+            ).fetchall()
+        return uid, generation, [Instance(k, Path(p), json.loads(r) if r else None) for k, p, r in rows]
+
+    def set_rows(self, rows: Mapping[str, Mapping[str, str]]) -> None:
+        """Record the preds.csv rows (by sop key) just written."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET row = ? WHERE sop_key = ?", [(json.dumps(r), k) for k, r in rows.items()]
+            )
+
+    def adopt_rows(self, rows: Mapping[str, Mapping[str, str]]) -> int:
+        """After a crash: rows preds.csv holds that the database does not yet (by sop key); how many."""
+        with self._transaction() as db:
+            return sum(
+                db.execute(
+                    "UPDATE instances SET row = ? WHERE sop_key = ? AND row IS NULL", (json.dumps(r), k)
+                ).rowcount
+                for k, r in rows.items()
+            )
+
+    def answer(
+        self, study_key: str, generation: int, sr_uid: str | None, sr_path: Path | None, density: str, destinations
+    ) -> bool:
+        """Mark a study answered and queue its SR for each destination, in one transaction; False (nothing
+        changed) when an instance arrived since ``generation``: the study is scored again when quiet."""
+        now = time.time()
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE studies SET state = ?, answered = ?, sr_uid = ?, density = ?, error = NULL "
+                "WHERE study_key = ? AND generation = ?",
+                (ANSWERED, now, sr_uid, density, study_key, generation),
+            ).rowcount
+            if changed and sr_uid:
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox (study_key, sr_uid, sr_path, destination, state, next_try, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(study_key, sr_uid, str(sr_path), d, PENDING, now, now) for d in destinations],
+                )
+        return bool(changed)
+
+    def fail(self, study_key: str, generation: int, message: str) -> None:
+        """A study that could not be scored or reported: kept, with its error, until the next start."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE studies SET state = ?, error = ? WHERE study_key = ? AND generation = ?",
+                (FAILED, message, study_key, generation),
+            )
+            db.execute(
+                "INSERT INTO errors (time, study_uid, message) SELECT ?, study_uid, ? FROM studies WHERE study_key = ?",
+                (time.time(), message, study_key),
+            )
+
+    def retry_failed(self) -> int:
+        """At start: failed studies are scored again (the cause may be gone); how many."""
+        with self._transaction() as db:
+            return db.execute("UPDATE studies SET state = ? WHERE state = ?", (RECEIVING, FAILED)).rowcount
+
+    # --- sending --------------------------------------------------------------------------------------------
+
+    def due(self, limit: int = 16) -> list[Send]:
+        found = self._query(
+            "SELECT id, study_key, sr_uid, sr_path, destination, attempts FROM outbox "
+            "WHERE state = ? AND next_try <= ? ORDER BY next_try LIMIT ?",
+            [PENDING, time.time(), limit],
+        )
+        return [Send(i, s, u, Path(p), d, a) for i, s, u, p, d, a in found]
+
+    def sent(self, send_id: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state = ?, sent = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
+                (SENT, time.time(), send_id),
+            )
+
+    def retry_later(self, send_id: int, error: str, delay: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_try = ? WHERE id = ?",
+                (error, time.time() + delay, send_id),
+            )
+
+    def next_send_in(self) -> float | None:
+        """Seconds until the next outbox entry is due (0 when one is due now); None when none is pending."""
+        found = self._query("SELECT MIN(next_try) FROM outbox WHERE state = ?", [PENDING])[0][0]
+        return None if found is None else max(0.0, found - time.time())
+
+    # --- what the status shows ------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Counts, the last study answered, recent errors, the outbox and recent refusals (JSON-ready)."""
+        q = self._query
+        studies = dict(q("SELECT state, COUNT(*) FROM studies GROUP BY state"))
+        last = q(
+            "SELECT s.study_uid, s.answered, s.density, s.sr_uid, s.last_received, "
+            "(SELECT COUNT(*) FROM instances i WHERE i.study_key = s.study_key) "
+            "FROM studies s WHERE s.state = ? ORDER BY s.answered DESC LIMIT 1",
+            [ANSWERED],
+        )
+        outbox = dict(q("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
+        return {
+            "instances_received": q("SELECT COUNT(*) FROM instances")[0][0],
+            "queue_depth": {
+                "studies": studies.get(RECEIVING, 0),
+                "instances": q("SELECT COUNT(*) FROM instances WHERE row IS NULL")[0][0],
+            },
+            "studies": {
+                RECEIVING: studies.get(RECEIVING, 0),
+                ANSWERED: studies.get(ANSWERED, 0),
+                FAILED: studies.get(FAILED, 0),
+            },
+            "studies_processed": studies.get(ANSWERED, 0),
+            "last_study": None
+            if not last
+            else {
+                "study_uid": last[0][0],
+                "answered": _iso(last[0][1]),
+                "density": last[0][2] or None,
+                "sr_uid": last[0][3],
+                "last_instance": _iso(last[0][4]),
+                "instances": last[0][5],
+            },
+            "errors": {
+                "count": q("SELECT COUNT(*) FROM errors")[0][0],
+                "recent": [
+                    {"time": _iso(t), "study_uid": u, "message": m}
+                    for t, u, m in q("SELECT time, study_uid, message FROM errors ORDER BY id DESC LIMIT ?", [_RECENT])
+                ],
+            },
+            "outbox": {
+                PENDING: outbox.get(PENDING, 0),
+                SENT: outbox.get(SENT, 0),
+                "retrying": [
+                    {"destination": d, "sr_uid": u, "attempts": a, "last_error": e, "next_try": _iso(n)}
+                    for d, u, a, e, n in q(
+                        "SELECT destination, sr_uid, attempts, last_error, next_try FROM outbox "
+                        "WHERE state = ? AND attempts > 0 ORDER BY next_try LIMIT ?",
+                        [PENDING, _RECENT],
+                    )
+                ],
+            },
+            "refused": {
+                "count": q("SELECT COUNT(*) FROM refused")[0][0],
+                "recent": [
+                    {"time": _iso(t), "calling_aet": a, "address": h, "sop_uid": s, "reason": r}
+                    for t, a, h, s, r in q(
+                        "SELECT time, calling_aet, address, sop_uid, reason FROM refused ORDER BY id DESC LIMIT ?",
+                        [_RECENT],
+                    )
+                ],
+            },
+        }
+
+    def timeline(self) -> list[dict]:
+        """Per answered study: its instance count, last instance received, answer, and each send (for
+        benchmarks and audits)."""
+        sends: dict[str, list[dict]] = {}
+        for study_key, destination, state, attempts, created, sent in self._query(
+            "SELECT study_key, destination, state, attempts, created, sent FROM outbox ORDER BY id"
+        ):
+            sends.setdefault(study_key, []).append(
+                {"destination": destination, "state": state, "attempts": attempts, "queued": created, "sent": sent}
+            )
+        return [
+            {
+                "study_uid": uid,
+                "instances": n,
+                "last_received": last,
+                "answered": answered,
+                "density": density,
+                "sr_uid": sr_uid,
+                "sends": sends.get(study_key, []),
+            }
+            for study_key, uid, n, last, answered, density, sr_uid in self._query(
+                "SELECT s.study_key, s.study_uid, (SELECT COUNT(*) FROM instances i WHERE i.study_key = s.study_key), "
+                "s.last_received, s.answered, s.density, s.sr_uid FROM studies s WHERE s.state = ? "
+                "ORDER BY s.answered",
+                [ANSWERED],
+            )
+        ]
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,0 +1,558 @@
+"""dens-serve, the DICOM node, against real DICOM software on loopback ports: DCMTK's echoscu, storescu and
+storescp, Orthanc as the PACS (its REST API and its DICOMweb plugin), dicom3tools' dciodvfy on the SRs it
+sends; a kill -9 mid-study and a destination that is down, then up; TLS; the allow-list; refused and hostile
+instances. Each test that needs a program skips, naming it, where it is absent (`make test` installs them as
+root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from conftest import synthetic_breast, write_dicom
+from dens import labels
+from dens.serve.config import Allowed, Destination, ServeConfig
+from dens.serve.send import backoff
+from dens.serve.state import State, key
+
+DENS_SERVE = [sys.executable, "-c", "from dens.serve.cli import main; main()"]
+VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+BREAST_COMPOSITION, MEASUREMENT_GROUP, FINDING_SITE, LATERALITY = "129715009", "125007", "363698007", "272741003"
+SIDE_CODES = {"7771000": "L", "24028007": "R", "51440002": "B"}
+COMPOSITION_CODES = {"129716005": "A", "129717001": "B", "129718006": "C", "129719003": "D"}
+WAIT = 90.0  # seconds any one wait may take on a loaded 2-core machine before the test fails
+
+
+def need(program: str) -> str:
+    found = shutil.which(program)
+    if not found:
+        pytest.skip(
+            f"{program} is not installed (Debian packages dcmtk, dicom3tools, orthanc; `make test` installs them)"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT, every: float = 0.2):
+    """Poll ``check`` until it returns something true; that value (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def make_study(folder: Path, views=VIEWS, **tags) -> tuple[str, list[Path]]:
+    """A screening study's DICOM files (one per view) in ``folder``: its StudyInstanceUID and the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study = tags.pop("StudyInstanceUID", generate_uid())
+    paths = [
+        write_dicom(
+            folder / f"{side}{view}.dcm",
+            synthetic_breast(128, 96, seed=i),
+            ImageLaterality=side,
+            ViewPosition=view,
+            StudyInstanceUID=study,
+            PatientName="Doe^Jane",
+            PatientSex="F",
+            StudyDate="20260101",
+            StudyTime="101010",
+            **tags,
+        )
+        for i, (side, view) in enumerate(views)
+    ]
+    return study, paths
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    """A random resnet18 at S=64, exported: calls that mean nothing, through the real pipeline."""
+    import torch
+
+    from dens.config import PreprocessConfig
+    from dens.export.onnx import export_onnx
+    from dens.model import build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_checkpoint(root / "best.pt", build_model("resnet18"), PreprocessConfig(size=64))
+    return export_onnx(root / "best.pt", root / "model.onnx")
+
+
+class Node:
+    """dens-serve as a subprocess: started, its ports read from its first line, stopped or killed."""
+
+    def __init__(self, state: Path, model: Path, *args: str, port: int = 0):
+        self.state = state
+        self.log = state.with_name(state.name + ".log")
+        command = [*DENS_SERVE, str(state), "--model", str(model), "--port", str(port), "--status-port", "0"]
+        command += ["--workers", "1", "--retry-seconds", "0.3", *args]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            found = re.search(r"listening on [\d.]+:(\d+).*status on http://[\d.]+:(\d+)/", line)
+            if found:
+                self.port, self.status_port = int(found[1]), int(found[2])
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"dens-serve did not start: {self.log.read_text()[-3000:]}")
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/status", timeout=10) as response:
+            return json.load(response)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no cleanup of any kind
+        self.proc.wait(timeout=30)
+
+    def answered(self, study_uid: str) -> dict | None:
+        """The study's entry once the node answered it (from its state folder)."""
+        state = State(self.state, read_only=True)
+        try:
+            return next((s for s in state.timeline() if s["study_uid"] == study_uid), None)
+        finally:
+            state.close()
+
+
+def storescu(port: int, files, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [need("storescu"), "-aet", aet, "-aec", "DENS", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+def echoscu(port: int, aet: str = "ECHOSCU", *tls: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [need("echoscu"), *tls, "-aet", aet, "-aec", "DENS", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+def preds(state: Path) -> pd.DataFrame:
+    return pd.read_csv(state / "preds.csv", dtype=str, keep_default_na=False)
+
+
+def content(item) -> list:
+    found = []
+    for child in getattr(item, "ContentSequence", []):
+        found.append(child)
+        found.extend(content(child))
+    return found
+
+
+def compositions(ds) -> dict[str, str]:
+    """Each measurement group's BI-RADS composition by the laterality of its finding site (L, R, B)."""
+    found = {}
+    for group in content(ds):
+        if group.ValueType != "CONTAINER" or group.ConceptNameCodeSequence[0].CodeValue != MEASUREMENT_GROUP:
+            continue
+        items = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
+        site = items[FINDING_SITE]
+        side = next(c for c in site.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == LATERALITY)
+        if BREAST_COMPOSITION in items:
+            code = items[BREAST_COMPOSITION].ConceptCodeSequence[0].CodeValue
+            found[SIDE_CODES[side.ConceptCodeSequence[0].CodeValue]] = COMPOSITION_CODES[code]
+    return found
+
+
+def exam_call(state: Path, study_uid: str) -> pd.Series:
+    """The study's row of preds.exam.csv, once the node has written it."""
+    path = state / "preds.exam.csv"
+
+    def row() -> list[pd.Series]:
+        if not path.is_file():
+            return []
+        exams = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return [r for _, r in exams[exams[labels.STUDY_UID] == study_uid].iterrows()]
+
+    return wait_for("the exam CSV to hold the study", row)[0]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def referenced(ds) -> set[str]:
+    return {
+        ref.ReferencedSOPInstanceUID
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+
+
+# --- the node shared by most tests, with Orthanc as the PACS that sends to it and receives its SRs -------------
+
+
+@pytest.fixture(scope="module")
+def ports() -> dict[str, int]:
+    return {"node": free_port(), "orthanc_dicom": free_port(), "orthanc_http": free_port()}
+
+
+@pytest.fixture(scope="module")
+def node(onnx_model, ports, tmp_path_factory):
+    """dens-serve answering to Orthanc (C-STORE, and STOW-RS to its DICOMweb), storescu and echoscu."""
+    state = tmp_path_factory.mktemp("node") / "state"
+    # STOW-RS to Orthanc's DICOMweb where its plugin is installed (Debian package orthanc-dicomweb).
+    stow = (
+        ("--stow-url", f"http://127.0.0.1:{ports['orthanc_http']}/dicom-web/studies")
+        if DICOMWEB_PLUGIN.is_file()
+        else ()
+    )
+    running = Node(
+        state,
+        onnx_model,
+        "--allow-aet",
+        "ORTHANC@127.0.0.1",
+        "--allow-aet",
+        "STORESCU",
+        "--allow-aet",
+        "ECHOSCU",
+        "--allow-aet",
+        "PYNETDICOM",
+        "--stable-seconds",
+        "1",
+        "--send-to",
+        f"ORTHANC@127.0.0.1:{ports['orthanc_dicom']}",
+        *stow,
+        port=ports["node"],
+    )
+    yield running
+    assert running.stop() == 0, running.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def orthanc(ports, tmp_path_factory):
+    """Orthanc with a temporary configuration: its own storage, loopback only, dens-serve as modality 'dens'."""
+    if not Path(ORTHANC).is_file():
+        pytest.skip(f"Orthanc ({ORTHANC}, Debian package orthanc) is not installed; `make test` installs it")
+    root = tmp_path_factory.mktemp("orthanc")
+    config = {
+        "Name": "dens-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": ports["orthanc_http"],
+        "DicomPort": ports["orthanc_dicom"],
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": {"dens": ["DENS", "127.0.0.1", ports["node"]]},
+        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    with open(root / "orthanc.log", "w") as log:
+        proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{ports['orthanc_http']}"
+
+    def up() -> bool:
+        try:
+            return bool(rest(url + "/system"))
+        except OSError:
+            return proc.poll() is not None and pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()}")
+
+    wait_for("Orthanc to answer", up)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def rest(url: str, body: object = None):
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as response:
+        raw = response.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def test_echo_is_answered_for_an_allowed_title_and_refused_for_another(node):
+    assert echoscu(node.port).returncode == 0
+    refused = echoscu(node.port, "INTRUDER")
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stdout + refused.stderr
+
+
+def test_storescu_study_gets_one_row_per_instance_and_one_valid_sr(node, tmp_path):
+    study, files = make_study(tmp_path / "study")
+    sent = storescu(node.port, files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    answer = wait_for("the study's SR", lambda: node.answered(study))
+    rows = preds(node.state)
+    mine = rows[rows[labels.STUDY_UID] == study]
+    assert sorted(mine[labels.SOP_UID]) == sorted(dcmread(f).SOPInstanceUID for f in files)
+    assert set(mine[labels.STATUS]) == {"ok"}
+    assert all(Path(p).is_relative_to(node.state / "spool") for p in mine[labels.PATH])
+    report = dcmread(node.state / "sr" / f"{answer['sr_uid']}.dcm")
+    call = exam_call(node.state, study)
+    assert compositions(report) == {"L": call["density_L"], "R": call["density_R"], "B": call[labels.DENSITY]}
+    assert answer["density"] == call[labels.DENSITY]
+    assert referenced(report) == set(mine[labels.SOP_UID])
+    assert dciodvfy_errors(node.state / "sr" / f"{answer['sr_uid']}.dcm") == []
+    # The same study again (a PACS retry): acknowledged, no new row, no new SR.
+    assert storescu(node.port, files).returncode == 0
+    time.sleep(1.5)
+    assert len(preds(node.state).query(f"{labels.STUDY_UID} == @study")) == 4
+    assert node.answered(study)["sr_uid"] == answer["sr_uid"]
+
+
+def test_orthanc_sends_a_study_and_receives_its_sr(node, orthanc, tmp_path):
+    study, files = make_study(tmp_path / "study", PatientID="P-ORTHANC")
+    for f in files:
+        rest(f"{orthanc}/instances", f.read_bytes())
+    orthanc_study = rest(f"{orthanc}/tools/lookup", study.encode())[0]["ID"]
+    job = rest(f"{orthanc}/modalities/dens/store", {"Resources": [orthanc_study], "Synchronous": True})
+    assert job["InstancesCount"] == 4 and job["FailedInstancesCount"] == 0
+
+    def sr_in_orthanc():
+        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+        return rest(f"{orthanc}/tools/find", query)
+
+    found = wait_for("the SR in Orthanc", sr_in_orthanc)
+    assert len(found) == 1  # sent by C-STORE and by STOW-RS: one instance (its UID is the study's and sources')
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(rest(f"{orthanc}/instances/{found[0]}/file"))
+    report = dcmread(path)
+    call = exam_call(node.state, study)
+    assert compositions(report) == {"L": call["density_L"], "R": call["density_R"], "B": call[labels.DENSITY]}
+    assert report.PatientID == "P-ORTHANC" and report.VerificationFlag == "UNVERIFIED"
+    assert referenced(report) == {dcmread(f).SOPInstanceUID for f in files}
+    assert dciodvfy_errors(path) == []
+    # Each destination acknowledged it once: the C-STORE to Orthanc and, with its DICOMweb plugin, the STOW-RS.
+    sends = wait_for(
+        "both sends acknowledged", lambda: all(s["state"] == "sent" for s in node.answered(study)["sends"]) and node
+    ).answered(study)["sends"]
+    kinds = sorted(s["destination"].split(":")[0] for s in sends)
+    assert kinds == (["dicom", "stow"] if DICOMWEB_PLUGIN.is_file() else ["dicom"])
+
+
+def test_non_mammography_is_refused_with_its_reason(node, tmp_path):
+    ct_in_mg = write_dicom(tmp_path / "ct.dcm", synthetic_breast(64, 48), modality="CT")
+    ct_image = write_dicom(tmp_path / "ct-image.dcm", synthetic_breast(64, 48), sop_class="1.2.840.10008.5.1.4.1.1.2")
+    before = node.status()["refused"]["count"]
+    spooled = sorted((node.state / "spool").rglob("*.dcm"))
+    assert storescu(node.port, [ct_in_mg]).returncode != 0
+    assert storescu(node.port, [ct_image]).returncode != 0  # CT Image Storage: no presentation context for it
+    status = node.status()["refused"]
+    assert status["count"] == before + 1
+    assert status["recent"][0]["reason"].startswith("not_mammography")
+    assert status["recent"][0]["sop_uid"] == dcmread(ct_in_mg).SOPInstanceUID
+    assert sorted((node.state / "spool").rglob("*.dcm")) == spooled
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_hostile_instance_stays_in_the_spool_and_the_node_carries_on(node, tmp_path):
+    from pynetdicom import AE
+
+    paths = [
+        write_dicom(
+            tmp_path / "uids.dcm",
+            synthetic_breast(64, 48),
+            StudyInstanceUID="../../../escaped",
+            SOPInstanceUID="../../escaped/x",
+            ImageLaterality="L",
+            ViewPosition="CC",
+        ),
+        write_dicom(
+            tmp_path / "huge.dcm", np.zeros((64, 64), np.uint16), Rows=60000, Columns=60000, ImageLaterality="R"
+        ),
+    ]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DENS")
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(dcmread(p)).Status for p in paths]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0]
+    sops = [dcmread(p).SOPInstanceUID for p in paths]
+
+    def rows_of_both() -> list[pd.DataFrame]:
+        rows = preds(node.state)
+        rows = rows[rows[labels.SOP_UID].isin(sops)]
+        return [rows] if len(rows) == 2 else []
+
+    rows = wait_for("rows for both", rows_of_both)[0]
+    assert rows.set_index(labels.SOP_UID).loc[sops[1], labels.STATUS] == "error"  # refused from its header
+    assert not [p for up in (*node.state.parents[:4], Path.cwd()) for p in up.glob("escaped*")]
+    for path in rows[labels.PATH]:
+        assert Path(path).parent.parent == node.state / "spool" and re.fullmatch(r"[0-9a-f]{32}\.dcm", Path(path).name)
+    assert echoscu(node.port).returncode == 0  # still answering
+
+
+def test_the_status_endpoint_and_the_status_command_agree(node):
+    live = node.status()
+    assert live["node"]["aet"] == "DENS" and live["node"]["address"] == f"127.0.0.1:{node.port}"
+    for field in ("queue_depth", "studies_processed", "last_study", "errors", "outbox", "refused"):
+        assert field in live
+    printed = subprocess.run([*DENS_SERVE, str(node.state), "--status"], capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    offline = json.loads(printed.stdout)
+    assert "node" not in offline
+    assert offline["instances_received"] == node.status()["instances_received"]
+
+
+# --- a node killed mid-study, a destination down then up, TLS ---------------------------------------------------
+
+
+def test_kill_9_mid_study_and_a_destination_down_lose_nothing_and_double_nothing(onnx_model, tmp_path):
+    need("storescp")
+    received, port = tmp_path / "received", free_port()
+    received.mkdir()
+    state = tmp_path / "state"
+    args = ("--allow-aet", "STORESCU", "--stable-seconds", "1", "--send-to", f"DEST@127.0.0.1:{port}")
+    first = Node(state, onnx_model, *args)
+    _, files_a = make_study(tmp_path / "a")
+    study_b, files_b = make_study(tmp_path / "b", PatientID="P-B")
+    assert storescu(first.port, files_a).returncode == 0
+    # A is scored and answered; its SR cannot go out (nothing listens at the destination yet).
+    wait_for("a failed send of A's SR", lambda: first.status()["outbox"]["retrying"])
+    assert storescu(first.port, files_b[:2]).returncode == 0  # half of B: acknowledged, then the node dies
+    first.kill()
+
+    destination = subprocess.Popen(
+        [need("storescp"), "-aet", "DEST", "+uf", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        second = Node(state, onnx_model, *args)
+        assert storescu(second.port, files_b[2:]).returncode == 0
+        wait_for("both SRs at the destination", lambda: len(list(received.iterdir())) == 2)
+        wait_for("an empty outbox", lambda: second.status()["outbox"]["pending"] == 0)
+        second.kill()
+        third = Node(state, onnx_model, *args)  # restarted with everything acknowledged: nothing goes again
+        time.sleep(2.0)
+        assert third.status()["outbox"] == {"pending": 0, "sent": 2, "retrying": []}
+        assert third.stop() == 0
+    finally:
+        destination.terminate()
+        destination.wait(timeout=30)
+    reports = {dcmread(p).StudyInstanceUID: dcmread(p) for p in received.iterdir()}
+    assert len(reports) == 2 == len(list(received.iterdir()))  # one SR per study, none twice
+    assert referenced(reports[study_b]) == {dcmread(f).SOPInstanceUID for f in files_b}
+    assert reports[study_b].CompletionFlag == "COMPLETE"
+    rows = preds(state)
+    sent = sorted(dcmread(f).SOPInstanceUID for f in files_a + files_b)
+    assert sorted(rows[labels.SOP_UID]) == sent  # every acknowledged instance one row, none twice
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    openssl = need("openssl")
+    root = tmp_path_factory.mktemp("tls")
+    cert, key_ = root / "cert.pem", root / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key_), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key_
+
+
+def test_tls_when_a_certificate_is_given(onnx_model, certificate, tmp_path):
+    cert, key_ = certificate
+    tls = Node(
+        tmp_path / "state", onnx_model, "--allow-aet", "ECHOSCU", "--tls-cert", str(cert), "--tls-key", str(key_)
+    )
+    try:
+        assert echoscu(tls.port, "ECHOSCU", "+tla", "+cf", str(cert)).returncode == 0
+        assert echoscu(tls.port).returncode != 0  # plain DICOM is not spoken there
+        from pynetdicom import AE
+
+        context = ssl.create_default_context(cafile=str(cert))
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", tls.port, ae_title="DENS", tls_args=(context, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        assert tls.stop() == 0
+
+
+# --- the pieces, without processes ------------------------------------------------------------------------------
+
+
+def test_a_node_without_an_allow_list_does_not_start():
+    with pytest.raises(ValueError, match="--allow-aet"):
+        ServeConfig(state=Path("state"))
+    assert ServeConfig(state=Path("state"), allow_any=True).host == "127.0.0.1"
+
+
+def test_peers_parse_and_bad_spellings_are_refused():
+    assert Destination.parse("PACS@10.0.0.5:104") == Destination("PACS", "10.0.0.5", 104)
+    assert Allowed.parse("PACS@10.0.0.5").admits("PACS", "10.0.0.5")
+    assert not Allowed.parse("PACS@10.0.0.5").admits("PACS", "10.0.0.6")
+    assert Allowed.parse("PACS").admits("PACS", "192.168.1.1")
+    for bad in ("PACS", "PACS@host", "@h:1", "A_TITLE_LONGER_THAN_16@h:1", "PACS@h:0"):
+        with pytest.raises(ValueError):
+            Destination.parse(bad)
+
+
+def test_retries_wait_twice_as_long_each_time_up_to_ten_minutes():
+    assert [backoff(n, 5.0) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert backoff(30, 5.0) == 600.0
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/3", "1.2.3\x00", "a" * 500])
+def test_spool_names_never_hold_a_character_of_the_uid(tmp_path, uid):
+    state = State(tmp_path / "state")
+    path = state.spool_path(uid, uid)
+    assert path.parent.parent == state.spool and re.fullmatch(r"[0-9a-f]{32}\.dcm", path.name)
+    assert path.parent.name == key("study", uid) != key("sop", uid)
+    assert state.receive(uid, uid, b"DICM") and not state.receive(uid, uid, b"DICM")  # stored once
+    assert path.read_bytes() == b"DICM"
+    state.close()
+    assert os.listdir(tmp_path) == ["state"]
