@@ -9,7 +9,6 @@ import html
 import re
 import shutil
 from pathlib import Path
-from urllib.parse import unquote
 
 import cv2
 import numpy as np
@@ -25,6 +24,7 @@ from dens import labels
 from dens.config import PreprocessConfig
 from dens.explain import GradCAM, GradcamError, assign_stems, parse_flag, resolve_layer, run_gradcam, safe_stem
 from dens.explain.cli import main as gradcam_main
+from dens.explain.display import as_displayed, display_config, thumbnail
 from dens.preprocess import load
 
 S = 64
@@ -391,13 +391,16 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     assert table.attrs["summary"].maps == flagged.sum() and table.attrs["summary"].errors == 0
     overlays = sorted(out.glob("*.png"))
     assert len(overlays) == len(list(out.glob("*.npy"))) == flagged.sum()
+    shown = display_config(study["cfg"]).height  # the display image: 512 px tall for this 64-px model
+    peaks = []
     for rel in written.loc[flagged, "gradcam"]:
         png = (tmp_path / rel).resolve()
         assert png.parent == out.resolve() and png.is_file()
-        raw = np.load(png.with_suffix(".npy"))
-        assert raw.shape == (S, S) and raw.min() >= 0.0 and raw.max() == 1.0
+        raw = np.load(png.with_suffix(".npy"))  # the model's units, its input size
+        assert raw.shape == (S, S) and raw.dtype == np.float16 and raw.min() >= 0.0 and raw.max() > 0
+        peaks.append(float(raw.max()))
         overlay = cv2.imread(str(png))
-        assert overlay.shape[0] == S and overlay.shape[1] > S  # the colour bar on the right
+        assert overlay.shape[0] > shown and overlay.shape[1] > 2 * shown  # header; image, overlay, colour bar
     hostile = written.loc[written[labels.SOP_UID] == HOSTILE_SOP, "gradcam"].tolist()
     assert len(hostile) == len(set(hostile)) == 2 and all(hostile)
     assert all(Path(h).parent.name == "cams" and not Path(h).name.startswith(".") for h in hostile)
@@ -407,8 +410,12 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert HOSTILE_NAME not in page and html.escape(HOSTILE_NAME) in page
     assert page.count('<img class="cam"') == flagged.sum() and 'title="preds.exam.csv"' in page
+    # One scale for the page: 1.0 is the largest of its maps' raw values, and the page says which.
+    assert f"among this page&#x27;s {flagged.sum()} maps ({max(peaks):.3g} in the model&#x27;s units)" in page
     ok = (before[labels.STATUS] == "ok").sum()
-    assert len(list((out / "thumbs").glob("*.png"))) == ok  # every exam has a flagged view here
+    thumbs = {p.name for p in (out / "thumbs").glob("*.jpg")}
+    assert len({t for t in thumbs if not t.endswith(".cam.jpg")}) == ok  # every view, flagged or not
+    assert len({t for t in thumbs if t.endswith(".cam.jpg")}) == flagged.sum()
 
 
 def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tmp_path):
@@ -447,9 +454,9 @@ def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
     row = int(np.flatnonzero(expected)[0])
     image, _ = load(written.at[row, labels.PATH], study["cfg"])
     with GradCAM(load_checkpoint(study["ckpt"]).model.eval()) as cam:
-        direct = cam(image[None, None], [labels.class_index(written.at[row, labels.DENSITY])]).maps[0]
-    saved = np.load((tmp_path / written.at[row, "gradcam"]).with_suffix(".npy"))
-    np.testing.assert_allclose(saved, direct, atol=1e-3)  # float16 on disk
+        direct = cam(image[None, None], [labels.class_index(written.at[row, labels.DENSITY])]).raw[0]
+    saved = np.load((tmp_path / written.at[row, "gradcam"]).with_suffix(".npy")).astype(np.float32)
+    np.testing.assert_allclose(saved, direct, rtol=2e-3, atol=1e-4)  # float16 on disk
 
 
 def test_wrong_model_or_checkpoint_is_an_error(study, tmp_path):
@@ -521,7 +528,8 @@ def test_model_defaults_to_the_latest_run_and_checkpoint_is_found_beside_it(stud
     written = run_gradcam("study/preds.csv", "study/out/cams", flag="C,D", progress=False)
     assert (written["gradcam"] != "").any()
     refs = re.findall(r'src="([^"]+)"', (tmp_path / "study" / "report.html").read_text())
-    assert refs and all((tmp_path / "study" / unquote(ref)).is_file() for ref in refs)
+    assert refs and all(ref.startswith("data:image/jpeg;base64,") for ref in refs)  # the page carries them
+    assert all((tmp_path / "study" / rel).is_file() for rel in written.loc[written["gradcam"] != "", "gradcam"])
 
     shutil.copy(study["ckpt"], run_dir / "best.pt")
     moved = {"checkpoint_path": "/elsewhere/no/longer/best.pt"}  # exported on another machine
@@ -566,3 +574,27 @@ def test_dens_infer_gradcam_flag_and_resume(study, tmp_path):
     result = CliRunner().invoke(infer_main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out, dtype=str, keep_default_na=False)) == len(preds)
+
+
+def test_every_view_is_shown_as_pacs_shows_it_at_the_display_size(study, tmp_path):
+    """Thumbnails for every ok row by default (not only flagged exams), each the model's own canonical image
+    on the display canvas, right breasts mirrored back so their chest wall is on the right."""
+    preds_csv = _write_preds(study, tmp_path)
+    written = run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], flag="p_A>=2", progress=False)
+    assert (written["gradcam"] == "").all()  # nothing flagged: every view still gets its thumbnail
+    stems = assign_stems(written[labels.SOP_UID].tolist(), written[labels.PATH].tolist())
+    tag = next((tmp_path / "cams" / "thumbs").glob("*.jpg")).name.split("_", 1)[0]
+    checked = set()
+    for i, r in written[written[labels.STATUS] == "ok"].iterrows():
+        shown = cv2.imread(str(tmp_path / "cams" / "thumbs" / f"{tag}_{stems[i]}.jpg"), cv2.IMREAD_GRAYSCALE)
+        canonical, info = load(r[labels.PATH], display_config(study["cfg"]))
+        expected = thumbnail(as_displayed(canonical, r[labels.LATERALITY], study["cfg"]))
+        assert shown.shape == expected.shape == (320, 320)
+        error = np.abs(shown.astype(int) - expected).mean()
+        assert error < 3, (r[labels.PATH], error)  # JPEG's loss only
+        if r[labels.LATERALITY] == "R":
+            assert info.flipped and np.abs(shown.astype(int) - thumbnail(canonical)).mean() > 3 * error + 5
+        checked.add(r[labels.LATERALITY])
+    assert checked == {"L", "R"}
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<img src=") == (written[labels.STATUS] == "ok").sum()

@@ -1,5 +1,6 @@
 """dens-gradcam: click options -> :class:`GradcamConfig` -> :func:`dens.explain.runner.run`.
-dens-qc: click options -> :class:`QcConfig` -> :func:`dens.explain.qc.run`."""
+dens-qc: click options -> :class:`QcConfig` -> :func:`dens.explain.qc.run`.
+dens-verdicts: click arguments -> :class:`VerdictsConfig` -> :func:`dens.explain.verdicts.run`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.explain import qc
+from dens.explain import qc, verdicts
 from dens.explain.runner import DEVICES, THUMBNAILS, GradcamConfig, GradcamError, run
 from dens.flags import parse_flag
 
@@ -28,7 +29,8 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the overlays (<sop_uid>.png), raw maps (<sop_uid>.npy) and thumbnails.",
+    help="Folder for the overlay figures (<sop_uid>.png), raw maps (<sop_uid>.npy, the model's units, its input "
+    "size, chest wall left) and thumbnails.",
 )
 @click.option(
     "--model",
@@ -52,10 +54,10 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--thumbnails",
     type=click.Choice(THUMBNAILS),
-    default="flagged",
+    default="all",
     show_default=True,
-    help="Views shown in report.html: all views of exams with a flagged image, every file (decodes all "
-    "again), or none.",
+    help="Views shown in report.html: every file (decodes each again, at the display size), all views of "
+    "exams with a flagged image, or none.",
 )
 @click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
@@ -111,3 +113,27 @@ def qc_main(files_or_dirs: tuple[Path, ...], **options) -> None:
     except (qc.QcError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"dens-qc: {result.line()}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("exams_csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("verdicts_csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write EXAMS_CSV with the columns verdict, reviewer_density and reviewed_at here [default: report only].",
+)
+def verdicts_main(exams_csv: Path, verdicts_csv: Path, out: Path | None) -> None:
+    """Merge a reviewer's verdicts (the review page's 'Export verdicts' CSV) into EXAMS_CSV (dens-infer's
+    preds.exam.csv) and report how far model and reviewer agree: the share of calls accepted, dense/non-dense
+    agreement and Cohen's kappa over A-D, with their counts. A verdict for an exam EXAMS_CSV lacks, or made on
+    another call or identity than EXAMS_CSV's, is an error and nothing is merged (exit 1)."""
+    try:
+        result = verdicts.run(verdicts.VerdictsConfig(exams_csv, verdicts_csv, out))
+    except verdicts.VerdictsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in result.lines():
+        click.echo(line)
+    if out is not None:
+        click.echo(f"merged: {out}")

@@ -24,11 +24,14 @@ MAX_STEM = 80
 
 @dataclass(frozen=True)
 class CamResult:
-    """Maps ``float32 [N, H, W]`` in [0, 1] (input size), the class each map is for, and the logits."""
+    """Maps ``float32 [N, H, W]`` at the input size: ``maps`` each min-max scaled to [0, 1], ``raw`` the
+    same maps before that scaling (ReLU'd, upsampled, in the model's own units, so maps of one model can share
+    one scale); the class each map is for, and the logits."""
 
     maps: np.ndarray
     targets: np.ndarray
     logits: np.ndarray
+    raw: np.ndarray
 
 
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None = None) -> nn.Module:
@@ -119,9 +122,14 @@ class GradCAM:
             with torch.no_grad():
                 weights = grads.mean(dim=(2, 3), keepdim=True)
                 cam = torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
-                cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
-                cam = normalise(cam)
-            return CamResult(cam.float().cpu().numpy(), target.cpu().numpy(), logits.detach().float().cpu().numpy())
+                # Bilinear from the feature map (e.g. 23x11) to the input: smooth, and never below zero.
+                raw = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+            return CamResult(
+                normalise(raw).float().cpu().numpy(),
+                target.cpu().numpy(),
+                logits.detach().float().cpu().numpy(),
+                raw.float().cpu().numpy(),
+            )
         finally:
             for p in trainable:
                 p.requires_grad_(True)

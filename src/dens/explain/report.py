@@ -1,100 +1,158 @@
-"""What a reviewer sees: Grad-CAM overlays with a colour bar, thumbnails, and ``report.html``.
+"""What a reviewer sees: each view's pictures (thumbnail, overlay figure) and ``report.html``, one page a
+radiologist reviews the calls on and records a verdict per exam.
 
-The page is static and offline: images are files beside it, referenced relatively; the only script is a
-few lines of inline JS (sorting), allowed by a nonce in the page's Content-Security-Policy. Every string
-that came from a DICOM header or a file name is HTML-escaped: names and IDs are untrusted input.
+The page carries everything it shows (images as ``data:`` URIs), so it can be moved or mailed alone and
+opened offline. Its only script is inline, allowed by a nonce in a Content-Security-Policy that lets in
+no other script, style file, font or frame. Every string from a DICOM header or a file name is escaped:
+names and IDs are untrusted input. The script keeps the reviewer's verdicts in the browser's localStorage
+under the page's run (a reload keeps them) and exports them as a CSV keyed as preds.exam.csv keys exams;
+``dens-verdicts`` (:mod:`dens.explain.verdicts`) merges that CSV back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
-import os
+import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from dens import exams, labels, modelcard
+from dens.config import PreprocessConfig
+from dens.explain import display, page
 from dens.files import atomic_write
 
-THUMBS = "thumbs"
-THUMB_SIDE = 192
 REPORT = "report.html"
-VIEW_SLOTS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+THUMBS = "thumbs"  # the thumbnails' folder under the Grad-CAM folder
+# Hung as PACS hangs a screening exam: each pair back to back, right breast on the viewer's left.
+VIEW_SLOTS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
 # Where an exam's call comes from, shown when hovering it.
 FROM_FILE, FROM_PREDS = "preds.exam.csv", "dens-infer's exam rule, from preds.csv"
-_ALPHA = 0.45  # heatmap weight in the overlay: the tissue stays readable underneath
+# The page's filters: an exam row carries each tag that applies to it.
+FILTERS = (
+    ("flagged", "an image flagged for review (it has a Grad-CAM map)"),
+    ("dense", "called C or D"),
+    ("asymmetric", "left and right breasts on different sides of the dense line"),
+    ("incomplete", "a standard view missing"),
+    ("errors", "a file of the exam without a call"),
+    ("unreviewed", "no verdict yet"),
+)
+VERDICT_COLUMNS = (
+    exams.EXAM,
+    *exams.IDENTITY,
+    "model_density",
+    "model_p_dense",
+    "verdict",
+    "reviewer_density",
+    "reviewed_at",
+    "run",
+)
 
 
-# --- pictures -------------------------------------------------------------------------------------
+# --- one view's pictures ----------------------------------------------------------------------------
 
 
-def render_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """The canonical image (uint8 [S, S]) under its map ([0, 1], [S, S]) in the turbo colour map, with a
-    labelled colour bar on the right; BGR uint8 [S, S + bar]."""
-    size = image.shape[0]
-    heat = cv2.applyColorMap(np.rint(np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
-    blend = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), 1 - _ALPHA, heat, _ALPHA, 0)
+@dataclass(frozen=True)
+class ViewFiles:
+    """What one view of the page has on disk (None: not made)."""
 
-    pad, bar_w = max(4, size // 32), max(6, size // 28)
-    scale = max(0.3, size / 1024)
-    thick = max(1, round(size / 512))
-    text_w = cv2.getTextSize("1.0", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0]
-    panel = np.full((size, 3 * pad + bar_w + text_w, 3), 32, np.uint8)
-    height = size - 2 * pad
-    ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None]  # top = 1.0
-    panel[pad : pad + height, pad : pad + bar_w] = cv2.applyColorMap(np.repeat(ramp, bar_w, axis=1), cv2.COLORMAP_TURBO)
-    for value in (1.0, 0.5, 0.0):
-        y = pad + round((1 - value) * (height - 1))
-        baseline = min(size - 2, max(pad + 8 * thick, y + 4 * thick))
-        cv2.putText(
-            panel,
-            f"{value:.1f}",
-            (2 * pad + bar_w, baseline),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            scale,
-            (235, 235, 235),
-            thick,
-            cv2.LINE_AA,
-        )
-    return np.hstack([blend, panel])
+    thumbnail: Path | None
+    overlay: Path | None
+    overlay_thumbnail: Path | None
 
 
-def thumbnail(image: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
-    """A small copy for the page (area-averaged when shrinking)."""
-    h, w = image.shape[:2]
-    scale = side / max(h, w)
-    if scale >= 1:
-        return image
-    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+def write_view_files(
+    out_dir: Path,
+    stem: str,
+    image: np.ndarray,
+    cam: np.ndarray | None,
+    label: Sequence[str],
+    version: int,
+    *,
+    thumbnail: bool = True,
+) -> ViewFiles:
+    """One view's pictures from its display image (uint8, as PACS shows it) and, for a flagged view, its
+    map (as displayed, on the page's scale: 1.0 = the page's largest value; any size, upsampled here):
+    ``thumbs/<stem>.jpg``, the overlay figure ``<stem>.png`` and its thumbnail ``thumbs/<stem>.cam.jpg``."""
+    thumb = overlay = overlay_thumb = None
+    if thumbnail:
+        thumb = _write_bytes(out_dir / THUMBS / f"{stem}.jpg", display.jpeg(display.thumbnail(image)))
+    if cam is not None:
+        cam = display.upsample(cam, image.shape)
+        weight = display.breast_weight(image, version)
+        overlay = out_dir / f"{stem}.png"
+        _write_bytes(overlay, _png(display.overlay_figure(image, cam, weight, label)))
+        if thumbnail:
+            small = display.thumbnail(display.blend(image, cam, weight))
+            overlay_thumb = _write_bytes(out_dir / THUMBS / f"{stem}.cam.jpg", display.jpeg(small))
+    return ViewFiles(thumb, overlay, overlay_thumb)
 
 
-def write_thumbnail(out_dir: Path, stem: str, image: np.ndarray) -> Path:
-    """``out_dir/thumbs/<stem>.png``."""
-    path = out_dir / THUMBS / f"{stem}.png"
-    _imwrite(path, thumbnail(image))
+def view_label(record: dict) -> list[str]:
+    """The lines above an overlay figure: side and view as displayed, the class and its p, the scale."""
+    side = {"L": "left breast, chest wall left", "R": "right breast, chest wall right"}.get(
+        str(record.get(labels.LATERALITY, "")).upper(), "side unknown, as the model saw it"
+    )
+    density = str(record.get(labels.DENSITY, ""))
+    p_class = record.get(f"p_{density}", "")
+    lines = [
+        f"{record.get(labels.LATERALITY, '')} {record.get(labels.VIEW, '')} ({side}, as PACS shows it)",
+        f"called {density}: p_{density} {_number(p_class)}, p_dense {_number(record.get(labels.P_DENSE, ''))}",
+        "Grad-CAM for that class; 1 = this page's largest map value; breast only",
+    ]
+    # The overlay's font draws ASCII only; header values are untrusted, so keep them printable too.
+    return ["".join(ch if " " <= ch <= "~" else "?" for ch in line) for line in lines]
+
+
+def page_scale(page_max: float, maps: int) -> str:
+    """The page's sentence on what 1.0 on the colour bar is."""
+    if not maps:
+        return "no maps on this page"
+    return (
+        f"1 is the largest raw Grad-CAM value among this page's {maps} map{'s' * (maps > 1)} "
+        f"({page_max:.3g} in the model's units), 0 is none"
+    )
+
+
+def _number(value) -> str:
+    try:
+        return f"{float(value):.2f}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError("could not encode an overlay as PNG")
+    return data.tobytes()
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
     return path
 
 
-def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray) -> Path:
-    """For one flagged image: ``<stem>.png`` (overlay with colour bar), ``<stem>.npy`` (the map, float16
-    [S, S] in [0, 1]: half the disk, nothing visible lost) and its thumbnail. Returns the overlay's path."""
-    overlay = out_dir / f"{stem}.png"
-    _imwrite(overlay, render_overlay(image, cam))
-    np.save(out_dir / f"{stem}.npy", cam.astype(np.float16))
-    write_thumbnail(out_dir, stem, image)
-    return overlay
-
-
-def _imwrite(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"could not write {path}")
+def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray, laterality: str = "") -> Path:
+    """For one flagged image at the model's own size: the raw map ``<stem>.npy`` (float16) and its view files
+    (:func:`write_view_files`) with the image as displayed and the map on its own scale (this image alone is
+    the page). Returns the overlay figure's path."""
+    stored = cam.astype(np.float16)
+    np.save(out_dir / f"{stem}.npy", stored)
+    peak = float(stored.max())
+    cfg = PreprocessConfig(height=image.shape[0], width=image.shape[1])
+    shown = display.as_displayed(image, laterality, cfg)
+    scaled = display.as_displayed(stored.astype(np.float32) / peak if peak > 0 else cam * 0, laterality, cfg)
+    label = [f"{laterality or '?'} (as PACS shows it)", "Grad-CAM; 1 = this map's largest value; breast only"]
+    return write_view_files(out_dir, stem, shown, scaled, label, cfg.version).overlay
 
 
 # --- the page -------------------------------------------------------------------------------------
@@ -105,61 +163,91 @@ def write_report(
     preds_csv: Path,
     thumbs: Mapping[int, Path],
     *,
-    overlays: Mapping[int, str] | None = None,
+    overlays: Mapping[int, Path] | None = None,
+    overlay_thumbs: Mapping[int, Path] | None = None,
     exam_calls: pd.DataFrame | None = None,
     card: Mapping | None = None,
+    scale: str = "",
 ) -> Path:
     """Write ``report.html`` beside ``preds_csv`` (atomically) and return its path.
 
-    ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file; ``overlays``: row index ->
-    overlay path relative to preds.csv's folder (default: the ``gradcam`` column); ``exam_calls``:
-    preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise (other images,
-    another model: a stale file), and every exam when it is None, is called from ``preds`` by the same rule
-    (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the model card's facts
-    (:mod:`dens.modelcard`), summed up in the page's header; {} or None for a model without one.
+    ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file (JPEG); ``overlays``: row ->
+    the overlay figure (any image OpenCV reads; embedded as JPEG); ``overlay_thumbs``: row -> its thumbnail.
+    ``exam_calls``: preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise
+    (other images, another model: a stale file), and every exam when it is None, is called from ``preds``
+    by the same rule (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the
+    model card's facts (:mod:`dens.modelcard`), summed up in the page's header; {} or None for a model
+    without one. ``scale``: what 1.0 on the maps' colour bar is, stated on the page.
     """
     html_path = preds_csv.parent / REPORT
-    base = html_path.parent.resolve()
-    if overlays is None:
-        column = preds[labels.GRADCAM] if labels.GRADCAM in preds else pd.Series("", index=preds.index)
-        overlays = {i: v for i, v in column.items() if v}
+    overlays, overlay_thumbs = overlays or {}, overlay_thumbs or {}
     records = preds.to_dict("index")
     ok = {i for i, r in records.items() if r.get(labels.STATUS) == "ok"}
     members_of: dict[str, list[int]] = {}
     for i in sorted(ok):
         members_of.setdefault(exams.exam_key(records[i]), []).append(i)
+    unusable = [i for i in records if i not in ok]
+    failed_in: dict[str, int] = {}
+    for i in unusable:
+        if any(records[i].get(k) for k in exams.IDENTITY):  # a file whose header said whose exam it is
+            key = exams.exam_key(records[i])
+            failed_in[key] = failed_in.get(key, 0) + 1
     calls = _exam_calls(exam_calls, preds)
+    run = run_id(preds, calls)
 
     rows = []
     for key, members in members_of.items():
         # Every distinct value: rows of one exam that disagree on a patient ID are worth seeing.
         ident = {
-            k: list(dict.fromkeys(records[i].get(k, "") for i in members if records[i].get(k)))
-            for k in (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)
+            k: list(dict.fromkeys(records[i].get(k, "") for i in members if records[i].get(k))) for k in exams.IDENTITY
         }
-        call, p_dense, source = calls[key]
-        cells = {slot: [] for slot in (*VIEW_SLOTS, None)}
+        call = calls[key]
+        cells: dict = {slot: [] for slot in (*VIEW_SLOTS, None)}
+        flagged = False
         for i in members:
             r = records[i]
             slot = (r.get(labels.LATERALITY, "").upper(), r.get(labels.VIEW, "").upper())
-            cells[slot if slot in cells else None].append(_figure(r, thumbs.get(i), overlays.get(i), base, preds_csv))
-        rows.append((p_dense, _exam_row(key, ident, call, p_dense, source, cells)))
+            flagged |= i in overlays
+            cells[slot if slot in cells else None].append(
+                _figure(r, thumbs.get(i), overlays.get(i), overlay_thumbs.get(i))
+            )
+        tags = _tags(call, flagged, failed_in.get(key, 0))
+        rows.append((call["p_dense"], tags, _exam_row(key, ident, call, tags, failed_in.get(key, 0), cells)))
     rows.sort(key=lambda item: -item[0] if item[0] == item[0] else 1.0)  # descending, NaN last
 
-    unusable = [records[i] for i in records if i not in ok]
+    counts = {name: sum(name in tags for _, tags, _ in rows) for name, _ in FILTERS}
+    counts["unreviewed"] = len(rows)
     nonce = secrets.token_urlsafe(16)
-    page = _PAGE.format(
+    html_page = page.PAGE.format(
         nonce=nonce,
+        run=_e(run),
         title=_e(f"dens review: {preds_csv.name}"),
         summary=_e(_summary_text(preds, len(members_of), len(overlays))),
         card=_card_block(card or {}),
-        rows="\n".join(row for _, row in rows),
-        unusable=_unusable_table(unusable),
-        script=_SCRIPT,
+        conventions=_conventions(scale),
+        filters="".join(
+            f'<button type="button" class="filter" data-filter="{name}" aria-pressed="false" title="{_e(why)}">'
+            f'{name} <span class="n">{counts[name]}</span></button>'
+            for name, why in FILTERS
+        ),
+        exams=len(rows),
+        rows="\n".join(row for *_, row in rows),
+        unusable=_unusable_table([records[i] for i in unusable]),
+        columns=_e(json.dumps(VERDICT_COLUMNS)),
+        script=page.SCRIPT,
     )
     with atomic_write(html_path, "w", encoding="utf-8") as f:
-        f.write(page)
+        f.write(html_page)
     return html_path
+
+
+def run_id(preds: pd.DataFrame, calls: Mapping[str, Mapping]) -> str:
+    """What the page's verdicts are stored under in the browser: a digest of the model and every exam's
+    call, the same whenever the page is written again for the same calls (a reload, a second dens-gradcam),
+    another for other calls (the verdicts of one run never show on another's page)."""
+    models = sorted({s for s in preds.get(labels.MODEL_SHA256, pd.Series(dtype=str)) if s})
+    lines = [*models, *(f"{key}\t{calls[key]['density']}" for key in sorted(calls))]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def _e(value) -> str:
@@ -173,9 +261,10 @@ def _float(value) -> float:
         return float("nan")
 
 
-def _exam_calls(table: pd.DataFrame | None, preds: pd.DataFrame) -> dict[str, tuple[str, float, str]]:
-    """Exam key -> (call, p_dense, source) for every exam of ``preds``: ``table``'s row where it describes
-    the same exam (as many images, the same model, where it has those columns), else the rule's own."""
+def _exam_calls(table: pd.DataFrame | None, preds: pd.DataFrame) -> dict[str, dict]:
+    """Exam key -> its call (density, p_dense, source, density_L/R, incomplete, missing_views) for every exam
+    of ``preds``: ``table``'s row where it describes the same exam (as many images, the same model, where it
+    has those columns), else the rule's own."""
     given, checked = {}, []
     if table is not None and all(c in table for c in (exams.EXAM, labels.DENSITY, labels.P_DENSE)):
         given = {str(r[exams.EXAM]): r for r in table.to_dict("records")}
@@ -185,43 +274,112 @@ def _exam_calls(table: pd.DataFrame | None, preds: pd.DataFrame) -> dict[str, tu
         row = given.get(own[exams.EXAM])
         current = row is not None and all(str(row[c]) == own[c] for c in checked)
         chosen, source = (row, FROM_FILE) if current else (own, FROM_PREDS)
-        calls[own[exams.EXAM]] = (str(chosen[labels.DENSITY]), _float(chosen[labels.P_DENSE]), source)
+        calls[own[exams.EXAM]] = {
+            **{c: str(chosen.get(c, own[c])) for c in _EXAM_FACTS},
+            "density": str(chosen[labels.DENSITY]),
+            "p_dense": _float(chosen[labels.P_DENSE]),
+            "source": source,
+        }
     return calls
 
 
-def _src(path: Path | str, base: Path) -> str:
-    """A reference to a file (absolute, or relative to the working directory) from the page in ``base``:
-    relative, URL-quoted (and HTML-escaped again where it lands in an attribute)."""
-    return quote(Path(os.path.relpath(Path(path).resolve(), base)).as_posix())
+_EXAM_FACTS = ("density_L", "density_R", exams.INCOMPLETE, exams.MISSING_VIEWS)
 
 
-def _figure(r: Mapping[str, str], thumb: Path | None, overlay: str | None, base: Path, preds_csv: Path) -> str:
-    name = f"{r.get(labels.LATERALITY, '')} {r.get(labels.VIEW, '')}".strip() or "view"
-    caption = f"{r.get(labels.DENSITY, '')} · p_dense {_float(r.get(labels.P_DENSE)):.2f}"
+def _tags(call: Mapping, flagged: bool, failed: int) -> list[str]:
+    left, right = call["density_L"], call["density_R"]
+    asymmetric = bool(left and right) and labels.is_dense(left) != labels.is_dense(right)
+    return [
+        name
+        for name, present in (
+            ("flagged", flagged),
+            ("dense", labels.is_dense(call["density"])),
+            ("asymmetric", asymmetric),
+            ("incomplete", call[exams.INCOMPLETE].lower() == "true"),
+            ("errors", failed > 0),
+            ("unreviewed", True),
+        )
+        if present
+    ]
+
+
+def _embedded(path: Path | None) -> tuple[str, str]:
+    """A thumbnail file as a data: URI and its ``width`` and ``height`` attributes, so the page's layout does
+    not move as images load ('' and '' when there is none)."""
+    if path is None:
+        return "", ""
+    data = Path(path).read_bytes()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    size = f' width="{image.shape[1]}" height="{image.shape[0]}"' if image is not None else ""
+    return display.data_uri(data), size
+
+
+def _figure_uri(path: Path | None) -> str:
+    """An overlay figure re-encoded as JPEG for the page ('' when there is none or it cannot be read)."""
+    if path is None:
+        return ""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return "" if image is None else display.data_uri(display.jpeg(image, display.FIGURE_QUALITY))
+
+
+def _figure(r: Mapping[str, str], thumb: Path | None, overlay: Path | None, overlay_thumb: Path | None) -> str:
+    name = f"{r.get(labels.LATERALITY) or '?'} {r.get(labels.VIEW) or '?'}"
+    p_dense = _float(r.get(labels.P_DENSE))
+    caption = f"{name}: {r.get(labels.DENSITY, '')} · p_dense {p_dense:.2f}"
     title = f"{r.get(labels.PATH, '')}\nSOP {r.get(labels.SOP_UID, '')}"
     parts = [f'<figure title="{_e(title)}">']
-    if thumb is not None:
-        src = _e(_src(thumb, base))
-        parts.append(f'<a href="{src}"><img src="{src}" alt="{_e(name)}" loading="lazy"></a>')
+    src, size = _embedded(thumb)
+    if src:
+        parts.append(f'<img src="{src}"{size} alt="{_e(name)}" loading="lazy" decoding="async">')
     else:
         parts.append(f'<div class="missing">{_e(name)}: no thumbnail</div>')
-    if overlay:
-        src = _e(_src(preds_csv.parent.resolve() / overlay, base))
-        parts.append(f'<a href="{src}"><img class="cam" src="{src}" alt="Grad-CAM {_e(name)}" loading="lazy"></a>')
-    parts.append(f"<figcaption>{_e(name)}: {_e(caption)}</figcaption></figure>")
+    full = _figure_uri(overlay)
+    if full:
+        small, size = _embedded(overlay_thumb)
+        parts.append(
+            f'<img class="cam" src="{small or full}"{size} data-full="{full}" alt="Grad-CAM {_e(name)}" '
+            'loading="lazy" decoding="async" title="Grad-CAM: click for the full-size figure">'
+        )
+    parts.append(f"<figcaption>{_e(caption)}</figcaption></figure>")
     return "".join(parts)
 
 
-def _exam_row(key: str, ident: dict[str, list[str]], call: str, p_dense: float, source: str, cells: dict) -> str:
+def _exam_row(key: str, ident: dict[str, list[str]], call: Mapping, tags: list[str], failed: int, cells: dict) -> str:
     ident_html = "<br>".join(f'<span class="k">{_e(k)}</span> {_e(", ".join(v))}' for k, v in ident.items() if v)
-    dense = "dense" if labels.is_dense(call) else ""
+    badges = []
+    if "incomplete" in tags:
+        badges.append(f'<span class="badge">missing {_e(call[exams.MISSING_VIEWS].replace(";", ", "))}</span>')
+    if "asymmetric" in tags:
+        badges.append('<span class="badge">L/R across the dense line</span>')
+    if failed:
+        badges.append(f'<span class="badge err">{failed} file{"s" * (failed > 1)} without a call</span>')
+    density, p_dense = call["density"], call["p_dense"]
     p_text = f"{p_dense:.3f}" if p_dense == p_dense else "–"
     sort_value = f"{p_dense:.6f}" if p_dense == p_dense else "-1"
-    tds = "".join(f"<td>{''.join(cells[slot])}</td>" for slot in (*VIEW_SLOTS, None))
+    sides = " · ".join(f"{s} {call[f'density_{s}']}" for s in ("R", "L") if call[f"density_{s}"])
+    tds = "".join(f'<td class="view">{"".join(cells[slot])}</td>' for slot in (*VIEW_SLOTS, None))
+    data = {
+        "exam": key,
+        **{k.replace("_", "-"): (v[0] if v else "") for k, v in ident.items()},
+        "call": density,
+        "p-dense": sort_value,
+        "tags": " ".join(tags),
+    }
+    attrs = " ".join(f'data-{k}="{_e(v)}"' for k, v in data.items())
+    categories = "".join(
+        f'<button type="button" data-category="{c}" aria-pressed="false">{c}</button>' for c in labels.CLASSES
+    )
+    verdict = (
+        '<div class="verdict"><button type="button" data-verdict="agree" aria-pressed="false">agree</button>'
+        '<button type="button" data-verdict="disagree" aria-pressed="false">disagree</button></div>'
+        f'<div class="categories" title="the category you would give">{categories}</div>'
+    )
     return (
-        f'<tr class="{dense}" data-p-dense="{sort_value}"><td class="id">{ident_html or _e(key)}</td>'
-        f'<td class="call" title="{_e(source)}">{_e(call)}</td>'
-        f'<td class="p">{_e(p_text)}</td>{tds}</tr>'
+        f'<tr class="exam{" dense" * ("dense" in tags)}" {attrs}>'
+        f'<td class="id">{ident_html or _e(key)}{"".join(badges)}</td>'
+        f'<td class="call" title="{_e(call["source"])}">{_e(density)}<div class="p">{_e(p_text)}</div>'
+        f'<div class="sides">{_e(sides)}</div></td>'
+        f'{tds}<td class="review">{verdict}</td></tr>'
     )
 
 
@@ -251,69 +409,31 @@ def _card_block(card: Mapping) -> str:
     return f'<div class="card{" warn" if warn else ""}" id="model-card">{paragraphs}</div>'
 
 
-def _summary_text(preds: pd.DataFrame, exams: int, maps: int) -> str:
-    status = preds[labels.STATUS].value_counts().to_dict() if labels.STATUS in preds else {}
-    counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
-    models = sorted({s[:12] for s in preds.get("model_sha256", pd.Series(dtype=str)) if s})
+def _conventions(scale: str) -> str:
+    scale_text = scale or "1 is the largest map value on this page"
     return (
-        f"{exams} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
-        f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}"
+        "<p><b>Orientation:</b> images are shown as PACS hangs them: right breasts with the chest wall on the "
+        "right, left breasts with it on the left, each pair back to back (R CC | L CC, R MLO | L MLO). The model "
+        "itself reads every image with the chest wall on the left (right breasts mirrored); its maps are "
+        "mirrored back with the image.</p>"
+        f"<p><b>Grad-CAM</b> (under a flagged view; click it for the full-size figure): where the model looked "
+        f"for the class it called, in the {display.COLORMAP_NAME} colour map (dark: little, yellow: much), "
+        f"masked to the breast, on <b>one scale for the whole page</b>: {_e(scale_text)}. A map is not a "
+        "finding.</p>"
+        "<p><b>Exam call:</b> the denser breast's, a breast's probabilities being the mean of its views; from "
+        "preds.exam.csv where it describes the exam, else by the same rule from preds.csv (hover the call).</p>"
+        "<p><b>Verdicts:</b> mark each exam <i>agree</i> or <i>disagree</i> and the category you would give "
+        "(a category alone marks the verdict too). They stay in this browser for this page's run; <i>Export "
+        "verdicts</i> downloads them as a CSV that <code>dens-verdicts preds.exam.csv verdicts.csv</code> merges "
+        "and scores.</p>"
     )
 
 
-_SCRIPT = """
-const body = document.querySelector("#exams tbody"), button = document.getElementById("sort");
-let descending = true;
-button.addEventListener("click", () => {
-  descending = !descending;
-  const rows = Array.from(body.rows), sign = descending ? -1 : 1;
-  rows.sort((a, b) => sign * (parseFloat(a.dataset.pDense) - parseFloat(b.dataset.pDense)));
-  for (const row of rows) body.appendChild(row);
-  button.textContent = "p_dense " + (descending ? "\\u2193 (highest first)" : "\\u2191 (lowest first)");
-});
-"""
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' data: file:; \
-style-src 'unsafe-inline'; script-src 'nonce-{nonce}'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d1d1f; background: #fafafa; }}
-h1 {{ font-size: 1.4em; margin: 0 0 .3em; }}
-.summary {{ color: #555; margin: 0 0 1em; }}
-.card {{ border-left: 4px solid #999; background: #fff; padding: .4em .8em; margin: 0 0 1em; max-width: 60em; }}
-.card.warn {{ border-left-color: #c0392b; }}
-.card p {{ margin: .2em 0; }}
-.card .caveat {{ color: #c0392b; font-weight: bold; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; background: #fff; }}
-th {{ background: #eee; position: sticky; top: 0; }}
-tr.dense td.call {{ background: #ffe1cc; font-weight: bold; }}
-td.call {{ font-size: 1.4em; text-align: center; }}
-td.id {{ max-width: 16em; overflow-wrap: anywhere; font-size: .85em; }}
-.k {{ color: #888; }}
-figure {{ margin: 0 0 4px; display: inline-block; text-align: center; }}
-figure img {{ width: 128px; height: 128px; object-fit: contain; background: #000; display: inline-block; }}
-figure img.cam {{ width: auto; margin-left: 2px; }}
-figcaption {{ font-size: .8em; color: #444; }}
-.missing {{ width: 128px; height: 128px; background: #333; color: #ccc; font-size: .8em; }}
-button {{ font: inherit; margin-bottom: .8em; }}
-</style></head><body>
-<h1>{title}</h1>
-<p class="summary">{summary}</p>
-{card}
-<p>Exam call: the denser breast's, a breast's probabilities being the mean of its views; from preds.exam.csv
-where it describes the exam, else by the same rule from preds.csv (hover the call). A Grad-CAM map (under a
-flagged view) shows where the model looked for the class it called; click an image for full size.</p>
-<button id="sort" type="button">p_dense &#8595; (highest first)</button>
-<table id="exams"><thead><tr><th>exam</th><th>call</th><th>p_dense</th><th>L CC</th><th>L MLO</th><th>R CC</th>
-<th>R MLO</th><th>other</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-{unusable}
-<script nonce="{nonce}">{script}</script>
-</body></html>
-"""
+def _summary_text(preds: pd.DataFrame, exams_n: int, maps: int) -> str:
+    status = preds[labels.STATUS].value_counts().to_dict() if labels.STATUS in preds else {}
+    counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
+    models = sorted({s[:12] for s in preds.get(labels.MODEL_SHA256, pd.Series(dtype=str)) if s})
+    return (
+        f"{exams_n} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
+        f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}"
+    )

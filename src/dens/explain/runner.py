@@ -1,5 +1,6 @@
 """Grad-CAM over a preds.csv: find and check the model, re-load the flagged images through the one
-preprocessing route, write an overlay and a raw map per image, the ``gradcam`` column and report.html.
+preprocessing route, write a raw map and an overlay figure per image, thumbnails of the views the review page
+shows, the ``gradcam`` column and report.html.
 
 The map is computed in PyTorch on exactly the canonical image the ONNX model saw (``dens.preprocess.load``
 with the preprocessing stored in the model's metadata), for the class preds.csv reports. The checkpoint must
@@ -27,6 +28,7 @@ import dens
 from dens import labels, modelcard, runs
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
+from dens.explain import display
 from dens.explain.gradcam import GradCAM, assign_stems, safe_stem
 from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 GRADCAM, MODEL_SHA256 = labels.GRADCAM, labels.MODEL_SHA256
 
 
-THUMBNAILS = ("flagged", "all", "none")
+THUMBNAILS = ("all", "flagged", "none")
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
 
@@ -100,8 +102,9 @@ class GradcamConfig:
 
     ``flag``: see :func:`dens.flags.parse_flag` (default: preds.csv's ``flagged`` column).
     ``model`` defaults to the newest run's ``model.onnx``, ``checkpoint`` to the one its metadata names.
-    ``thumbnails``: which views the page shows: ``flagged`` (all views of exams with a flagged image),
-    ``all`` (every ok row; decodes every file again) or ``none``. ``workers``: decode processes.
+    ``thumbnails``: which views the page shows: ``all`` (every ok row, so every call can be reviewed;
+    decodes every file again), ``flagged`` (all views of exams with a flagged image) or ``none``.
+    ``workers``: decode processes.
     """
 
     preds: Path
@@ -113,7 +116,7 @@ class GradcamConfig:
     batch_size: int = 8
     device: str = "auto"
     workers: int | None = None
-    thumbnails: str = "flagged"
+    thumbnails: str = "all"
     report: bool = True
     progress: bool = True
 
@@ -139,8 +142,13 @@ def run_gradcam(
 
 
 def run(cfg: GradcamConfig) -> pd.DataFrame:
-    """Grad-CAM for the flagged rows of ``cfg.preds``: an overlay PNG and the raw map ``.npy`` per image
+    """Grad-CAM for the flagged rows of ``cfg.preds``: per image the raw map ``.npy`` and an overlay figure
     under ``cfg.out``, preds.csv's ``gradcam`` column rewritten (atomically), ``report.html`` beside it.
+
+    Two passes through the decode engine: the flagged images at the model's own input (the maps, and the
+    page's largest map value, which gives every overlay one scale), then the images the page shows at the
+    display size (:func:`dens.explain.display.display_config`; the model's own canvas where that is already
+    512-1024 pixels tall), each decoded once there for its thumbnail and, when flagged, its overlay.
 
     Returns the updated table (strings, as read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`)
     and ``report`` (its path). Raises :class:`GradcamError` for what a user must fix (wrong model, missing
@@ -168,8 +176,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     def items(rows) -> list[tuple[int, str]]:
         return [(int(i), resolve_input(preds.at[i, labels.PATH], preds_csv)) for i in rows]
 
-    overlays: dict[int, str] = {}
-    thumbs: dict[int, Path] = {}
+    peaks: dict[int, float] = {}  # row -> its map's largest raw value
     errors = disagreements = 0
     if selected.any():
         model = resolved.model.to(dev).eval()
@@ -182,34 +189,55 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
                     targets = [resolved.class_index(preds.at[row, labels.DENSITY]) for row, _ in good]
                     result = cam(np.stack([image for _, image in good])[:, None], targets)
                     disagreements += int((result.logits.argmax(1) != result.targets).sum())
-                    for (row, image), cam_map in zip(good, result.maps, strict=True):
-                        overlay = pages.write_cam_files(out_dir, stems[row], image, cam_map)
-                        overlays[row] = Path(os.path.relpath(overlay.resolve(), preds_csv.parent.resolve())).as_posix()
-                        thumbs[row] = out_dir / pages.THUMBS / f"{stems[row]}.png"
+                    for (row, _), raw in zip(good, result.raw, strict=True):
+                        stored = raw.astype(np.float16)  # half the disk; the scale is taken from what is stored
+                        np.save(out_dir / f"{stems[row]}.npy", stored)
+                        peaks[row] = float(stored.max())
                 bar.update(len(batch))
         bar.close()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    preds[GRADCAM] = [overlays.get(i, "") for i in range(len(preds))]
+    page_max = max(peaks.values(), default=0.0)
+    view_cfg = display.display_config(resolved.preprocess)
+    wanted = sorted(set(peaks) | set(_thumbnail_rows(preds, selected, thumbnails) if report else ()))
+    views: dict[int, pages.ViewFiles] = {}
+    bar = tqdm(total=len(wanted), desc="review images", unit="img", disable=not progress or not wanted)
+    for batch in load_batches(items(wanted), view_cfg, batch_size, workers):
+        errors += _log_failures([b for b in batch if b[0] in peaks], preds, "overlay")
+        _log_failures([b for b in batch if b[0] not in peaks], preds, "thumbnail")
+        for row, image in batch:
+            if not isinstance(image, np.ndarray):
+                continue
+            record = preds.loc[row].to_dict()
+            shown = display.as_displayed(image, record.get(labels.LATERALITY, ""), view_cfg)
+            cam = None
+            if row in peaks:
+                raw = np.load(out_dir / f"{stems[row]}.npy").astype(np.float32)
+                cam = raw / page_max if page_max > 0 else np.zeros_like(raw)
+                cam = display.as_displayed(cam, record.get(labels.LATERALITY, ""), view_cfg)
+            views[row] = pages.write_view_files(
+                out_dir, stems[row], shown, cam, pages.view_label(record), view_cfg.version, thumbnail=report
+            )
+        bar.update(len(batch))
+    bar.close()
+    overlays = {row: files.overlay for row, files in views.items() if files.overlay}
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), preds_csv.parent.resolve())).as_posix()
+
+    preds[GRADCAM] = [relative(overlays[i]) if i in overlays else "" for i in range(len(preds))]
     write_preds(preds, preds_csv)
     if report:
-        wanted = [i for i in _thumbnail_rows(preds, selected, thumbnails) if i not in thumbs]
-        bar = tqdm(total=len(wanted), desc="thumbnails", unit="img", disable=not progress or not wanted)
-        for batch in load_batches(items(wanted), resolved.preprocess, batch_size, workers):
-            _log_failures(batch, preds, "thumbnail")
-            for row, image in batch:
-                if isinstance(image, np.ndarray):
-                    thumbs[row] = pages.write_thumbnail(out_dir, stems[row], image)
-            bar.update(len(batch))
-        bar.close()
         preds.attrs["report"] = pages.write_report(
             preds,
             preds_csv,
-            thumbs,
+            {row: files.thumbnail for row, files in views.items() if files.thumbnail},
             overlays=overlays,
+            overlay_thumbs={row: files.overlay_thumbnail for row, files in views.items() if files.overlay_thumbnail},
             exam_calls=_exam_calls(preds_csv),
             card=modelcard.of(resolved.metadata.get("summary")),
+            scale=pages.page_scale(page_max, len(peaks)),
         )
     preds.attrs["summary"] = GradcamSummary(
         len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)
