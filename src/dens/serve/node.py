@@ -29,6 +29,8 @@ from dens.serve.status import serve as serve_status
 log = logging.getLogger(__name__)
 
 _SCHEDULE_WAIT = 0.25  # seconds between looks for a quiet study while none is due
+# Quiet studies scored together: their images share the decode workers and the model's batches.
+_STUDIES_AT_ONCE = 16
 
 
 class ServeError(Exception):
@@ -86,14 +88,14 @@ class Node:
         """Score quiet studies until :meth:`stop`; then close everything."""
         try:
             while not self._stop.is_set():
-                study = self.state.stable_study(self.cfg.stable_seconds)
-                if study is None:
+                studies = self.state.stable_studies(self.cfg.stable_seconds, _STUDIES_AT_ONCE)
+                if not studies:
                     if self._dirty:
                         self._aggregate()
                     self.received.wait(_SCHEDULE_WAIT)
                     self.received.clear()
                     continue
-                self._process(study)
+                self._process(studies)
         finally:
             self.close()
 
@@ -115,25 +117,40 @@ class Node:
         except (OSError, ValueError) as exc:
             log.error("dens-serve: cannot rewrite the breast and exam CSVs (%s); tried again later", exc)
 
-    def _process(self, study_key: str) -> None:
-        uid, generation, instances = self.state.snapshot(study_key)
+    def _process(self, keys: list[str]) -> None:
+        """Score the new instances of quiet studies together, then write and queue each study's SR."""
+        studies = [(key, *self.state.snapshot(key)) for key in keys]
+        todo = [i for *_, instances in studies for i in instances if i.row is None]
         t0 = time.perf_counter()
         try:
-            todo = [i for i in instances if i.row is None]
             new = dict(zip((i.sop_key for i in todo), self.pipeline.score([i.path for i in todo]), strict=True))
-            if new:
-                self._dirty = True
-                self.state.set_rows(new)
+        except Exception as exc:  # a full disk, a model failure: the studies are kept until the next start
+            for key, uid, generation, _ in studies:
+                self._fail(key, uid, generation, exc)
+            return
+        if new:
+            self._dirty = True
+            self.state.set_rows(new)
+        scored = time.perf_counter() - t0
+        for key, uid, generation, instances in studies:
+            self._answer(key, uid, generation, instances, new, scored)
+
+    def _fail(self, key: str, uid: str, generation: int, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.error("dens-serve: study %s failed (%s); it is retried at the next start", uid, message)
+        self.state.fail(key, generation, message)
+
+    def _answer(self, key: str, uid: str, generation: int, instances: list, new: dict, scored: float) -> None:
+        t0 = time.perf_counter()
+        try:
             rows = [i.row or new[i.sop_key] for i in instances]
             report = self.pipeline.report(rows, [i.path for i in instances], self.state.sr_dir)
-        except Exception as exc:  # a full disk, a model failure, an SR highdicom refuses: kept until the next start
-            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            log.error("dens-serve: study %s failed (%s); it is retried at the next start", uid, message)
-            self.state.fail(study_key, generation, message)
+        except Exception as exc:  # an SR highdicom refuses, a full disk
+            self._fail(key, uid, generation, exc)
             return
         sr_uid = report.sr_uid if report else None
         if not self.state.answer(
-            study_key,
+            key,
             generation,
             sr_uid,
             report.path if report else None,
@@ -144,11 +161,12 @@ class Node:
             return
         call = (report.density or "no call (incomplete exam)") if report else "no usable image, no SR"
         log.info(
-            "dens-serve: study %s: %d instance(s), %d new, %s; SR %s in %.2f s",
+            "dens-serve: study %s: %d instance(s), %s; scored in %.2f s (with the studies quiet at the time), "
+            "SR %s in %.2f s",
             uid,
             len(instances),
-            len(new),
             call,
+            scored,
             sr_uid or "-",
             time.perf_counter() - t0,
         )

@@ -198,13 +198,13 @@ class State:
 
     # --- scoring --------------------------------------------------------------------------------------------
 
-    def stable_study(self, quiet_seconds: float) -> str | None:
-        """The study quiet for ``quiet_seconds`` that has waited longest, if any (its key)."""
+    def stable_studies(self, quiet_seconds: float, limit: int = 16) -> list[str]:
+        """The studies quiet for ``quiet_seconds`` (their keys), those that have waited longest first."""
         found = self._query(
-            "SELECT study_key FROM studies WHERE state = ? AND last_received <= ? ORDER BY last_received LIMIT 1",
-            [RECEIVING, time.time() - quiet_seconds],
+            "SELECT study_key FROM studies WHERE state = ? AND last_received <= ? ORDER BY last_received LIMIT ?",
+            [RECEIVING, time.time() - quiet_seconds, limit],
         )
-        return found[0][0] if found else None
+        return [k for (k,) in found]
 
     def snapshot(self, study_key: str) -> tuple[str, int, list[Instance]]:
         """A study's UID, generation (one more per instance received) and instances."""
