@@ -320,6 +320,30 @@ def test_echo_is_answered_for_an_allowed_title_and_refused_for_another(node):
     assert "Rejected" in refused.stdout + refused.stderr
 
 
+def test_an_allowed_title_from_another_address_than_its_own_is_refused(node):
+    from pynetdicom import AE
+
+    ae = AE(ae_title="ORTHANC")  # allowed from 127.0.0.1 only
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DENS", bind_address=("127.0.0.2", 0))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0124  # refused: not authorised
+    finally:
+        assoc.release()
+
+
+def test_a_second_node_on_the_same_state_folder_does_not_start(node, onnx_model):
+    second = subprocess.run(
+        [*DENS_SERVE, str(node.state), "--model", str(onnx_model), "--allow-any-aet", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert second.returncode == 1
+    assert "another dens-serve keeps" in second.stderr
+
+
 def test_storescu_study_gets_one_row_per_instance_and_one_valid_sr(node, tmp_path):
     study, files = make_study(tmp_path / "study")
     sent = storescu(node.port, files)
@@ -556,3 +580,16 @@ def test_spool_names_never_hold_a_character_of_the_uid(tmp_path, uid):
     assert path.read_bytes() == b"DICM"
     state.close()
     assert os.listdir(tmp_path) == ["state"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_at_toy_settings(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    env = {**os.environ, "DENS_BENCH_RESULTS": str(tmp_path)}
+    args = ["--studies", "4", "--size", "64", "--stable-seconds", "0.5", "--seed", "3"]
+    done = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (result,) = tmp_path.glob("serve-*.json")
+    record = json.loads(result.read_text())
+    assert record["checks"]["every_acknowledged_instance_one_row"] and record["checks"]["every_study_exactly_one_sr"]
+    assert record["results"]["instances_per_s"] > 0 and record["machine"]["cpu_count"] > 0

@@ -23,7 +23,7 @@ from dens.serve.config import ServeConfig
 from dens.serve.pipeline import Pipeline
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender
-from dens.serve.state import State
+from dens.serve.state import State, StateLocked
 from dens.serve.status import serve as serve_status
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ def start(cfg: ServeConfig) -> Node:
     try:
         rule = parse_flag(cfg.flag)
         state = State(Path(cfg.state).resolve())
+    except StateLocked as exc:
+        raise ServeError(str(exc)) from exc
     except (ValueError, OSError) as exc:
         raise ServeError(f"cannot use {cfg.state} as the state folder ({exc})") from exc
     try:

@@ -4,6 +4,7 @@ are receiving, answered or failed, each instance's preds.csv row, and the outbox
 Layout of the state folder::
 
     serve.db                      this database (WAL, synchronous FULL)
+    serve.lock                    held by the node that keeps the folder (one node per folder)
     spool/<study key>/<sop key>.dcm   each received instance, as sent
     preds.csv, preds.breast.csv, preds.exam.csv
     sr/<SR SOP Instance UID>.dcm  each density SR, as sent
@@ -22,6 +23,7 @@ destination, so no SR goes twice to a destination that acknowledged it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-DB_NAME, SPOOL, SR_DIR, PREDS = "serve.db", "spool", "sr", "preds.csv"
+DB_NAME, SPOOL, SR_DIR, PREDS, LOCK = "serve.db", "spool", "sr", "preds.csv", "serve.lock"
 RECEIVING, ANSWERED, FAILED = "receiving", "answered", "failed"
 PENDING, SENT = "pending", "sent"
 _RECENT = 10  # errors, refusals and failed sends listed in the status
@@ -107,8 +109,14 @@ class Send:
     attempts: int
 
 
+class StateLocked(RuntimeError):
+    """Another node keeps this state folder."""
+
+
 class State:
-    """The state folder's database, shared by the node's threads (one connection, one lock)."""
+    """The state folder's database, shared by the node's threads (one connection, one lock). Opened for
+    writing, it holds the folder's lock file until :meth:`close` (raises StateLocked when another process
+    holds it)."""
 
     def __init__(self, folder: str | os.PathLike, *, read_only: bool = False):
         self.folder = Path(folder)
@@ -116,6 +124,7 @@ class State:
         self.sr_dir = self.folder / SR_DIR
         self.preds = self.folder / PREDS
         db = self.folder / DB_NAME
+        self._lock_file = None
         if read_only:
             if not db.is_file():
                 raise FileNotFoundError(f"{self.folder} holds no dens-serve state ({DB_NAME} not found)")
@@ -123,6 +132,14 @@ class State:
         else:
             for folder_ in (self.folder, self.spool, self.sr_dir):
                 folder_.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.folder / LOCK, "a")  # noqa: SIM115 (held until close())
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                self._lock_file.close()
+                raise StateLocked(
+                    f"another dens-serve keeps {self.folder}: stop it, or give this one its own folder"
+                ) from exc
             self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -132,6 +149,8 @@ class State:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
