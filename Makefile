@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The third-party programs the tests run against, from Debian's packages: Chromium (the review page), Orthanc
-# (the PACS), DCMTK (storescu, echoscu, dsrdump) and dicom3tools (dciodvfy). Installed where this runs as root
-# with apt-get (CI does); elsewhere nothing is installed and the tests that need a missing program skip and
-# name it. DENS_NO_TOOLS=1 skips this step.
-TOOLS_PACKAGES := chromium orthanc dcmtk dicom3tools
+# (the PACS) and its DICOMweb plugin (STOW-RS), DCMTK (storescu, storescp, echoscu, dsrdump) and dicom3tools
+# (dciodvfy). Installed where this runs as root with apt-get (CI does); elsewhere nothing is installed and the
+# tests that need a missing program skip and name it. DENS_NO_TOOLS=1 skips this step.
+TOOLS_PACKAGES := chromium orthanc orthanc-dicomweb dcmtk dicom3tools
 TOOLS_PROGRAMS := chromium Orthanc storescu dciodvfy
+TOOLS_FILES    := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 tools:
 	@if [ -n "$$DENS_NO_TOOLS" ]; then exit 0; fi; \
 	missing=""; for p in $(TOOLS_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for f in $(TOOLS_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $(TOOLS_PACKAGES) (missing:$$missing)"; \
