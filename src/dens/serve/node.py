@@ -1,15 +1,17 @@
-"""``run(ServeConfig)``: the node's life. Open the state folder and recover what a crash left, open the
-pipeline (the model and the decode engine), then listen; score each study once it has been quiet for
-``stable_seconds``, write its SR and queue it for every destination; stop cleanly when :meth:`Node.stop`
-is called (SIGTERM, Ctrl-C).
+"""The node's life: :func:`start` opens the state folder and recovers what a crash left, opens the pipeline
+(the model and the decode engine) and listens; :meth:`Node.serve` scores each study once it has been quiet
+for ``stable_seconds``, writes its SR and queues it for every destination, until :meth:`Node.stop` (SIGTERM,
+Ctrl-C), after the studies being scored.
 
 Threads: pynetdicom's (one per association) spool instances; the caller's thread (:meth:`Node.serve`)
-schedules and scores studies one at a time; the sender empties the outbox; the status endpoint answers.
+schedules and scores the studies quiet at the time, together; the sender empties the outbox; the status
+endpoint answers.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,7 +82,7 @@ class Node:
         }
 
     def stop(self) -> None:
-        """Ask :meth:`serve` to return (after the study it is scoring)."""
+        """Ask :meth:`serve` to return (after the studies it is scoring)."""
         self._stop.set()
         self.received.set()
 
@@ -111,11 +113,11 @@ class Node:
         self.state.close()
 
     def _aggregate(self) -> None:
+        self._dirty = False  # a failure is tried again after the next study, not in a loop
         try:
             self.pipeline.write_aggregates()
-            self._dirty = False
         except (OSError, ValueError) as exc:
-            log.error("dens-serve: cannot rewrite the breast and exam CSVs (%s); tried again later", exc)
+            log.error("dens-serve: cannot rewrite the breast and exam CSVs (%s); tried again after the next study", exc)
 
     def _process(self, keys: list[str]) -> None:
         """Score the new instances of quiet studies together, then write and queue each study's SR."""
@@ -235,6 +237,10 @@ def start(cfg: ServeConfig) -> Node:
     sender = Sender(state, cfg.aet, cfg.retry_seconds)
     try:
         address = scp.start()
+    except ssl.SSLError as exc:  # before OSError: it is one
+        pipeline.close()
+        state.close()
+        raise ServeError(f"cannot use {cfg.tls_cert} and {cfg.tls_key} for TLS ({exc})") from exc
     except OSError as exc:
         pipeline.close()
         state.close()

@@ -123,6 +123,7 @@ class StorageSCP:
             server.addresses = frozenset(a.address for a in self.allow)
         thread = threading.Thread(target=server.serve_forever, name="dens-serve-scp", daemon=True)
         thread.start()
+        # As AE.start_server does: the server's shutdown() removes itself from this list.
         self.ae._servers.append(server)
         self.server = server
         return server.server_address[:2]
