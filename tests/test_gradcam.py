@@ -413,9 +413,9 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     # One scale for the page: 1.0 is the largest of its maps' raw values, and the page says which.
     assert f"among this page&#x27;s {flagged.sum()} maps ({max(peaks):.3g} in the model&#x27;s units)" in page
     ok = (before[labels.STATUS] == "ok").sum()
-    thumbs = {p.name for p in (out / "thumbs").glob("*.jpg")}
-    assert len({t for t in thumbs if not t.endswith(".cam.jpg")}) == ok  # every view, flagged or not
-    assert len({t for t in thumbs if t.endswith(".cam.jpg")}) == flagged.sum()
+    thumbs = {p.name for p in (out / "thumbs").glob("*.webp")}
+    assert len({t for t in thumbs if not t.endswith(".cam.webp")}) == ok  # every view, flagged or not
+    assert len({t for t in thumbs if t.endswith(".cam.webp")}) == flagged.sum()
 
 
 def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tmp_path):
@@ -528,7 +528,7 @@ def test_model_defaults_to_the_latest_run_and_checkpoint_is_found_beside_it(stud
     written = run_gradcam("study/preds.csv", "study/out/cams", flag="C,D", progress=False)
     assert (written["gradcam"] != "").any()
     refs = re.findall(r'src="([^"]+)"', (tmp_path / "study" / "report.html").read_text())
-    assert refs and all(ref.startswith("data:image/jpeg;base64,") for ref in refs)  # the page carries them
+    assert refs and all(ref.startswith("data:image/webp;base64,") for ref in refs)  # the page carries them
     assert all((tmp_path / "study" / rel).is_file() for rel in written.loc[written["gradcam"] != "", "gradcam"])
 
     shutil.copy(study["ckpt"], run_dir / "best.pt")
@@ -583,15 +583,15 @@ def test_every_view_is_shown_as_pacs_shows_it_at_the_display_size(study, tmp_pat
     written = run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], flag="p_A>=2", progress=False)
     assert (written["gradcam"] == "").all()  # nothing flagged: every view still gets its thumbnail
     stems = assign_stems(written[labels.SOP_UID].tolist(), written[labels.PATH].tolist())
-    tag = next((tmp_path / "cams" / "thumbs").glob("*.jpg")).name.split("_", 1)[0]
+    tag = next((tmp_path / "cams" / "thumbs").glob("*.webp")).name.split("_", 1)[0]
     checked = set()
     for i, r in written[written[labels.STATUS] == "ok"].iterrows():
-        shown = cv2.imread(str(tmp_path / "cams" / "thumbs" / f"{tag}_{stems[i]}.jpg"), cv2.IMREAD_GRAYSCALE)
+        shown = cv2.imread(str(tmp_path / "cams" / "thumbs" / f"{tag}_{stems[i]}.webp"), cv2.IMREAD_GRAYSCALE)
         canonical, info = load(r[labels.PATH], display_config(study["cfg"]))
         expected = thumbnail(as_displayed(canonical, r[labels.LATERALITY], study["cfg"]))
         assert shown.shape == expected.shape == (320, 320)
         error = np.abs(shown.astype(int) - expected).mean()
-        assert error < 3, (r[labels.PATH], error)  # JPEG's loss only
+        assert error < 4, (r[labels.PATH], error)  # the lossy encoding's only
         if r[labels.LATERALITY] == "R":
             assert info.flipped and np.abs(shown.astype(int) - thumbnail(canonical)).mean() > 3 * error + 5
         checked.add(r[labels.LATERALITY])

@@ -227,8 +227,8 @@ def test_page_carries_its_images_and_needs_nothing_else(page, tmp_path):
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
     assert "default-src 'none'" in csp and "img-src data:;" in csp and "script-src 'nonce-" in csp
     refs = re.findall(r'(?:src|href|data-full)="([^"]*)"', html)
-    assert refs and all(r.startswith("data:image/jpeg;base64,") for r in refs)
-    text = re.sub(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", "", html)
+    assert refs and all(r.startswith("data:image/webp;base64,") for r in refs)
+    text = re.sub(r"data:image/webp;base64,[A-Za-z0-9+/=]+", "", html)
     assert "<link" not in text and "@import" not in text and "url(" not in text
     assert not re.search(r"https?:|//\w|file:", text)
     for ref in refs:  # every embedded image decodes
@@ -236,6 +236,8 @@ def test_page_carries_its_images_and_needs_nothing_else(page, tmp_path):
         assert cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
     assert all('loading="lazy"' in tag for tag in re.findall(r"<img [^>]*>", html.split('id="full"')[0]))
     assert len(re.findall(r'<img class="cam"', html)) == (page["preds"]["gradcam"] != "").sum() == 3
+    size = re.search(r"this page (\d+) kB with its images", html)  # it states its own size
+    assert size and abs(int(size.group(1)) - len(html.encode()) / 1024) < 1
     # Moved alone (the Grad-CAM folder left behind), it still has every image.
     moved = tmp_path / "elsewhere" / "report.html"
     moved.parent.mkdir()

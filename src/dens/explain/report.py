@@ -80,10 +80,12 @@ def write_view_files(
 ) -> ViewFiles:
     """One view's pictures from its display image (uint8, as PACS shows it) and, for a flagged view, its
     map (as displayed, on the page's scale: 1.0 = the page's largest value; any size, upsampled here):
-    ``thumbs/<stem>.jpg``, the overlay figure ``<stem>.png`` and its thumbnail ``thumbs/<stem>.cam.jpg``."""
+    ``thumbs/<stem>.webp``, the overlay figure ``<stem>.png`` and its thumbnail ``thumbs/<stem>.cam.webp``."""
     thumb = overlay = overlay_thumb = None
     if thumbnail:
-        thumb = _write_bytes(out_dir / THUMBS / f"{stem}.jpg", display.jpeg(display.thumbnail(image)))
+        thumb = _write_bytes(
+            out_dir / THUMBS / f"{stem}{display.IMAGE_SUFFIX}", display.encode(display.thumbnail(image))
+        )
     if cam is not None:
         cam = display.upsample(cam, image.shape)
         weight = display.breast_weight(image, version)
@@ -91,7 +93,7 @@ def write_view_files(
         _write_bytes(overlay, _png(display.overlay_figure(image, cam, weight, label)))
         if thumbnail:
             small = display.thumbnail(display.blend(image, cam, weight))
-            overlay_thumb = _write_bytes(out_dir / THUMBS / f"{stem}.cam.jpg", display.jpeg(small))
+            overlay_thumb = _write_bytes(out_dir / THUMBS / f"{stem}.cam{display.IMAGE_SUFFIX}", display.encode(small))
     return ViewFiles(thumb, overlay, overlay_thumb)
 
 
@@ -171,8 +173,8 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` beside ``preds_csv`` (atomically) and return its path.
 
-    ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file (JPEG); ``overlays``: row ->
-    the overlay figure (any image OpenCV reads; embedded as JPEG); ``overlay_thumbs``: row -> its thumbnail.
+    ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file (WebP); ``overlays``: row ->
+    the overlay figure (any image OpenCV reads; embedded as WebP); ``overlay_thumbs``: row -> its thumbnail.
     ``exam_calls``: preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise
     (other images, another model: a stale file), and every exam when it is None, is called from ``preds``
     by the same rule (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the
@@ -204,7 +206,10 @@ def write_report(
         call = calls[key]
         cells: dict = {slot: [] for slot in (*VIEW_SLOTS, None)}
         flagged = False
-        for i in members:
+        # Right before left within a slot, as the hanging goes (the "other" slot holds several).
+        for i in sorted(
+            members, key=lambda i: (records[i].get(labels.LATERALITY, "") != "R", records[i].get(labels.VIEW, ""))
+        ):
             r = records[i]
             slot = (r.get(labels.LATERALITY, "").upper(), r.get(labels.VIEW, "").upper())
             flagged |= i in overlays
@@ -235,6 +240,11 @@ def write_report(
         unusable=_unusable_table([records[i] for i in unusable]),
         columns=_e(json.dumps(VERDICT_COLUMNS)),
         script=page.SCRIPT,
+    )
+    # The page states its own size (images included): whether it can be mailed is the reader's question.
+    size = len(html_page.encode("utf-8"))
+    html_page = html_page.replace(
+        _SIZE_MARK, _e(f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"), 1
     )
     with atomic_write(html_path, "w", encoding="utf-8") as f:
         f.write(html_page)
@@ -315,11 +325,11 @@ def _embedded(path: Path | None) -> tuple[str, str]:
 
 
 def _figure_uri(path: Path | None) -> str:
-    """An overlay figure re-encoded as JPEG for the page ('' when there is none or it cannot be read)."""
+    """An overlay figure re-encoded for the page ('' when there is none or it cannot be read)."""
     if path is None:
         return ""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return "" if image is None else display.data_uri(display.jpeg(image, display.FIGURE_QUALITY))
+    return "" if image is None else display.data_uri(display.encode(image, display.FIGURE_QUALITY))
 
 
 def _figure(r: Mapping[str, str], thumb: Path | None, overlay: Path | None, overlay_thumb: Path | None) -> str:
@@ -429,11 +439,15 @@ def _conventions(scale: str) -> str:
     )
 
 
+_SIZE_MARK = "@@PAGE-SIZE@@"  # replaced by the page's size once it is known
+
+
 def _summary_text(preds: pd.DataFrame, exams_n: int, maps: int) -> str:
     status = preds[labels.STATUS].value_counts().to_dict() if labels.STATUS in preds else {}
     counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
     models = sorted({s[:12] for s in preds.get(labels.MODEL_SHA256, pd.Series(dtype=str)) if s})
     return (
         f"{exams_n} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
-        f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}"
+        f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}; this page {_SIZE_MARK} "
+        "with its images"
     )
