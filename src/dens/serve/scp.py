@@ -9,7 +9,8 @@ What it accepts, and why:
   latter are acknowledged and get a skipped row, as dens-infer gives them), and Verification; every other
   SOP class, Breast Tomosynthesis among them, is refused at negotiation (its context rejected: "abstract
   syntax not supported"); the transfer syntaxes are those the decode engine reads;
-* an instance whose header cannot be read, whose Modality is not MG, or that lacks its UIDs is refused
+* an instance whose header cannot be read, whose Modality is another than MG (an absent one is the SOP
+  class's), or that lacks its UIDs is refused
   (a failure status with the reason in Error Comment, a line in the log and in the status' refusals);
 * anything else is written to the spool (:meth:`State.receive`) before the success status goes back.
 """
@@ -168,10 +169,9 @@ class StorageSCP:
         except Exception as exc:  # a header pydicom cannot parse: the node refuses it and carries on
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return self._refuse(aet, address, claimed, CANNOT_UNDERSTAND, f"unreadable header: {first}")
-        if modality != "MG":
-            return self._refuse(
-                aet, address, sop_uid, MISMATCH, f"not_mammography: Modality {modality or 'absent'}, not MG"
-            )
+        # An absent Modality is taken from the SOP class (anonymised archives, RSNA's among them, drop it).
+        if modality and modality != "MG":
+            return self._refuse(aet, address, sop_uid, MISMATCH, f"not_mammography: Modality {modality}, not MG")
         if sop_class != event.context.abstract_syntax:
             return self._refuse(aet, address, sop_uid, MISMATCH, f"SOP Class {sop_class} is not the context's")
         if not study_uid or not sop_uid:
