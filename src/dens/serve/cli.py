@@ -25,8 +25,9 @@ from dens.serve.config import (
 
 _DEVICES = ("auto", "tensorrt", "cuda", "cpu")  # as dens-infer's --device
 _EPILOG = f"""\b
-Exit status: 0 stopped (SIGTERM, Ctrl-C) after the study being scored; {EXIT_FAILED} could not start
-(no model, a port in use, a state folder of another model); 2 bad options.
+Exit status: 0 stopped (SIGTERM, Ctrl-C) after the studies being scored; {EXIT_FAILED} could not start
+(no model, a port in use, a state folder of another model or kept by another node) or could not go on
+(the decode engine broke down: restart it); 2 bad options.
 """
 
 
@@ -183,6 +184,9 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
     )
     sys.stdout.flush()
     node.serve()
+    if node.failed:
+        click.echo(f"dens-serve: stopped: {node.failed}", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo("dens-serve: stopped")
 
 

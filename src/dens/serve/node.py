@@ -22,7 +22,7 @@ from pydicom import dcmread
 from dens import runs
 from dens.flags import parse_flag
 from dens.serve.config import ServeConfig
-from dens.serve.pipeline import Pipeline
+from dens.serve.pipeline import Pipeline, PipelineError
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender
 from dens.serve.state import State, StateLocked
@@ -64,6 +64,7 @@ class Node:
     received: threading.Event = field(default_factory=threading.Event)  # set by the SCP after each instance
     _status_server: object = None
     _dirty: bool = True  # preds.csv has rows the breast and exam CSVs lack
+    failed: str | None = None  # why the node stopped on its own (the pipeline broke down)
 
     def info(self) -> dict:
         """What the node says about itself in its status."""
@@ -126,6 +127,11 @@ class Node:
         t0 = time.perf_counter()
         try:
             new = dict(zip((i.sop_key for i in todo), self.pipeline.score([i.path for i in todo]), strict=True))
+        except PipelineError as exc:  # the decode engine is gone: stop, so that a supervisor restarts the node
+            log.error("dens-serve: %s", exc)
+            self.failed = str(exc)
+            self.stop()
+            return
         except Exception as exc:  # a full disk, a model failure: the studies are kept until the next start
             for key, uid, generation, _ in studies:
                 self._fail(key, uid, generation, exc)

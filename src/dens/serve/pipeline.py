@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from dens import labels, modelcard, sr
-from dens.engine import Decoded, DecodePool
+from dens.engine import Decoded, DecodePool, PoolError
 from dens.files import atomic_write
 from dens.flags import FlagRule
 from dens.infer.aggregate import write_aggregates
@@ -41,8 +41,8 @@ _BUSY_WAIT, _IDLE_WAIT = 0.005, 0.2
 
 
 class PipelineError(RuntimeError):
-    """The pipeline cannot start (a model of other classes, preds.csv of another model); the message says
-    what to do."""
+    """The pipeline cannot start (a model of other classes, preds.csv of another model), or cannot go on (the
+    decode engine broke down); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,13 @@ class Pipeline:
             self._feed.put(p)
         got: dict[str, Decoded] = {}
         while len(got) < len(wanted):
-            decoded = next(self._results)
+            try:
+                decoded = next(self._results)
+            except (StopIteration, PoolError) as exc:
+                raise PipelineError(
+                    f"the decode engine stopped ({exc or 'no more results'}); restart dens-serve: what was spooled "
+                    "and not answered is scored then"
+                ) from exc
             if decoded.path in pending:
                 got[decoded.path] = decoded
                 self._outstanding -= 1
