@@ -315,6 +315,11 @@ def test_page_renders_its_rows_and_images_in_chromium(page, tmp_path):
         assert browser.evaluate("document.querySelector('#full img').naturalWidth") > 2 * SHAPE[1]
         browser.click("#full")
         assert browser.evaluate("document.getElementById('full').hidden") is True
+        browser.click('tr[data-exam="study_uid:1.2.1"] figure img')  # a view without a map: larger too
+        assert browser.evaluate("document.querySelector('#full img').src") == browser.evaluate(
+            "document.querySelector('tr[data-exam=\"study_uid:1.2.1\"] figure img').src"
+        )
+        browser.click("#full")
         browser.evaluate("window.scrollTo(0, 0)")
         shot = browser.screenshot(tmp_path / "shot.png")
     pixels = cv2.imread(str(shot))

@@ -12,7 +12,10 @@ const rows = Array.from(body.rows), RUN = document.body.dataset.run, KEY = "dens
 const COLUMNS = JSON.parse(document.body.dataset.columns);
 let verdicts = {};
 try { verdicts = JSON.parse(localStorage.getItem(KEY) || "{}") || {}; } catch (e) { verdicts = {}; }
-const store = () => { try { localStorage.setItem(KEY, JSON.stringify(verdicts)); } catch (e) {} };
+let stored = true;  // false where this browser keeps nothing for a page opened from disk (the status says so)
+const store = () => {
+  try { localStorage.setItem(KEY, JSON.stringify(verdicts)); stored = true; } catch (e) { stored = false; }
+};
 
 function paint(row) {
   const v = verdicts[row.dataset.exam];
@@ -38,12 +41,13 @@ function refresh() {
     reviewed += !!verdicts[row.dataset.exam];
   }
   document.getElementById("shown").textContent = shown + " of " + rows.length + " exams shown";
-  document.getElementById("reviewed").textContent = reviewed + " of " + rows.length + " reviewed";
+  document.getElementById("reviewed").textContent = reviewed + " of " + rows.length + " reviewed" +
+    (stored ? "" : " (this browser does not keep them: export before closing the page)");
   document.querySelector('button[data-filter="unreviewed"] .n').textContent = rows.length - reviewed;
 }
 
 body.addEventListener("click", event => {
-  const image = event.target.closest("img.cam");
+  const image = event.target.closest("figure img");
   if (image) { showFull(image); return; }
   const button = event.target.closest("button");
   if (!button) return;
@@ -101,7 +105,7 @@ document.getElementById("export").addEventListener("click", () => {
 
 const box = document.getElementById("full"), boxImage = box.querySelector("img");
 function showFull(image) {
-  boxImage.src = image.dataset.full;
+  boxImage.src = image.dataset.full || image.src;
   box.querySelector("p").textContent = image.closest("figure").querySelector("figcaption").textContent;
   box.hidden = false;
 }
@@ -149,7 +153,8 @@ td.id {{ max-width: 15em; overflow-wrap: anywhere; font-size: .85em; }}
 td.view {{ text-align: center; }}
 figure {{ margin: 0 0 4px; display: inline-block; }}
 figure img {{ height: 160px; width: auto; background: #000; display: inline-block; vertical-align: top; }}
-figure img.cam {{ margin-left: 2px; cursor: zoom-in; }}
+figure img {{ cursor: zoom-in; }}
+figure img.cam {{ margin-left: 2px; }}
 figcaption {{ font-size: .8em; color: #444; }}
 .missing {{ width: 80px; height: 160px; background: #333; color: #ccc; font-size: .8em; display: inline-block; }}
 td.review button {{ font: inherit; margin: 0 .2em .3em 0; }}
