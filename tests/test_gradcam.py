@@ -598,3 +598,48 @@ def test_every_view_is_shown_as_pacs_shows_it_at_the_display_size(study, tmp_pat
     assert checked == {"L", "R"}
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img src=") == (written[labels.STATUS] == "ok").sum()
+
+
+def test_on_a_canvas_already_display_sized_no_file_is_decoded_twice(tmp_path, synthetic_cohort, monkeypatch):
+    """A model whose canvas is 512 px tall is shown on its own canvas: the flagged images its maps were
+    computed on are reused for the pictures (the same pixels a second decode would give), the rest decoded
+    once."""
+    from dens.explain import runner
+    from dens.export.onnx import export_onnx
+    from dens.infer import InferConfig
+    from dens.infer import run as infer
+    from dens.model import build_model, save_checkpoint
+
+    cfg = PreprocessConfig(height=512, width=256)
+    assert display_config(cfg) == cfg
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "best.pt", build_model("resnet18", weights=None), cfg, classes=labels.CLASSES)
+    export_onnx(tmp_path / "best.pt", tmp_path / "model.onnx")
+    preds_csv = tmp_path / "preds.csv"
+    studies = synthetic_cohort(1, seed=9)
+    infer(InferConfig(studies=studies, out=preds_csv, model=tmp_path / "model.onnx", workers=1, progress=False))
+    decoded: list[int] = []
+    real_load_batches = runner.load_batches
+
+    def counting(items, *args):  # the real decode engine; only which rows it is asked for is noted
+        decoded.extend(row for row, _ in items)
+        return real_load_batches(items, *args)
+
+    before = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
+    threshold = float(np.median(pd.to_numeric(before.loc[before[labels.STATUS] == "ok", labels.P_DENSE])))
+    monkeypatch.setattr(runner, "load_batches", counting)
+    written = run_gradcam(
+        preds_csv, tmp_path / "cams", model_path=tmp_path / "model.onnx", flag=f"p_dense>{threshold}", progress=False
+    )
+    ok = written.index[written[labels.STATUS] == "ok"].tolist()
+    flagged = written.index[written["gradcam"] != ""].tolist()
+    assert 0 < len(flagged) < len(ok)
+    assert sorted(decoded) == ok  # each once: the flagged ones for their maps, the rest for their thumbnails
+    stems = assign_stems(written[labels.SOP_UID].tolist(), written[labels.PATH].tolist())
+    tag = next((tmp_path / "cams" / "thumbs").glob("*.webp")).name.split("_", 1)[0]
+    for i in flagged:  # the kept image is the one a decode gives
+        thumb = cv2.imread(str(tmp_path / "cams" / "thumbs" / f"{tag}_{stems[i]}.webp"), cv2.IMREAD_GRAYSCALE)
+        expected = thumbnail(
+            as_displayed(load(written.at[i, labels.PATH], cfg)[0], written.at[i, labels.LATERALITY], cfg)
+        )
+        assert np.abs(thumb.astype(int) - expected).mean() < 4

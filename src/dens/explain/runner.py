@@ -11,13 +11,16 @@ preds.csv (``model_sha256``): otherwise the maps would explain a different model
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -148,7 +151,8 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     Two passes through the decode engine: the flagged images at the model's own input (the maps, and the
     page's largest map value, which gives every overlay one scale), then the images the page shows at the
     display size (:func:`dens.explain.display.display_config`; the model's own canvas where that is already
-    512-1024 pixels tall), each decoded once there for its thumbnail and, when flagged, its overlay.
+    512-1024 pixels tall), each decoded once there for its thumbnail and, when flagged, its overlay. Where the
+    display canvas is the model's own, a flagged image is not decoded again: the first pass keeps it.
 
     Returns the updated table (strings, as read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`)
     and ``report`` (its path). Raises :class:`GradcamError` for what a user must fix (wrong model, missing
@@ -176,6 +180,11 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     def items(rows) -> list[tuple[int, str]]:
         return [(int(i), resolve_input(preds.at[i, labels.PATH], preds_csv)) for i in rows]
 
+    view_cfg = display.display_config(resolved.preprocess)
+    # Where the display canvas is the model's own (the default 736x352), the flagged images the maps were
+    # computed on are kept, lossless, for the pictures: no file is decoded twice.
+    scratch = tempfile.TemporaryDirectory(prefix="dens-review-")
+    keep = Path(scratch.name) if view_cfg == resolved.preprocess else None
     peaks: dict[int, float] = {}  # row -> its map's largest raw value
     errors = disagreements = 0
     if selected.any():
@@ -189,21 +198,24 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
                     targets = [resolved.class_index(preds.at[row, labels.DENSITY]) for row, _ in good]
                     result = cam(np.stack([image for _, image in good])[:, None], targets)
                     disagreements += int((result.logits.argmax(1) != result.targets).sum())
-                    for (row, _), raw in zip(good, result.raw, strict=True):
+                    for (row, image), raw in zip(good, result.raw, strict=True):
                         stored = raw.astype(np.float16)  # half the disk; the scale is taken from what is stored
                         np.save(out_dir / f"{stems[row]}.npy", stored)
                         peaks[row] = float(stored.max())
+                        if keep is not None:
+                            cv2.imwrite(str(keep / f"{row}.png"), image)
                 bar.update(len(batch))
         bar.close()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
     page_max = max(peaks.values(), default=0.0)
-    view_cfg = display.display_config(resolved.preprocess)
     wanted = sorted(set(peaks) | set(_thumbnail_rows(preds, selected, thumbnails) if report else ()))
+    kept = {row: keep / f"{row}.png" for row in peaks} if keep is not None else {}
     views: dict[int, pages.ViewFiles] = {}
     bar = tqdm(total=len(wanted), desc="review images", unit="img", disable=not progress or not wanted)
-    for batch in load_batches(items(wanted), view_cfg, batch_size, workers):
+    decoded = load_batches(items([r for r in wanted if r not in kept]), view_cfg, batch_size, workers)
+    for batch in itertools.chain(_reread(kept, batch_size), decoded):
         errors += _log_failures([b for b in batch if b[0] in peaks], preds, "overlay")
         _log_failures([b for b in batch if b[0] not in peaks], preds, "thumbnail")
         for row, image in batch:
@@ -221,6 +233,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
             )
         bar.update(len(batch))
     bar.close()
+    scratch.cleanup()
     overlays = {row: files.overlay for row, files in views.items() if files.overlay}
 
     def relative(path: Path) -> str:
@@ -250,6 +263,17 @@ def run_tag(preds_csv: str | Path) -> str:
     (``preds-1a2b3c4d``), the same on every run over it, distinct between preds files."""
     path = Path(preds_csv).resolve()
     return f"{safe_stem(path.stem, str(path))}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
+
+
+def _reread(kept: dict[int, Path], batch_size: int) -> Iterator[list[tuple[int, np.ndarray | str]]]:
+    """The images pass one kept (row -> PNG), in batches as :func:`load_batches` gives them."""
+    rows = sorted(kept)
+    for start in range(0, len(rows), batch_size):
+        batch: list[tuple[int, np.ndarray | str]] = []
+        for row in rows[start : start + batch_size]:
+            image = cv2.imread(str(kept[row]), cv2.IMREAD_UNCHANGED)
+            batch.append((row, image if image is not None else "its decoded image could not be read back"))
+        yield batch
 
 
 def _log_failures(batch: list[tuple[int, np.ndarray | str]], preds: pd.DataFrame, what: str) -> int:
