@@ -250,10 +250,55 @@ def int8_figures(r: dict) -> list[Figure]:
     return out
 
 
+def ray_figures(r: dict) -> list[Figure]:
+    s, res = r["settings"], r["results"]
+    stage = f"dens-infer --engine ray vs local ({s['model']}, {s['cohort_files']} files, start-up included)"
+    best = res["best_seconds"]
+    files = s["cohort_files"]
+    out = [
+        Figure(stage, "local engine", round(files / best["local"], 2)),
+        Figure(
+            stage,
+            "ray engine (a local Ray it starts)",
+            round(files / best["ray"], 2),
+            f"{res['overhead_ratio']}x local's time",
+        ),
+    ]
+    for label, run in res["nodes"].items():
+        out.append(Figure(stage, f"ray engine, {label}", run["img_per_s"]))
+    for count, run in res["manifest"].items():
+        out.append(
+            Figure(
+                "dens-infer --engine ray over a Parquet manifest (driver peak RSS)",
+                f"{int(count):,} paths ({run['ok']} present)",
+                run["files_per_s"],
+                f"files/s; driver peak {run['driver_peak_rss_mib']:.0f} MiB",
+            )
+        )
+    return out
+
+
+def serve_figures(r: dict) -> list[Figure]:
+    s, res = r["settings"], r["results"]
+    stage = f"dens-serve ({s['associations']} associations, {s['instances']} instances, {s['model']})"
+    latency = res["study_latency_beyond_quiet_window_s"]
+    return [
+        Figure(stage, "instances received", res["instances_per_s"], f"{res['megabytes_per_s']} MB/s"),
+        Figure(
+            stage,
+            "studies answered (SR sent)",
+            round(s["studies"] / res["all_srs_in_seconds_after_first_send"], 2),
+            f"latency after the quiet window: median {latency['median']} s, p95 {latency['p95']} s",
+        ),
+    ]
+
+
 FIGURES = {
     "decode": decode_figures,
     "model": model_figures,
     "int8": int8_figures,
+    "ray_engine": ray_figures,
+    "serve": serve_figures,
     "pipeline": pipeline_figures,
     "scaling": scaling_figures,
     "train_step": train_figures,

@@ -17,7 +17,7 @@ from dens.exams import aggregate_paths
 from dens.files import atomic_write
 from dens.flags import FlagRule, flag_dense
 
-_CHUNK_ROWS = 100_000
+_CHUNK_ROWS = 20_000  # rows of preds.csv read at a time: a few tens of MB
 
 
 def write_aggregates(preds_csv: str | os.PathLike, rule: FlagRule = flag_dense) -> tuple[Path, Path]:
