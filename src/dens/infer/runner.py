@@ -300,6 +300,19 @@ def _status(status: str, code: str) -> str:
     return "skipped" if code == PLAIN_IMAGE_NOT_REQUESTED else status
 
 
+def _append(writer: PredsWriter, rows: list[dict[str, str]], summary: Summary) -> None:
+    """Append ``rows`` to preds.csv (fsync'd), timed; a failed write ends the run with what to do."""
+    t0 = time.perf_counter()
+    try:
+        writer.write(rows)
+    except OSError as exc:
+        raise InferError(
+            f"writing {writer.path} failed ({_os_error(exc)}); the rows written before are kept, whole: "
+            "make room (or fix the folder), then run again with --resume"
+        ) from exc
+    summary.write_s += time.perf_counter() - t0
+
+
 def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Path, rule: FlagRule) -> Summary:
     """The Ray engine (:mod:`dens.infer.ray_engine`): decode and model actors on a Ray cluster; the rows are
     made and written here, as the local engine makes and writes them."""
@@ -338,15 +351,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
     cell = preprocess_cell(preprocess)
 
     def write() -> None:
-        t0 = time.perf_counter()
-        try:
-            writer.write(rows)
-        except OSError as exc:
-            raise InferError(
-                f"writing {writer.path} failed ({_os_error(exc)}); the rows written before are kept, whole: "
-                "make room (or fix the folder), then run again with --resume"
-            ) from exc
-        summary.write_s += time.perf_counter() - t0
+        _append(writer, rows, summary)
         rows.clear()
 
     def add(result: dict) -> None:
@@ -447,17 +452,8 @@ def _process(
         pending, images = [], 0
 
     def _write(rows: list[dict[str, str]]) -> None:
-        if not rows:
-            return
-        t0 = time.perf_counter()
-        try:
-            writer.write(rows)
-        except OSError as exc:
-            raise InferError(
-                f"writing {writer.path} failed ({_os_error(exc)}); the rows written before are kept, whole: "
-                "make room (or fix the folder), then run again with --resume"
-            ) from exc
-        summary.write_s += time.perf_counter() - t0
+        if rows:
+            _append(writer, rows, summary)
 
     try:
         results = pool.map(entries())
