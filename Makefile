@@ -78,7 +78,7 @@ demo: setup
 	@echo "ONNX model and parity report:                      $(DEMO)/runs/demo/model.onnx, model.parity.json"
 	@echo "predictions (one row per file):                    $(DEMO)/preds.csv"
 	@echo "breast and exam level:                             $(DEMO)/preds.breast.csv, $(DEMO)/preds.exam.csv"
-	@echo "Grad-CAM overlays for the flagged (C/D) images:    $(DEMO)/gradcam/, review page $(DEMO)/report.html"
+	@echo "Grad-CAM overlays for the flagged (C/D) images:    $(DEMO)/gradcam/, review page $(DEMO)/preds.report.html"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--canvas", default="736x352,256x128", help="model canvases HxW, comma-separated")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--screenshots", type=Path, default=None, help="write the pages' screenshots here")
-    parser.add_argument("--demo-page", type=Path, default=None, help="report.html of a demo run (screenshots)")
-    parser.add_argument("--real-page", type=Path, default=None, help="report.html of the real samples (screenshots)")
+    parser.add_argument("--demo-page", type=Path, default=None, help="a demo run's review page (screenshots)")
+    parser.add_argument("--real-page", type=Path, default=None, help="the real samples' review page (screenshots)")
     args = parser.parse_args(argv)
 
     if args.screenshots:

@@ -405,9 +405,9 @@ def test_only_flagged_rows_get_maps_named_safely(study, tmp_path):
     assert len(hostile) == len(set(hostile)) == 2 and all(hostile)
     assert all(Path(h).parent.name == "cams" and not Path(h).name.startswith(".") for h in hostile)
     outside = {p.name for p in tmp_path.rglob("*") if out.resolve() not in (p.resolve(), *p.resolve().parents)}
-    assert outside == {"preds.csv", "preds.breast.csv", "preds.exam.csv", "report.html"}
+    assert outside == {"preds.csv", "preds.breast.csv", "preds.exam.csv", "preds.report.html"}
 
-    page = (tmp_path / "report.html").read_text()
+    page = (tmp_path / "preds.report.html").read_text()
     assert HOSTILE_NAME not in page and html.escape(HOSTILE_NAME) in page
     assert page.count('<img class="cam"') == flagged.sum() and 'title="preds.exam.csv"' in page
     # One scale for the page: 1.0 is the largest of its maps' raw values, and the page says which.
@@ -424,7 +424,7 @@ def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tm
     expected = pd.read_csv(exam_csv, dtype=str, keep_default_na=False)
     exam_csv.unlink()
     run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], batch_size=3, progress=False)
-    page = (tmp_path / "report.html").read_text()
+    page = (tmp_path / "preds.report.html").read_text()
     assert 'title="densest image"' not in page and 'title="preds.exam.csv"' not in page
     for density in expected[labels.DENSITY]:
         assert f'title="dens-infer&#x27;s exam rule, from preds.csv">{density}<' in page
@@ -449,7 +449,7 @@ def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
     p_dense = pd.to_numeric(written[labels.P_DENSE], errors="coerce")
     expected = (written[labels.STATUS] == "ok") & (p_dense >= threshold)
     assert 0 < expected.sum() < len(expected) and (written["gradcam"] != "").tolist() == expected.tolist()
-    assert not (tmp_path / "report.html").exists()
+    assert not (tmp_path / "preds.report.html").exists()
 
     row = int(np.flatnonzero(expected)[0])
     image, _ = load(written.at[row, labels.PATH], study["cfg"])
@@ -500,7 +500,7 @@ def test_cli_writes_maps_and_reports_errors_as_messages(study, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "flagged" in result.output and "report.html" in result.output
+    assert "flagged" in result.output and "preds.report.html" in result.output
     written = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
     dense = (written[labels.STATUS] == "ok") & written[labels.DENSITY].isin(["C", "D"])
     assert ((written["gradcam"] != "") == dense).all()
@@ -527,7 +527,7 @@ def test_model_defaults_to_the_latest_run_and_checkpoint_is_found_beside_it(stud
     monkeypatch.chdir(tmp_path)  # runs/ is here; paths relative to here, not to the page, must still work
     written = run_gradcam("study/preds.csv", "study/out/cams", flag="C,D", progress=False)
     assert (written["gradcam"] != "").any()
-    refs = re.findall(r'src="([^"]+)"', (tmp_path / "study" / "report.html").read_text())
+    refs = re.findall(r'src="([^"]+)"', (tmp_path / "study" / "preds.report.html").read_text())
     assert refs and all(ref.startswith("data:image/webp;base64,") for ref in refs)  # the page carries them
     assert all((tmp_path / "study" / rel).is_file() for rel in written.loc[written["gradcam"] != "", "gradcam"])
 
@@ -569,7 +569,7 @@ def test_dens_infer_gradcam_flag_and_resume(study, tmp_path):
     assert (preds.loc[ok, labels.GRADCAM] != "").all() and (preds.loc[~ok, labels.GRADCAM] == "").all()
     for rel in preds.loc[ok, labels.GRADCAM]:
         assert (out.parent / rel).is_file()
-    assert (out.parent / "report.html").is_file()
+    assert (out.parent / "preds.report.html").is_file()
 
     result = CliRunner().invoke(infer_main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
@@ -596,7 +596,7 @@ def test_every_view_is_shown_as_pacs_shows_it_at_the_display_size(study, tmp_pat
             assert info.flipped and np.abs(shown.astype(int) - thumbnail(canonical)).mean() > 3 * error + 5
         checked.add(r[labels.LATERALITY])
     assert checked == {"L", "R"}
-    page = (tmp_path / "report.html").read_text()
+    page = (tmp_path / "preds.report.html").read_text()
     assert page.count("<img src=") == (written[labels.STATUS] == "ok").sum()
 
 

@@ -393,6 +393,8 @@ def test_verbose_log_lines_carry_no_control_characters(model, tmp_path):
 
 
 def test_two_runs_sharing_a_gradcam_folder_keep_their_own_maps_quietly(model, tmp_path):
+    """Two runs whose preds.csv share a folder and whose maps share one Grad-CAM folder: each keeps its own
+    maps and its own review page (named after its preds.csv), with no warning on the terminal."""
     studies = tmp_path / "in"
     hostile = {"SOPInstanceUID": "../../etc/passwd", "StudyInstanceUID": "1.2.x-y"}  # pydicom warns on reading
     with warnings.catch_warnings():  # writing them warns too
@@ -400,7 +402,7 @@ def test_two_runs_sharing_a_gradcam_folder_keep_their_own_maps_quietly(model, tm
         mammogram(studies / "1.dcm", **hostile)
     cams, maps = tmp_path / "cams", {}
     for run_name in ("a", "b"):
-        out = tmp_path / run_name / "preds.csv"
+        out = tmp_path / "runs" / f"{run_name}.csv"
         result = cli(
             studies, "--out", out, "--model", model[1], "--checkpoint", model[0], "--flag", "p_A>=0", "--gradcam", cams
         )
@@ -409,6 +411,9 @@ def test_two_runs_sharing_a_gradcam_folder_keep_their_own_maps_quietly(model, tm
         maps[run_name] = (out.parent / read(out).loc[0, labels.GRADCAM]).resolve()
     assert maps["a"] != maps["b"] and maps["a"].parent == maps["b"].parent == cams.resolve()
     assert maps["a"].is_file() and maps["b"].is_file()
+    pages = {run_name: tmp_path / "runs" / f"{run_name}.report.html" for run_name in ("a", "b")}
+    assert all(page.is_file() for page in pages.values())
+    assert pages["a"].read_text() != pages["b"].read_text()  # each page is its own run's
 
 
 # --- the model's preprocessing, visible in every row ------------------------------------------------------

@@ -190,7 +190,7 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
     exam_table = pd.read_csv(reviewed_run["exam_csv"], dtype=str, keep_default_na=False)
     calls = dict(zip(exam_table[exams.EXAM], exam_table[labels.DENSITY], strict=True))
     assert len(set(calls.values())) == 4  # every category among the model's calls
-    page = reviewed_run["preds_csv"].parent / report.REPORT
+    page = report.report_path(reviewed_run["preds_csv"])
     moved = tmp_path / "mailed" / "report.html"  # the page alone, as a reviewer receives it
     moved.parent.mkdir()
     shutil.copy(page, moved)

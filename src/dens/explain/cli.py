@@ -56,14 +56,20 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
     type=click.Choice(THUMBNAILS),
     default="all",
     show_default=True,
-    help="Views shown in report.html: every file (decodes each again, at the display size), all views of "
+    help="Views shown on the review page: every file (decodes each again, at the display size), all views of "
     "exams with a flagged image, or none.",
 )
-@click.option("--report/--no-report", default=True, show_default=True, help="Write report.html beside PREDS.")
+@click.option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="Write the review page beside PREDS (<name>.report.html for <name>.csv).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def main(**options) -> None:
     """Grad-CAM maps for the flagged rows of an existing PREDS (a dens-infer preds.csv), without rerunning
-    inference: an overlay and a raw map per flagged image, the preds.csv `gradcam` column, and report.html."""
+    inference: an overlay and a raw map per flagged image, the preds.csv `gradcam` column, and the review page
+    (NAME.report.html beside NAME.csv)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = GradcamConfig(**{**options, "progress": show_progress(options["progress"])})
     try:

@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import html
 import json
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from dens.config import PreprocessConfig
 from dens.explain import display, page
 from dens.files import atomic_write
 
-REPORT = "report.html"
+REPORT_SUFFIX = ".report.html"  # preds.csv -> preds.report.html
 THUMBS = "thumbs"  # the thumbnails' folder under the Grad-CAM folder
 # Hung as PACS hangs a screening exam: each pair back to back, right breast on the viewer's left.
 VIEW_SLOTS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
@@ -160,6 +161,13 @@ def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray
 # --- the page -------------------------------------------------------------------------------------
 
 
+def report_path(preds_csv: str | os.PathLike) -> Path:
+    """The review page of ``preds_csv``, beside it and named after it (``preds.csv`` -> ``preds.report.html``), so
+    that runs writing their preds.csv into one folder keep their own pages."""
+    preds_csv = Path(preds_csv)
+    return preds_csv.with_name(preds_csv.stem + REPORT_SUFFIX)
+
+
 def write_report(
     preds: pd.DataFrame,
     preds_csv: Path,
@@ -171,7 +179,7 @@ def write_report(
     card: Mapping | None = None,
     scale: str = "",
 ) -> Path:
-    """Write ``report.html`` beside ``preds_csv`` (atomically) and return its path.
+    """Write the review page beside ``preds_csv`` (:func:`report_path`; atomically) and return its path.
 
     ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file (WebP); ``overlays``: row ->
     the overlay figure (any image OpenCV reads; embedded as WebP); ``overlay_thumbs``: row -> its thumbnail.
@@ -181,7 +189,7 @@ def write_report(
     model card's facts (:mod:`dens.modelcard`), summed up in the page's header; {} or None for a model
     without one. ``scale``: what 1.0 on the maps' colour bar is, stated on the page.
     """
-    html_path = preds_csv.parent / REPORT
+    html_path = report_path(preds_csv)
     overlays, overlay_thumbs = overlays or {}, overlay_thumbs or {}
     records = preds.to_dict("index")
     ok = {i for i, r in records.items() if r.get(labels.STATUS) == "ok"}

@@ -1,6 +1,6 @@
 """Grad-CAM over a preds.csv: find and check the model, re-load the flagged images through the one
 preprocessing route, write a raw map and an overlay figure per image, thumbnails of the views the review page
-shows, the ``gradcam`` column and report.html.
+shows, the ``gradcam`` column and the review page (``<name>.report.html`` beside ``<name>.csv``).
 
 The map is computed in PyTorch on exactly the canonical image the ONNX model saw (``dens.preprocess.load``
 with the preprocessing stored in the model's metadata), for the class preds.csv reports. The checkpoint must
@@ -146,7 +146,7 @@ def run_gradcam(
 
 def run(cfg: GradcamConfig) -> pd.DataFrame:
     """Grad-CAM for the flagged rows of ``cfg.preds``: per image the raw map ``.npy`` and an overlay figure
-    under ``cfg.out``, preds.csv's ``gradcam`` column rewritten (atomically), ``report.html`` beside it.
+    under ``cfg.out``, preds.csv's ``gradcam`` column rewritten (atomically), the review page beside it.
 
     Two passes through the decode engine: the flagged images at the model's own input (the maps, and the
     page's largest map value, which gives every overlay one scale), then the images the page shows at the

@@ -138,7 +138,7 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="After inference, compute Grad-CAM (PyTorch) for the flagged images into this folder, add a "
-    "'gradcam' column to --out and write report.html beside it.",
+    "'gradcam' column to --out and write the review page beside it (preds.csv -> preds.report.html).",
 )
 @click.option(
     "--checkpoint",
