@@ -241,12 +241,14 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
     assert f"linear weights: {linear_kappa(pairs):.3f}" in result.output
 
 
-def test_kappa_is_the_one_dens_train_reports():
-    from dens.train.metrics import weighted_kappa
+def test_kappa_matches_a_textbook_value_and_is_undefined_without_pairs():
+    """Unweighted kappa is (p_o - p_e) / (1 - p_e) from its definition; perfect agreement is 1; no pairs, NaN.
+    dens-verdicts and dens-train share this function (dens.agreement)."""
+    from dens.agreement import weighted_kappa
 
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        cm = rng.integers(0, 9, (4, 4))
-        for weights in (None, "linear", "quadratic"):
-            assert verdicts.weighted_kappa(cm, weights) == pytest.approx(weighted_kappa(cm, weights), abs=1e-12)
-    assert np.isnan(verdicts.weighted_kappa(np.zeros((4, 4))))
+    cm = np.array([[44, 5, 1], [7, 20, 3], [9, 5, 6]])
+    p_o = np.trace(cm) / cm.sum()
+    p_e = (cm.sum(0) * cm.sum(1)).sum() / cm.sum() ** 2
+    assert weighted_kappa(cm, None) == pytest.approx((p_o - p_e) / (1 - p_e))
+    assert weighted_kappa(np.eye(4) * 3, "linear") == pytest.approx(1.0)
+    assert np.isnan(weighted_kappa(np.zeros((4, 4))))

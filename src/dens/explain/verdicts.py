@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels
+from dens.agreement import weighted_kappa
 from dens.files import atomic_write
 
 VERDICT, REVIEWER_DENSITY, REVIEWED_AT = "verdict", "reviewer_density", "reviewed_at"
@@ -102,21 +103,6 @@ class Agreement:
             "kappa_quadratic": self.kappa("quadratic"),
             "confusion": self.confusion.tolist(),
         }
-
-
-def weighted_kappa(confusion: np.ndarray, weights: str | None = "linear") -> float:
-    """Cohen's kappa from a K x K confusion matrix, its disagreements weighted ``linear`` (|i - j|),
-    ``quadratic`` ((i - j)^2) or not at all (None); NaN where it is undefined (no pairs, or chance alone
-    explains every agreement)."""
-    cm = np.asarray(confusion, np.float64)
-    i, j = np.indices(cm.shape)
-    w = {None: (i != j) * 1.0, "linear": np.abs(i - j) * 1.0, "quadratic": (i - j) ** 2 * 1.0}[weights]
-    n = cm.sum()
-    if n == 0:
-        return float("nan")
-    expected = np.outer(cm.sum(1), cm.sum(0)) / n
-    chance = (w * expected).sum()
-    return float(1 - (w * cm).sum() / chance) if chance > 0 else float("nan")
 
 
 def _pct(share: float) -> str:
