@@ -176,3 +176,19 @@ def codec_fault(monkeypatch) -> Callable[[str, str], None]:
         monkeypatch.setenv(f"DENS_TEST_{kind.upper()}_ON", name)
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory) -> Path:
+    """A random resnet18 at S=64, exported: calls that mean nothing, through the real pipeline (the SR and
+    dens-serve tests)."""
+    import torch
+
+    from dens.config import PreprocessConfig
+    from dens.export.onnx import export_onnx
+    from dens.model import build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_checkpoint(root / "best.pt", build_model("resnet18"), PreprocessConfig(size=64))
+    return export_onnx(root / "best.pt", root / "model.onnx")

@@ -94,21 +94,6 @@ def make_study(folder: Path, views=VIEWS, **tags) -> tuple[str, list[Path]]:
     return study, paths
 
 
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory) -> Path:
-    """A random resnet18 at S=64, exported: calls that mean nothing, through the real pipeline."""
-    import torch
-
-    from dens.config import PreprocessConfig
-    from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
-
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    save_checkpoint(root / "best.pt", build_model("resnet18"), PreprocessConfig(size=64))
-    return export_onnx(root / "best.pt", root / "model.onnx")
-
-
 class Node:
     """dens-serve as a subprocess: started, its ports read from its first line, stopped or killed."""
 

@@ -241,21 +241,6 @@ def test_reports_on_the_real_samples_are_valid(real_mammo, tmp_path):
         assert dciodvfy_errors(path) == [], path.name
 
 
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory) -> Path:
-    """A random resnet18 at S=64, exported: calls that mean nothing, through the real pipeline."""
-    import torch
-
-    from dens.config import PreprocessConfig
-    from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
-
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    save_checkpoint(root / "best.pt", build_model("resnet18"), PreprocessConfig(size=64))
-    return export_onnx(root / "best.pt", root / "model.onnx")
-
-
 def test_dens_infer_sr_writes_one_report_per_exam_with_the_exam_csvs_calls(synthetic_cohort, onnx_model, tmp_path):
     out, folder = tmp_path / "preds.csv", tmp_path / "sr"
     done = subprocess.run(
