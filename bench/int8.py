@@ -17,8 +17,9 @@ made in --demo on first use, 10-20 minutes on 2 cores). dens-export --int8 calib
 images of its cohort and holds 60 of them out; the demo's separate 6-patient cohort and the real
 mammograms (DENS_REAL_MAMMO, or --real) are unseen by calibration altogether.
 
-The CPU's int8 instructions are recorded: AVX512-VNNI / AVX-VNNI / AMX run ``s8s8`` and ``u8s8`` at full
-speed; a CPU with AVX2 only runs ``u8s8`` (VPMADDUBSW) fast and ``s8s8`` at about the fp32 graph's speed.
+The CPU's int8 instructions are recorded (AVX2, AVX512-VNNI, AVX-VNNI, AMX): they decide how fast each
+format runs (on the 2-core EPYCs measured so far ``u8s8`` gave 1.6-2.1x fp32 with AVX2 only and 3.4-3.7x with
+AVX512-VNNI; ``s8s8`` 1.1-1.3x on both).
 Writes bench/results/int8-<host>-<time>.json.
 """
 

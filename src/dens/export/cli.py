@@ -132,7 +132,7 @@ def _int8_summary(r: dict) -> str:
     default=DEFAULT_INT8_FORMAT,
     show_default=True,
     help="Activations x weights. u8s8: fast on every x86 CPU (AVX2 and VNNI), weights in a 7-bit range; "
-    "s8s8: full 8-bit weights, fast on VNNI/AMX and ARM CPUs but no faster than fp32 on AVX2-only ones.",
+    "s8s8: full 8-bit weights, measured at about fp32's speed on x86 CPUs (bench/int8.py): for other CPUs.",
 )
 @click.option("--check-only", is_flag=True, help="Do not export: check parity of the existing --out file(s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
