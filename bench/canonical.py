@@ -157,33 +157,58 @@ def _phantom_spec(draw: int, density: str, fraction: float, machine):
 
 
 def model_cost(repeat: int) -> dict:
-    """FLOPs per image and the best-of-``repeat`` CPU forward time (batch 1) at each route's canvas."""
+    """FLOPs per image (torch's counter) and the CPU cost at each route's canvas: torch eager at batch 1
+    (best of ``repeat``), and ONNX Runtime as dens-infer runs it (the exported graph, dens-infer's CPU batch
+    and threads), the two canvases taking turns for ``repeat`` rounds of a few seconds each, best round's
+    milliseconds per image."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dens.model import ARCHS, build_model
+    from dens.export.onnx import export_onnx
+    from dens.infer.runtime import open_runtime
+    from dens.model import ARCHS, build_model, save_checkpoint
 
     torch.set_num_threads(2)
     out: dict[str, dict] = {}
     for arch in ARCHS:
         net = build_model(arch).eval()
-        for name, cfg in ROUTES.items():
-            x = torch.zeros((1, 1, *cfg.shape), dtype=torch.uint8)
-            with torch.inference_mode():
-                with FlopCounterMode(display=False) as counter:
-                    net(x)
-                times = []
-                for _ in range(repeat):
-                    t0 = time.perf_counter()
-                    net(x)
-                    times.append((time.perf_counter() - t0) * 1000)
-            out.setdefault(arch, {})[name] = {
-                "canvas": f"{cfg.height}x{cfg.width}",
-                "gflops": round(counter.get_total_flops() / 1e9, 3),
-                "cpu_ms_best": round(min(times), 1),
-            }
+        runtimes = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, cfg in ROUTES.items():
+                x = torch.zeros((1, 1, *cfg.shape), dtype=torch.uint8)
+                with torch.inference_mode():
+                    with FlopCounterMode(display=False) as counter:
+                        net(x)
+                    times = []
+                    for _ in range(repeat):
+                        t0 = time.perf_counter()
+                        net(x)
+                        times.append((time.perf_counter() - t0) * 1000)
+                out.setdefault(arch, {})[name] = {
+                    "canvas": f"{cfg.height}x{cfg.width}",
+                    "gflops": round(counter.get_total_flops() / 1e9, 3),
+                    "cpu_ms_best": round(min(times), 1),
+                }
+                save_checkpoint(Path(tmp) / f"{name}.pt", net, cfg)
+                runtimes[name] = open_runtime(export_onnx(Path(tmp) / f"{name}.pt", Path(tmp) / f"{name}.onnx"), "cpu")
+            ort_ms: dict[str, list[float]] = {name: [] for name in ROUTES}
+            for _ in range(repeat):
+                for name, runtime in runtimes.items():
+                    batch = np.zeros((runtime.batch_size, 1, *ROUTES[name].shape), np.uint8)
+                    runtime.predict(batch)  # warm
+                    images, t0 = 0, time.perf_counter()
+                    while time.perf_counter() - t0 < 3.0:
+                        runtime.predict(batch)
+                        images += len(batch)
+                    ort_ms[name].append((time.perf_counter() - t0) * 1000 / images)
+            for name, runtime in runtimes.items():
+                out[arch][name]["ort_ms_per_image"] = round(min(ort_ms[name]), 1)
+                out[arch][name]["ort_batch"] = runtime.batch_size
         out[arch]["gflops_ratio_after_over_before"] = round(
             out[arch]["after"]["gflops"] / out[arch]["before"]["gflops"], 3
+        )
+        out[arch]["ort_ratio_after_over_before"] = round(
+            out[arch]["after"]["ort_ms_per_image"] / out[arch]["before"]["ort_ms_per_image"], 3
         )
     return out
 
