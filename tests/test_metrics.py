@@ -127,6 +127,25 @@ def test_a_temperature_that_lowers_validation_nll_is_kept():
     assert "lowers the validation NLL" in choice["reason"]
 
 
+def test_a_temperature_is_kept_only_when_it_helps_patients_it_was_not_fitted_on():
+    """Half the patients' logits are too confident, half too timid: one T fitted on all of them lowers their
+    NLL a little, but each half's T makes the other half worse, so no temperature ships."""
+    sharp, y_sharp = _miscalibrated(200, sharpen=4.0, seed=1)
+    timid, y_timid = _miscalibrated(200, sharpen=0.25, seed=2)
+    logits, y = np.vstack([sharp, timid]), np.concatenate([y_sharp, y_timid])
+    patients = [f"p{i:03d}" for i in range(200)]  # sorted patients alternate between the two halves
+    groups = [patients[2 * (i // 2) + 0] for i in range(200)] + [patients[2 * (i // 2) + 1] for i in range(200)]
+    choice = metrics.choose_temperature(logits, y, groups)
+    assert choice["fitted"] is not None and not choice["kept"] and choice["temperature"] == 1.0
+    assert "not on images it was not fitted on" in choice["reason"], choice["reason"]
+    cross = choice["cross_fit"]
+    assert cross["nll_after"] >= cross["nll_before"]
+    assert cross["temperatures"][0] < 1 < cross["temperatures"][1]  # each half's T, fitted on the other half
+    # The same images with one calibration error throughout: the check passes and the temperature ships.
+    kept = metrics.choose_temperature(*_miscalibrated(400), [f"p{i // 4}" for i in range(400)])
+    assert kept["kept"] and kept["cross_fit"]["nll_after"] < kept["cross_fit"]["nll_before"]
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [

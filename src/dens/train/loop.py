@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 import dens
-from dens import modelcard, runs
+from dens import labels, modelcard, runs
 from dens.labels import CLASSES
 from dens.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
 from dens.preprocess import PreprocessConfig
@@ -402,7 +402,7 @@ class Trainer:
         val_logits, test_logits = self.predict("val", autocast=False), self.predict("test", autocast=False)
         frames, progress = self.splits.frames, self.progress
         y_val, y_test = (frames[s][data.LABEL].to_numpy() for s in ("val", "test"))
-        choice = metrics.choose_temperature(val_logits, y_val)
+        choice = metrics.choose_temperature(val_logits, y_val, frames["val"][labels.PATIENT_ID].tolist())
         t = choice["temperature"]
         if not choice["kept"]:
             self.log("temperature 1.0 (no calibration): %s", choice["reason"])

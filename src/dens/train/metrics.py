@@ -12,6 +12,7 @@ Temperature scaling (Guo et al. 2017) is fitted on validation logits, kept only 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -158,13 +159,15 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
     return float(math.exp(-(lo + hi) / 2)), False
 
 
-def choose_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
+def choose_temperature(logits: np.ndarray, y: np.ndarray, groups: Sequence | None = None) -> dict:
     """The temperature a model ships with, and why: fitted on validation (:func:`fit_temperature`) only when
     validation has at least ``MIN_CALIBRATION_IMAGES`` images of at least ``MIN_CALIBRATION_CLASSES``
-    classes, and kept only when the fit stays inside ``TEMPERATURE_BOUNDS`` and lowers the validation NLL;
-    otherwise 1.0 (the logits as trained). Returns ``{"temperature", "fitted", "kept", "reason"}``
-    (``fitted``: the fit's value, None when no fit was tried or it hit a bound), so calibration never makes
-    the model worse on the split it is fitted on and never clamps silently."""
+    classes, and kept only when the fit stays inside ``TEMPERATURE_BOUNDS``, lowers the validation NLL, and
+    lowers it on images it was not fitted on as well (:func:`cross_fitted_nll`: two halves of the validation
+    split, by patient when ``groups`` gives each image's patient, each scored with the temperature fitted on
+    the other); otherwise 1.0 (the logits as trained). Returns ``{"temperature", "fitted", "kept", "reason",
+    "cross_fit"}`` (``fitted``: the fit's value, None when no fit was tried or it hit a bound), so calibration
+    is not kept on the strength of fitting its own split, and never clamps silently."""
     y = np.asarray(y, np.int64)
     n, present = len(y), len(np.unique(y))
     out = {"temperature": 1.0, "fitted": None, "kept": False}
@@ -192,11 +195,48 @@ def choose_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
     before, after = nll(softmax(logits), y), nll(softmax(logits, t), y)
     if not after < before:
         return {**out, "reason": f"T = {t:.4g} does not lower the validation NLL ({before:.4f} -> {after:.4f})"}
+    cross = cross_fitted_nll(logits, y, groups)
+    out["cross_fit"] = cross
+    if not cross["nll_after"] < cross["nll_before"]:
+        return {
+            **out,
+            "reason": f"T = {t:.4g} lowers the validation NLL ({before:.4f} -> {after:.4f}) but not on images it was "
+            f"not fitted on (two halves of validation, each with the other's T: {cross['nll_before']:.4f} -> "
+            f"{cross['nll_after']:.4f})",
+        }
     return {
         **out,
         "temperature": t,
         "kept": True,
-        "reason": f"T = {t:.4g} lowers the validation NLL from {before:.4f} to {after:.4f}",
+        "reason": f"T = {t:.4g} lowers the validation NLL from {before:.4f} to {after:.4f}, and from "
+        f"{cross['nll_before']:.4f} to {cross['nll_after']:.4f} on images it was not fitted on",
+    }
+
+
+def cross_fitted_nll(logits: np.ndarray, y: np.ndarray, groups: Sequence | None = None) -> dict:
+    """The validation NLL without and with a temperature on images it was not fitted on: validation split into
+    two halves (by group, i.e. patient, where ``groups`` is given: every image of a patient in one half;
+    alternating otherwise), each half scored with the temperature fitted on the other. Returns ``{"nll_before",
+    "nll_after", "temperatures"}`` (NLLs over all images)."""
+    z, y = np.asarray(logits, np.float64), np.asarray(y, np.int64)
+    if groups is None:
+        half = np.arange(len(y)) % 2
+    else:
+        keys = np.asarray([str(g) for g in groups])
+        order = {g: i % 2 for i, g in enumerate(sorted(set(keys)))}
+        half = np.asarray([order[g] for g in keys])
+    losses_before, losses_after, temperatures = [], [], []
+    for h in (0, 1):
+        fit, score = half != h, half == h
+        t = fit_temperature(z[fit], y[fit])[0] if fit.any() else 1.0
+        temperatures.append(t)
+        for losses, temperature in ((losses_before, 1.0), (losses_after, t)):
+            p = softmax(z[score], temperature)[np.arange(int(score.sum())), y[score]]
+            losses.append(-np.log(np.clip(p, 1e-12, 1.0)))
+    return {
+        "nll_before": float(np.concatenate(losses_before).mean()),
+        "nll_after": float(np.concatenate(losses_after).mean()),
+        "temperatures": temperatures,
     }
 
 
