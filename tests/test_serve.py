@@ -1,15 +1,19 @@
 """dens-serve, the DICOM node, against real DICOM software on loopback ports: DCMTK's echoscu, storescu and
 storescp, Orthanc as the PACS (its REST API and its DICOMweb plugin), dicom3tools' dciodvfy on the SRs it
 sends; a kill -9 mid-study and a destination that is down, then up; TLS; the allow-list; refused and hostile
-instances. Each test that needs a program skips, naming it, where it is absent (`make test` installs them as
+instances; TLS and authentication on the way out (a DCMTK storescp over TLS, a loopback STOW-RS server that
+asks for a token). Each test that needs a program skips, naming it, where it is absent (`make test` installs them as
 root)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -20,19 +24,22 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from conftest import REAL_FILES, synthetic_breast, write_dicom
 from dens import labels
+from dens.serve.cli import main as serve_main
 from dens.serve.config import Allowed, Destination, ServeConfig
 from dens.serve.scp import MAMMOGRAPHY_SOP_CLASSES
-from dens.serve.send import backoff
+from dens.serve.send import SendError, backoff, outgoing, send_stow
 from dens.serve.state import State, key
 
 DENS_SERVE = [sys.executable, "-c", "from dens.serve.cli import main; main()"]
@@ -97,13 +104,15 @@ def make_study(folder: Path, views=VIEWS, **tags) -> tuple[str, list[Path]]:
 class Node:
     """dens-serve as a subprocess: started, its ports read from its first line, stopped or killed."""
 
-    def __init__(self, state: Path, model: Path, *args: str, port: int = 0):
+    def __init__(self, state: Path, model: Path, *args: str, port: int = 0, env: dict[str, str] | None = None):
         self.state = state
         self.log = state.with_name(state.name + ".log")
         command = [*DENS_SERVE, str(state), "--model", str(model), "--port", str(port), "--status-port", "0"]
         command += ["--workers", "1", "--retry-seconds", "0.3", *args]
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}
+            )
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         deadline = time.monotonic() + WAIT
@@ -535,20 +544,29 @@ def test_kill_9_mid_study_and_a_destination_down_lose_nothing_and_double_nothing
     assert sorted(rows[labels.SOP_UID]) == sent  # every acknowledged instance one row, none twice
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> tuple[Path, Path]:
-    openssl = need("openssl")
-    root = tmp_path_factory.mktemp("tls")
-    cert, key_ = root / "cert.pem", root / "key.pem"
+def self_signed(root: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made by openssl in ``root``."""
+    cert, key_ = root / f"{name}.pem", root / f"{name}.key.pem"
     subprocess.run(
         [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *(need("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
             *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key_), "-out", str(cert)),
         ],
         check=True,
         capture_output=True,
     )
     return cert, key_
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("tls"), "cert")
+
+
+@pytest.fixture(scope="module")
+def other_certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """Another self-signed certificate for the same address: one ``certificate`` did not sign."""
+    return self_signed(tmp_path_factory.mktemp("tls-other"), "other")
 
 
 def test_tls_when_a_certificate_is_given(onnx_model, certificate, tmp_path):
@@ -570,6 +588,151 @@ def test_tls_when_a_certificate_is_given(onnx_model, certificate, tmp_path):
         assoc.release()
     finally:
         assert tls.stop() == 0
+
+
+def storescp_tls(port: int, folder: Path, cert: Path, key_: Path, *peer: str) -> subprocess.Popen:
+    """DCMTK's storescp as AE DEST over TLS with ``cert``; ``peer``: how it checks callers' certificates."""
+    return subprocess.Popen(
+        [need("storescp"), "+tls", str(key_), str(cert), *peer, "-aet", "DEST", "+uf", "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_srs_go_over_tls_only_to_a_destination_the_ca_signed(onnx_model, certificate, other_certificate, tmp_path):
+    ca, ca_key = certificate  # self-signed: the CA, and the certificate of the real destination
+    other, other_key = other_certificate  # the impostor's certificate, and the node's client certificate
+    received, port = tmp_path / "received", free_port()
+    received.mkdir()
+    impostor = storescp_tls(port, received, other, other_key, "-ic")
+    destination = None
+    tls = ("--send-tls-ca", str(ca), "--send-tls-cert", str(other), "--send-tls-key", str(other_key))
+    node = Node(
+        tmp_path / "state", onnx_model, "--allow-aet", "STORESCU", "--stable-seconds", "1",
+        "--send-to", f"DEST@127.0.0.1:{port}", *tls,
+    )  # fmt: skip
+    try:
+        study, files = make_study(tmp_path / "study")
+        assert storescu(node.port, files).returncode == 0
+        retrying = wait_for(
+            "a send refused for the impostor's certificate", lambda: node.status()["outbox"]["retrying"]
+        )
+        assert "does not verify against --send-tls-ca" in retrying[0]["last_error"]
+        assert list(received.iterdir()) == []  # the impostor got nothing
+        impostor.terminate()
+        impostor.wait(timeout=30)
+        # The real destination, which asks for the node's client certificate (storescp's default -rc) and trusts it.
+        destination = storescp_tls(port, received, ca, ca_key, "+cf", str(other))
+        wait_for("the SR at the real destination", lambda: list(received.iterdir()))
+        outbox = wait_for("an empty outbox", lambda: (o := node.status()["outbox"])["pending"] == 0 and o)
+        assert outbox["sent"] == 1 and outbox["retrying"] == []
+        assert node.status()["node"]["send_tls"] is True
+        assert node.stop() == 0
+    finally:
+        node.proc.kill()
+        for proc in (impostor, destination):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    (path,) = received.iterdir()
+    assert dcmread(path).StudyInstanceUID == study and dcmread(path).Modality == "SR"
+
+
+class StowServer:
+    """A STOW-RS endpoint on loopback (http.server in a thread) that stores only requests with the right
+    ``Authorization`` header and answers 401 to others; over TLS with ``tls`` (certificate, key)."""
+
+    def __init__(self, authorization: str, tls: tuple[Path, Path] | None = None):
+        self.stored: list[bytes] = []
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Authorization") != authorization:
+                    outer.refused += 1
+                    self._answer(401, b"", WWW_Authenticate="Bearer")
+                    return
+                outer.stored.append(body)
+                self._answer(200, b"{}", Content_Type="application/dicom+json")
+
+            def _answer(self, code: int, body: bytes, **headers: str) -> None:
+                self.send_response(code)
+                for name, value in {**headers, "Content_Length": str(len(body))}.items():
+                    self.send_header(name.replace("_", "-"), value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*map(str, tls))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web/studies"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def instances(self) -> list:
+        """The data sets stored (each request's one part)."""
+        parts = [body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0] for body in self.stored]
+        return [dcmread(io.BytesIO(part)) for part in parts]
+
+
+def test_stow_with_a_bearer_token_from_the_environment_and_never_shown(onnx_model, tmp_path):
+    token = secrets.token_urlsafe(24)
+    server = StowServer(f"Bearer {token}")
+    state = tmp_path / "state"
+    args = ("--allow-aet", "STORESCU", "--stable-seconds", "1", "--stow-url", server.url)
+    try:
+        first = Node(state, onnx_model, *args)  # no token: the server refuses, the send waits
+        study, files = make_study(tmp_path / "study")
+        assert storescu(first.port, files).returncode == 0
+        retrying = wait_for("a send refused with 401", lambda: first.status()["outbox"]["retrying"])
+        assert "HTTP 401" in retrying[0]["last_error"] and server.refused >= 1 and server.stored == []
+        assert first.stop() == 0
+        second = Node(
+            state, onnx_model, *args, "--stow-token-env", "DENS_TEST_STOW_TOKEN", env={"DENS_TEST_STOW_TOKEN": token}
+        )
+        outbox = wait_for("the SR sent", lambda: (o := second.status()["outbox"])["pending"] == 0 and o)
+        assert outbox == {"pending": 0, "sent": 1, "retrying": []}
+        live = json.dumps(second.status())
+        assert second.status()["node"]["stow_auth"] == "bearer"
+        assert second.stop() == 0
+    finally:
+        server.close()
+    assert [ds.StudyInstanceUID for ds in server.instances()] == [study]  # delivered once
+    offline = subprocess.run([*DENS_SERVE, str(state), "--status"], capture_output=True, text=True, check=True)
+    for shown in (live, offline.stdout, second.log.read_text()):
+        assert token not in shown
+
+
+def test_bad_send_and_stow_options_stop_the_node_before_it_starts(onnx_model, certificate, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    base = [str(tmp_path / "state"), "--model", str(onnx_model), "--allow-any-aet"]
+    dicom, stow = ["--send-to", "DEST@127.0.0.1:104"], ["--stow-url", "https://pacs.example/dicom-web/studies"]
+    cases = {
+        "cannot use": [*dicom, "--send-tls-ca", str(garbage)],
+        "does not exist": [*dicom, "--send-tls-ca", str(tmp_path / "missing.pem")],
+        "needs --send-tls-ca": [*dicom, "--send-tls-cert", str(certificate[0]), "--send-tls-key", str(certificate[1])],
+        "environment variable DENS_TEST_UNSET is not set": [*stow, "--stow-token-env", "DENS_TEST_UNSET"],
+        "--stow-user and --stow-password-env": [*stow, "--stow-user", "dens"],
+        "not in clear": ["--stow-url", "http://pacs.example/dicom-web/studies", "--stow-token-env", "HOME"],
+        "--stow-ca": [*stow, "--stow-ca", str(garbage)],
+    }
+    for message, args in cases.items():
+        done = CliRunner().invoke(serve_main, [*base, *args], env={"DENS_TEST_UNSET": None})
+        assert done.exit_code == 2, (message, done.output)
+        assert message in done.output, (message, done.output)
+    assert not (tmp_path / "state").exists()
 
 
 # --- the pieces, without processes ------------------------------------------------------------------------------
@@ -594,6 +757,40 @@ def test_peers_parse_and_bad_spellings_are_refused():
 def test_retries_wait_twice_as_long_each_time_up_to_ten_minutes():
     assert [backoff(n, 5.0) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
     assert backoff(30, 5.0) == 600.0
+
+
+def test_stow_basic_authentication_over_https_checked_against_the_given_ca(
+    certificate, other_certificate, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DENS_TEST_STOW_PASSWORD", "s3cret:with colon")
+    sr = write_dicom(tmp_path / "sr.dcm", synthetic_breast(32, 24))
+    server = StowServer("Basic " + base64.b64encode(b"dens:s3cret:with colon").decode(), tls=certificate)
+
+    def how(ca: Path):
+        return outgoing(
+            ServeConfig(
+                state=tmp_path / "state",
+                allow_any=True,
+                stow_urls=(server.url,),
+                stow_user="dens",
+                stow_password_env="DENS_TEST_STOW_PASSWORD",
+                stow_ca=ca,
+            )
+        )
+
+    trusted, untrusted = how(certificate[0]), how(other_certificate[0])
+    try:
+        send_stow(sr, server.url, trusted.stow_tls, trusted.stow_authorization)
+        with pytest.raises(SendError, match="HTTP 401") as refused:
+            send_stow(sr, server.url, trusted.stow_tls, None)
+        with pytest.raises(SendError, match="certificate verify failed"):
+            send_stow(sr, server.url, untrusted.stow_tls, untrusted.stow_authorization)
+        with pytest.raises(SendError, match="certificate verify failed"):  # the system's CAs did not sign it either
+            send_stow(sr, server.url, None, trusted.stow_authorization)
+    finally:
+        server.close()
+    assert len(server.stored) == 1 and server.refused == 1
+    assert "s3cret" not in repr(trusted) + str(refused.value)
 
 
 @pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/3", "1.2.3\x00", "a" * 500])

@@ -120,6 +120,44 @@ def _parse(kind):
     help="CA certificates (PEM): callers must present a certificate one of them signed.",
 )
 @click.option(
+    "--send-tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificates (PEM): every --send-to association uses TLS, the destination's certificate checked "
+    "against them and its HOST.",
+)
+@click.option(
+    "--send-tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The node's client certificate (PEM) for --send-to destinations that ask for one (with --send-tls-ca).",
+)
+@click.option(
+    "--send-tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The client certificate's private key (PEM).",
+)
+@click.option(
+    "--stow-token-env",
+    default=None,
+    metavar="NAME",
+    help="STOW-RS with 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
+)
+@click.option("--stow-user", default=None, metavar="USER", help="STOW-RS with HTTP basic authentication as USER.")
+@click.option(
+    "--stow-password-env",
+    default=None,
+    metavar="NAME",
+    help="The --stow-user password, read from the environment variable NAME.",
+)
+@click.option(
+    "--stow-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificates (PEM) for https:// --stow-url servers [default: the system's].",
+)
+@click.option(
     "--device", type=click.Choice(_DEVICES), default="auto", show_default=True, help="As dens-infer's --device."
 )
 @click.option(
@@ -165,6 +203,12 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     from dens.serve.node import ServeError, start  # here: spawned decode workers import this module
+    from dens.serve.send import outgoing
+
+    try:
+        outgoing(cfg)  # certificates, keys and secrets: a bad one is a bad option, before the model loads
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
 
     try:
         node = start(cfg)

@@ -7,7 +7,11 @@ module before it starts.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +79,17 @@ class Allowed:
         return aet.strip() == self.aet.strip() and (self.address is None or self.address == address)
 
 
+def _loopback(url: str) -> bool:
+    host = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """What ``dens-serve`` was asked to do. ``None`` means the default for the provider in use."""
@@ -94,6 +109,17 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # with it, callers must present a certificate it signed
+    # Outgoing C-STORE over TLS (every --send-to): the CA that signed the destinations' certificates, and the
+    # node's own certificate for destinations that ask for one.
+    send_tls_ca: Path | None = None
+    send_tls_cert: Path | None = None
+    send_tls_key: Path | None = None
+    # STOW-RS: the names of the environment variables that hold the secrets (never the secrets themselves, which
+    # a command line would show in ps), and the CA for https:// servers a system CA did not sign.
+    stow_token_env: str | None = None
+    stow_user: str | None = None
+    stow_password_env: str | None = None
+    stow_ca: Path | None = None
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -113,11 +139,53 @@ class ServeConfig:
         if self.stable_seconds < 0 or self.retry_seconds <= 0:
             raise ValueError("--stable-seconds must be >= 0 and --retry-seconds > 0")
         check_ae_title(self.aet)
+        self._check_send_tls()
+        self._check_stow()
+
+    def _check_send_tls(self) -> None:
+        if (self.send_tls_cert is None) != (self.send_tls_key is None):
+            raise ValueError("a client certificate needs both --send-tls-cert and --send-tls-key")
+        if self.send_tls_cert is not None and self.send_tls_ca is None:
+            raise ValueError("--send-tls-cert needs --send-tls-ca (the CA that signed the destinations' certificates)")
+        if self.send_tls_ca is not None and not self.send_to:
+            raise ValueError("--send-tls-ca applies to --send-to destinations, and none is given")
+
+    def _check_stow(self) -> None:
         for url in self.stow_urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
                     f"--stow-url {url!r}: an http:// or https:// URL (such as http://pacs/dicom-web/studies)"
                 )
+            if self.stow_auth and url.startswith("http://") and not _loopback(url):
+                raise ValueError(
+                    f"--stow-url {url!r}: credentials go to https:// URLs only (or http:// on this machine's "
+                    "loopback), not in clear over the network"
+                )
+        if self.stow_token_env and self.stow_user:
+            raise ValueError("one STOW-RS authentication: --stow-token-env or --stow-user with --stow-password-env")
+        if (self.stow_user is None) != (self.stow_password_env is None):
+            raise ValueError("HTTP basic authentication needs both --stow-user and --stow-password-env")
+        if (self.stow_auth or self.stow_ca) and not self.stow_urls:
+            raise ValueError("STOW-RS options (--stow-token-env, --stow-user, --stow-ca) need a --stow-url")
+
+    @property
+    def stow_auth(self) -> str | None:
+        """How the node authenticates to STOW-RS servers: ``"bearer"``, ``"basic"`` or None."""
+        return "bearer" if self.stow_token_env else "basic" if self.stow_user else None
+
+    def stow_authorization(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The ``Authorization`` header for STOW-RS requests, from the environment variable the options name
+        (None without authentication). Raises ValueError, naming the variable only, when it is unset or empty."""
+        name = self.stow_token_env or self.stow_password_env
+        if name is None:
+            return None
+        secret = environ.get(name, "")
+        if not secret:
+            option = "--stow-token-env" if self.stow_token_env else "--stow-password-env"
+            raise ValueError(f"{option} {name}: the environment variable {name} is not set (or empty)")
+        if self.stow_token_env:
+            return f"Bearer {secret}"
+        return "Basic " + base64.b64encode(f"{self.stow_user}:{secret}".encode()).decode("ascii")
 
     @property
     def destinations(self) -> tuple[str, ...]:

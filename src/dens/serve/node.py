@@ -24,7 +24,7 @@ from dens.flags import parse_flag
 from dens.serve.config import ServeConfig
 from dens.serve.pipeline import Pipeline, PipelineError
 from dens.serve.scp import StorageSCP
-from dens.serve.send import Sender
+from dens.serve.send import Sender, outgoing
 from dens.serve.state import State, StateLocked
 from dens.serve.status import serve as serve_status
 
@@ -72,6 +72,8 @@ class Node:
             "aet": self.cfg.aet,
             "address": f"{self.address[0]}:{self.address[1]}",
             "tls": self.cfg.tls_cert is not None,
+            "send_tls": self.cfg.send_tls_ca is not None,
+            "stow_auth": self.cfg.stow_auth,  # the scheme only, never the secret
             "allow": "any"
             if self.cfg.allow_any
             else [a.aet + (f"@{a.address}" if a.address else "") for a in self.cfg.allow],
@@ -209,6 +211,10 @@ def start(cfg: ServeConfig) -> Node:
     """Open the state, recover, open the pipeline and listen; raises ServeError when the node cannot start."""
     model = resolve_model(cfg.model)
     try:
+        how = outgoing(cfg)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from exc
+    try:
         rule = parse_flag(cfg.flag)
         state = State(Path(cfg.state).resolve())
     except StateLocked as exc:
@@ -240,7 +246,7 @@ def start(cfg: ServeConfig) -> Node:
         )
     received = threading.Event()
     scp = StorageSCP(cfg, state, received)
-    sender = Sender(state, cfg.aet, cfg.retry_seconds)
+    sender = Sender(state, cfg.aet, cfg.retry_seconds, how)
     try:
         address = scp.start()
     except ssl.SSLError as exc:  # before OSError: it is one

@@ -5,23 +5,32 @@ the node runs and again after a restart: an SR is never dropped.
 A destination's acknowledgement (a C-STORE success or warning status; an HTTP 200, or a 202 that lists no
 failure) marks the entry sent. The SR's instance UID is fixed by its study and sources (:mod:`dens.sr`), so
 the one resend a crash between that acknowledgement and its record can cause stores nothing new.
+
+How the sender reaches its destinations (:class:`Outgoing`, from :func:`outgoing`): with ``--send-tls-ca``
+every C-STORE goes over TLS, the destination's certificate checked against that CA and its host name or
+address; STOW-RS to https:// URLs checks the server's certificate against the system's CAs or ``--stow-ca``,
+and sends the ``Authorization`` header the options name (read from the environment, kept out of every log
+line, error message and status).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dens.serve.config import MAX_RETRY_SECONDS, Destination
+from dens.serve.config import MAX_RETRY_SECONDS, Destination, ServeConfig
 from dens.serve.state import Send, State
 
 log = logging.getLogger(__name__)
@@ -36,16 +45,52 @@ class SendError(Exception):
     """A destination did not take the SR; the message says what it answered."""
 
 
-def send_dicom(path: Path, destination: Destination, calling_aet: str) -> None:
-    """C-STORE the file ``path`` to ``destination`` (raises SendError unless it is stored)."""
+@dataclass(frozen=True)
+class Outgoing:
+    """How the sender reaches destinations: the TLS context of every C-STORE (None: plain DICOM), the one of
+    https:// STOW-RS URLs (None: the system's CAs) and the STOW-RS ``Authorization`` header (None: none)."""
+
+    dicom_tls: ssl.SSLContext | None = None
+    stow_tls: ssl.SSLContext | None = None
+    stow_authorization: str | None = field(default=None, repr=False)
+
+
+def outgoing(cfg: ServeConfig) -> Outgoing:
+    """:class:`Outgoing` for ``cfg``; raises ValueError, naming the option and file or variable, when a
+    certificate, key or CA file cannot be used or a secret's environment variable is unset."""
+    dicom_tls = stow_tls = None
+    if cfg.send_tls_ca is not None:
+        files = " and ".join(str(f) for f in (cfg.send_tls_ca, cfg.send_tls_cert, cfg.send_tls_key) if f)
+        try:
+            dicom_tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.send_tls_ca))
+            dicom_tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            if cfg.send_tls_cert is not None:
+                dicom_tls.load_cert_chain(str(cfg.send_tls_cert), str(cfg.send_tls_key))
+        except (ssl.SSLError, OSError) as exc:  # SSLError first: it is an OSError
+            raise ValueError(f"cannot use {files} for TLS to --send-to destinations ({exc})") from exc
+    if cfg.stow_ca is not None:
+        try:
+            stow_tls = ssl.create_default_context(cafile=str(cfg.stow_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"--stow-ca {cfg.stow_ca}: cannot use it as CA certificates ({exc})") from exc
+    return Outgoing(dicom_tls, stow_tls, cfg.stow_authorization())
+
+
+def send_dicom(path: Path, destination: Destination, calling_aet: str, tls: ssl.SSLContext | None = None) -> None:
+    """C-STORE the file ``path`` to ``destination``, over TLS with ``tls`` (raises SendError unless it is
+    stored)."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT
     ae.connection_timeout = _TIMEOUT
     ae.add_requested_context(COMPREHENSIVE_3D_SR, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.aet)
+    tls_args = (tls, destination.host) if tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.aet, tls_args=tls_args)
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise SendError(f"association with {destination} {what}")
+        if tls is None:
+            raise SendError(f"association with {destination} {what}")
+        why = "" if assoc.is_rejected else _tls_failure(destination, tls)
+        raise SendError(f"association with {destination} over TLS {what}{why}")
     try:
         status = assoc.send_c_store(dcmread(path))
     finally:
@@ -57,8 +102,27 @@ def send_dicom(path: Path, destination: Destination, calling_aet: str) -> None:
         raise SendError(f"{destination} answered {shown}{f' ({comment})' if comment else ''}")
 
 
-def send_stow(path: Path, url: str) -> None:
-    """STOW-RS: POST the file ``path`` to ``url`` as multipart/related (raises SendError unless stored)."""
+def _tls_failure(destination: Destination, tls: ssl.SSLContext) -> str:
+    """Why a TLS association failed, from a handshake of its own (pynetdicom only logs it): ``": reason"``, or
+    "" when the handshake succeeds now."""
+    try:
+        with (
+            socket.create_connection((destination.host, destination.port), timeout=_TIMEOUT) as raw,
+            tls.wrap_socket(raw, server_hostname=destination.host),
+        ):
+            return ""
+    except ssl.SSLCertVerificationError as exc:
+        return f": its certificate does not verify against --send-tls-ca ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return f": TLS handshake failed ({exc.reason or exc})"
+    except OSError as exc:
+        return f": {exc.strerror or exc}"
+
+
+def send_stow(path: Path, url: str, tls: ssl.SSLContext | None = None, authorization: str | None = None) -> None:
+    """STOW-RS: POST the file ``path`` to ``url`` as multipart/related, an https:// server checked with ``tls``
+    (None: the system's CAs), with the ``Authorization`` header ``authorization`` (raises SendError unless
+    stored)."""
     boundary = uuid.uuid4().hex
     body = b"".join(
         [
@@ -76,8 +140,10 @@ def send_stow(path: Path, url: str) -> None:
             "Accept": "application/dicom+json",
         },
     )
+    if authorization is not None:  # not carried to where a redirect points
+        request.add_unredirected_header("Authorization", authorization)
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT, context=tls) as response:
             code, answer = response.status, response.read()
     except urllib.error.HTTPError as exc:
         raise SendError(f"{url} answered HTTP {exc.code} {exc.reason}") from exc
@@ -96,13 +162,13 @@ def _failed_sop(answer: bytes) -> bool:
         return False
 
 
-def deliver(send: Send, calling_aet: str) -> None:
+def deliver(send: Send, calling_aet: str, how: Outgoing = Outgoing()) -> None:
     """Send one outbox entry to its destination (``dicom:AET@HOST:PORT`` or ``stow:URL``)."""
     kind, _, where = send.destination.partition(":")
     if kind == "dicom":
-        send_dicom(send.sr_path, Destination.parse(where), calling_aet)
+        send_dicom(send.sr_path, Destination.parse(where), calling_aet, how.dicom_tls)
     elif kind == "stow":
-        send_stow(send.sr_path, where)
+        send_stow(send.sr_path, where, how.stow_tls, how.stow_authorization)
     else:
         raise SendError(f"unknown destination {send.destination!r}")
 
@@ -116,9 +182,10 @@ def backoff(attempts: int, first: float) -> float:
 class Sender:
     """A thread that empties the outbox: due entries are sent; failures wait their backoff."""
 
-    def __init__(self, state: State, calling_aet: str, first_retry: float):
+    def __init__(self, state: State, calling_aet: str, first_retry: float, how: Outgoing = Outgoing()):
         self.state = state
         self.calling_aet = calling_aet
+        self.how = how
         self.first_retry = first_retry
         self.wake = threading.Event()  # set when new entries are queued
         self._stop = threading.Event()
@@ -144,7 +211,7 @@ class Sender:
 
     def _try(self, send: Send) -> None:
         try:
-            deliver(send, self.calling_aet)
+            deliver(send, self.calling_aet, self.how)
         except Exception as exc:  # SendError, an unreadable SR file, a pynetdicom failure: retried later
             delay = backoff(send.attempts + 1, self.first_retry)
             log.warning(
