@@ -164,3 +164,19 @@ def test_random_init_refuses_a_fine_tuning_learning_rate(tmp_path):
     TrainConfig(weights="imagenet", lr=1e-5)  # the recipe: fine-tuning pretrained weights
     outcome = CliRunner().invoke(cli.main, ["--data", str(tmp_path), "--weights", "none", "--no-progress"])
     assert outcome.exit_code == 1 and "raise --lr" in outcome.output, outcome.output
+
+
+def test_weights_path_starts_from_that_file(tmp_path):
+    """--weights PATH: a local torchvision file (a machine without network access) is the starting point."""
+    torch.manual_seed(11)
+    saved = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-local.pth"
+    torch.save(saved, path)
+    net, weights = loop.start_model(TrainConfig(arch="resnet18", weights=str(path)), Ranks(0, 1, torch.device("cpu")))
+    assert weights == str(path) and not loop.from_scratch(weights)
+    torch.testing.assert_close(net.backbone.layer4[1].conv2.weight.detach(), saved["layer4.1.conv2.weight"])
+    torch.testing.assert_close(
+        # The grey input's first convolution is the RGB one summed over its colour channels.
+        net.backbone.conv1.weight.detach().sum(1, keepdim=True),
+        saved["conv1.weight"].sum(1, keepdim=True),
+    )
