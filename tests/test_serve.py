@@ -430,6 +430,29 @@ def test_orthanc_sends_a_study_and_receives_its_sr(node, orthanc, tmp_path):
     assert kinds == (["dicom", "stow"] if DICOMWEB_PLUGIN.is_file() else ["dicom"])
 
 
+def test_a_for_processing_image_is_acknowledged_and_gets_a_skipped_row(node, tmp_path):
+    """A modality sends its raw 'For Processing' image with the study: the node takes it (the SOP class is a
+    mammogram's), gives it a skipped row with its reason, and calls the exam on the presentation views."""
+    study, files = make_study(tmp_path / "study")
+    raw = write_dicom(
+        tmp_path / "raw.dcm",
+        synthetic_breast(128, 96, seed=9),
+        sop_class="1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+        ImageLaterality="L",
+        ViewPosition="CC",
+        StudyInstanceUID=study,
+        PresentationIntentType="FOR PROCESSING",
+    )
+    assert storescu(node.port, [*files, raw]).returncode == 0
+    answer = wait_for("the study's SR", lambda: node.answered(study))
+    rows = preds(node.state).query(f"{labels.STUDY_UID} == @study")
+    assert len(rows) == 5
+    skipped = rows[rows[labels.SOP_UID] == dcmread(raw).SOPInstanceUID]
+    assert list(skipped[labels.STATUS]) == ["skipped"] and skipped.iloc[0]["reason"].startswith("for_processing")
+    report = dcmread(node.state / "sr" / f"{answer['sr_uid']}.dcm")
+    assert referenced(report) == {dcmread(f).SOPInstanceUID for f in files}  # the raw image is not a source
+
+
 def test_non_mammography_is_refused_with_its_reason(node, tmp_path):
     ct_in_mg = write_dicom(tmp_path / "ct.dcm", synthetic_breast(64, 48), modality="CT")
     ct_image = write_dicom(tmp_path / "ct-image.dcm", synthetic_breast(64, 48), sop_class="1.2.840.10008.5.1.4.1.1.2")
