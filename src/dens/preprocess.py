@@ -195,7 +195,22 @@ def breast_mask(unit: np.ndarray, version: int = VERSION) -> tuple[np.ndarray, f
     strips, so (version 2) an opening as wide as a label's stroke cuts those strips before the largest
     component is taken, and a dilation of the same width, inside the threshold, gives the skin line back.
     """
-    thumb, scale = _thumbnail(unit)
+    small, scale = thumbnail(unit)
+    return mask_of(small, version), scale
+
+
+def thumbnail(unit: np.ndarray) -> tuple[np.ndarray, float]:
+    """``unit`` ([0, 1]) area-averaged to a long side of at most :data:`_MASK_SIDE` (float32), and its scale:
+    what the breast mask and the in-breast grey levels are measured on, made once per image."""
+    h, w = unit.shape
+    scale = min(1.0, _MASK_SIDE / max(h, w))
+    small = cv2.resize(unit, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return small, scale
+
+
+def mask_of(small: np.ndarray, version: int = VERSION) -> np.ndarray:
+    """:func:`breast_mask` on a :func:`thumbnail` already made: the mask, bool at the thumbnail's size."""
+    thumb = np.clip(small * 255.0, 0, 255).astype(np.uint8)
     otsu, _ = cv2.threshold(thumb, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     below = thumb[thumb <= otsu]
     background = float(np.median(below)) if below.size else 0.0
@@ -210,24 +225,15 @@ def breast_mask(unit: np.ndarray, version: int = VERSION) -> tuple[np.ndarray, f
     mask = cv2.morphologyEx(bright, cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
-        return np.zeros_like(mask, dtype=bool), scale
+        return np.zeros_like(mask, dtype=bool)
     largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
     if version != 1:
         largest = cv2.dilate(largest, kernel) & bright
-    return largest.astype(bool), scale
+    return largest.astype(bool)
 
 
-def _thumbnail(unit: np.ndarray) -> tuple[np.ndarray, float]:
-    """``unit`` at a long side of at most :data:`_MASK_SIDE`, as uint8; and its scale."""
-    h, w = unit.shape
-    scale = min(1.0, _MASK_SIDE / max(h, w))
-    small = cv2.resize(unit, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return np.clip(small * 255.0, 0, 255).astype(np.uint8), scale
-
-
-def in_breast_levels(unit: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """The in-breast 2nd and 98th percentile grey of ``unit`` ([0, 1]) under ``mask`` (its thumbnail's size)."""
-    small = cv2.resize(unit, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_AREA)
+def in_breast_levels(small: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The in-breast 2nd and 98th percentile grey of a :func:`thumbnail` (``small``, [0, 1]) under ``mask``."""
     values = small[mask]
     if values.size < 16:
         return 0.0, 1.0
@@ -385,7 +391,8 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
     while True:
         pixels, reached, route = source.decode(level)
         unit = unit_of(pixels)
-        mask, _ = breast_mask(unit, cfg.version)
+        small, _ = thumbnail(unit)
+        mask = mask_of(small, cfg.version)
         box = _box(mask, unit.shape, cfg.crop_margin) if cfg.crop else (0, unit.shape[0], 0, unit.shape[1])
         breast_long_full = max(box[1] - box[0], box[3] - box[2]) * 2**reached
         wanted = min(reached, _needed_level(breast_long_full, cfg)) if cfg.reduce else 0
@@ -407,7 +414,7 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
     y0, y1, x0, x1 = box
     image = unit[y0:y1, x0:x1]
     if cfg.version >= 2:
-        image = harmonise(image, *in_breast_levels(unit, mask))
+        image = harmonise(image, *in_breast_levels(small, mask))
     flipped = cfg.orient and side == "right"
     if flipped:
         image = image[:, ::-1]
