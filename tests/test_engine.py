@@ -84,3 +84,17 @@ def test_a_slow_file_is_overtaken_not_waited_for(files, codec_fault):
     assert [r.index for r in results] == [1, 2, 3, 4, 0, 5]
     assert [r.path for r in results] == [str(files[i]) for i in (1, 2, 3, 4, 0, 5)]
     assert results[4].code == Reason.WORKER_TIMEOUT.value and all(r.status == "ok" for r in results[:4])
+
+
+def test_in_input_order_restores_the_order_of_results_delivered_ahead():
+    from dens.engine import Decoded, in_input_order
+
+    delivered = [Decoded(i, f"f{i}", "ok") for i in (1, 2, 0, 4, 3)]
+    assert [d.index for d in in_input_order(delivered)] == [0, 1, 2, 3, 4]
+    # Nothing is held back once the files before it are in: a consumer that stops early gets no later file.
+    taken = []
+    for d in in_input_order(iter(delivered)):
+        taken.append(d.index)
+        if d.index == 1:
+            break
+    assert taken == [0, 1]

@@ -464,3 +464,16 @@ class DecodePool:
             retry.extendleft(reversed(w.pending))
         w.conn.close()
         self._workers[self._workers.index(w)] = _Worker(self._ctx, self._setup)
+
+
+def in_input_order(results: Iterable[Decoded]) -> Iterator[Decoded]:
+    """:meth:`DecodePool.map`'s results in input order: one delivered ahead of a slower file waits here until
+    that file is in. For callers whose outcome depends on the order (the first N usable files of a folder);
+    dens-infer batches results as they come and orders only its rows."""
+    waiting: dict[int, Decoded] = {}
+    next_index = 0
+    for decoded in results:
+        waiting[decoded.index] = decoded
+        while next_index in waiting:
+            yield waiting.pop(next_index)
+            next_index += 1

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import dens
 from dens.config import PreprocessConfig
-from dens.engine import Decoded, DecodePool
+from dens.engine import Decoded, DecodePool, in_input_order
 from dens.explain.sheet import contact_sheet
 from dens.files import atomic_write
 from dens.flags import call
@@ -166,24 +166,19 @@ def decode_first(
 ) -> Iterator[Decoded]:
     """The decode results of ``files`` in input order, up to and including the ``limit``-th usable image.
 
-    The engine may deliver a file ahead of a slower one before it; results wait here until the files
-    before them are in, so which files make the sheet never depends on timing."""
+    Results come in input order (:func:`in_input_order`), so which files make the sheet never depends on
+    timing."""
     unread = PLAIN_IMAGE_NOT_REQUESTED if not plain_images else ""
     items = ((str(p), unread if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES) else "") for p in files)
-    waiting: dict[int, Decoded] = {}
-    next_index = ok = 0
+    ok = 0
     bar = tqdm(total=min(limit, len(files)), desc="dens-qc", unit="img", disable=not progress)
     with DecodePool(max(1, min(workers, len(files))), cfg, buffer=2 * _BATCH) as pool:
-        for decoded in pool.map(items):
-            waiting[decoded.index] = decoded
-            while next_index in waiting and ok < limit:
-                result = waiting.pop(next_index)
-                next_index += 1
-                if result.reason.startswith(PLAIN_IMAGE_NOT_REQUESTED):
-                    result.status = "skipped"  # the pool reports an item it did not decode as an error
-                ok += result.status == "ok"
-                bar.update(result.status == "ok")
-                yield result
+        for result in in_input_order(pool.map(items)):
+            if result.reason.startswith(PLAIN_IMAGE_NOT_REQUESTED):
+                result.status = "skipped"  # the pool reports an item it did not decode as an error
+            ok += result.status == "ok"
+            bar.update(result.status == "ok")
+            yield result
             if ok >= limit:
                 break
     bar.close()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import dens
-from dens.engine import DecodePool
+from dens.engine import DecodePool, in_input_order
 from dens.errors import Reason
 from dens.metadata import INPUT, LOGITS, PROBS, read_metadata
 from dens.model import Checkpoint, file_sha256, load_checkpoint, softmax
@@ -81,26 +81,20 @@ def load_images(
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     bar = tqdm(total=len(files), desc="parity: images", unit="file", disable=not progress, leave=False)
     workers = max(1, min(dens.usable_cores(), len(files)))
-    # The engine may deliver a file ahead of a slower one before it; the images taken are still the first
-    # max_images usable files in sorted order (int8 calibration hashes that list), so decoding stops only
-    # once every file before them is done.
-    done, settled, usable = {}, 0, 0  # files [0, settled) are all decoded; usable: the ok ones among them
+    # The images taken are the first max_images usable files in sorted order (int8 calibration hashes that
+    # list), whichever file the engine finishes first.
+    done, usable = [], 0
     with DecodePool(workers, checkpoint.preprocess, buffer=2 * workers) as pool:
-        for decoded in pool.map((str(path), "") for path in files):
+        for decoded in in_input_order(pool.map((str(path), "") for path in files)):
             bar.update()
-            done[decoded.index] = decoded
-            while settled in done:
-                usable += done[settled].status == "ok"
-                settled += 1
+            done.append(decoded)
+            usable += decoded.status == "ok"
             if usable >= max_images:
                 break
     bar.close()
     images, used, skipped, errors = [], [], Counter(), {}
-    for index in range(settled):
-        decoded = done[index]
+    for decoded in done:
         if decoded.status == "ok":
-            if len(used) >= max_images:
-                break
             images.append(decoded.image[None])
             used.append(decoded.path)
         elif Reason(decoded.code).is_verdict:  # the file's own verdict: counted by reason
