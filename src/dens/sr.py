@@ -312,9 +312,9 @@ def write_reports(
     return written
 
 
-def save(sr: Dataset, out_dir: str | os.PathLike) -> Path:
-    """Write ``sr`` whole (fsync'd) as ``out_dir/<StudyInstanceUID>.sr.dcm``; its path."""
-    path = Path(out_dir) / uid_filename(str(sr.StudyInstanceUID), ".sr.dcm")
+def save(sr: Dataset, out_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """Write ``sr`` whole (fsync'd) as ``out_dir/<name>``, by default ``<StudyInstanceUID>.sr.dcm``; its path."""
+    path = Path(out_dir) / (name or uid_filename(str(sr.StudyInstanceUID), ".sr.dcm"))
     with atomic_write(path, "wb", fsync=True) as f:
         sr.save_as(f, enforce_file_format=True)
     return path

@@ -24,7 +24,6 @@ import pandas as pd
 
 from dens import labels, modelcard, sr
 from dens.engine import Decoded, DecodePool, PoolError
-from dens.files import atomic_write
 from dens.flags import FlagRule
 from dens.infer.aggregate import write_aggregates
 from dens.infer.runtime import ModelError, decode_nice, default_parallelism, open_runtime, planned_device
@@ -167,9 +166,7 @@ class Pipeline:
             return None
         headers = dict(zip(ok[labels.PATH], sr.read_headers(list(ok[labels.PATH])), strict=True))
         report = sr.exam_report(frame, headers, self.model, self.rule)
-        path = Path(out_dir) / sr.uid_filename(str(report.SOPInstanceUID), ".dcm")
-        with atomic_write(path, "wb", fsync=True) as f:
-            report.save_as(f, enforce_file_format=True)
+        path = sr.save(report, out_dir, sr.uid_filename(str(report.SOPInstanceUID), ".dcm"))
         call = "" if report.CompletionFlag != "COMPLETE" else _exam_density(ok, self.rule)
         return Report(str(report.SOPInstanceUID), path, call)
 
