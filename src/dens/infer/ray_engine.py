@@ -107,6 +107,7 @@ class _Decode:
         items = [tuple(json.loads(item)) for item in batch["item"].tolist()]
         n = len(items)
         result = np.empty(n, dtype=object)
+        ok = np.zeros(n, bool)
         image = np.zeros((n, *self.cfg.shape), np.uint8)
         for decoded in self.pool.map(items):
             i = decoded.index
@@ -120,8 +121,9 @@ class _Decode:
                 }
             )
             if decoded.status == "ok":
+                ok[i] = True
                 image[i] = decoded.image
-        return {"index": batch["index"], "result": result, "image": image}
+        return {"index": batch["index"], "result": result, "ok": ok, "image": image}
 
 
 class _Score:
@@ -133,7 +135,7 @@ class _Score:
         self.runtime = open_runtime(model, device, batch_size=batch_size, threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.flatnonzero([json.loads(r)["status"] == "ok" for r in batch["result"].tolist()])
+        ok = np.flatnonzero(batch["ok"])
         probs = np.full((len(batch["index"]), len(labels.CLASSES)), np.nan, np.float32)
         if len(ok):
             probs[ok] = self.runtime.predict(batch["image"][ok][:, None])

@@ -90,6 +90,13 @@ class Summary:
     exam_csv: Path | None = None
     reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
 
+    def count(self, status: str) -> None:
+        """One more file accounted for, with its row's status."""
+        self.files += 1
+        self.ok += status == "ok"
+        self.skipped += status == "skipped"
+        self.errors += status == "error"
+
     @property
     def images_per_s(self) -> float:
         return self.ok / self.seconds if self.seconds else 0.0
@@ -358,10 +365,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
         status = _status(result["status"], result["reason"].partition(": ")[0])
         row = make_row(result["path"], status, result["reason"], result["info"], result["probs"], sha, rule, cell)
         rows.append(row)
-        summary.files += 1
-        summary.ok += status == "ok"
-        summary.skipped += status == "skipped"
-        summary.errors += status == "error"
+        summary.count(status)
         summary.decode_s += result["seconds"]
         if len(rows) >= _RAY_WRITE_ROWS:
             write()
@@ -443,10 +447,7 @@ def _process(
             next_row += 1
         _write(rows)
         for d in pending:
-            summary.files += 1
-            summary.ok += d.status == "ok"
-            summary.skipped += d.status == "skipped"
-            summary.errors += d.status == "error"
+            summary.count(d.status)
         bar.set_postfix(ok=summary.ok, skipped=summary.skipped, errors=summary.errors, refresh=False)
         bar.update(len(pending))
         pending, images = [], 0
