@@ -27,10 +27,24 @@ import numpy as np
 import torch
 
 from common import sync, write_result
-from dens.explain import GradCAM
-from dens.explain.report import write_cam_files
+from dens.config import PreprocessConfig
+from dens.explain import GradCAM, display
+from dens.explain.report import write_view_files
 from dens.explain.runner import pick_device
 from dens.model import build_model
+
+
+def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray) -> Path:
+    """What dens-gradcam writes for one flagged image: its raw map (``<stem>.npy``, float16) and its view
+    files (thumbnail, overlay figure, overlay thumbnail) with the image as displayed and the map on its own
+    scale. Returns the overlay figure's path."""
+    stored = cam.astype(np.float16)
+    np.save(out_dir / f"{stem}.npy", stored)
+    peak = float(stored.max())
+    cfg = PreprocessConfig(height=image.shape[0], width=image.shape[1])
+    scaled = stored.astype(np.float32) / peak if peak > 0 else np.zeros(cam.shape, np.float32)
+    label = ["L (as PACS shows it)", "Grad-CAM; 1 = this map's largest value; breast only"]
+    return write_view_files(out_dir, stem, display.as_displayed(image, "L", cfg), scaled, label, cfg.version).overlay
 
 
 def _best_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels, modelcard
-from dens.config import PreprocessConfig
 from dens.explain import display, page
 from dens.files import atomic_write
 
@@ -142,20 +141,6 @@ def _write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
-
-
-def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray, laterality: str = "") -> Path:
-    """For one flagged image at the model's own size: the raw map ``<stem>.npy`` (float16) and its view files
-    (:func:`write_view_files`) with the image as displayed and the map on its own scale (this image alone is
-    the page). Returns the overlay figure's path."""
-    stored = cam.astype(np.float16)
-    np.save(out_dir / f"{stem}.npy", stored)
-    peak = float(stored.max())
-    cfg = PreprocessConfig(height=image.shape[0], width=image.shape[1])
-    shown = display.as_displayed(image, laterality, cfg)
-    scaled = display.as_displayed(stored.astype(np.float32) / peak if peak > 0 else cam * 0, laterality, cfg)
-    label = [f"{laterality or '?'} (as PACS shows it)", "Grad-CAM; 1 = this map's largest value; breast only"]
-    return write_view_files(out_dir, stem, shown, scaled, label, cfg.version).overlay
 
 
 # --- the page -------------------------------------------------------------------------------------
