@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dens.files import atomic_write, fsync_dir
+
 DB_NAME, SPOOL, SR_DIR, PREDS, LOCK = "serve.db", "spool", "sr", "preds.csv", "serve.lock"
 RECEIVING, ANSWERED, FAILED = "receiving", "answered", "failed"
 PENDING, SENT = "pending", "sent"
@@ -62,30 +64,6 @@ def key(kind: str, uid: str) -> str:
     """The file-name key of a UID: 32 hex digits of its sha256 (``kind`` keeps a study's and an instance's
     keys apart even for one UID)."""
     return hashlib.sha256(f"{kind}:{uid}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """``data`` as ``path``, all or nothing: a hidden temporary in the same folder, fsync'd, renamed over
-    ``path``, and the folder fsync'd, so that once this returns the file survives a crash or a power cut."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -183,7 +161,8 @@ class State:
         if not path.parent.is_dir():
             path.parent.mkdir(exist_ok=True)
             fsync_dir(self.spool)
-        write_durably(path, data)
+        with atomic_write(path, "wb", fsync=True) as f:  # durable before the C-STORE is acknowledged
+            f.write(data)
         return self.register(study_uid, sop_uid, path, calling_aet, address)
 
     def register(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
