@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from dens.errors import Reason
+from dens.errors import Reason, status_of
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class DecodePool:
                         break
                     task, next_in = (next_in, path), next_in + 1
                     if problem:
-                        done[task[0]] = Decoded(task[0], path, "error", problem)
+                        done[task[0]] = Decoded(task[0], path, status_of(problem), problem)
                         continue
                 self._send(free, task)
             while next_out in done or next_out in overtook:

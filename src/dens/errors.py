@@ -18,6 +18,8 @@ class Reason(str, Enum):
     NOT_SCREENING = "not_screening"
     MULTI_FRAME = "multi_frame"
     NOT_GRAYSCALE = "not_grayscale"
+    # A PNG/PGM/TIFF met where only DICOM was asked for (dens-infer, dens-qc without --plain-images): never read.
+    PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested"
     EMPTY_FILE = "empty_file"
     UNREADABLE = "unreadable"
     UNSUPPORTED_SYNTAX = "unsupported_transfer_syntax"
@@ -51,7 +53,21 @@ _SKIP_REASONS = {
     Reason.NOT_SCREENING,
     Reason.MULTI_FRAME,
     Reason.NOT_GRAYSCALE,
+    Reason.PLAIN_IMAGE_NOT_REQUESTED,
 }
+
+# The reason of a plain image not read (a skipped row; the option that reads it named).
+PLAIN_IMAGE_REASON = f"{Reason.PLAIN_IMAGE_NOT_REQUESTED.value}: a PNG/PGM/TIFF image; pass --plain-images to read it"
+
+
+def status_of(reason: str) -> str:
+    """The row status of a reason given as ``code: detail``: ``skipped`` for a skip reason, else ``error``
+    (a walk's problem such as a missing file, a code that is no :class:`Reason`)."""
+    code = reason.partition(": ")[0]
+    try:
+        return "skipped" if Reason(code).is_skip else "error"
+    except ValueError:
+        return "error"
 
 
 _ENGINE_FAILURES = {Reason.WORKER_CRASHED, Reason.WORKER_TIMEOUT, Reason.UNEXPECTED, Reason.OVER_MEMORY_BUDGET}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import dens
 from dens.config import PreprocessConfig
 from dens.engine import Decoded, DecodePool, in_input_order
+from dens.errors import PLAIN_IMAGE_REASON
 from dens.explain.sheet import contact_sheet
 from dens.files import atomic_write
 from dens.flags import call
@@ -31,7 +32,6 @@ from dens.preprocess import PLAIN_IMAGE_SUFFIXES
 log = logging.getLogger(__name__)
 
 FORMATS = (".png", ".jpg", ".jpeg")  # what --out may name
-PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested: a PNG/PGM/TIFF image; pass --plain-images to read it"
 _BATCH = 8  # images per model call
 _SHOWN_FAILURES = 10  # failed files listed one per line; the rest are counted
 
@@ -168,14 +168,12 @@ def decode_first(
 
     Results come in input order (:func:`in_input_order`), so which files make the sheet never depends on
     timing."""
-    unread = PLAIN_IMAGE_NOT_REQUESTED if not plain_images else ""
+    unread = PLAIN_IMAGE_REASON if not plain_images else ""
     items = ((str(p), unread if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES) else "") for p in files)
     ok = 0
     bar = tqdm(total=min(limit, len(files)), desc="dens-qc", unit="img", disable=not progress)
     with DecodePool(max(1, min(workers, len(files))), cfg, buffer=2 * _BATCH) as pool:
         for result in in_input_order(pool.map(items)):
-            if result.reason.startswith(PLAIN_IMAGE_NOT_REQUESTED):
-                result.status = "skipped"  # the pool reports an item it did not decode as an error
             ok += result.status == "ok"
             bar.update(result.status == "ok")
             yield result

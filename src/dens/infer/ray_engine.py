@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dens import labels
+from dens.errors import status_of
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def process(
 def _problem_row(path: str, problem: str) -> dict:
     return {
         "path": path,
-        "status": "error",
+        "status": status_of(problem),
         "reason": problem,
         "info": None,
         "probs": None,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dens import labels, modelcard, runs, show_progress
 from dens.config import PreprocessConfig
 from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, DecodePool, PoolError
-from dens.errors import Reason
+from dens.errors import PLAIN_IMAGE_REASON, Reason
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
 from dens.infer import aggregate, sources, walk
@@ -54,8 +54,6 @@ _RAY_WRITE_ROWS = 256
 _MAX_PENDING_FACTOR = 4
 # The reason of a plain image (PNG/PGM/TIFF) met without --plain-images: a skipped row, never decoded, so that
 # pictures in an archive (dens-infer's own Grad-CAM maps and thumbnails among them) get no density call.
-PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested"
-_PLAIN_IMAGE_REASON = f"{PLAIN_IMAGE_NOT_REQUESTED}: a PNG/PGM/TIFF image; pass --plain-images to read plain images"
 # The first bytes of a PyTorch checkpoint: a zip archive (torch.save), or a pickle (the legacy format).
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
 
@@ -296,15 +294,9 @@ def _entries(studies: Path, exclude: list[Path], shard: sources.Shard, plain_ima
         if entry.problem:
             yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}"
         elif not plain_images and entry.path.lower().endswith(walk.PLAIN_IMAGE_SUFFIXES):
-            yield entry.path, _PLAIN_IMAGE_REASON
+            yield entry.path, PLAIN_IMAGE_REASON
         else:
             yield entry.path, ""
-
-
-def _status(status: str, code: str) -> str:
-    """A row's status: the pool reports an item it was told not to decode as an error; a plain image met
-    without --plain-images is a skipped one."""
-    return "skipped" if code == PLAIN_IMAGE_NOT_REQUESTED else status
 
 
 def _append(writer: PredsWriter, rows: list[dict[str, str]], summary: Summary) -> None:
@@ -362,7 +354,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
         rows.clear()
 
     def add(result: dict) -> None:
-        status = _status(result["status"], result["reason"].partition(": ")[0])
+        status = result["status"]
         row = make_row(result["path"], status, result["reason"], result["info"], result["probs"], sha, rule, cell)
         rows.append(row)
         summary.count(status)
@@ -465,7 +457,6 @@ def _process(
             if decoded is None:
                 break
             summary.decode_s += decoded.seconds
-            decoded.status = _status(decoded.status, decoded.code)
             if decoded.status != "ok":
                 log.debug("%s: %s %s", escape_text(decoded.path), decoded.status, escape_text(decoded.reason))
             if decoded.noise:
