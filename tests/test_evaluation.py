@@ -1,4 +1,4 @@
-"""dens.train.evaluation: the levels are dens-infer's, the ROC agrees with scikit-learn, and the bootstrap
+"""dens.figures.evaluation: the levels are dens-infer's, the ROC agrees with scikit-learn, and the bootstrap
 resamples patients, narrows as the test set grows and reports per site."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from dens import exams, labels
-from dens.train import evaluation, metrics
+from dens.figures import evaluation, metrics
 
 RNG = np.random.default_rng(11)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-STAGES = ("train", "export", "infer", "explain", "synth", "serve")
+STAGES = ("train", "export", "infer", "explain", "synth", "serve", "eval")
 # dens-infer --gradcam runs Grad-CAM after inference: an arrow between stages, to explain's public entry.
 # dens-serve is dens-infer kept open as a DICOM node: its pipeline module (and only it) uses dens-infer's model
 # runtime, row writer and breast/exam CSVs, so that the node's rows and CSVs are dens-infer's.

@@ -12,7 +12,8 @@ import pytest
 
 from dens import labels, modelcard
 from dens.config import PreprocessConfig
-from dens.train import card, evaluation
+from dens.figures import evaluation
+from dens.train import card
 from dens.train.config import TrainConfig
 
 
@@ -76,8 +77,8 @@ def test_caveats_name_each_reason_not_to_trust_a_model():
 
 
 def test_a_dens_synth_cohort_is_marked_synthetic(tmp_path):
+    from dens.manifest import read_manifest
     from dens.synth import generate
-    from dens.train.data import read_manifest
 
     generate(tmp_path / "c", 1, workers=1, progress=False)
     assert modelcard.synthetic_folder(tmp_path / "c")

@@ -29,19 +29,16 @@ import dens.config
 import dens.decode
 import dens.dicom
 import dens.errors
+import dens.families
 import dens.preprocess
 from dens import labels
 from dens.engine import Decoded, DecodePool
 from dens.errors import Reason
 from dens.files import atomic_write
+from dens.manifest import MISSING_FILE, with_identity
 from dens.preprocess import PreprocessConfig
-from dens.train.data import MISSING_FILE
 
 log = logging.getLogger(__name__)
-
-
-# Where the image was taken, as its header says: the figures are reported per manufacturer and model too.
-FROM_HEADER = ("manufacturer", "manufacturer_model")
 
 
 def default_cache_dir() -> Path:
@@ -84,10 +81,10 @@ _ROUTE_LIBRARIES = (
 
 @functools.cache
 def route_version() -> str:
-    """A digest of the code that turns a file into the canonical image (preprocess, dicom, decode, errors,
-    config) and of the versions of the libraries it decodes and resizes with."""
+    """A digest of the code that turns a file into the canonical image (preprocess, families, dicom, decode,
+    errors, config) and of the versions of the libraries it decodes and resizes with."""
     digest = hashlib.sha256(dens.__version__.encode())
-    for module in (dens.preprocess, dens.dicom, dens.decode, dens.errors, dens.config):
+    for module in (dens.preprocess, dens.families, dens.dicom, dens.decode, dens.errors, dens.config):
         digest.update(Path(module.__file__).read_bytes())
     for name in _ROUTE_LIBRARIES:
         try:
@@ -168,17 +165,10 @@ def build_cache(
 
 
 def attach_cache(frame: pd.DataFrame, entries: Sequence[CacheEntry]) -> pd.DataFrame:
-    """The manifest with each image's cache file (``npy``, None when unusable), ``reason`` and ``detail``.
-
-    The identity that forms breasts and exams (:mod:`dens.exams`, as dens-infer forms them): accession,
-    study, laterality and view come from the CSV where it gives them, else from the file's header (or, for
-    laterality, its pixels) as the shared route read it.
-    """
+    """The manifest with each image's cache file (``npy``, None when unusable), ``reason`` and ``detail``,
+    and the identity that forms breasts and exams (:func:`dens.manifest.with_identity`)."""
     frame = frame.copy()
     frame["npy"] = [e.npy for e in entries]
     frame[labels.REASON] = [e.reason for e in entries]
     frame["detail"] = [e.detail for e in entries]
-    for column in (labels.ACCESSION, labels.STUDY_UID, labels.LATERALITY, labels.VIEW, *FROM_HEADER):
-        from_file = pd.Series([e.info.get(column, "") for e in entries], index=frame.index)
-        frame[column] = frame[column].where(frame[column] != "", from_file) if column in frame else from_file
-    return frame
+    return with_identity(frame, [e.info for e in entries])

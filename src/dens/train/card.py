@@ -24,7 +24,7 @@ def _figures(level: dict) -> dict:
 
 def facts(resolved: dict, info: dict, best_epoch: int, test: dict, calibration: dict) -> dict:
     """The card of a finished run: ``resolved`` is config.yaml's content, ``info`` metrics.json's ``data``,
-    ``test`` the test split's report (:func:`dens.train.evaluation.report`) and ``calibration`` the chosen
+    ``test`` the test split's report (:func:`dens.figures.evaluation.report`) and ``calibration`` the chosen
     temperature with the test split's NLL and ECE around it."""
     run = resolved["resolved"]
     return {

@@ -1,12 +1,5 @@
-"""Training data: the manifest of labelled images, the patient-grouped split, the dataset and sampler the
-loaders use, and the training augmentation.
-
-Inputs understood by :func:`read_manifest`:
-
-* the RSNA layout: ``train.csv`` (patient_id, image_id, laterality, view, density) with images at
-  ``train_images/<patient_id>/<image_id>.dcm`` beside it;
-* ``dens-synth`` output, or any CSV with a ``path`` column (relative to the CSV's folder, or absolute) and
-  ``density`` (A-D, or 1-4), optionally ``patient_id``, ``laterality``, ``view``, ``study_uid``.
+"""Training data: the patient-grouped split of the labelled images (:func:`dens.manifest.read_manifest`),
+the dataset and sampler the loaders use, and the training augmentation.
 
 The images themselves come from the decoded cache (:mod:`dens.train.cache`): every image is decoded once
 through the shared route, and epochs, validation and test read the cache.
@@ -14,8 +7,6 @@ through the shared route, and epochs, validation and test read the cache.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,87 +15,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dens import exams, labels, modelcard
-
-# Columns that name where an image was taken (CSV columns such as RSNA's, or the file's header): images and
-# figures are counted per value of each.
-GROUP_COLUMNS = ("site_id", "machine_id", "manufacturer", "manufacturer_model")
-
-log = logging.getLogger(__name__)
+from dens import labels
+from dens.manifest import LABEL, MISSING_FILE, counts, group_counts, nothing_found
 
 SPLITS = ("train", "val", "test")
-LABEL = "label"  # the class index of `density`
 SPLIT = "split"
-MISSING_FILE = "missing_file"  # the reason of a listed file that does not exist
-_NUMERIC_DENSITY = {"1": "A", "2": "B", "3": "C", "4": "D"}  # BI-RADS a-d written as 1-4 (CBIS-DDSM and others)
-
-
-# --- manifest ------------------------------------------------------------------------------------------
-
-
-def read_manifest(data: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The labelled images under ``data`` (a folder holding ``train.csv``, or a CSV file).
-
-    Returns one row per labelled image with absolute ``path``, ``density`` (A-D), ``label`` (0-3),
-    ``patient_id`` and whichever identity columns the CSV has, plus counts of what was left out.
-    Raises ValueError with a message naming the file and what to fix.
-    """
-    data = Path(data)
-    csv = data / "train.csv" if data.is_dir() else data
-    if not csv.is_file():
-        raise ValueError(
-            f"{data}: no labels found. Give a folder holding train.csv (RSNA layout or dens-synth "
-            "output) or a CSV with columns path,density[,patient_id]."
-        )
-    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    root = csv.parent
-    if labels.DENSITY not in frame.columns:
-        raise ValueError(f"{csv}: no '{labels.DENSITY}' column (columns: {', '.join(frame.columns)})")
-    if labels.PATH in frame.columns:
-        source = "csv"
-        frame[labels.PATH] = [str(p if Path(p).is_absolute() else root / p) for p in frame[labels.PATH]]
-    elif {labels.PATIENT_ID, labels.IMAGE_ID} <= set(frame.columns):
-        source = "rsna"
-        pairs = zip(frame[labels.PATIENT_ID], frame[labels.IMAGE_ID], strict=True)
-        frame[labels.PATH] = [str(root / "train_images" / p / f"{i}.dcm") for p, i in pairs]
-    else:
-        raise ValueError(
-            f"{csv}: needs a '{labels.PATH}' column, or '{labels.PATIENT_ID}' and '{labels.IMAGE_ID}' "
-            "(RSNA layout, images under train_images/<patient_id>/<image_id>.dcm)"
-        )
-
-    density = frame[labels.DENSITY].str.strip().str.upper().str.replace(r"\.0$", "", regex=True)
-    density = density.map(lambda d: _NUMERIC_DENSITY.get(d, d))
-    missing = density == ""
-    bad = ~missing & ~density.isin(labels.CLASSES)
-    if bad.any():
-        rows = ", ".join(f"line {i + 2}: {v!r}" for i, v in frame.loc[bad, labels.DENSITY].head(5).items())
-        raise ValueError(f"{csv}: {int(bad.sum())} rows have a density that is not A-D or 1-4 ({rows})")
-    frame[labels.DENSITY] = density
-    frame = frame.loc[~missing].reset_index(drop=True)
-    frame[LABEL] = frame[labels.DENSITY].map(labels.CLASSES.index).astype(np.int64)
-    if labels.PATIENT_ID not in frame.columns or (frame[labels.PATIENT_ID] == "").all():
-        log.warning(
-            "%s has no patient_id: every image counts as its own patient, so the split cannot keep a "
-            "patient's views together",
-            csv,
-        )
-        frame[labels.PATIENT_ID] = frame[labels.PATH]
-    if frame.empty:
-        raise ValueError(f"{csv}: no row has a density; nothing to train on")
-    duplicated = frame[labels.PATH].duplicated()
-    if duplicated.any():
-        first = frame.loc[duplicated, labels.PATH].iloc[0]
-        raise ValueError(f"{csv}: {int(duplicated.sum())} rows repeat a file (first: {first}); list each file once")
-    info = {
-        "csv": str(csv),
-        "source": source,
-        "rows": len(frame) + int(missing.sum()),
-        "without_density": int(missing.sum()),
-        "labelled": len(frame),
-        "synthetic": modelcard.synthetic_folder(root),
-    }
-    return frame, info
 
 
 # --- split ---------------------------------------------------------------------------------------------
@@ -150,13 +65,9 @@ def describe(frame: pd.DataFrame, csv: str | Path) -> dict:
     unusable = frame[frame["npy"].isna()]
     usable = frame[frame["npy"].notna()]
     if usable.empty and (unusable[labels.REASON] == MISSING_FILE).all():
-        raise ValueError(_nothing_found(Path(csv), frame[labels.PATH].tolist()))
+        raise ValueError(nothing_found(Path(csv), frame[labels.PATH].tolist()))
     out = {"unusable": len(unusable), "unusable_reasons": unusable[labels.REASON].value_counts().to_dict()}
-    out["groups"] = {
-        column: {str(k): int(v) for k, v in usable[column].astype(str).value_counts().sort_index().items()}
-        for column in GROUP_COLUMNS
-        if column in usable and (usable[column].astype(str) != "").any()
-    }
+    out["groups"] = group_counts(usable)
     for split in SPLITS:
         part = usable[usable[SPLIT] == split]
         if part.empty:
@@ -164,34 +75,10 @@ def describe(frame: pd.DataFrame, csv: str | Path) -> dict:
                 f"the {split} split has no usable image ({len(frame)} labelled, {len(unusable)} "
                 "unusable): give more patients"
             )
-        counts = part[labels.DENSITY].value_counts()
-        out[split] = {
-            "images": len(part),
-            "patients": int(part[labels.PATIENT_ID].nunique()),
-            "exams": len({exams.exam_key(row) for row in part.to_dict("records")}),
-            "classes": {c: int(counts.get(c, 0)) for c in labels.CLASSES},
-        }
+        out[split] = counts(part)
     out["classes_absent_from_training"] = [c for c in labels.CLASSES if not out["train"]["classes"][c]]
     out["warnings"] = class_warnings(out)
     return out
-
-
-def _nothing_found(csv: Path, paths: Sequence[str]) -> str:
-    """Where the files of a CSV none of whose files exists were looked for: relative to the CSV's folder (as
-    they are read), and whether they would exist relative to the working directory (the usual mistake: paths
-    written relative to where the CSV's author stood)."""
-    listed = [os.path.relpath(p, csv.parent) for p in paths[:1000]]
-    from_cwd = sum(os.path.exists(p) for p in listed)
-    hint = (
-        f"{from_cwd} of the first {len(listed)} exist relative to the working directory {Path.cwd()}: write "
-        "them relative to the CSV's folder, or absolute"
-        if from_cwd
-        else f"nor relative to the working directory {Path.cwd()}"
-    )
-    return (
-        f"{csv}: none of its {len(paths)} files exists. Relative paths are read relative to the CSV's folder "
-        f"{csv.parent} (the first: {paths[0]}); {hint}"
-    )
 
 
 def class_warnings(described: dict) -> list[str]:
@@ -218,16 +105,22 @@ def class_warnings(described: dict) -> list[str]:
 
 
 class CachedImages(torch.utils.data.Dataset):
-    """Canonical images from the cache: ``(uint8 [1, S, S], label)`` per item, no transformation."""
+    """Canonical images from the cache: ``(uint8 [1, H, W], label)`` per item, no transformation. ``tables``:
+    each item's grey table (version 3's family map, :func:`dens.families.lookup`), applied to the cached
+    canvas as :func:`dens.preprocess.load` applies it; None: the cached canvas is the canonical image."""
 
-    def __init__(self, files: Sequence[str], targets: Sequence[int]):
+    def __init__(self, files: Sequence[str], targets: Sequence[int], tables: Sequence[np.ndarray] | None = None):
         self.files, self.targets = list(files), np.asarray(targets, np.int64)
+        self.tables = None if tables is None else list(tables)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.load(self.files[i]))[None], int(self.targets[i])
+        image = np.load(self.files[i])
+        if self.tables is not None:
+            image = self.tables[i][image]
+        return torch.from_numpy(image)[None], int(self.targets[i])
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -1,10 +1,10 @@
-"""Every figure `dens-train` reports, computed from labels and probabilities with numpy.
+"""Every figure dens-train and dens-eval report, computed from labels and probabilities with numpy.
 
 One confusion matrix feeds all the class metrics, so they cannot disagree with each other; the tests hold
 them equal to scikit-learn's on fixed inputs. Dense-vs-not is the density call's (the argmax is C or D),
 the rule behind dens-infer's ``dense`` column and its default flag, so the training figures describe what a
 deployed model calls dense. The levels (image, breast, exam), their intervals and the per-site figures are
-:mod:`dens.train.evaluation`'s.
+:mod:`dens.figures.evaluation`'s.
 Temperature scaling (Guo et al. 2017) is fitted on validation logits, kept only when it lowers their NLL
 (:func:`choose_temperature`), and stored in the checkpoint.
 """

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels
+from dens.figures import metrics
+from dens.manifest import GROUP_COLUMNS
 from dens.model import softmax
-from dens.train import metrics
-from dens.train.data import GROUP_COLUMNS
 
 LEVELS = ("image", "breast", "exam")
 RESAMPLES = 1000  # bootstrap draws: the 2.5th and 97.5th percentiles move by well under 0.01 beyond this
@@ -108,7 +108,7 @@ def roc_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def figures(level: Level) -> dict:
-    """:func:`dens.train.metrics.evaluate` and the dense ROC AUC of one level."""
+    """:func:`dens.figures.metrics.evaluate` and the dense ROC AUC of one level."""
     out = metrics.evaluate(level.probs, level.y)
     out["dense"]["auc"] = roc_auc(np.isin(level.y, metrics.DENSE_INDEX), p_dense(level.probs))
     return out

@@ -1,5 +1,6 @@
-"""PNG figures of a run: confusion matrices (raw and row-normalised), the dense ROC, the reliability diagram,
-the class distribution per split and the loss/accuracy/learning-rate curves.
+"""PNG figures: of a scored split (dens-train's test split, dens-eval's set), the confusion matrices (raw
+and row-normalised) per level, the dense ROC and the reliability diagram (:func:`split_pngs`); of a training
+run, the class distribution per split and the loss/accuracy/learning-rate curves.
 
 Each figure is drawn on its own Agg canvas, never through pyplot: no display is needed on a training
 machine, and importing this module selects no backend for the process that imports it.
@@ -10,12 +11,49 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from dens.figures import evaluation
+from dens.figures.metrics import ECE_BINS
 from dens.labels import CLASSES
-from dens.train.metrics import ECE_BINS
+from dens.model import softmax
+
+
+def split_pngs(
+    out_dir: str | Path,
+    report: dict,
+    images: pd.DataFrame,
+    logits: np.ndarray,
+    y: np.ndarray,
+    temperature: float,
+    name: str = "test",
+) -> list[Path]:
+    """The figures of one scored split into ``out_dir``: ``confusion_<level>.png`` and
+    ``confusion_<level>_normalised.png`` per level, ``roc_dense.png`` and ``reliability.png``. ``report``:
+    :func:`dens.figures.evaluation.report` of the same ``images``, ``logits``, ``y`` and ``temperature``;
+    ``name`` heads every figure's title."""
+    out_dir = Path(out_dir)
+    written = []
+    for level in evaluation.LEVELS:
+        title = f"{name}, {level} level"
+        cm, normalised = report[level]["confusion"], report[level]["confusion_normalised"]
+        written.append(confusion_png(cm, out_dir / f"confusion_{level}.png", normalised=False, title=title))
+        written.append(
+            confusion_png(
+                normalised,
+                out_dir / f"confusion_{level}_normalised.png",
+                normalised=True,
+                title=f"{title} (row-normalised)",
+            )
+        )
+    curves = evaluation.curves(images, logits, y, temperature)
+    written.append(roc_png(curves, report, out_dir / "roc_dense.png", name=name))
+    before, after = softmax(logits), softmax(logits, temperature)
+    written.append(reliability_png(before, after, y, temperature, out_dir / "reliability.png", name=name))
+    return written
 
 
 def confusion_png(cm: list | np.ndarray, path: str | Path, *, normalised: bool, title: str) -> Path:
@@ -79,9 +117,9 @@ def curves_png(history: list[dict], out_dir: str | Path, best_epoch: int | None 
     return written
 
 
-def roc_png(curves: dict[str, dict], test: dict, path: str | Path) -> Path:
+def roc_png(curves: dict[str, dict], test: dict, path: str | Path, name: str = "test") -> Path:
     """The dense-vs-not ROC curve of p_dense at each level, its AUC with the 95% interval in the legend, and
-    the density call's operating point (argmax C or D) on each curve."""
+    the density call's operating point (argmax C or D) on each curve; ``name`` heads the title."""
     fig, ax = _figure(figsize=(4.8, 4.6))
     for level, curve in curves.items():
         auc = test[level]["dense"].get("auc")
@@ -95,15 +133,20 @@ def roc_png(curves: dict[str, dict], test: dict, path: str | Path) -> Path:
             ax.plot([x], [y], marker="o", color=line.get_color(), markeredgecolor="black")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.plot([], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="the call (C or D)")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="test: dense (C/D) vs not", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="1 - specificity", ylabel="sensitivity", title=f"{name}: dense (C/D) vs not", xlim=(0, 1), ylim=(0, 1)
+    )
     ax.legend(fontsize="small", loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def reliability_png(before: np.ndarray, after: np.ndarray, y: np.ndarray, temperature: float, path: str | Path) -> Path:
-    """Reliability diagram of the test split: accuracy against confidence of the top class, in equal-width
-    bins, before and after dividing the logits by the temperature, with how many images each bin holds."""
+def reliability_png(
+    before: np.ndarray, after: np.ndarray, y: np.ndarray, temperature: float, path: str | Path, name: str = "test"
+) -> Path:
+    """Reliability diagram of a split (``name``): accuracy against confidence of the top class, in
+    equal-width bins, before and after dividing the logits by the temperature, with how many images each bin
+    holds."""
     fig = Figure(figsize=(5, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -119,7 +162,7 @@ def reliability_png(before: np.ndarray, after: np.ndarray, y: np.ndarray, temper
         ax.plot(mean_conf, accuracy, marker="o", label=label)
         counts.bar(centres, n, width=1 / ECE_BINS, alpha=0.5, label=label)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
-    ax.set(ylabel="accuracy", title="test: reliability of the top class", xlim=(0, 1), ylim=(0, 1))
+    ax.set(ylabel="accuracy", title=f"{name}: reliability of the top class", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     counts.set(xlabel="confidence (top-class probability)", ylabel="images")
