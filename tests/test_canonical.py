@@ -32,7 +32,7 @@ def _in_breast(image: np.ndarray) -> tuple[float, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def canonical(real_mammo) -> dict[tuple[str, str], tuple[np.ndarray, preprocess.ImageInfo]]:
-    routes = {"v1": V1, "v2": PreprocessConfig()}
+    routes = {"v1": V1, "v2": PreprocessConfig(version=2)}
     return {(n, r): preprocess.load(real_mammo / n, cfg) for n in [*DIGITAL, FILM] for r, cfg in routes.items()}
 
 

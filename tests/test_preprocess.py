@@ -351,7 +351,8 @@ def test_plain_images_take_the_same_route(make_dicom, breast, tmp_path):
         assert cv2.imwrite(str(tmp_path / name), pixels)
         files[name] = tmp_path / name
     for reduce in (False, True):
-        cfg = PreprocessConfig(size=64, reduce=reduce)
+        # Version 2 takes min-max on both (version 3 divides a 16-bit file by the depth its values use).
+        cfg = PreprocessConfig(version=2, size=64, reduce=reduce)
         # No BitsStored in a PNG: 16 bits nominal, which is where the low-pass overshoot is clipped.
         dicom16, _ = preprocess.load(make_dicom(stored, bits_stored=16), cfg)
         dicom8, _ = preprocess.load(make_dicom(eight), cfg)
@@ -494,10 +495,19 @@ def test_an_old_config_without_version_keeps_its_square_route():
     cfg = PreprocessConfig.from_dict(old)
     assert cfg.version == 1 and cfg.shape == (256, 256) and cfg.to_dict() == old  # and so its cache key
     new = PreprocessConfig()
-    assert new.version == 2 and new.shape == (736, 352) and PreprocessConfig.from_dict(new.to_dict()) == new
+    assert new.version == 3 and new.shape == (736, 352) and PreprocessConfig.from_dict(new.to_dict()) == new
+    fitted = new.fitted((("plain/8-bit", 0.1, 0.8), ("*", 0.1, 0.8)))
+    assert PreprocessConfig.from_dict(fitted.to_dict()) == fitted and fitted.key() != new.key()
+    assert fitted.unfitted() == new
+    v2 = PreprocessConfig(version=2)
+    assert "families" not in v2.to_dict() and PreprocessConfig.from_dict(v2.to_dict()) == v2
     assert PreprocessConfig(size=64).shape == (64, 64)
-    with pytest.raises(ValueError, match="version 3"):
-        PreprocessConfig.from_dict({**new.to_dict(), "version": 3})
+    with pytest.raises(ValueError, match="version 4"):
+        PreprocessConfig.from_dict({**new.to_dict(), "version": 4})
+    with pytest.raises(ValueError, match="family grey maps"):
+        PreprocessConfig(version=2, families={"*": [0.1, 0.8]})
+    with pytest.raises(ValueError, match="fat < dense"):
+        PreprocessConfig(families={"*": [0.8, 0.1]})
     with pytest.raises(ValueError, match="square"):
         PreprocessConfig(version=1, height=512, width=256)
 
@@ -506,7 +516,7 @@ def test_version_1_is_the_route_it_was(make_dicom, breast):
     """An old model's route: the square canvas and the VOI output as they were (no harmonisation)."""
     path = make_dicom(breast(300, 240), bits_stored=12)
     old, _ = preprocess.load(path, PreprocessConfig(version=1, size=96, reduce=False, crop=False))
-    new, _ = preprocess.load(path, PreprocessConfig(size=96, reduce=False, crop=False))
+    new, _ = preprocess.load(path, PreprocessConfig(version=2, size=96, reduce=False, crop=False))
     assert old.shape == new.shape == (96, 96) and not np.array_equal(old, new)
     unit = preprocess.min_max(pydicom.dcmread(path).pixel_array)  # no window: min-max is the VOI
     expected = np.rint(preprocess.fit_to_canvas(unit, 96, 96) * 255).astype(np.uint8)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from dens import labels, synth
+from dens import families, labels, manifest, synth
 from dens.model import build_model, load_checkpoint
 from dens.preprocess import PreprocessConfig, load
 from dens.train import cache, cli, data, loop
@@ -74,7 +74,7 @@ def test_rsna_layout_skips_and_counts_rows_without_density(tmp_path):
         }
     )
     rows.to_csv(tmp_path / "train.csv", index=False)
-    frame, info = data.read_manifest(tmp_path)
+    frame, info = manifest.read_manifest(tmp_path)
     assert info["without_density"] == 1 and info["labelled"] == 2 and info["source"] == "rsna"
     assert frame[labels.PATH].tolist() == [
         str(tmp_path / "train_images/10006/462822612.dcm"),
@@ -88,15 +88,15 @@ def test_generic_csv_paths_relative_to_it_numeric_density_and_no_patient(tmp_pat
         tmp_path / "labels.csv", index=False
     )
     with caplog.at_level(logging.WARNING):
-        frame, _ = data.read_manifest(tmp_path / "labels.csv")
+        frame, _ = manifest.read_manifest(tmp_path / "labels.csv")
     assert frame[labels.DENSITY].tolist() == ["A", "D", "C"]
     assert frame[labels.PATH].tolist() == [str(tmp_path / "a.png"), "/abs/b.png", str(tmp_path / "c.png")]
     assert frame[labels.PATIENT_ID].is_unique and "no patient_id" in caplog.text
     pd.DataFrame({"path": ["a.png", "b.png"], "density": ["B", "E"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match=r"bad.csv: 1 rows have a density.*line 3: 'E'"):
-        data.read_manifest(tmp_path / "bad.csv")
+        manifest.read_manifest(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="no labels found"):
-        data.read_manifest(tmp_path / "missing")
+        manifest.read_manifest(tmp_path / "missing")
 
 
 def test_a_csv_whose_files_are_all_missing_says_where_it_looked(tmp_path, monkeypatch):
@@ -182,11 +182,15 @@ def test_cache_is_bit_equal_to_the_shared_route_and_reused(trained, cohort):
     cfg, result = trained
     split = pd.read_csv(Path(cfg.out) / "split.csv", dtype=str, keep_default_na=False)
     paths = split[labels.PATH].tolist()
-    entries, decoded = cache.build_cache(paths, PreprocessConfig(size=SIZE), cfg.cache, workers=2, progress=False)
+    fitted = load_checkpoint(Path(cfg.out) / "best.pt").preprocess
+    assert fitted.families and fitted.unfitted() == PreprocessConfig(size=SIZE)  # fitted on the train split
+    # The cache keeps the canvases before the family grey maps; training applies each image's table to them.
+    entries, decoded = cache.build_cache(paths, fitted.unfitted(), cfg.cache, workers=2, progress=False)
     assert decoded == 0 and result["data"]["decoded_now"] == len(paths)
     val = split.index[split[data.SPLIT] == "val"]
-    item = data.CachedImages([entries[i].npy for i in val], [0] * len(val))[0][0]
-    expected, _ = load(paths[val[0]], PreprocessConfig(size=SIZE))
+    tables = [families.lookup(fitted.families, entries[i].info["family"])[0] for i in val]
+    item = data.CachedImages([entries[i].npy for i in val], [0] * len(val), tables)[0][0]
+    expected, _ = load(paths[val[0]], fitted)  # an inference worker, with the model's own config
     assert item.dtype == torch.uint8 and item.shape == (1, SIZE, SIZE)
     np.testing.assert_array_equal(item[0].numpy(), expected)  # what inference sees, bit for bit
 
@@ -444,7 +448,10 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert config["resolved"]["precision"] == "fp32"
     best = load_checkpoint(out / "best.pt")
     assert best.temperature == pytest.approx(cal["temperature"])
-    assert best.preprocess == PreprocessConfig(size=SIZE) and tuple(best.classes) == labels.CLASSES
+    assert best.preprocess.unfitted() == PreprocessConfig(size=SIZE) and tuple(best.classes) == labels.CLASSES
+    fitted = saved["data"]["families"]["fitted"]
+    assert {key: [v["fat"], v["dense"]] for key, v in fitted.items()} == best.preprocess.to_dict()["families"]
+    assert set(split["harmonisation"]) <= {"family", "fallback"} and split["family"].str.len().min() > 0
     assert best.summary["data"] == {s: saved["data"][s]["images"] for s in data.SPLITS}
     assert best.summary["test"]["image"]["kappa_quadratic"] == pytest.approx(saved["test"]["image"]["kappa_quadratic"])
     assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none" and best.summary["from_scratch"]
@@ -506,9 +513,9 @@ def test_cli_flags_override_the_yaml_file_which_overrides_the_recipe(tmp_path, m
 
 
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
-    # A notebook or a GUI that imports dens.train keeps its own backend; the PNGs are still written.
+    # A notebook or a GUI that imports dens.figures keeps its own backend; the PNGs are still written.
     code = (
-        "import matplotlib, sys; from dens.train import plots; "
+        "import matplotlib, sys; from dens.figures import plots; "
         "plots.confusion_png([[1] * 4] * 4, sys.argv[1], normalised=False, title='t'); "
         "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
     )

@@ -13,9 +13,11 @@ from typing import Any
 
 # The routes a config can name. 1: a square S x S canvas, the crop keeps the largest bright component,
 # VOI output as is (every model exported before version 2 existed). 2: an H x W canvas, a crop that drops
-# film labels, rulers and film edges, and the in-breast grey range harmonised after VOI.
-VERSIONS = (1, 2)
-VERSION = 2
+# film labels, rulers and film edges, and the in-breast grey range harmonised after VOI. 3: version 2's canvas
+# and crop, the background outside the breast black, and the greys mapped by one fixed line per acquisition
+# family (dens.families), fitted on the training images and carried in ``families``: a breast keeps its density.
+VERSIONS = (1, 2, 3)
+VERSION = 3
 # About 512 x 512's pixel count (98.8%) on a 2:1 canvas, both sides multiples of a ResNet's stride of 32.
 HEIGHT, WIDTH = 736, 352
 
@@ -40,6 +42,9 @@ class PreprocessConfig:
     crop_margin: float
     # Flip so the chest wall is on the left edge of every canonical image.
     orient: bool
+    # Version 3: each acquisition family's grey line, ``(key, fat grey, dense grey)``, fitted on the training
+    # images (dens.families.fit); () before the fit, when greys stay as VOI gives them.
+    families: tuple[tuple[str, float, float], ...]
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class PreprocessConfig:
         crop: bool = True,
         crop_margin: float = 0.02,
         orient: bool = True,
+        families: tuple | dict = (),
     ) -> None:
         if size is not None and (height is not None or width is not None):
             raise ValueError("PreprocessConfig takes size (a square canvas) or height and width, not both")
@@ -68,6 +74,7 @@ class PreprocessConfig:
             "crop": crop,
             "crop_margin": crop_margin,
             "orient": orient,
+            "families": _families(families),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -86,6 +93,8 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig version 1 has a square canvas; got {self.height}x{self.width}")
         if not 0 <= self.max_reduce_levels <= 8:
             raise ValueError(f"PreprocessConfig.max_reduce_levels must be in 0..8, got {self.max_reduce_levels}")
+        if self.families and self.version < 3:
+            raise ValueError(f"PreprocessConfig version {self.version} has no family grey maps (version 3 has)")
         if not 0.0 <= self.crop_margin < 0.5:
             raise ValueError(f"PreprocessConfig.crop_margin must be in [0, 0.5), got {self.crop_margin}")
 
@@ -103,6 +112,9 @@ class PreprocessConfig:
         """The JSON-able settings. Version 1 writes the keys it always wrote (``size``, no version), so its
         cache keys and metadata stay what they were."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        families = data.pop("families")
+        if self.version >= 3:
+            data["families"] = {key: [lo, hi] for key, lo, hi in families}
         if self.version == 1:
             del data["version"], data["height"], data["width"]
             data = {"size": self.height, **data}
@@ -118,7 +130,32 @@ class PreprocessConfig:
             raise ValueError(f"unknown PreprocessConfig keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{"version": 1, **data})
 
+    def unfitted(self) -> PreprocessConfig:
+        """This config without its family grey maps: the canvas before the maps, which the decoded cache keeps
+        (the maps are a table applied to it, so a refit never decodes again)."""
+        return dataclasses.replace(self, families=())
+
+    def fitted(self, families: tuple) -> PreprocessConfig:
+        """This config with ``families`` (dens.families.fit) as its grey maps."""
+        return dataclasses.replace(self, families=families)
+
     def key(self) -> str:
         """A short stable digest, for cache keys."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _families(value: tuple | dict) -> tuple[tuple[str, float, float], ...]:
+    """``families`` from a dict (JSON: ``{key: [fat, dense]}``) or a tuple of ``(key, fat, dense)``, checked."""
+    items = [(k, *v) for k, v in value.items()] if isinstance(value, dict) else list(value)
+    out = []
+    for item in items:
+        try:
+            key, lo, hi = item
+            key, lo, hi = str(key), float(lo), float(hi)
+        except (TypeError, ValueError):
+            raise ValueError(f"PreprocessConfig.families: expected (key, fat grey, dense grey), got {item!r}") from None
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"PreprocessConfig.families[{key!r}]: greys must satisfy 0 <= fat < dense <= 1")
+        out.append((key, lo, hi))
+    return tuple(out)

@@ -18,7 +18,7 @@ class Reason(str, Enum):
     NOT_SCREENING = "not_screening"
     MULTI_FRAME = "multi_frame"
     NOT_GRAYSCALE = "not_grayscale"
-    # A PNG/PGM/TIFF met where only DICOM was asked for (dens-infer, dens-qc without --plain-images): never read.
+    # A PNG/PGM/TIFF/JPEG met where only DICOM was asked for (dens-infer, dens-qc without --plain-images): never read.
     PLAIN_IMAGE_NOT_REQUESTED = "plain_image_not_requested"
     EMPTY_FILE = "empty_file"
     UNREADABLE = "unreadable"
@@ -57,7 +57,9 @@ _SKIP_REASONS = {
 }
 
 # The reason of a plain image not read (a skipped row; the option that reads it named).
-PLAIN_IMAGE_REASON = f"{Reason.PLAIN_IMAGE_NOT_REQUESTED.value}: a PNG/PGM/TIFF image; pass --plain-images to read it"
+PLAIN_IMAGE_REASON = (
+    f"{Reason.PLAIN_IMAGE_NOT_REQUESTED.value}: a PNG/PGM/TIFF/JPEG image; pass --plain-images to read it"
+)
 
 
 def status_of(reason: str) -> str:

@@ -4,10 +4,12 @@ Training, validation, inference and Grad-CAM all call :func:`load`; augmentation
 training only. numpy/OpenCV only, never torch, so decode workers stay light.
 
 Steps: decode (reduced resolution where it is cheap) -> Modality LUT -> VOI (window or LUT, min-max when
-there is none) -> MONOCHROME1 inverted -> breast crop -> in-breast grey range harmonised -> chest wall to
-the left -> aspect-preserving resize onto the H x W canvas, padded -> uint8. ``PreprocessConfig.version``
-names the route: version 1 (square canvas, no harmonisation, the crop of the largest bright component)
-stays as it was, so a model trained on it sees what it saw.
+there is none) -> MONOCHROME1 inverted -> breast crop -> chest wall to the left -> aspect-preserving resize
+onto the H x W canvas, padded -> uint8 -> (version 3) background outside the breast black, and the greys
+mapped by the image's acquisition family's fixed line (:mod:`dens.families`). ``PreprocessConfig.version``
+names the route, and older routes stay as they were, so a model trained on one sees what it saw: version 1
+(square canvas, greys as VOI gives them, the crop of the largest bright component), version 2 (each image's
+own in-breast range stretched onto one target before the resize).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dens import decode, dicom
+from dens import decode, dicom, families
 from dens.config import VERSION, PreprocessConfig
 from dens.errors import Reason, UnusableFile
 
 __all__ = ["IDENTITY_KEYS", "PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
 
-PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
+PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff", ".jpg", ".jpeg")
 # A first guess of how much of the image's long side the breast spans, so that most files decode once;
 # the measured breast box corrects it when the guess was too deep.
 _ASSUMED_BREAST_FILL = 0.8
@@ -35,10 +37,6 @@ _MASK_SIDE = 256  # the breast is found on a thumbnail of this long side
 # Film labels, rulers and film edges are cut from the breast by an opening this wide (of the thumbnail's long
 # side): wider than a label's stroke or an edge strip, far narrower than any breast.
 _CUT_FRACTION = 0.035
-HARMONISE_PERCENTILES = (2.0, 98.0)
-# Where the in-breast 2nd and 98th percentiles land after harmonisation: darker than 0.1 is background.
-HARMONISE_TARGET = (0.1, 0.9)
-HARMONISE_MAX_GAIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,11 @@ class ImageInfo:
     reduce_level: int = 0
     flipped: bool = False
     crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 in full-resolution pixels
+    # The acquisition family (dens.families), the in-breast 2nd/98th percentile greys after VOI that its
+    # grey map is fitted on, and how the greys were harmonised (families.FAMILY, FALLBACK, NONE or IMAGE).
+    family: str = ""
+    breast_levels: tuple[float, float] = (0.0, 0.0)
+    harmonisation: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,43 +225,37 @@ def mask_of(small: np.ndarray, version: int = VERSION) -> np.ndarray:
     else:
         side = max(3, int(_CUT_FRACTION * max(thumb.shape)) | 1)
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
-    mask = cv2.morphologyEx(bright, cv2.MORPH_OPEN, kernel)
+    # Version 3 opens with black beyond the image, so a strip along the border (a film's edge, a scanner's
+    # frame) is as thin as it looks and goes; versions 1-2 took the border as bright, keeping such strips.
+    border = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0} if version >= 3 else {}
+    mask = cv2.morphologyEx(bright, cv2.MORPH_OPEN, kernel, **border)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         return np.zeros_like(mask, dtype=bool)
     largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    if version != 1:
-        largest = cv2.dilate(largest, kernel) & bright
-    return largest.astype(bool)
+    if version == 1:
+        return largest.astype(bool)
+    regrown = cv2.dilate(largest, kernel) & bright
+    if version >= 3:
+        # A film's bright unexposed edge runs along the image's border and touches the breast there: within a
+        # kernel of the border only what survived the opening stays (the breast, not a strip along it).
+        band = np.zeros_like(regrown)
+        k = kernel.shape[0]
+        band[:k], band[-k:], band[:, :k], band[:, -k:] = 1, 1, 1, 1
+        regrown = np.where(band > 0, largest, regrown)
+    return regrown.astype(bool)
 
 
 def in_breast_levels(small: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """The in-breast 2nd and 98th percentile grey of a :func:`thumbnail` (``small``, [0, 1]) under ``mask``."""
-    values = small[mask]
-    if values.size < 16:
-        return 0.0, 1.0
-    lo, hi = np.percentile(values, HARMONISE_PERCENTILES)
-    return float(lo), float(hi)
+    return families.levels(small[mask])
 
 
 def harmonise(unit: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map the in-breast grey range ``lo``..``hi`` (2nd-98th percentile after VOI) onto
-    :data:`HARMONISE_TARGET`, linearly, clipped to [0, 1], so every vendor and film uses the range alike.
-
-    The guard that keeps density: the map is one straight line for the whole breast, so the order and the
-    relative spacing of greys inside a breast stay as VOI left them; a dense breast, whose bulk lies near its
-    98th percentile, keeps a higher mean grey than a fatty one, whose bulk lies near its 2nd. Its anchor is
-    the dark end, the subcutaneous fat every breast has at its periphery, and its gain is capped at
-    :data:`HARMONISE_MAX_GAIN`: a breast with little above fat (a narrow span) is not stretched until its few
-    strands look like dense tissue; it stays dark. Greys below ``lo`` (background, film base) go linearly
-    onto 0..``t_lo``, so the canvas's black padding and a digital background stay alike.
-    """
-    t_lo, t_hi = HARMONISE_TARGET
-    gain = min(HARMONISE_MAX_GAIN, (t_hi - t_lo) / max(hi - lo, 1e-6))
-    out = (unit - np.float32(lo)) * np.float32(gain) + np.float32(t_lo)
-    if lo > 0:  # below the breast's darkest grey (background): onto 0..t_lo, so black stays black
-        out = np.where(unit < lo, unit * np.float32(t_lo / lo), out)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    """Version 2: map this image's own in-breast grey range ``lo``..``hi`` (2nd-98th percentile after VOI) onto
+    one target by :func:`dens.families.line`. Per image, it takes the vendor out and much of the density with
+    it (a dense and a fatty breast end up spanning the same greys); version 3 uses one line per family."""
+    return families.line(unit, lo, hi)
 
 
 def _box(mask: np.ndarray, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
@@ -299,18 +296,57 @@ def _needed_level(breast_long_full: float, cfg: PreprocessConfig) -> int:
     return level
 
 
+def placement(h: int, w: int, height: int, width: int) -> tuple[int, int, int]:
+    """Where :func:`fit_to_canvas` puts an ``h x w`` image: its resized height and width, and its top row."""
+    scale = min(height / h, width / w)
+    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
+    return nh, nw, (height - nh) // 2
+
+
 def fit_to_canvas(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Aspect-preserving resize to fit ``height x width``, left-aligned (chest wall), vertically centred,
     zero-padded."""
     h, w = image.shape
-    scale = min(height / h, width / w)
-    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    nh, nw, top = placement(h, w, height, width)
+    interp = cv2.INTER_AREA if min(height / h, width / w) < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (nw, nh), interpolation=interp)
     canvas = np.zeros((height, width), dtype=image.dtype)
-    top = (height - nh) // 2
     canvas[top : top + nh, :nw] = resized
     return canvas
+
+
+def breast_on_canvas(
+    mask: np.ndarray,
+    unit_shape: tuple[int, int],
+    box: tuple[int, int, int, int],
+    flipped: bool,
+    canvas: tuple[int, int],
+) -> np.ndarray:
+    """The thumbnail's breast ``mask`` where :func:`fit_to_canvas` puts the cropped (and ``flipped``) image: a
+    float32 ``canvas``-sized weight, 1 inside the breast, 0 outside, soft over a few thumbnail pixels at the skin
+    line. Holes in the mask are filled first (a dark fat lobule is breast)."""
+    filled = np.zeros(mask.shape, np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    # Grown by a thumbnail pixel and softened over two more: the skin line stays whole, and the mask's thumbnail
+    # steps do not show as a staircase on the canvas.
+    filled = cv2.GaussianBlur(cv2.dilate(filled, np.ones((3, 3), np.uint8)).astype(np.float32), (5, 5), 1.0)
+    (uh, uw), (y0, y1, x0, x1) = unit_shape, box
+    nh, nw, top = placement(y1 - y0, x1 - x0, *canvas)
+    sy, sx = mask.shape[0] / uh, mask.shape[1] / uw
+    # Canvas pixel -> crop pixel (cv2.resize's pixel-centre mapping) -> unit pixel -> thumbnail pixel.
+    ky, kx = (y1 - y0) / nh, (x1 - x0) / nw
+    ay, by = sy * ky, sy * (y0 + 0.5 * ky - top * ky) - 0.5
+    if flipped:
+        ax, bx = -sx * kx, sx * (x1 - 0.5 * kx) - 0.5
+    else:
+        ax, bx = sx * kx, sx * (x0 + 0.5 * kx) - 0.5
+    to_thumb = np.array([[ax, 0.0, bx], [0.0, ay, by]], np.float64)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    weight = cv2.warpAffine(filled, to_thumb, (canvas[1], canvas[0]), flags=flags, borderValue=0)
+    weight[:top] = weight[top + nh :] = 0
+    weight[:, nw:] = 0
+    return weight
 
 
 # --- plain images (PNG, PGM, TIFF) ----------------------------------------------------------------
@@ -320,6 +356,7 @@ def fit_to_canvas(image: np.ndarray, height: int, width: int) -> np.ndarray:
 class _PlainImage:
     path: str
     pixels: np.ndarray
+    decoder: str = "opencv"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -328,23 +365,48 @@ class _PlainImage:
     def decode(self, level: int) -> tuple[np.ndarray, int, str]:
         # Clip the low-pass overshoot to the file's range, as the DICOM routes clip to BitsStored's.
         pixels = np.clip(decode.reduce_like_j2k(self.pixels, level), 0, np.iinfo(self.pixels.dtype).max)
-        return pixels, level, f"opencv:lowpass{level}" if level else "opencv"
+        return pixels, level, f"{self.decoder}:lowpass{level}" if level else self.decoder
 
-    def to_unit(self, pixels: np.ndarray) -> np.ndarray:
-        # 8-bit files are display-ready; 16-bit ones often hold 10-14 bits, so stretch them.
+    @property
+    def family(self) -> str:
+        return families.of_plain(self.pixels.dtype)
+
+    def to_unit(self, pixels: np.ndarray, version: int) -> np.ndarray:
+        # 8-bit files are display-ready. 16-bit ones (12-bit JPEG, 16-bit PNG) often hold 10-14 bits: versions
+        # 1-2 stretch each image's range; version 3 divides by the depth the values use (an even number of
+        # bits, 10 at least), so a dense breast is not stretched like a fatty one.
         if self.pixels.dtype == np.uint8:
             return (pixels / 255.0).astype(np.float32)
-        return min_max(pixels)
+        if version < 3:
+            return min_max(pixels)
+        bits = max(10, int(self.pixels.max()).bit_length() + 1) & ~1
+        return (pixels / float((1 << bits) - 1)).astype(np.float32)
 
 
 def _read_plain(path: str) -> _PlainImage:
-    pixels = cv2.imread(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE)
+    pixels, decoder = cv2.imread(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE), "opencv"
+    if pixels is None and path.lower().endswith((".jpg", ".jpeg")):
+        pixels, decoder = _read_jpeg12(path), "libjpeg"
     if pixels is None or pixels.size == 0:
         reason = Reason.EMPTY_FILE if Path(path).stat().st_size == 0 else Reason.CORRUPT_PIXELS
         raise UnusableFile(reason, "OpenCV could not read this image file", path)
     if pixels.dtype not in (np.uint8, np.uint16):
         raise UnusableFile(Reason.NOT_GRAYSCALE, f"unsupported pixel type {pixels.dtype}", path)
-    return _PlainImage(path, pixels)
+    return _PlainImage(path, pixels, decoder)
+
+
+def _read_jpeg12(path: str) -> np.ndarray | None:
+    """A 12-bit JPEG (as public mammogram sets ship), which OpenCV does not read: libjpeg's decoder, which
+    reads the DICOM JPEG syntaxes too. None when it cannot read it either."""
+    from libjpeg import decode as jpeg_decode  # imported here: DICOM decoding reaches it through pydicom
+
+    try:
+        pixels = jpeg_decode(Path(path).read_bytes())
+    except (RuntimeError, ValueError, OSError):
+        return None
+    if pixels.ndim == 3:
+        raise UnusableFile(Reason.NOT_GRAYSCALE, f"a {pixels.shape[2]}-channel 12-bit JPEG, not a grey image", path)
+    return pixels
 
 
 # --- the route -----------------------------------------------------------------------------------
@@ -353,7 +415,7 @@ def _read_plain(path: str) -> _PlainImage:
 def load(
     path: str | Path, cfg: PreprocessConfig | None = None, *, memory_budget: int | None = None
 ) -> tuple[np.ndarray, ImageInfo]:
-    """Turn a DICOM (or PNG/PGM/TIFF) file into the canonical ``uint8 [height, width]`` image and its info.
+    """Turn a DICOM (or PNG/PGM/TIFF/JPEG) file into the canonical ``uint8 [height, width]`` image and its info.
 
     Raises :class:`dens.errors.UnusableFile` (with a reason code) for files that yield no image; once the
     DICOM header was read, the error carries the file's identity (:data:`IDENTITY_KEYS`), whatever failed
@@ -364,14 +426,16 @@ def load(
     path = str(path)
     if path.lower().endswith(PLAIN_IMAGE_SUFFIXES):
         source = _read_plain(path)
-        unit_of: Callable[[np.ndarray], np.ndarray] = source.to_unit
+        unit_of: Callable[[np.ndarray], np.ndarray] = lambda px: source.to_unit(px, cfg.version)  # noqa: E731
         tags: dict = {"path": path}
+        family = source.family
     else:
         source = dicom.read(path, memory_budget=memory_budget)
         unit_of = lambda px: to_unit(px, source.ds)  # noqa: E731
         tags = source.identity
+        family = families.of_dicom(source.ds)
     try:
-        return _canonical(source, unit_of, tags, cfg)
+        return _canonical(source, unit_of, tags, family, cfg)
     except UnusableFile as exc:
         raise exc.with_identity(tags if len(tags) > 1 else None) from exc.__cause__
     except MemoryError as exc:
@@ -385,7 +449,7 @@ def load(
         raise UnusableFile(Reason.UNEXPECTED, decode.first_cause(exc), path, identity=tags) from exc
 
 
-def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, cfg: PreprocessConfig):
+def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, family: str, cfg: PreprocessConfig):
     rows, cols = source.shape
     level = initial_level(rows, cols, cfg)
     while True:
@@ -413,13 +477,20 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
 
     y0, y1, x0, x1 = box
     image = unit[y0:y1, x0:x1]
-    if cfg.version >= 2:
-        image = harmonise(image, *in_breast_levels(small, mask))
+    levels = in_breast_levels(small, mask)
+    harmonisation = families.NONE
+    if cfg.version == 2:
+        image, harmonisation = harmonise(image, *levels), families.IMAGE
     flipped = cfg.orient and side == "right"
     if flipped:
         image = image[:, ::-1]
     canvas = fit_to_canvas(np.ascontiguousarray(image), cfg.height, cfg.width)
+    if cfg.version >= 3:
+        canvas *= breast_on_canvas(mask, unit.shape, box, flipped, cfg.shape)
     canonical = np.rint(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+    if cfg.version >= 3:
+        table, harmonisation = families.lookup(cfg.families, family)
+        canonical = table[canonical]
 
     factor = 2**reached
     info = ImageInfo(
@@ -428,5 +499,8 @@ def _canonical(source, unit_of: Callable[[np.ndarray], np.ndarray], tags: dict, 
         reduce_level=reached,
         flipped=bool(flipped),
         crop_box=(y0 * factor, min(rows, y1 * factor), x0 * factor, min(cols, x1 * factor)),
+        family=family,
+        breast_levels=(round(levels[0], 6), round(levels[1], 6)),
+        harmonisation=harmonisation,
     )
     return canonical, info

@@ -105,7 +105,7 @@ def main(**options) -> None:
     help="Images on the sheet: the first usable files, folders walked in sorted order.",
 )
 @click.option("--columns", type=click.IntRange(min=1), default=8, show_default=True, help="Images per row.")
-@click.option("--plain-images", is_flag=True, help="Read PNG/PGM/TIFF files too (else each is a skipped file).")
+@click.option("--plain-images", is_flag=True, help="Read PNG/PGM/TIFF/JPEG files too (else each is a skipped file).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes [min(4, cores)].")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: when stderr is a terminal].")
 def qc_main(files_or_dirs: tuple[Path, ...], **options) -> None:

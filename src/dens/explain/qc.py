@@ -45,7 +45,7 @@ class QcConfig:
     """What one dens-qc run makes. ``inputs``: files and folders (folders are walked recursively, in sorted
     order). ``limit``: images on the sheet, the first usable ones in that order. ``model``: an exported ONNX
     model; its metadata's preprocessing is used and each tile shows its call. ``plain_images``: read
-    PNG/PGM/TIFF files too (else each is a skipped file, as in dens-infer). ``workers``: decode processes."""
+    PNG/PGM/TIFF/JPEG files too (else each is a skipped file, as in dens-infer). ``workers``: decode processes."""
 
     inputs: tuple[Path, ...]
     out: Path
@@ -210,7 +210,7 @@ def run(cfg: QcConfig) -> QcResult:
     if not tiles:
         raise QcError(
             f"none of the {read} files read gave an image ({result.counts()}); "
-            "the reasons are above (a folder of PNG/PGM/TIFF images needs --plain-images)"
+            "the reasons are above (a folder of PNG/PGM/TIFF/JPEG images needs --plain-images)"
         )
     if model is not None:
         tiles = [

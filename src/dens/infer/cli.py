@@ -120,7 +120,7 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "--plain-images",
     is_flag=True,
-    help="Read PNG/PGM/TIFF files too (as the breast image, like a DICOM's pixels); without it each is a "
+    help="Read PNG/PGM/TIFF/JPEG files too (as the breast image, like a DICOM's pixels); without it each is a "
     "skipped row (plain_image_not_requested), so pictures in an archive get no density call.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")

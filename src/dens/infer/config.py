@@ -33,7 +33,7 @@ class InferConfig:
     overwrite: bool = False
     progress: bool | None = None  # None: when the terminal is interactive
     flag: str | None = None  # which calls are flagged (dens.flags.parse_flag); default C/D
-    plain_images: bool = False  # read PNG/PGM/TIFF files too (else each is a skipped row)
+    plain_images: bool = False  # read PNG/PGM/TIFF/JPEG files too (else each is a skipped row)
     retry_errors: bool = False  # resume, and do the files of the earlier error rows again
     sr: Path | None = None  # --sr DIR: one density SR per exam (dens.sr) after the run
     engine: str = "local"

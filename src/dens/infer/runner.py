@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _RAY_WRITE_ROWS = 256
 # Rows held before a write even when no batch fills (a long run of skipped files still reaches the disk).
 _MAX_PENDING_FACTOR = 4
-# The reason of a plain image (PNG/PGM/TIFF) met without --plain-images: a skipped row, never decoded, so that
+# The reason of a plain image (PNG/PGM/TIFF/JPEG) met without --plain-images: a skipped row, never decoded, so that
 # pictures in an archive (dens-infer's own Grad-CAM maps and thumbnails among them) get no density call.
 # The first bytes of a PyTorch checkpoint: a zip archive (torch.save), or a pickle (the legacy format).
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 # The names dens.preprocess.load reads as plain images rather than DICOM (a test holds the two equal: this
 # process never imports preprocess, which loads the decoders). dens-infer reads them only when asked.
-PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff")
+PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)

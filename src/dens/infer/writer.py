@@ -39,6 +39,10 @@ LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
     "manufacturer_model",
     "preprocess",
 )
+# The image's acquisition family and how its greys were mapped (dens.families): ``family`` (the model's line
+# for that family), ``fallback`` (a family the model never saw, mapped by the pooled line of those it saw:
+# review such calls with care), ``none`` or ``image`` (the routes of older models).
+FAMILY, HARMONISATION = "family", "harmonisation"
 STATUSES = ("ok", "skipped", "error")
 # Columns added later go at the end, but before gradcam, the column the Grad-CAM step fills afterwards:
 # a reader of an older preds.csv by column name keeps working.
@@ -57,12 +61,22 @@ COLUMNS: tuple[str, ...] = (
     MANUFACTURER,
     MANUFACTURER_MODEL,
     PREPROCESS,
+    FAMILY,
+    HARMONISATION,
     GRADCAM,
 )
-# The columns of a preds.csv written before these four were added; --resume carries such a file over.
-OLDER_COLUMNS = tuple(c for c in COLUMNS if c not in (LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS))
+# The columns of preds.csv files older dens-infers wrote, newest first: --resume carries such a file over.
+OLDER_LAYOUTS: tuple[tuple[str, ...], ...] = (
+    tuple(c for c in COLUMNS if c not in (FAMILY, HARMONISATION)),
+    tuple(
+        c
+        for c in COLUMNS
+        if c not in (LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS, FAMILY, HARMONISATION)
+    ),
+)
+OLDER_COLUMNS = OLDER_LAYOUTS[-1]
 HEADER = ",".join(COLUMNS) + "\n"
-_FROM_INFO = (*labels.IDENTITY_COLUMNS, LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL)
+_FROM_INFO = (*labels.IDENTITY_COLUMNS, LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, FAMILY, HARMONISATION)
 
 
 def make_row(
@@ -104,8 +118,10 @@ class CorruptOutput(ValueError):
 
 
 def preprocess_cell(cfg: PreprocessConfig) -> str:
-    """The ``preprocess`` cell: the model's preprocessing settings, ``key=value`` joined by ``;``."""
-    return ";".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.to_dict().items())
+    """The ``preprocess`` cell: the model's preprocessing settings, ``key=value`` joined by ``;`` (version 3's
+    family grey maps as the families' count; their lines are in the model's metadata)."""
+    settings = {**cfg.to_dict(), **({"families": len(cfg.families)} if cfg.version >= 3 else {})}
+    return ";".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
 
 
 @dataclass
@@ -114,7 +130,7 @@ class Existing:
 
     rows: list[list[str]] = field(default_factory=list)
     torn: bool = False  # a torn last record (or header) was found and dropped
-    older: bool = False  # written with OLDER_COLUMNS, by an older dens-infer
+    older: bool = False  # written with one of OLDER_LAYOUTS, by an older dens-infer
 
     @property
     def paths(self) -> set[str]:
@@ -148,7 +164,8 @@ def read_existing(path: Path) -> Existing:
         records.extend(csv.reader(io.StringIO(text, newline="")))
     except csv.Error:
         torn = True  # an unterminated quote at the very end: the last record was cut inside a quoted path
-    if not records or records[0] not in (list(COLUMNS), list(OLDER_COLUMNS)):
+    layouts = {len(layout): layout for layout in (COLUMNS, *OLDER_LAYOUTS)}
+    if not records or tuple(records[0]) not in layouts.values():
         if not records and torn:
             return Existing(torn=True)
         raise CorruptOutput(
@@ -166,7 +183,7 @@ def read_existing(path: Path) -> Existing:
     if width == len(COLUMNS):
         return Existing(rows, torn)
     return Existing(
-        [[dict(zip(OLDER_COLUMNS, r, strict=True)).get(c, "") for c in COLUMNS] for r in rows], torn, older=True
+        [[dict(zip(layouts[width], r, strict=True)).get(c, "") for c in COLUMNS] for r in rows], torn, older=True
     )
 
 

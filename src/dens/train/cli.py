@@ -18,7 +18,8 @@ import yaml
 from click.core import ParameterSource
 
 from dens import runs, show_progress
-from dens.train import config, loop, metrics
+from dens.figures import metrics
+from dens.train import config, loop
 from dens.train.config import TrainConfig
 
 DEFAULTS: dict = TrainConfig().to_dict()  # the recipe lives in one place
@@ -75,6 +76,14 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
     "--width", type=click.IntRange(16, 4096), default=DEFAULTS["width"], show_default=True, help="Canvas width W."
 )
 @click.option("--size", type=click.IntRange(16, 4096), default=None, help="A square S x S canvas instead of H x W.")
+@click.option(
+    "--preprocess-version",
+    type=click.IntRange(min(config.VERSIONS), max(config.VERSIONS)),
+    default=DEFAULTS["preprocess_version"],
+    show_default=True,
+    help="The canonical image's route. 3: grey levels mapped per acquisition family, fitted on the training "
+    "images; 2: each image's own in-breast range stretched; 1: the square route of the first models.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS["epochs"], show_default=True)
 @click.option(
     "--batch-size",

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dens import model
-from dens.config import HEIGHT, WIDTH
+from dens.config import HEIGHT, VERSION, VERSIONS, WIDTH
 
 ARCHS: tuple[str, ...] = tuple(model.ARCHS)
 OPTIMIZERS = ("adam", "adamw")
@@ -37,6 +37,8 @@ class TrainConfig:
     height: int = HEIGHT
     width: int = WIDTH
     size: int | None = None
+    # The canonical image's route (dens.config.VERSIONS); older routes stay for comparison and old models.
+    preprocess_version: int = VERSION
     epochs: int = 15
     batch_size: int = 32  # global: divided between the DDP processes
     lr: float = 1e-5
@@ -63,10 +65,11 @@ class TrainConfig:
             "balance": BALANCES,
             "device": DEVICES,
             "precision": PRECISIONS,
+            "preprocess_version": VERSIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.bootstrap < 0:
             raise ValueError("epochs and batch_size must be >= 1, lr > 0, weight_decay and bootstrap >= 0")
         if self.weights == "none" and self.lr < MIN_SCRATCH_LR:

@@ -13,14 +13,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dens import labels
+from dens import families, labels, manifest
+from dens.figures import evaluation
 from dens.labels import CLASSES
 from dens.preprocess import PreprocessConfig
-from dens.train import cache, data, evaluation
+from dens.train import cache, data
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks
 
 log = logging.getLogger("dens.train")
+
+# split.csv's columns for version 3: the image's acquisition family, its in-breast 2nd and 98th percentile
+# greys after VOI (what the family's line is fitted on), and how its greys were mapped (dens.families).
+FAMILY, FAT, DENSE, HARMONISATION = "family", "breast_fat", "breast_dense", "harmonisation"
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -34,31 +39,75 @@ class Splits:
     frames: dict[str, pd.DataFrame]
     sets: dict[str, data.CachedImages]
     info: dict  # where the data came from and how much of it was usable: metrics.json's "data"
+    preprocess: PreprocessConfig  # the run's route, with version 3's family grey maps fitted on its train split
 
 
 def prepare_data(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> Splits:
-    """Manifest, split and decoded cache, by split. Rank 0 writes the split (``split.csv``, every labelled
-    image) and the images left out with their reasons (``unusable.csv``) into the run directory ``out``."""
-    frame, info = _split_and_cache(cfg, pre, ranks, out)
+    """Manifest, split and decoded cache, by split, and (version 3) the family grey maps fitted on the train
+    split. Rank 0 writes the split (``split.csv``, every labelled image with its family and how its greys were
+    mapped) and the images left out with their reasons (``unusable.csv``) into the run directory ``out``."""
+    frame, info = _split_and_cache(cfg, pre.unfitted(), ranks, out)
+    pre = _fit_families(frame, pre, info)
     if ranks.main:
         frame.drop(columns=["npy", data.LABEL]).to_csv(out / "split.csv", index=False)
         unusable = frame.loc[frame["npy"].isna(), [labels.PATH, labels.REASON, "detail"]]
         unusable.to_csv(out / "unusable.csv", index=False)
     usable = frame[frame["npy"].notna()]
     frames = {s: usable[usable[data.SPLIT] == s].reset_index(drop=True) for s in data.SPLITS}
-    sets = {s: data.CachedImages(f["npy"], f[data.LABEL]) for s, f in frames.items()}
-    return Splits(frames, sets, info)
+    sets = {s: data.CachedImages(f["npy"], f[data.LABEL], _tables(f, pre)) for s, f in frames.items()}
+    return Splits(frames, sets, info, pre)
+
+
+def _fit_families(frame: pd.DataFrame, pre: PreprocessConfig, info: dict) -> PreprocessConfig:
+    """Version 3: fit each acquisition family's grey line on the usable train images (the cache holds the
+    canvases before the maps), note in ``frame`` how every image's greys are mapped, and count the families in
+    ``info`` (metrics.json's data section)."""
+    if pre.version < 3:
+        return pre
+    usable = frame["npy"].notna()
+    train = frame[usable & (frame[data.SPLIT] == "train")]
+    pre = pre.fitted(families.fit(zip(train[FAMILY], zip(train[FAT], train[DENSE], strict=True), strict=True)))
+    frame[HARMONISATION] = [
+        families.lookup(pre.families, f)[1] if ok else "" for f, ok in zip(frame[FAMILY], usable, strict=True)
+    ]
+    info["families"] = {
+        "fitted": {key: {"fat": lo, "dense": hi} for key, lo, hi in pre.families},
+        "images": frame[usable].groupby([data.SPLIT, FAMILY]).size().unstack(fill_value=0).to_dict(),
+        "fallback": int((frame[HARMONISATION] == families.FALLBACK).sum()),
+    }
+    if not pre.families:
+        log.warning(
+            "warning: too few usable training images (%d) to fit the acquisition families' grey maps: greys are "
+            "left as VOI gives them",
+            len(train),
+        )
+    return pre
+
+
+def _tables(frame: pd.DataFrame, pre: PreprocessConfig) -> list[np.ndarray] | None:
+    """Each image's grey table (version 3), applied to its cached canvas."""
+    if pre.version < 3:
+        return None
+    return [families.lookup(pre.families, family)[0] for family in frame[FAMILY]]
 
 
 def _split_and_cache(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out: Path) -> tuple[pd.DataFrame, dict]:
     """One row per labelled image with its split and cache file (none when unusable), and a description."""
-    frame, info = data.read_manifest(cfg.data)
+    frame, info = manifest.read_manifest(cfg.data)
     previous = out / "split.csv"
     if cfg.resume and previous.exists():  # the split of the interrupted run, even if the CSV changed since
         kept = pd.read_csv(previous, dtype=str, keep_default_na=False).set_index(labels.PATH)[data.SPLIT]
         frame = frame[frame[labels.PATH].isin(kept.index)].reset_index(drop=True)
         frame[data.SPLIT] = frame[labels.PATH].map(kept)
+    elif data.SPLIT in frame and frame[data.SPLIT].isin(data.SPLITS).all():
+        log.info("the split is the CSV's own (its '%s' column)", data.SPLIT)  # e.g. a set's official test split
     else:
+        if data.SPLIT in frame:
+            bad = sorted(set(frame[data.SPLIT]) - set(data.SPLITS))
+            raise ValueError(
+                f"{info['csv']}: its '{data.SPLIT}' column holds {', '.join(map(repr, bad[:5]))}; every row needs "
+                f"one of {', '.join(data.SPLITS)} (or drop the column to have dens-train split by patient)"
+            )
         frame[data.SPLIT] = data.assign_split(frame, seed=cfg.seed)
     root = Path(cfg.cache).expanduser() if cfg.cache else cache.default_cache_dir()
     paths = frame[labels.PATH].tolist()
@@ -68,7 +117,10 @@ def _split_and_cache(cfg: TrainConfig, pre: PreprocessConfig, ranks: Ranks, out:
     ranks.barrier()
     if not ranks.main:
         entries, _ = cache.build_cache(paths, pre, root, 1, progress=False)
-    frame = cache.attach_cache(frame, as_rank_zero_saw(entries, ranks, root))
+    agreed = as_rank_zero_saw(entries, ranks, root)
+    frame = cache.attach_cache(frame, agreed)
+    frame[FAMILY] = [e.info.get(FAMILY, "") for e in agreed]
+    frame[FAT], frame[DENSE] = zip(*(e.info.get("breast_levels") or (0.0, 0.0) for e in agreed), strict=True)
     info.update(cache=str(cache.cache_dir_for(root, pre)), decoded_now=decoded, **data.describe(frame, info["csv"]))
     if info["unusable"] and ranks.main:
         reasons = ", ".join(f"{k}: {v}" for k, v in info["unusable_reasons"].items())
@@ -154,6 +206,6 @@ def predict(
 
 
 def report(logits: np.ndarray, frame: pd.DataFrame, temperature: float = 1.0, **kwargs) -> dict:
-    """Image-, breast- and exam-level figures for one split's logits (:func:`dens.train.evaluation.report`;
+    """Image-, breast- and exam-level figures for one split's logits (:func:`dens.figures.evaluation.report`;
     ``kwargs``: its resamples, seed, groups), its breasts and exams as dens-infer forms them."""
     return evaluation.report(frame, logits, frame[data.LABEL].to_numpy(), temperature, **kwargs)

@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 import dens
 from dens import labels, modelcard, runs
+from dens.figures import evaluation, metrics, plots
 from dens.labels import CLASSES
 from dens.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
 from dens.preprocess import PreprocessConfig
-from dens.train import card, data, distributed, evaluation, inputs, metrics, plots
+from dens.train import card, data, distributed, inputs
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks, setup_ranks
 from dens.train.step import resolve_precision, train_step
@@ -146,7 +147,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ranks: Ranks, out: Path):
         self.cfg, self.ranks, self.out = cfg, ranks, out
-        self.pre = PreprocessConfig(size=cfg.size) if cfg.size else PreprocessConfig(height=cfg.height, width=cfg.width)
+        canvas = {"size": cfg.size} if cfg.size else {"height": cfg.height, "width": cfg.width}
+        self.pre = PreprocessConfig(version=cfg.preprocess_version, **canvas)
         self.amp_dtype = resolve_precision(cfg.precision, ranks.device)
         self.channels_last = ranks.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.workers = min(4, dens.usable_cores()) if cfg.workers is None else cfg.workers
@@ -155,6 +157,7 @@ class Trainer:
         last = load_checkpoint(out / "last.pt") if cfg.resume else None
         net, self.weights = (last.model, last.summary["weights"]) if last else start_model(cfg, ranks)
         self.splits = inputs.prepare_data(cfg, self.pre, ranks, out)
+        self.pre = self.splits.preprocess  # with the family grey maps fitted on the train split (version 3)
         self._place_model(net)
         self._setup_optimisation()
         self.progress, self.best_weights = Progress(), None
@@ -377,19 +380,11 @@ class Trainer:
         _save(out / "best.pt", self.net, self.pre, summary, temperature=temperature)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "model_card.md").write_text(modelcard.render(result["model_card"]))
-        for level in evaluation.LEVELS:
-            title = f"test, {level} level"
-            plots.confusion_png(test[level]["confusion"], out / f"confusion_{level}.png", normalised=False, title=title)
-            plots.confusion_png(
-                test[level]["confusion_normalised"],
-                out / f"confusion_{level}_normalised.png",
-                normalised=True,
-                title=f"{title} (row-normalised)",
-            )
-        frame, y = self.splits.frames["test"], self.splits.frames["test"][data.LABEL].to_numpy()
-        plots.roc_png(evaluation.curves(frame, test_logits, y, temperature), test, out / "roc_dense.png")
-        before, after = softmax(test_logits), softmax(test_logits, temperature)
-        plots.reliability_png(before, after, y, temperature, out / "reliability.png")
+        frame = self.splits.frames["test"]
+        predictions = frame[[labels.PATH, labels.PATIENT_ID, labels.DENSITY]].copy()
+        predictions[list(labels.PROB_COLUMNS)] = np.round(softmax(test_logits, temperature), 6)
+        predictions.to_csv(out / "test_predictions.csv", index=False)  # what each test image was called
+        plots.split_pngs(out, test, frame, test_logits, frame[data.LABEL].to_numpy(), temperature, name="test")
         plots.classes_png({s: result["data"][s]["classes"] for s in data.SPLITS}, out / "classes.png")
         plots.curves_png(self.progress.history, out, best_epoch=self.progress.best_epoch + 1)
         runs.update_latest(out)
