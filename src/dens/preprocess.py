@@ -284,14 +284,15 @@ def chest_wall_from_pixels(mask: np.ndarray) -> str:
 
 
 def initial_level(rows: int, cols: int, cfg: PreprocessConfig) -> int:
-    """The deepest level that should leave the breast at least S on its long side."""
+    """The deepest level that should leave the breast at least ``cfg.decode_side`` on its long side."""
     return _needed_level(max(rows, cols) * _ASSUMED_BREAST_FILL, cfg) if cfg.reduce else 0
 
 
 def _needed_level(breast_long_full: float, cfg: PreprocessConfig) -> int:
-    """The deepest level that leaves ``breast_long_full`` (pixels at full resolution) at least S."""
+    """The deepest level that leaves ``breast_long_full`` (pixels at full resolution) at least
+    ``cfg.decode_side``."""
     level = 0
-    while level < cfg.max_reduce_levels and breast_long_full / 2 ** (level + 1) >= cfg.size:
+    while level < cfg.max_reduce_levels and breast_long_full / 2 ** (level + 1) >= cfg.decode_side:
         level += 1
     return level
 
