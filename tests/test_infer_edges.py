@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import synthetic_breast, write_dicom
-from dens import exams, labels
+from dens import exams, labels, preprocess
 from dens.config import PreprocessConfig
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
 from dens.infer.cells import escape_text, path_cell, raw_cell, raw_path, text_cell
@@ -460,3 +460,31 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
             resource.setrlimit(resource.RLIMIT_FSIZE, old)
             signal.signal(signal.SIGXFSZ, handler)
     assert path.read_bytes() == before and before.count(b"\n") == 2
+
+
+# --- acquisition families --------------------------------------------------------------------------------
+
+
+def test_rows_say_which_family_line_mapped_them_and_the_summary_warns_of_unseen_ones(tmp_path):
+    """A model fitted on one maker's images: its images take their family's line, another maker's the pooled
+    line, and preds.csv and the summary say so."""
+    import torch
+
+    from dens import families
+    from dens.export.onnx import export_onnx
+    from dens.model import build_model, save_checkpoint
+
+    studies = tmp_path / "in"
+    seen = mammogram(studies / "seen.dcm", Manufacturer="Maker A", WindowCenter=2048, WindowWidth=4096)
+    mammogram(studies / "unseen.dcm", seed=1, Manufacturer="Maker B", WindowCenter=2048, WindowWidth=4096)
+    key = preprocess.load(seen, PreprocessConfig(size=S))[1].family
+    fitted = PreprocessConfig(size=S, families=((key, 0.3, 0.8), (families.POOLED, 0.2, 0.9)))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "best.pt", build_model("resnet18"), fitted)
+    summary = infer(studies, tmp_path / "preds.csv", export_onnx(tmp_path / "best.pt", tmp_path / "model.onnx"))
+    rows = read(tmp_path / "preds.csv").set_index(labels.PATH)
+    assert rows.loc[str(seen), "harmonisation"] == "family" and rows.loc[str(seen), "family"] == key
+    unseen = rows.loc[str(studies / "unseen.dcm")]
+    assert unseen["harmonisation"] == "fallback" and unseen["family"].startswith("Maker B/")
+    assert unseen["preprocess"].endswith("families=2")  # the lines themselves are in the model's metadata
+    assert summary.unseen_families == 1 and "1 images are of acquisition families" in summary.warnings()[0]

@@ -384,6 +384,7 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
         "split.csv",
         "config.yaml",
         "unusable.csv",
+        "test_predictions.csv",
         "loss.png",
         "accuracy.png",
         "lr.png",
@@ -453,6 +454,11 @@ def test_tiny_training_learns_and_writes_every_artifact(trained):
     assert {key: [v["fat"], v["dense"]] for key, v in fitted.items()} == best.preprocess.to_dict()["families"]
     assert set(split["harmonisation"]) <= {"family", "fallback"} and split["family"].str.len().min() > 0
     assert best.summary["data"] == {s: saved["data"][s]["images"] for s in data.SPLITS}
+    calls = pd.read_csv(out / "test_predictions.csv")
+    assert len(calls) == saved["data"]["test"]["images"] and set(
+        split.loc[split[data.SPLIT] == "test", labels.PATH]
+    ) == set(calls[labels.PATH])
+    assert np.allclose(calls[list(labels.PROB_COLUMNS)].sum(axis=1), 1, atol=1e-5)
     assert best.summary["test"]["image"]["kappa_quadratic"] == pytest.approx(saved["test"]["image"]["kappa_quadratic"])
     assert best.summary["arch"] == "resnet18" and best.summary["weights"] == "none" and best.summary["from_scratch"]
     assert best.summary["model_card"] == saved["model_card"]  # the card travels with the weights
@@ -595,3 +601,20 @@ def test_every_rank_keeps_the_files_rank_zero_could_use(tmp_path):
     alone = Ranks(0, 1, torch.device("cpu"))
     entries = [ok("a"), bad("b", "missing_file")]
     assert as_rank_zero_saw(entries, alone, tmp_path) == entries
+
+
+def test_a_csv_with_its_own_split_keeps_it(cohort, tmp_path):
+    """A set with an official test split (or a cross-validation fold) gives dens-train its split column."""
+    frame, _ = manifest.read_manifest(cohort)
+    patients = sorted(frame[labels.PATIENT_ID].unique())
+    chosen = {p: data.SPLITS[i % 3] for i, p in enumerate(patients)}
+    given = frame[[labels.PATH, labels.DENSITY, labels.PATIENT_ID]].assign(split=frame[labels.PATIENT_ID].map(chosen))
+    given.to_csv(tmp_path / "given.csv", index=False)
+    loop.run(_config(cohort, tmp_path / "run", data=str(tmp_path / "given.csv"), epochs=1))
+    kept = pd.read_csv(tmp_path / "run" / "split.csv", dtype=str).set_index(labels.PATH)[data.SPLIT]
+    assert kept.to_dict() == given.set_index(labels.PATH)["split"].to_dict()
+    given.assign(split=["train", "holdout"] * (len(given) // 2) + ["train"] * (len(given) % 2)).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    with pytest.raises(ValueError, match="'holdout'"):
+        loop.run(_config(cohort, tmp_path / "bad", data=str(tmp_path / "bad.csv"), epochs=1))

@@ -252,6 +252,8 @@ def main(
         click.echo(f"\ndens-infer: {what}; the rows written so far are in {out}: continue with --resume", err=True)
         sys.exit(status)
     click.echo(summary.line())
+    for warning in summary.warnings():
+        click.echo(f"dens-infer: warning: {warning}", err=True)
     click.echo(f"dens-infer: wrote {summary.out}, {summary.breast_csv}, {summary.exam_csv}")
     if sr is not None:
         click.echo(f"dens-infer: wrote {len(summary.reports)} density SRs (one per exam) to {sr}")

@@ -17,14 +17,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from dens import labels, modelcard, runs, show_progress
+from dens import families, labels, modelcard, runs, show_progress
 from dens.config import PreprocessConfig
 from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, DecodePool, PoolError
 from dens.errors import PLAIN_IMAGE_REASON, Reason
@@ -74,6 +74,7 @@ class Summary:
     already_done: int = 0
     already_errors: int = 0  # error rows kept from the earlier run (--resume without --retry-errors)
     retried: int = 0  # error rows of the earlier run done again (--retry-errors)
+    unseen_families: int = 0  # ok images of an acquisition family the model never saw (harmonisation: fallback)
     seconds: float = 0.0
     decode_s: float = 0.0  # summed over workers (busy time)
     wait_s: float = 0.0  # the main thread waiting for decoded images: > 0 means decode-bound
@@ -88,9 +89,10 @@ class Summary:
     exam_csv: Path | None = None
     reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
 
-    def count(self, status: str) -> None:
-        """One more file accounted for, with its row's status."""
+    def count(self, status: str, info: Mapping | None = None) -> None:
+        """One more file accounted for, with its row's status (and what the route learnt of it)."""
         self.files += 1
+        self.unseen_families += status == "ok" and (info or {}).get("harmonisation") == families.FALLBACK
         self.ok += status == "ok"
         self.skipped += status == "skipped"
         self.errors += status == "error"
@@ -117,6 +119,16 @@ class Summary:
             f"{self.threads} threads), "
             f"write {self.write_s:.1f} s, waiting for decode {self.wait_s:.1f} s"
         )
+
+    def warnings(self) -> list[str]:
+        """What the reader of preds.csv should know about this run's calls."""
+        if not self.unseen_families:
+            return []
+        return [
+            f"{self.unseen_families} images are of acquisition families the model was not trained on (their rows: "
+            "harmonisation=fallback): their greys were mapped by the pooled line of the families it saw, so review "
+            "those calls with care, or train on images of those machines (the family column names them)"
+        ]
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -357,7 +369,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
         status = result["status"]
         row = make_row(result["path"], status, result["reason"], result["info"], result["probs"], sha, rule, cell)
         rows.append(row)
-        summary.count(status)
+        summary.count(status, result["info"])
         summary.decode_s += result["seconds"]
         if len(rows) >= _RAY_WRITE_ROWS:
             write()
@@ -439,7 +451,7 @@ def _process(
             next_row += 1
         _write(rows)
         for d in pending:
-            summary.count(d.status)
+            summary.count(d.status, d.info)
         bar.set_postfix(ok=summary.ok, skipped=summary.skipped, errors=summary.errors, refresh=False)
         bar.update(len(pending))
         pending, images = [], 0
