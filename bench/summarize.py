@@ -371,7 +371,8 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = parser.parse_args()
     sections = []
-    runs_by_machine = newest_runs(args.results)
+    # A machine with only benchmarks that have no img/s figures (real_learning) gets no plot and no table.
+    runs_by_machine = {key: runs for key, runs in newest_runs(args.results).items() if set(runs) & set(FIGURES)}
     for key, runs in sorted(runs_by_machine.items()):
         ordered = {name: runs[name] for name in FIGURES if name in runs}
         figures = [f for name, (_, record) in ordered.items() for f in FIGURES[name](record)]

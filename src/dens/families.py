@@ -25,9 +25,12 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:  # dens-infer's main process reads a row's family, and never imports pydicom
+    from pydicom.dataset import Dataset
 
 # Where a family's in-breast 2nd and 98th percentile greys land: darker than 0.1 is background.
 TARGET = (0.1, 0.9)
