@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -193,3 +194,25 @@ def test_bad_inputs_are_clear_usage_errors(onnx_model, synthetic_cohort, tmp_pat
         assert done.exit_code == 2, (args, done.output)
         assert message in done.output, (args, done.output)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_images_of_families_the_model_never_saw_are_a_warning(trained, synthetic_cohort, tmp_path):
+    """dens-eval counts the images the pooled line mapped (a family the model never saw, or one too rare in
+    its training split for a line of its own) as dens-train did, and says so; plain files, a family the model
+    never met, all are."""
+    run_dir, _ = trained
+    split = pd.read_csv(run_dir / "split.csv", dtype=str, keep_default_na=False)
+    fallback = int((split.loc[split["split"] == "test", "harmonisation"] == "fallback").sum())
+    seen = _eval(run_dir / "best.pt", run_dir / "split.csv", tmp_path / "seen", split="test")
+    said = [w for w in seen["warnings"] if "acquisition families" in w]
+    assert [w.split(" of ")[0] for w in said] == ([str(fallback)] if fallback else [])
+    frame, _ = manifest.read_manifest(synthetic_cohort(patients=6, seed=5))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, path in enumerate(frame[labels.PATH][:8]):  # the same images as plain files: a family never seen
+        cv2.imwrite(str(plain / f"{i}.png"), load(path, PreprocessConfig(size=64, crop=False))[0])
+    pd.DataFrame(
+        {labels.PATH: [f"{i}.png" for i in range(8)], labels.DENSITY: frame[labels.DENSITY][:8].tolist()}
+    ).to_csv(plain / "labels.csv", index=False)
+    unseen = _eval(run_dir / "best.pt", plain / "labels.csv", tmp_path / "unseen")
+    assert any(w.startswith("8 of 8 images are of acquisition families") for w in unseen["warnings"])

@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import dens
-from dens import labels, manifest
+from dens import families, labels, manifest
 from dens.engine import DecodePool
 from dens.eval import summary
 from dens.eval.scorer import DEVICES, SUFFIXES, Scorer, open_model
@@ -33,6 +33,7 @@ from dens.files import atomic_write
 log = logging.getLogger(__name__)
 
 SPLIT = "split"  # the column of dens-train's split.csv that --split reads
+HARMONISATION = "harmonisation"  # how the route mapped an image's greys (dens.families)
 OUTPUTS = ("metrics.json", "summary.md", "unusable.csv")
 
 
@@ -108,6 +109,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     frame = manifest.with_identity(frame, [d["info"] for d in decoded])
     frame[labels.REASON] = [d["reason"] for d in decoded]
     frame["detail"] = [d["detail"] for d in decoded]
+    frame[HARMONISATION] = [d["info"].get(HARMONISATION, "") for d in decoded]
     ok = (frame[labels.REASON] == "").to_numpy()
     unusable = frame.loc[~ok, [labels.PATH, labels.REASON, "detail"]]
     if not ok.any():
@@ -135,7 +137,7 @@ def run(cfg: EvalConfig) -> EvalResult:
             "dens_version": dens.__version__,
             "model": model.describe(),
             "data": info,
-            "warnings": _class_warnings(info["classes"]),
+            "warnings": _class_warnings(info["classes"]) + _family_warnings(images),
             "figures": report,
             "calibration": metrics.calibration(logits, y, t),
         }
@@ -209,6 +211,17 @@ def _class_warnings(classes: dict[str, int]) -> list[str]:
         f"class {c} has no usable image: the figures say nothing about how {c} is called"
         for c, n in classes.items()
         if not n
+    ]
+
+
+def _family_warnings(images: pd.DataFrame) -> list[str]:
+    unseen = int((images[HARMONISATION] == families.FALLBACK).sum())
+    if not unseen:
+        return []
+    return [
+        f"{unseen} of {len(images)} images are of acquisition families the model was not trained on: their greys "
+        "were mapped by the pooled line of the families it saw, so these figures describe the model on machines "
+        "it never saw"
     ]
 
 
