@@ -243,7 +243,34 @@ def mask_of(small: np.ndarray, version: int = VERSION) -> np.ndarray:
         k = kernel.shape[0]
         band[:k], band[-k:], band[:, :k], band[:, -k:] = 1, 1, 1, 1
         regrown = np.where(band > 0, largest, regrown)
+        regrown = _without_bright_edges(small, regrown, k)
     return regrown.astype(bool)
+
+
+# A film's unexposed edge is near white and clearly brighter than the breast beside it.
+_EDGE_GREY, _EDGE_STEP = 0.85, 0.08
+
+
+def _without_bright_edges(small: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """``mask`` without the rows (columns) along each image border that form a near-white band brighter than
+    the breast just inside it: a film edge lying along the breast (above an MLO's pectoral muscle), which the
+    opening cannot tell from the breast because the breast continues under it. At most ``2k`` deep."""
+    mask = mask.copy()
+    for axis in (0, 1):
+        for reverse in (False, True):
+            lines = np.moveaxis(small, axis, 0)
+            inside = np.moveaxis(mask, axis, 0)
+            order = np.arange(lines.shape[0])[::-1] if reverse else np.arange(lines.shape[0])
+            greys = [np.median(lines[i][inside[i] > 0]) if inside[i].any() else 0.0 for i in order[: 3 * k]]
+            if len(greys) < 3 * k:
+                continue
+            beyond = float(np.median(greys[2 * k :]))
+            depth = 0
+            while depth < 2 * k and greys[depth] >= max(_EDGE_GREY, beyond + _EDGE_STEP):
+                depth += 1
+            if depth:  # and the row after it, half edge: the canvas's soft mask reaches a row beyond the mask
+                inside[order[: depth + 2]] = 0
+    return mask
 
 
 def in_breast_levels(small: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
