@@ -252,24 +252,25 @@ _EDGE_GREY, _EDGE_STEP = 0.85, 0.08
 
 
 def _without_bright_edges(small: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """``mask`` without the rows (columns) along each image border that form a near-white band brighter than
-    the breast just inside it: a film edge lying along the breast (above an MLO's pectoral muscle), which the
-    opening cannot tell from the breast because the breast continues under it. At most ``2k`` deep."""
+    """``mask`` without the rows (columns) along each image border whose mean in-breast grey is near white and
+    brighter than the breast just inside it: a film edge lying along the breast (above an MLO's pectoral
+    muscle), which the opening cannot tell from the breast because the breast continues under it. At most
+    ``2k`` deep."""
     mask = mask.copy()
+    if min(mask.shape) < 6 * k:
+        return mask
     for axis in (0, 1):
-        for reverse in (False, True):
-            lines = np.moveaxis(small, axis, 0)
-            inside = np.moveaxis(mask, axis, 0)
-            order = np.arange(lines.shape[0])[::-1] if reverse else np.arange(lines.shape[0])
-            greys = [np.median(lines[i][inside[i] > 0]) if inside[i].any() else 0.0 for i in order[: 3 * k]]
-            if len(greys) < 3 * k:
-                continue
+        lines, inside = np.moveaxis(small, axis, 0), np.moveaxis(mask, axis, 0)
+        for edge in (slice(0, 3 * k), slice(-1, -3 * k - 1, -1)):
+            weight = inside[edge].astype(np.float32)
+            # Each row's mean grey inside the breast (0 for a row without breast: darker than any edge).
+            greys = (lines[edge] * weight).sum(1) / np.maximum(weight.sum(1), 1.0)
             beyond = float(np.median(greys[2 * k :]))
-            depth = 0
-            while depth < 2 * k and greys[depth] >= max(_EDGE_GREY, beyond + _EDGE_STEP):
-                depth += 1
-            if depth:  # and the row after it, half edge: the canvas's soft mask reaches a row beyond the mask
-                inside[order[: depth + 2]] = 0
+            edge_like = greys[: 2 * k] >= max(_EDGE_GREY, beyond + _EDGE_STEP)
+            depth = int(np.argmin(edge_like)) if not edge_like.all() else 2 * k
+            if depth:  # and the next two rows, half edge: the canvas's soft mask reaches beyond the mask
+                rows = np.arange(inside.shape[0])[edge][: depth + 2]
+                inside[rows] = False
     return mask
 
 
