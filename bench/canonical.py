@@ -4,13 +4,14 @@
 
 For every real mammogram (DENS_REAL_MAMMO, see bench/common.py), per source (vendor or film): the breast's
 fill of the canvas and the in-breast 2nd-98th percentile span and median grey (0-255) of the canonical image,
-through version 1 (512 x 512, no harmonisation, the largest bright component) and the default version 2
-(H x W canvas, film labels cut off, in-breast range harmonised). Both routes are measured with one breast
-mask (version 2's, on the canonical image), so the figures differ only by what the route did. Also: the crop
-boxes; the mean in-breast grey of synthetic fatty (A) and dense (D) phantoms of one machine, with and
-without harmonisation (the guard that density is not flattened); the model's cost per image at both canvases
-(FLOPs, and the best of --repeat forward passes on the CPU). Writes bench/results/canonical.json and the
-contact sheets canonical-before.png / canonical-after.png (into --sheets, bench/results by default).
+through version 1 (512 x 512, no harmonisation, the largest bright component) and version 2 (H x W canvas,
+film labels cut off, each image's in-breast range stretched); version 3, the default, is measured on real
+labelled images by bench/real_proxies.py and per file's cost by bench/route_cost.py. Both routes are measured
+with one breast mask (version 2's, on the canonical image), so the figures differ only by what the route did.
+Also: the crop boxes; the mean in-breast grey of synthetic fatty (A) and dense (D) phantoms of one machine,
+with and without harmonisation (the guard that density is not flattened); the model's cost per image at both
+canvases (FLOPs, and the best of --repeat forward passes on the CPU). Writes bench/results/canonical.json and
+the contact sheets canonical-before.png / canonical-after.png (into --sheets, bench/results by default).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dens import preprocess
 from dens.config import PreprocessConfig
 from dens.explain.sheet import contact_sheet
 
-ROUTES = {"before": PreprocessConfig(version=1, size=512), "after": PreprocessConfig()}
+ROUTES = {"before": PreprocessConfig(version=1, size=512), "after": PreprocessConfig(version=2)}
 
 
 def breast_stats(image: np.ndarray) -> dict:
