@@ -152,3 +152,11 @@ def test_errors_a_user_can_meet_are_messages(studies, tmp_path):
     empty.mkdir()
     with pytest.raises(QcError, match="no files in"):
         run(QcConfig((empty,), tmp_path / "s.png"))
+
+
+def test_a_call_on_a_machine_the_model_never_saw_says_so():
+    from dens.explain.qc import Tile
+
+    unseen = Tile("x.dcm", {"harmonisation": "fallback"}, density="C", p_dense=0.7).caption("x.dcm")[-1]
+    seen = Tile("x.dcm", {"harmonisation": "family"}, density="C", p_dense=0.7).caption("x.dcm")[-1]
+    assert unseen == "call C  p_dense 0.70  (machine unseen)" and seen == "call C  p_dense 0.70"

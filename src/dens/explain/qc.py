@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import dens
+from dens import families
 from dens.config import PreprocessConfig
 from dens.engine import Decoded, DecodePool, in_input_order
 from dens.errors import PLAIN_IMAGE_REASON
@@ -81,7 +82,9 @@ class Tile:
         side = " ".join(part for part in (info.get("laterality", ""), info.get("view", "")) if part)
         lines = [shown_path, maker or "manufacturer not given", f"{side}  {info.get('decode_route', '')}".strip()]
         if self.p_dense is not None:
-            lines.append(f"call {self.density}  p_dense {self.p_dense:.2f}")
+            # A family the model never saw is mapped by its pooled grey line: the call deserves a second look.
+            unseen = "  (machine unseen)" if info.get("harmonisation") == families.FALLBACK else ""
+            lines.append(f"call {self.density}  p_dense {self.p_dense:.2f}{unseen}")
         return lines
 
 
