@@ -22,6 +22,7 @@ say so (``harmonisation`` = ``fallback``); a config that was never fitted maps n
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -121,21 +122,21 @@ def fit(measured: Iterable[tuple[str, tuple[float, float]]], min_images: int = M
     return tuple(line for line in (*fitted, (POOLED, *ends(everything))) if line[1] < line[2])
 
 
+@functools.lru_cache(maxsize=256)
 def lookup(families: tuple[Family, ...], family: str) -> tuple[np.ndarray, str]:
-    """The table for ``family`` and how it was chosen (:data:`FAMILY`, :data:`FALLBACK` or :data:`NONE`)."""
+    """The table for ``family`` and how it was chosen (:data:`FAMILY`, :data:`FALLBACK` or :data:`NONE`). Cached:
+    a decode worker asks once per image, for a handful of families (treat the table as read-only)."""
     if not families:
         return IDENTITY, NONE
     lines = {key: (lo, hi) for key, lo, hi in families}
     if family in lines and family != POOLED:
-        return _table(*lines[family]), FAMILY
-    return _table(*lines[POOLED]), FALLBACK
+        return table(*lines[family]), FAMILY
+    return table(*lines[POOLED]), FALLBACK
 
 
-_TABLES: dict[tuple[float, float], np.ndarray] = {}
-
-
-def _table(lo: float, hi: float) -> np.ndarray:
-    # A model has a handful of families: each table is made once per process.
-    if (lo, hi) not in _TABLES:
-        _TABLES[(lo, hi)] = table(lo, hi)
-    return _TABLES[(lo, hi)]
+def unseen_warning(count: int, images: int, consequence: str) -> str:
+    """What to say of ``count`` of ``images`` images mapped by the pooled line, and what follows for the reader."""
+    return (
+        f"{count} of {images} images are of acquisition families the model was not trained on: their greys were "
+        f"mapped by the pooled line of the families it saw, so {consequence}"
+    )

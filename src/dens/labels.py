@@ -24,6 +24,8 @@ VIEW = "view"
 P_DENSE = "p_dense"
 DENSE = "dense"
 STATUS = "status"
+# An image's acquisition family and how its greys were mapped (dens.families): preds.csv, split.csv, dens-eval.
+FAMILY, HARMONISATION = "family", "harmonisation"
 REASON = "reason"
 FLAGGED = "flagged"
 MODEL_SHA256 = "model_sha256"

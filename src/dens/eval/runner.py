@@ -33,7 +33,6 @@ from dens.files import atomic_write
 log = logging.getLogger(__name__)
 
 SPLIT = "split"  # the column of dens-train's split.csv that --split reads
-HARMONISATION = "harmonisation"  # how the route mapped an image's greys (dens.families)
 OUTPUTS = ("metrics.json", "summary.md", "unusable.csv")
 
 
@@ -109,7 +108,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     frame = manifest.with_identity(frame, [d["info"] for d in decoded])
     frame[labels.REASON] = [d["reason"] for d in decoded]
     frame["detail"] = [d["detail"] for d in decoded]
-    frame[HARMONISATION] = [d["info"].get(HARMONISATION, "") for d in decoded]
+    frame[labels.HARMONISATION] = [d["info"].get(labels.HARMONISATION, "") for d in decoded]
     ok = (frame[labels.REASON] == "").to_numpy()
     unusable = frame.loc[~ok, [labels.PATH, labels.REASON, "detail"]]
     if not ok.any():
@@ -215,14 +214,10 @@ def _class_warnings(classes: dict[str, int]) -> list[str]:
 
 
 def _family_warnings(images: pd.DataFrame) -> list[str]:
-    unseen = int((images[HARMONISATION] == families.FALLBACK).sum())
+    unseen = int((images[labels.HARMONISATION] == families.FALLBACK).sum())
     if not unseen:
         return []
-    return [
-        f"{unseen} of {len(images)} images are of acquisition families the model was not trained on: their greys "
-        "were mapped by the pooled line of the families it saw, so these figures describe the model on machines "
-        "it never saw"
-    ]
+    return [families.unseen_warning(unseen, len(images), "these figures describe the model on machines it never saw")]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

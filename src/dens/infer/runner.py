@@ -92,7 +92,7 @@ class Summary:
     def count(self, status: str, info: Mapping | None = None) -> None:
         """One more file accounted for, with its row's status (and what the route learnt of it)."""
         self.files += 1
-        self.unseen_families += status == "ok" and (info or {}).get("harmonisation") == families.FALLBACK
+        self.unseen_families += status == "ok" and (info or {}).get(labels.HARMONISATION) == families.FALLBACK
         self.ok += status == "ok"
         self.skipped += status == "skipped"
         self.errors += status == "error"
@@ -124,11 +124,8 @@ class Summary:
         """What the reader of preds.csv should know about this run's calls."""
         if not self.unseen_families:
             return []
-        return [
-            f"{self.unseen_families} images are of acquisition families the model was not trained on (their rows: "
-            "harmonisation=fallback): their greys were mapped by the pooled line of the families it saw, so review "
-            "those calls with care, or train on images of those machines (the family column names them)"
-        ]
+        advice = "review those calls with care (their rows: harmonisation=fallback), or train on those machines"
+        return [families.unseen_warning(self.unseen_families, self.ok, advice)]
 
 
 def resolve_model(model: Path | None) -> Path:

@@ -42,7 +42,7 @@ LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
 # The image's acquisition family and how its greys were mapped (dens.families): ``family`` (the model's line
 # for that family), ``fallback`` (a family the model never saw, mapped by the pooled line of those it saw:
 # review such calls with care), ``none`` or ``image`` (the routes of older models).
-FAMILY, HARMONISATION = "family", "harmonisation"
+FAMILY, HARMONISATION = labels.FAMILY, labels.HARMONISATION
 STATUSES = ("ok", "skipped", "error")
 # Columns added later go at the end, but before gradcam, the column the Grad-CAM step fills afterwards:
 # a reader of an older preds.csv by column name keeps working.

@@ -25,7 +25,7 @@ log = logging.getLogger("dens.train")
 
 # split.csv's columns for version 3: the image's acquisition family, its in-breast 2nd and 98th percentile
 # greys after VOI (what the family's line is fitted on), and how its greys were mapped (dens.families).
-FAMILY, FAT, DENSE, HARMONISATION = "family", "breast_fat", "breast_dense", "harmonisation"
+FAMILY, FAT, DENSE, HARMONISATION = labels.FAMILY, "breast_fat", "breast_dense", labels.HARMONISATION
 
 
 # --- data ------------------------------------------------------------------------------------------------
