@@ -83,11 +83,16 @@ def labelled_sets(given: list[str] | None) -> list[Path]:
             f"no labelled set: set {REAL_LABELLED_ENV} to a labels.csv (path,density,patient_id; "
             f"several joined by '{os.pathsep}') or pass --data CSV"
         )
-    csvs = [Path(p) / "train.csv" if Path(p).is_dir() else Path(p) for p in paths]
+    # A folder is a labelled set (labels.csv, as bench/real_proxies.py reads it) or a dens-train folder.
+    csvs = [_labels_csv(Path(p)) if Path(p).is_dir() else Path(p) for p in paths]
     for csv in csvs:
         if not csv.is_file():
             fail(f"{csv} does not exist: name a labels CSV (path,density,patient_id)")
     return csvs
+
+
+def _labels_csv(folder: Path) -> Path:
+    return folder / "labels.csv" if (folder / "labels.csv").is_file() else folder / "train.csv"
 
 
 def describe_set(csv: Path) -> dict:
