@@ -1,20 +1,20 @@
-"""File -> header identity + decoded stored pixel values.
+"""File -> header identity + decoded stored pixel values: what a usable mammogram is, and its decoder.
 
-The header is read up to the pixel data and no further (``stop_before_pixels``); the pixel data element's
-own header says where its value lies and how long it is, and a compressed frame's own header (JPEG SOF,
-JPEG 2000 SIZ or JP2 ihdr) says its size. So every decision that can be made before decoding is made
-before any pixel byte is loaded: not DICOM (from the first bytes), not a usable mammogram, multi-frame,
-pixel data shorter than the declared geometry, a codestream of another size or kind than the header and the
-transfer syntax say, a decode over the memory budget. A file refused there costs milliseconds and no large
-allocation, whatever it claims.
+:mod:`dens.dicomio` reads the header up to the pixel data and no further, and locates the pixel data from
+its element's own header; a compressed frame's own header (JPEG SOF, JPEG 2000 SIZ or JP2 ihdr) says its
+size. So every decision that can be made before decoding is made before any pixel byte is loaded: not DICOM,
+not a usable mammogram, multi-frame, pixel data shorter than the declared geometry, a codestream of another
+size or kind than the header and the transfer syntax say, a decode over the memory budget. A file refused
+there costs milliseconds and no large allocation, whatever it claims.
 
 The decoder is chosen by transfer syntax. JPEG 2000 is decoded with Pillow, which can stop the wavelet
 synthesis early (``Image.reduce``) and return the image at 1/2**level resolution for a fraction of the
 cost; other syntaxes are decoded in full by pydicom's plugins and then downsampled with the same
 low-pass filter, so the model sees nearly the same image whichever syntax a file came in. GDCM's own
 reader is the last resort when pydicom's plugins all fail (it decodes 12-bit JPEG Extended, which they
-cannot). The decoders live in :mod:`dens.decode`, the error type in :mod:`dens.errors`; this module reads the
-header, checks the file is a usable mammogram and picks the decoder.
+cannot). The decoders live in :mod:`dens.decode`, the reading of the file's bytes in :mod:`dens.dicomio`,
+the error type in :mod:`dens.errors`; this module checks the file is a usable presentation mammogram
+(SOP class, modality, views, geometry) and picks the decoder.
 
 Files that cannot be used raise :class:`UnusableFile` with a :class:`Reason` and, once the header was read,
 the file's identity; inference turns it into a row (``skipped`` or ``error``), training counts it.
@@ -23,18 +23,13 @@ the file's identity; inference turns it into a row (``skipped`` or ``error``), t
 from __future__ import annotations
 
 import logging
-import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dens.decode import (
     SYNTAX_FAMILIES,
@@ -48,6 +43,7 @@ from dens.decode import (
     read_codestream_header,
     reduce_like_j2k,
 )
+from dens.dicomio import PixelElement, header_number, header_text, load_pixel_data, read_header
 from dens.errors import Reason, UnusableFile
 
 __all__ = ["EXCLUSION_RULES", "JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "ExclusionRule", "read"]
@@ -162,39 +158,7 @@ image of such a study, the routine-looking views of a biopsy study included.
 """
 
 
-# --- the header -------------------------------------------------------------------------------------
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed value: identity is best effort, the checks say what is wrong
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, pydicom.multival.MultiValue):
-        value = value[0] if len(value) else ""
-    return str(value).strip()
-
-
-def _number(ds: Dataset, keyword: str) -> int:
-    try:
-        return int(ds.get(keyword) or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-@dataclass(frozen=True)
-class PixelElement:
-    """Where the Pixel Data element's value lies in the file, from the element's own header: ``offset`` and
-    ``length`` of its value (for encapsulated data: the items up to the sequence delimiter) and, for
-    encapsulated data, the first bytes of the first frame's first fragment."""
-
-    offset: int
-    length: int
-    vr: str
-    encapsulated: bool
-    head: bytes = b""
+# --- the file ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -215,24 +179,24 @@ class DicomFile:
         """Whose image this is and what the header says of it: the identity keys of
         :class:`dens.preprocess.ImageInfo`, as far as the header gives them."""
         meta = getattr(self.ds, "file_meta", Dataset())
-        sop_uid = _text(self.ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
+        sop_uid = header_text(self.ds, "SOPInstanceUID") or header_text(meta, "MediaStorageSOPInstanceUID")
         laterality, source = self.laterality_and_source
         return {
             "path": self.path,
-            "patient_id": _text(self.ds, "PatientID"),
-            "accession": _text(self.ds, "AccessionNumber"),
-            "study_uid": _text(self.ds, "StudyInstanceUID"),
-            "series_uid": _text(self.ds, "SeriesInstanceUID"),
+            "patient_id": header_text(self.ds, "PatientID"),
+            "accession": header_text(self.ds, "AccessionNumber"),
+            "study_uid": header_text(self.ds, "StudyInstanceUID"),
+            "series_uid": header_text(self.ds, "SeriesInstanceUID"),
             "sop_uid": sop_uid,
             "laterality": laterality,
             "laterality_source": source,
             "view": self.view,
-            "manufacturer": _text(self.ds, "Manufacturer"),
-            "manufacturer_model": _text(self.ds, "ManufacturerModelName"),
+            "manufacturer": header_text(self.ds, "Manufacturer"),
+            "manufacturer_model": header_text(self.ds, "ManufacturerModelName"),
             "transfer_syntax": self.transfer_syntax,
             "photometric": self.photometric,
-            "rows": _number(self.ds, "Rows"),
-            "cols": _number(self.ds, "Columns"),
+            "rows": header_number(self.ds, "Rows"),
+            "cols": header_number(self.ds, "Columns"),
         }
 
     @property
@@ -241,7 +205,7 @@ class DicomFile:
         PatientOrientation's column direction (a left breast's columns run towards the patient's right:
         ``A\\R`` for a left CC, ``P\\FL`` for a right MLO, in the standard hanging); else ('', '')."""
         for keyword in ("ImageLaterality", "Laterality"):
-            value = _text(self.ds, keyword).upper()
+            value = header_text(self.ds, keyword).upper()
             if value in ("L", "R"):
                 return value, "tag"
         column = self._orientation(1)
@@ -257,7 +221,7 @@ class DicomFile:
     @property
     def view(self) -> str:
         """ViewPosition, then ViewCodeSequence's meaning; '' when neither says."""
-        view = _text(self.ds, "ViewPosition").upper()
+        view = header_text(self.ds, "ViewPosition").upper()
         if view:
             return view
         try:
@@ -282,7 +246,7 @@ class DicomFile:
 
     @property
     def photometric(self) -> str:
-        return _text(self.ds, "PhotometricInterpretation").upper()
+        return header_text(self.ds, "PhotometricInterpretation").upper()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -311,7 +275,7 @@ class DicomFile:
         fewer decomposition levels fails beyond them). Other syntaxes decode in full once and are
         downsampled with the JPEG 2000 low-pass filter.
         """
-        self._load_pixel_data()
+        load_pixel_data(self.ds, self.pixel_element, self.path)  # only now, after every check passed
         codestream_family = self.codestream.family if self.codestream else SYNTAX_FAMILIES.get(self.transfer_syntax)
         if codestream_family == "JPEG 2000":
             for lvl in range(level, -1, -1):
@@ -327,19 +291,6 @@ class DicomFile:
         # Clip the low-pass overshoot at sharp edges as the JPEG 2000 route does, so the two agree.
         pixels = hold_to_range(reduce_like_j2k(full, level), self.stored_range, self.path, clip=True)
         return pixels, level, f"{route}:lowpass{level}" if level else route
-
-    def _load_pixel_data(self) -> None:
-        """Read the Pixel Data element's value into ``ds`` (once): only now, after every check passed."""
-        where = self.pixel_element
-        if where is None or "PixelData" in self.ds:
-            return
-        with open(self.path, "rb") as fh:
-            fh.seek(where.offset)
-            value = fh.read(where.length)
-        if len(value) < where.length:
-            raise UnusableFile(Reason.CORRUPT_PIXELS, "the pixel data ends early (file truncated)", self.path)
-        element = DataElement(0x7FE00010, where.vr, value, is_undefined_length=where.encapsulated)
-        self.ds[0x7FE00010] = element
 
     def _decode_full(self) -> tuple[np.ndarray, str]:
         if self._full is not None:
@@ -400,10 +351,10 @@ def read(path: str | Path, *, any_modality: bool = False, memory_budget: int | N
     take more is refused from its header.
     """
     path = str(path)
-    ds, pixel_element = _parse(path)
+    ds, pixel_element = read_header(path)
     meta = getattr(ds, "file_meta", Dataset())
-    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
-    syntax = _text(meta, "TransferSyntaxUID") or pydicom.uid.ImplicitVRLittleEndian
+    sop_class = header_text(ds, "SOPClassUID") or header_text(meta, "MediaStorageSOPClassUID")
+    syntax = header_text(meta, "TransferSyntaxUID") or pydicom.uid.ImplicitVRLittleEndian
     f = DicomFile(path=path, ds=ds, transfer_syntax=syntax, sop_class=sop_class, pixel_element=pixel_element)
     try:
         _check(f, any_modality, memory_budget)
@@ -418,7 +369,7 @@ def _check(f: DicomFile, any_modality: bool, memory_budget: int | None) -> None:
         raise UnusableFile(Reason.NON_IMAGE_OBJECT, f"SOP class {sop_class} is not an image", path)
     if f.pixel_element is None and "PixelData" not in ds:
         raise UnusableFile(Reason.NO_PIXEL_DATA, f"no pixel data (SOP class {sop_class or 'absent'})", path)
-    intent = _text(ds, "PresentationIntentType").upper()
+    intent = header_text(ds, "PresentationIntentType").upper()
     if sop_class in _FOR_PROCESSING_SOP or intent == "FOR PROCESSING":
         raise UnusableFile(Reason.FOR_PROCESSING, "a 'For Processing' (raw detector) image", path)
     if not any_modality:
@@ -497,193 +448,9 @@ def _check_geometry(f: DicomFile) -> None:
         log.info("%s: %s; decoding it as JPEG 2000", f.path, mismatch)
 
 
-_PIXEL_TAGS = {0x7FE00010: "", 0x7FE00008: "float", 0x7FE00009: "double float"}
-_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
-_FRAME_HEAD = 1 << 16  # bytes of a compressed frame read to find its header
-
-
-def _parse(path: str) -> tuple[Dataset, PixelElement | None]:
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 (closed below, after the pixel element is located)
-    except OSError as exc:
-        raise UnusableFile(Reason.UNREADABLE, f"cannot open: {exc.strerror or exc}", path) from exc
-    with fh:
-        head = fh.read(132)
-        if not head:
-            raise UnusableFile(Reason.EMPTY_FILE, "the file is empty", path)
-        has_preamble = len(head) == 132 and head[128:132] == b"DICM"
-        if not has_preamble and not _starts_like_dicom(head):
-            raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no DICM preamble, no DICOM data set start)", path)
-        fh.seek(0)
-        try:
-            ds = pydicom.dcmread(fh, force=not has_preamble, stop_before_pixels=True)
-        except InvalidDicomError as exc:
-            raise UnusableFile(Reason.NOT_DICOM, f"not a DICOM file ({exc})", path) from exc
-        except Exception as exc:
-            if not has_preamble:
-                raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file", path) from exc
-            detail = f"DICOM header unreadable ({type(exc).__name__}: {exc})"
-            raise UnusableFile(Reason.UNREADABLE, detail, path) from exc
-        if not has_preamble and not _looks_like_dicom(ds):
-            raise UnusableFile(Reason.NOT_DICOM, "not a DICOM file (no preamble, no DICOM identity)", path)
-        syntax = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
-        if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-            # The data set is one zlib stream: no byte positions to look at. Deflated files are small; read it.
-            pixel_element = None
-            ds = _read_whole(path)
-        else:
-            implicit, little = ds.original_encoding
-            pixel_element = _locate_pixel_data(fh, path, bool(implicit), little is not False)
-            if pixel_element is None:
-                _check_complete(ds, path)
-    try:
-        # pydicom parses lazily: touch every top-level element now so a corrupt header is an error here.
-        for _ in ds:
-            pass
-    except Exception as exc:
-        raise UnusableFile(Reason.UNREADABLE, f"DICOM header truncated or corrupt ({exc})", path) from exc
-    return ds, pixel_element
-
-
-def _read_whole(path: str) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
-        raise UnusableFile(Reason.UNREADABLE, f"DICOM data set unreadable ({type(exc).__name__}: {exc})", path) from exc
-    _check_complete(ds, path)
-    return ds
-
-
-def _starts_like_dicom(head: bytes) -> bool:
-    """A DICOM file without the 128-byte preamble starts with its first element: group 0002 (file meta) or
-    0008 (identity), little or big endian, then an explicit VR (two capitals) or an implicit 4-byte length.
-    Anything else (zeros, text, another format) is not DICOM, told from the first bytes without reading on."""
-    if len(head) < 8:
-        return False
-    for order in "<>":
-        group, _ = struct.unpack(order + "HH", head[:4])
-        if group not in (0x0002, 0x0008):
-            continue
-        if head[4:6].isalpha() and head[4:6].isupper():
-            return True
-        (length,) = struct.unpack(order + "I", head[4:8])
-        if length < 1 << 16:
-            return True
-    return False
-
-
-def _locate_pixel_data(fh: BinaryIO, path: str, implicit: bool, little: bool) -> PixelElement | None:
-    """The Pixel Data element at the file's current position (where pydicom stopped), from its header and,
-    for encapsulated data, its items' headers; None when the data set has no pixel data."""
-    start = fh.tell()
-    size = os.fstat(fh.fileno()).st_size
-    order = "<" if little else ">"
-    tag_bytes = fh.read(8)
-    if len(tag_bytes) < 8:
-        return None
-    group, element = struct.unpack(order + "HH", tag_bytes[:4])
-    tag = group << 16 | element
-    if tag not in _PIXEL_TAGS:
-        return None
-    if _PIXEL_TAGS[tag]:
-        raise UnusableFile(Reason.NOT_GRAYSCALE, f"{_PIXEL_TAGS[tag]} pixel data, not stored integer values", path)
-    if implicit:
-        vr = "OW"
-        (length,) = struct.unpack(order + "I", tag_bytes[4:8])
-    else:
-        vr = tag_bytes[4:6].decode("latin-1")
-        (length,) = struct.unpack(order + "I", fh.read(4))
-    offset = fh.tell()
-    if vr not in ("OB", "OW"):
-        vr = "OB" if length == 0xFFFFFFFF else "OW"
-    if length != 0xFFFFFFFF:
-        if offset + length > size:
-            raise UnusableFile(
-                Reason.CORRUPT_PIXELS,
-                f"file truncated: the pixel data element declares {length:,} bytes, the file holds "
-                f"{size - offset:,} after its start; copy it again from its source",
-                path,
-            )
-        return PixelElement(offset, length, vr, encapsulated=False)
-    return _walk_fragments(fh, path, offset, size, start)
-
-
-def _walk_fragments(fh: BinaryIO, path: str, offset: int, size: int, start: int) -> PixelElement:
-    """Encapsulated pixel data: the basic offset table item, then fragments, then the sequence delimiter.
-    Only the items' 8-byte headers are read (and the first fragment's first bytes), never the fragments."""
-    at, items, head = offset, 0, b""
-    while True:
-        fh.seek(at)
-        header = fh.read(8)
-        if len(header) < 8:
-            if items >= 2 and not header:  # no delimiter, but whole fragments up to the end: pydicom reads it
-                return PixelElement(offset, at - offset, "OB", encapsulated=True, head=head)
-            raise UnusableFile(
-                Reason.CORRUPT_PIXELS,
-                "file truncated inside the encapsulated pixel data; copy it again from its source",
-                path,
-            )
-        group, element, length = struct.unpack("<HHI", header)
-        tag = group << 16 | element
-        if tag == _SEQUENCE_END:
-            return PixelElement(offset, at - offset, "OB", encapsulated=True, head=head)
-        if tag != _ITEM or length == 0xFFFFFFFF:
-            raise UnusableFile(
-                Reason.CORRUPT_PIXELS,
-                f"encapsulated pixel data broken at byte {at:,} (an item expected, found {header[:4].hex(' ')})",
-                path,
-            )
-        if at + 8 + length > size:
-            raise UnusableFile(
-                Reason.CORRUPT_PIXELS,
-                f"file truncated: a pixel data fragment declares {length:,} bytes, the file holds "
-                f"{size - at - 8:,}; copy it again from its source",
-                path,
-            )
-        if items == 1:
-            head = fh.read(min(length, _FRAME_HEAD))
-        items += 1
-        at += 8 + length
-
-
-def _check_complete(ds: Dataset, path: str) -> None:
-    """pydicom reads a truncated file without a word: a short last value, a few bytes of a next element
-    ignored, or an empty data set. Those are errors, not skips."""
-    if not len(ds):
-        raise UnusableFile(Reason.UNREADABLE, "no data set after the file meta (file truncated?)", path)
-    last = ds.get_item(next(reversed(ds.keys())))
-    syntax = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID")
-    if (
-        not isinstance(last, RawDataElement)
-        or last.value is None
-        or last.length == 0xFFFFFFFF
-        or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
-    ):
-        return  # no byte positions to check (a sequence, an undefined length, an inflated stream)
-    end = last.value_tell + last.length
-    stray = 0 < os.path.getsize(path) - end < 8  # too short for an element: the start of one, cut
-    if stray:
-        with open(path, "rb") as fh:
-            fh.seek(end)
-            stray = any(fh.read())  # zero padding, which some writers leave, is no truncation
-    if len(last.value) < last.length or stray:
-        reason = Reason.CORRUPT_PIXELS if last.tag == 0x7FE00010 else Reason.UNREADABLE
-        raise UnusableFile(
-            reason, f"file truncated (it ends in or just after element {last.tag}); copy it again from its source", path
-        )
-
-
-def _looks_like_dicom(ds: Dataset) -> bool:
-    """A forced parse of any bytes yields *something*; a headerless DICOM file still has UIDs."""
-    try:
-        return bool(_text(ds, "SOPClassUID") or _text(ds, "SOPInstanceUID") or _text(ds, "StudyInstanceUID"))
-    except Exception:
-        return False
-
-
 def _check_mammography(f: DicomFile) -> None:
-    modality = _text(f.ds, "Modality").upper()
-    body_part = _text(f.ds, "BodyPartExamined").upper()
+    modality = header_text(f.ds, "Modality").upper()
+    body_part = header_text(f.ds, "BodyPartExamined").upper()
     if modality not in _MAMMO_MODALITIES:
         raise UnusableFile(Reason.NOT_MAMMOGRAPHY, f"modality {modality}", f.path)
     if modality != "MG" and body_part and body_part != "BREAST":
@@ -702,7 +469,7 @@ def _tag_values(ds: Dataset, keyword: str) -> list[str]:
             return [m for m in meanings if m]
     except Exception:
         return []
-    text = _text(ds, keyword)
+    text = header_text(ds, keyword)
     return [text] if text else []
 
 

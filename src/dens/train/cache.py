@@ -28,6 +28,7 @@ import dens
 import dens.config
 import dens.decode
 import dens.dicom
+import dens.dicomio
 import dens.errors
 import dens.families
 import dens.preprocess
@@ -81,10 +82,11 @@ _ROUTE_LIBRARIES = (
 
 @functools.cache
 def route_version() -> str:
-    """A digest of the code that turns a file into the canonical image (preprocess, families, dicom, decode,
-    errors, config) and of the versions of the libraries it decodes and resizes with."""
+    """A digest of the code that turns a file into the canonical image (preprocess, families, dicom, dicomio,
+    decode, errors, config) and of the versions of the libraries it decodes and resizes with."""
     digest = hashlib.sha256(dens.__version__.encode())
-    for module in (dens.preprocess, dens.families, dens.dicom, dens.decode, dens.errors, dens.config):
+    route = (dens.preprocess, dens.families, dens.dicom, dens.dicomio, dens.decode, dens.errors, dens.config)
+    for module in route:
         digest.update(Path(module.__file__).read_bytes())
     for name in _ROUTE_LIBRARIES:
         try:
