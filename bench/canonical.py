@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REAL_MAMMO, REAL_MAMMO_ENV, RESULTS, machine, shown
 from dens import preprocess
 from dens.config import PreprocessConfig
-from dens.explain.sheet import contact_sheet
+from dens.qc.sheet import contact_sheet
 
 ROUTES = {"before": PreprocessConfig(version=1, size=512), "after": PreprocessConfig(version=2)}
 
@@ -166,8 +166,8 @@ def model_cost(repeat: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dens.export.onnx import export_onnx
-    from dens.infer.runtime import open_runtime
     from dens.model import ARCHS, build_model, save_checkpoint
+    from dens.scoring.runtime import open_runtime
 
     torch.set_num_threads(2)
     out: dict[str, dict] = {}

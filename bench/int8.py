@@ -6,7 +6,7 @@ agreement of the two graphs on held-out images.
 
 Speed: a random-init ResNet-50 at S=512 (the cost depends on the weights of neither graph), exported by
 dens-export's code and quantized by it (``u8s8``, the default, and ``s8s8``) on images of the full-size
-synthetic cohort read through the decode engine. Each graph runs through ``dens.infer.runtime`` (what
+synthetic cohort read through the decode engine. Each graph runs through ``dens.scoring.runtime`` (what
 dens-infer runs) on the CPU provider with every core, at each batch size; the graphs take turns, round by
 round, so a change of load falls on all of them, and each figure is the best round's. End to end: dens-infer
 on the same cohort with the fp32 file and with the int8 file, twice each, taking turns.
@@ -100,10 +100,10 @@ def ensure_demo(demo: Path) -> Path:
 
 
 def model_stage(graphs: dict[str, Path], batches: list[int], seconds: float, rounds: int) -> list[dict]:
-    """img/s of each graph at each batch size through dens.infer.runtime, every core, graphs taking turns."""
+    """img/s of each graph at each batch size through dens.scoring.runtime, every core, graphs taking turns."""
     import numpy as np
 
-    from dens.infer.runtime import open_runtime
+    from dens.scoring.runtime import open_runtime
 
     threads = usable_cores()
     runtimes = {name: open_runtime(path, "cpu", threads=threads) for name, path in graphs.items()}

@@ -5,7 +5,7 @@ processes and fp32 against fp16, with PyTorch eager on the same checkpoint as th
                           [--seconds 8]
 
 Random initial weights and random uint8 images (the cost depends on neither), fed exactly as dens-infer
-feeds them: through ``dens.infer.runtime.open_runtime`` and ``Runtime.predict``, so the CPU figure is
+feeds them: through ``dens.scoring.runtime.open_runtime`` and ``Runtime.predict``, so the CPU figure is
 ``session.run`` on a host batch and the CUDA figure includes the uint8 copy to the device (IO binding) and
 the probabilities coming back. Each setting runs one warm-up call, then calls until --seconds have passed.
 
@@ -83,7 +83,7 @@ def _timed(call, batch: int, seconds: float) -> tuple[int, float]:
 def bench_ort(
     onnx_path: Path, device: str, batch: int, threads: int | None, seconds: float, cuda_options: dict | None = None
 ) -> dict:
-    from dens.infer.runtime import open_runtime
+    from dens.scoring.runtime import open_runtime
 
     rt = open_runtime(onnx_path, device, batch_size=batch, threads=threads, cuda_options=cuda_options)
     size = rt.preprocess.size
@@ -99,7 +99,7 @@ def bench_ort(
 
 
 def _process_main(onnx_path: str, batch: int, threads: int, seconds: float, barrier, results) -> None:
-    from dens.infer.runtime import open_runtime
+    from dens.scoring.runtime import open_runtime
 
     rt = open_runtime(onnx_path, "cpu", batch_size=batch, threads=threads)
     x = np.random.default_rng(os.getpid()).integers(
@@ -170,7 +170,7 @@ def bench_torch(checkpoint: Path, device: str, batch: int, seconds: float, amp: 
 def cpu_rows(onnx: Path, fp16: Path, checkpoint: Path, batches: list[int], seconds: float) -> list[dict]:
     import torch
 
-    from dens.infer.runtime import DEFAULT_BATCH
+    from dens.scoring.runtime import DEFAULT_BATCH
 
     n, batch = usable_cores(), DEFAULT_BATCH["cpu"]
     plan = [("ort fp32", lambda b=b: bench_ort(onnx, "cpu", b, n, seconds)) for b in batches]
@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma-separated [CPU 1,2,4,8; CUDA 1,2,4 ... 256]")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per setting")
     args = parser.parse_args()
-    from dens.infer.runtime import planned_device
+    from dens.scoring.runtime import planned_device
 
     device = planned_device(args.device)  # auto: cuda when a GPU is present (tensorrt is not measured here)
     device = "cuda" if device == "tensorrt" else device

@@ -35,7 +35,7 @@ from dens.config import PreprocessConfig
 from dens.infer import DEVICES
 from model_stage import bench_ort
 
-# dens.infer.runtime, dens.engine, torch and the naive pipeline are imported where they are used: decode
+# dens.scoring.runtime, dens.engine, torch and the naive pipeline are imported where they are used: decode
 # workers are spawned, and a spawned child imports this script again before it starts.
 # The summary line dens-infer prints (dens.infer.runner.Summary.line).
 SUMMARY = re.compile(

@@ -102,7 +102,7 @@ def measure(csv: Path, versions: tuple[int, ...] = (1, 2, 3)) -> dict:
 def sheets(csv: Path, version: int = 3, per_class: int = 0, tile_height: int = 160) -> dict[str, np.ndarray]:
     """A contact sheet per density class of ``version``'s canonical images (all of a class, or ``per_class``),
     each captioned with its file's name: what the model sees of every labelled film."""
-    from dens.explain.sheet import contact_sheet
+    from dens.qc.sheet import contact_sheet
 
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     images = canonical_images(csv, version)

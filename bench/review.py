@@ -33,8 +33,8 @@ import numpy as np
 from common import REAL_MAMMO, REAL_MAMMO_ENV, REPO, shown, write_result
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
-from dens.explain import display
-from dens.explain.report import view_label, write_view_files
+from dens.review import display
+from dens.review.report import view_label, write_view_files
 
 DEMO_COHORT = REPO / ".cache" / "review-demo-cohort"  # git-ignored
 DEMO_SPEC = {"patients": 6, "size": "small", "seed": 2}  # as `make demo` makes its studies

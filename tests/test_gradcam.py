@@ -22,10 +22,10 @@ from torch import nn
 
 from dens import labels
 from dens.config import PreprocessConfig
-from dens.explain import GradCAM, GradcamError, assign_stems, parse_flag, resolve_layer, run_gradcam, safe_stem
-from dens.explain.cli import main as gradcam_main
-from dens.explain.display import as_displayed, display_config, thumbnail
+from dens.gradcam import GradCAM, GradcamError, assign_stems, parse_flag, resolve_layer, run_gradcam, safe_stem
+from dens.gradcam.cli import main as gradcam_main
 from dens.preprocess import load
+from dens.review.display import as_displayed, display_config, thumbnail
 
 S = 64
 HOSTILE_SOP = "../../etc/passwd"
@@ -514,9 +514,39 @@ def test_cli_writes_maps_and_reports_errors_as_messages(study, tmp_path):
     assert bad_flag.exit_code == 2 and "--flag" in bad_flag.output
 
 
+def test_cli_opens_files_whose_path_cells_are_escaped_or_formula_guarded(study, tmp_path):
+    """A preds.csv path cell is escaped (a backslash doubled, a tab as ``\\t``) and guarded against formulas (a
+    leading apostrophe before ``=`` or ``@``): dens-gradcam opens the file the cell was written from."""
+    from dens.preds.cells import path_cell
+
+    preds_csv = _write_preds(study, tmp_path)
+    with open(preds_csv, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    col = {name: k for k, name in enumerate(header)}
+    flagged = [r for r in rows if r[col["flagged"]] == "true"]
+    names = ["=odd\\name.dcm", "@tab\there\\x.dcm"]
+    # Beside preds.csv and named relative to it, so that each cell starts with = or @.
+    for row, name in zip(flagged[:2], names, strict=True):
+        shutil.copy(row[col[labels.PATH]], tmp_path / name)
+        row[col[labels.PATH]] = path_cell(name)
+    assert [r[col[labels.PATH]] for r in flagged[:2]] == ["'=odd\\\\name.dcm", "'@tab\\there\\\\x.dcm"]
+    with open(preds_csv, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([header, *rows])
+
+    result = CliRunner().invoke(
+        gradcam_main, [str(preds_csv), "--out", str(tmp_path / "cams"), "--model", str(study["onnx"]), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{len(flagged)} maps, 0 errors" in result.output
+    written = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
+    odd = written[written[labels.PATH].isin(["'=odd\\\\name.dcm", "'@tab\\there\\\\x.dcm"])]
+    assert len(odd) == 2 and (odd[labels.GRADCAM] != "").all()  # mapped, and the cells kept as written
+    assert all((tmp_path / rel).is_file() for rel in odd[labels.GRADCAM])
+
+
 def test_model_defaults_to_the_latest_run_and_checkpoint_is_found_beside_it(study, tmp_path, monkeypatch):
     from dens import runs
-    from dens.explain.runner import _find_checkpoint
+    from dens.gradcam.runner import _find_checkpoint
 
     (tmp_path / "study").mkdir()
     _write_preds(study, tmp_path / "study")
@@ -604,8 +634,8 @@ def test_on_a_canvas_already_display_sized_no_file_is_decoded_twice(tmp_path, sy
     """A model whose canvas is 512 px tall is shown on its own canvas: the flagged images its maps were
     computed on are reused for the pictures (the same pixels a second decode would give), the rest decoded
     once."""
-    from dens.explain import runner
     from dens.export.onnx import export_onnx
+    from dens.gradcam import runner
     from dens.infer import InferConfig
     from dens.infer import run as infer
     from dens.model import build_model, save_checkpoint

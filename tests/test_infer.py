@@ -24,11 +24,13 @@ from dens import labels
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
 from dens.exams import breasts, exams
-from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, runtime
+from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK
 from dens.infer.cli import main as infer_main
 from dens.infer.runner import InferConfig, InferError, run
-from dens.infer.walk import walk
-from dens.infer.writer import COLUMNS, HEADER, OutputExists, PredsWriter, make_row, read_existing
+from dens.preds.columns import COLUMNS, HEADER, make_row
+from dens.preds.writer import OutputExists, PredsWriter, read_existing
+from dens.scoring import runtime
+from dens.sources import walk
 
 S = 64
 TOLERANCE = 1e-4  # the export's parity tolerance on probabilities
@@ -99,7 +101,7 @@ def studies(tmp_path_factory, synthetic_cohort) -> Path:
 
 
 def real_files(root: Path) -> set[str]:
-    """What dens-infer must account for, found independently of dens.infer.walk: every file of the tree
+    """What dens-infer must account for, found independently of dens.sources: every file of the tree
     (not through its symlinked folders), by real path, and the dangling link itself."""
     out = set()
     for folder, _, files in os.walk(root, followlinks=False):
@@ -375,7 +377,7 @@ def test_a_gpu_session_loads_torchs_cuda_libraries_first(model):
     if runtime.gpu_present():
         pytest.skip("a GPU is present (the fall-back to the CPU below is simulated)")
     code = (
-        "import sys, onnxruntime as ort\nfrom dens.infer import runtime\ncalls = []\n"
+        "import sys, onnxruntime as ort\nfrom dens.scoring import runtime\ncalls = []\n"
         "ort.preload_dlls = lambda: calls.append('torch' in sys.modules)\n"
         "runtime.gpu_present = lambda: {gpu}\nruntime.tensorrt_present = lambda: False\n"
         f"rt = runtime.open_runtime({str(model[1])!r}, 'auto')\n"
@@ -480,7 +482,14 @@ def test_walk_is_sorted_follows_links_once_and_skips_its_outputs(tmp_path):
 
 def _row(path: str, status: str = "ok") -> dict:
     probs = [0.1, 0.2, 0.3, 0.4] if status == "ok" else None
-    return make_row(path, status, "" if probs else "not_dicom: x", {"laterality": "L"}, probs, "f" * 64)
+    return make_row(
+        path,
+        status=status,
+        reason="" if probs else "not_dicom: x",
+        info={"laterality": "L"},
+        probs=probs,
+        model_sha256="f" * 64,
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,8 +539,8 @@ def _preds(rows: list[tuple[str, str, str, str, list[float]]]) -> pd.DataFrame:
             labels.LATERALITY: side,
             labels.VIEW: view,
         }
-        out.append(make_row(f"/d/{i}.dcm", "ok", "", info, probs, "f" * 64))
-    out.append(make_row("/d/x.txt", "skipped", "not_dicom: x", None, None, "f" * 64))
+        out.append(make_row(f"/d/{i}.dcm", status="ok", info=info, probs=probs, model_sha256="f" * 64))
+    out.append(make_row("/d/x.txt", status="skipped", reason="not_dicom: x", model_sha256="f" * 64))
     return pd.DataFrame(out)
 
 

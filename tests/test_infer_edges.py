@@ -24,12 +24,12 @@ from conftest import synthetic_breast, write_dicom
 from dens import exams, labels, preprocess
 from dens.config import PreprocessConfig
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
-from dens.infer.cells import escape_text, path_cell, raw_cell, raw_path, text_cell
 from dens.infer.cli import main as infer_main
-from dens.infer.lock import lock_path, output_lock
 from dens.infer.runner import InferConfig, InferError, run
-from dens.infer.walk import PLAIN_IMAGE_SUFFIXES
-from dens.infer.writer import COLUMNS, OLDER_COLUMNS, PredsWriter, make_row, preprocess_cell, read_existing
+from dens.preds.cells import escape_text, path_cell, raw_cell, raw_path, text_cell
+from dens.preds.columns import COLUMNS, OLDER_COLUMNS, make_row, preprocess_cell
+from dens.preds.lock import lock_path, output_lock
+from dens.preds.writer import PredsWriter, read_existing
 
 S = 32
 CLEAVAGE = {"ViewPosition": "CV"}  # an excluded view: skipped, after its header was read
@@ -104,13 +104,21 @@ def test_an_exam_missing_standard_views_is_marked_incomplete():
     probs = [0.1, 0.2, 0.3, 0.4]
     rows = [
         make_row(
-            f"/d/{i}.dcm", "ok", "", {labels.STUDY_UID: study, labels.LATERALITY: side, labels.VIEW: view}, probs, "f"
+            f"/d/{i}.dcm",
+            status="ok",
+            info={labels.STUDY_UID: study, labels.LATERALITY: side, labels.VIEW: view},
+            probs=probs,
+            model_sha256="f",
         )
         for i, (study, side, view) in enumerate(
             [("S1", "L", "CC"), ("S1", "L", "MLO"), ("S1", "R", "CC"), ("S1", "R", "MLO"), ("S2", "L", "CC")]
         )
     ]
-    rows.append(make_row("/d/x.dcm", "error", "corrupt_pixel_data: x", {labels.STUDY_UID: "S2"}, None, "f"))
+    rows.append(
+        make_row(
+            "/d/x.dcm", status="error", reason="corrupt_pixel_data: x", info={labels.STUDY_UID: "S2"}, model_sha256="f"
+        )
+    )
     exam = exams.exam_calls(pd.DataFrame(rows)).set_index(exams.EXAM)
     complete, partial = exam.loc["study_uid:S1"], exam.loc["study_uid:S2"]
     assert (complete[exams.INCOMPLETE], complete[exams.MISSING_VIEWS]) == ("false", "")
@@ -216,9 +224,6 @@ def test_outputs_inside_studies_are_not_read_back(model, tmp_path):
 def test_plain_images_are_read_only_when_asked(model, tmp_path):
     import cv2
 
-    from dens.preprocess import PLAIN_IMAGE_SUFFIXES as READ_AS_PLAIN
-
-    assert PLAIN_IMAGE_SUFFIXES == READ_AS_PLAIN
     studies = tmp_path / "in"
     mammogram(studies / "1.dcm")
     (studies / "gradcam").mkdir()  # a Grad-CAM folder inside the archive
@@ -447,7 +452,7 @@ def test_every_row_records_the_preprocessing_of_the_model_that_made_it(model, tm
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
     path = tmp_path / "preds.csv"
     with PredsWriter(path) as writer:
-        writer.write([make_row("/d/1.dcm", "skipped", "not_dicom: x", None, None, "f")])
+        writer.write([make_row("/d/1.dcm", status="skipped", reason="not_dicom: x", model_sha256="f")])
         before = path.read_bytes()
         limit = len(before) + 10
         old = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -455,7 +460,9 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
         try:
             with pytest.raises(OSError):
-                writer.write([make_row("/d/2.dcm", "skipped", "not_dicom: a longer reason", None, None, "f")])
+                writer.write(
+                    [make_row("/d/2.dcm", status="skipped", reason="not_dicom: a longer reason", model_sha256="f")]
+                )
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, old)
             signal.signal(signal.SIGXFSZ, handler)

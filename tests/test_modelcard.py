@@ -120,7 +120,7 @@ def test_the_card_travels_into_the_onnx_metadata_and_dens_infer_warns(
 
 
 def test_report_html_is_headed_by_the_card(tmp_path):
-    from dens.explain.report import write_report
+    from dens.review.report import write_report
 
     preds = pd.DataFrame({labels.PATH: ["a.dcm"], labels.STATUS: ["skipped"], labels.REASON: ["not_dicom: x"]})
     facts = _facts()

@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from dens.config import PreprocessConfig
-from dens.explain.cli import qc_main
-from dens.explain.qc import QcConfig, QcError, find_files, run
-from dens.explain.sheet import TILE_HEIGHT
 from dens.flags import call
 from dens.metadata import INPUT, PROBS
 from dens.preprocess import load
+from dens.qc.cli import main as qc_main
+from dens.qc.runner import QcConfig, QcError, find_files, run
+from dens.qc.sheet import TILE_HEIGHT
 
 # Not the default canvas, so a sheet made with the default instead of the model's would differ.
 CANVAS = PreprocessConfig(height=96, width=48)
@@ -146,7 +146,7 @@ def test_errors_a_user_can_meet_are_messages(studies, tmp_path):
     not_a_model = tmp_path / "model.onnx"
     not_a_model.write_bytes(b"not onnx")
     bad_model = runner.invoke(qc_main, [str(studies), "--out", str(tmp_path / "s.png"), "--model", str(not_a_model)])
-    assert bad_model.exit_code == 1 and "ONNX Runtime cannot open it" in bad_model.output
+    assert bad_model.exit_code == 1 and "is not a readable ONNX file" in bad_model.output
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -155,7 +155,7 @@ def test_errors_a_user_can_meet_are_messages(studies, tmp_path):
 
 
 def test_a_call_on_a_machine_the_model_never_saw_says_so():
-    from dens.explain.qc import Tile
+    from dens.qc.runner import Tile
 
     unseen = Tile("x.dcm", {"harmonisation": "fallback"}, density="C", p_dense=0.7).caption("x.dcm")[-1]
     seen = Tile("x.dcm", {"harmonisation": "family"}, density="C", p_dense=0.7).caption("x.dcm")[-1]

@@ -1,4 +1,4 @@
-"""dens-infer on Ray Data, on a real local_preds Ray cluster: the same rows and CSVs as the local_preds engine on
+"""dens-infer on Ray Data, on a real local Ray cluster: the same rows and CSVs as the local engine on
 synthetic, hostile and real files; a killed Ray worker; resume;
 shards and dens-merge; manifests. The two-node cluster is tests/test_ray_nodes.py's."""
 
@@ -16,9 +16,9 @@ import pytest
 from dens import labels
 from dens.exams import aggregate_paths
 from dens.infer.config import InferConfig
-from dens.infer.merge import MergeError, merge
 from dens.infer.runner import run
-from dens.infer.sources import Shard, manifest_paths
+from dens.preds.merge import MergeError, merge
+from dens.sources import Shard, manifest_paths
 from ray_cases import read, same
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need the ray extra: pip install 'dens[ray]'")
@@ -28,7 +28,7 @@ PROBS = list(labels.PROB_COLUMNS)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local_preds Ray of 2 CPUs for the module, as Ray's own tests share one."""
+    """One local Ray of 2 CPUs for the module, as Ray's own tests share one."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
     ray.shutdown()

@@ -15,8 +15,9 @@ import pytest
 from chromium import CHROMIUM, MISSING, Browser
 from dens import exams, labels
 from dens.config import PreprocessConfig
-from dens.explain import assign_stems, display, report
-from dens.explain.report import page_scale, view_label, write_view_files
+from dens.gradcam import assign_stems
+from dens.review import display, report
+from dens.review.report import page_scale, view_label, write_view_files
 
 HOSTILE_NAME = "<script>alert(1)</script>"
 HOSTILE_ATTR = 'x" onerror="alert(2)'

@@ -15,9 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from chromium import CHROMIUM, MISSING, Browser
-from dens import exams, labels
-from dens.explain import report, verdicts
-from dens.explain.cli import verdicts_main
+from dens import exams, labels, verdicts
+from dens.review import report
+from dens.review.page import VERDICT_COLUMNS
+from dens.verdicts.cli import main as verdicts_main
 
 CALLS = ["A", "B", "C", "D", "C", "B"]
 
@@ -142,13 +143,13 @@ def reviewed_run(tmp_path_factory, synthetic_cohort) -> dict:
     A-D as a trained model would make them (each exam's probabilities set, the breast and exam CSVs
     written again by dens-infer's own aggregation), then dens-gradcam's review page over them."""
     from dens.config import PreprocessConfig
-    from dens.explain import run_gradcam
     from dens.export.onnx import export_onnx
     from dens.flags import prediction_cells
+    from dens.gradcam import run_gradcam
     from dens.infer import InferConfig
     from dens.infer import run as infer
-    from dens.infer.aggregate import write_aggregates
     from dens.model import build_model, save_checkpoint
+    from dens.preds.aggregate import write_aggregates
 
     root = tmp_path_factory.mktemp("verdicts")
     torch.manual_seed(0)
@@ -223,7 +224,7 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
     exported = downloads / name
     assert exported.is_file() and name.startswith("verdicts-")
     table = pd.read_csv(exported, dtype=str, keep_default_na=False)
-    assert list(table.columns) == list(report.VERDICT_COLUMNS) and len(table) == 4
+    assert list(table.columns) == list(VERDICT_COLUMNS) and len(table) == 4
 
     out = tmp_path / "merged.csv"
     result = CliRunner().invoke(verdicts_main, [str(reviewed_run["exam_csv"]), str(exported), "--out", str(out)])

@@ -267,10 +267,13 @@ class DecodePool:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def configure(self, cfg, nice: int = 0) -> None:
-        """Send the PreprocessConfig and the niceness to the workers (once, before :meth:`map`)."""
+    def configure(self, cfg, nice: int = 0, buffer: int | None = None) -> None:
+        """Send the PreprocessConfig and the niceness to the workers (once, before :meth:`map`); ``buffer``:
+        decoded results to hold for the consumer, when the pool was made before its batch size was known."""
         if self._setup is not None:
             raise RuntimeError("the pool is already configured")
+        if buffer is not None:
+            self.buffer = max(1, buffer)
         self._setup = (cfg.to_dict(), nice, self.memory_budget)
         for w in self._workers:
             w.configure(self._setup)

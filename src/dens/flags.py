@@ -1,7 +1,8 @@
 """A density call and whether it is flagged for review (and Grad-CAM): one rule, shared by dens-infer's
 CSVs (image, breast and exam rows alike) and dens-gradcam.
 
-torch-free, so the inference process never imports torch for it.
+torch-free, so the inference process never imports torch for it, and pandas-free at import, so a stage's
+config can check a rule where a spawned worker imports it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from dens import labels
 from dens.labels import FLAGGED
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRUE, FALSE = "true", "false"
 PROB_FORMAT = "{:.6f}"
@@ -52,6 +56,8 @@ class Flag:
 
     def select(self, preds: pd.DataFrame) -> pd.Series:
         """The ok rows of preds.csv (strings, as read) that this flag picks."""
+        import pandas as pd
+
         ok = preds[labels.STATUS] == "ok"
         if not self.classes and not self.column and FLAGGED in preds:
             return ok & preds[FLAGGED].str.strip().str.lower().isin({"true", "1", "yes"})

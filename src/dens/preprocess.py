@@ -23,13 +23,12 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dens import decode, dicom, families
+from dens import decode, dicom, families, sources
 from dens.config import VERSION, PreprocessConfig
 from dens.errors import Reason, UnusableFile
 
-__all__ = ["IDENTITY_KEYS", "PLAIN_IMAGE_SUFFIXES", "ImageInfo", "PreprocessConfig", "load"]
+__all__ = ["IDENTITY_KEYS", "ImageInfo", "PreprocessConfig", "load"]
 
-PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff", ".jpg", ".jpeg")
 # A first guess of how much of the image's long side the breast spans, so that most files decode once;
 # the measured breast box corrects it when the guess was too deep.
 _ASSUMED_BREAST_FILL = 0.8
@@ -453,7 +452,7 @@ def load(
     """
     cfg = cfg or PreprocessConfig()
     path = str(path)
-    if path.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+    if sources.is_plain_image(path):
         source = _read_plain(path)
         unit_of: Callable[[np.ndarray], np.ndarray] = lambda px: source.to_unit(px, cfg.version)  # noqa: E731
         tags: dict = {"path": path}

@@ -10,8 +10,8 @@ import click
 
 from dens import show_progress
 from dens.eval.runner import EvalConfig, run
-from dens.eval.scorer import DEVICES
 from dens.figures import evaluation, metrics
+from dens.scoring import TORCH_DEVICES as DEVICES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -26,9 +26,10 @@ import dens
 from dens import families, labels, manifest
 from dens.engine import DecodePool
 from dens.eval import summary
-from dens.eval.scorer import DEVICES, SUFFIXES, Scorer, open_model
+from dens.eval.scorer import SUFFIXES, Scorer, open_model
 from dens.figures import evaluation, metrics, plots
 from dens.files import atomic_write
+from dens.scoring import TORCH_DEVICES as DEVICES
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from dens.labels import CLASSES
 from dens.metadata import INPUT, LOGITS, METADATA_KEY, file_sha256, parse_metadata
 
 SUFFIXES = (".onnx", ".pt")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from dens.infer.sources import Shard
+    from dens.sources import Shard
 
     try:
         Shard.parse(value)
@@ -204,8 +204,9 @@ def main(
     """Classify breast density (BI-RADS A-D) for every file under STUDIES (a folder, or a CSV/Parquet
     manifest with a 'path' column): one row per file in --out (status ok | skipped | error, with a reason),
     plus breast- and exam-level calls beside it."""
-    from dens.infer.runner import InferError, resolve_model, run  # here: spawned workers import this module
-    from dens.infer.runtime import ModelError, model_for_precision
+    from dens.infer.runner import InferError, run  # here: spawned workers import this module
+    from dens.scoring.model import ModelError, resolve_model
+    from dens.scoring.runtime import model_for_precision
 
     if overwrite and (resume or retry_errors):
         raise click.UsageError(
@@ -218,7 +219,7 @@ def main(
     if precision is not None:
         try:
             model = model_for_precision(resolve_model(model), precision)
-        except (InferError, ModelError) as exc:
+        except ModelError as exc:
             click.echo(f"dens-infer: error: {exc}", err=True)
             sys.exit(EXIT_FAILED)
     cfg = InferConfig(
@@ -272,8 +273,8 @@ def main(
 
 def _gradcam(summary, out_dir: Path, model: Path | None, checkpoint: Path | None, progress: bool | None) -> None:
     """Grad-CAM for the rows dens-infer flagged, on the device the ONNX model ran on."""
-    from dens.explain import GradcamConfig, GradcamError, run  # torch: imported only when asked for
-    from dens.infer.lock import OutputLocked, output_lock
+    from dens.gradcam import GradcamConfig, GradcamError, run  # torch: imported only when asked for
+    from dens.preds.lock import OutputLocked, output_lock
 
     device = "cuda" if summary.provider.lower().startswith(("cuda", "tensorrt")) else "cpu"
     try:
@@ -310,8 +311,8 @@ def merge_main(shards: tuple[Path, ...], out: Path, overwrite: bool, flag: str |
     breast and exam CSVs from all of them (an exam's views may lie in several shards). Exit status as
     dens-infer's: 3 when the merged file holds error rows."""
     from dens.flags import parse_flag
-    from dens.infer.merge import MergeError, merge
-    from dens.infer.writer import CorruptOutput, OutputExists
+    from dens.preds.merge import MergeError, merge
+    from dens.preds.writer import CorruptOutput, OutputExists
 
     try:
         merged = merge(shards, out, overwrite=overwrite, rule=parse_flag(flag))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dens.metadata import PRECISIONS as PRECISIONS  # --precision: the variant beside the model (model.int8.onnx)
+from dens.scoring import DEVICES as DEVICES  # --device: ONNX Runtime's
 
-DEVICES = ("auto", "tensorrt", "cuda", "cpu")
 ENGINES = ("local", "ray")  # local: this machine's decode processes; ray: Ray Data on a Ray cluster
 # Exit status of dens-infer (130: Ctrl-C; 143: SIGTERM).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
@@ -38,7 +38,7 @@ class InferConfig:
     sr: Path | None = None  # --sr DIR: one density SR per exam (dens.sr) after the run
     engine: str = "local"
     ray_address: str | None = None  # --engine ray: None starts a local Ray; 'auto' or 'ray://host:10001' joins one
-    shard: str | None = None  # 'i/N': only the files whose path hashes to shard i of N (dens.infer.sources)
+    shard: str | None = None  # 'i/N': only the files whose path hashes to shard i of N (dens.sources)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

@@ -131,7 +131,7 @@ class _Score:
     """A model actor: one ONNX Runtime session; adds ``probs`` and drops the images."""
 
     def __init__(self, model: str, device: str, batch_size: int, threads: int):
-        from dens.infer.runtime import open_runtime
+        from dens.scoring.runtime import open_runtime
 
         self.runtime = open_runtime(model, device, batch_size=batch_size, threads=threads)
 

@@ -6,7 +6,7 @@ meanwhile (ONNX Runtime releases the GIL), so decoding and the model overlap. De
 of order (a slow file does not hold up the ones after it); their rows are written in the walk's order,
 each as soon as the rows before it are.
 
-The run holds the output's lock (:mod:`dens.infer.lock`) from start to end, so two runs never write one
+The run holds the output's lock (:mod:`dens.preds.lock`) from start to end, so two runs never write one
 preds.csv.
 """
 
@@ -21,30 +21,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from dens import families, labels, modelcard, runs, show_progress
-from dens.config import PreprocessConfig
-from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, DecodePool, PoolError
-from dens.errors import PLAIN_IMAGE_REASON, Reason
+from dens import families, labels, show_progress, sources
+from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, PoolError
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
-from dens.infer import aggregate, sources, walk
-from dens.infer.cells import escape_text, path_cell
 from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
-from dens.infer.lock import OutputLocked, lock_path, output_lock
-from dens.infer.runtime import (
-    DeviceError,
-    ModelError,
-    Runtime,
-    decode_nice,
-    default_parallelism,
-    open_runtime,
-    planned_device,
-)
-from dens.infer.writer import CorruptOutput, OutputExists, PredsWriter, check_output, make_row, preprocess_cell
-from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
+from dens.preds import aggregate
+from dens.preds.cells import escape_text, path_cell
+from dens.preds.lock import OutputLocked, lock_path, output_lock
+from dens.preds.writer import CorruptOutput, OutputExists, PredsWriter, check_output
+from dens.scoring.model import ModelError, ModelFile
+from dens.scoring.runtime import DeviceError, planned_device
+from dens.scoring.scorer import RowMaker, Scorer, ScoringError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +42,6 @@ log = logging.getLogger(__name__)
 _RAY_WRITE_ROWS = 256
 # Rows held before a write even when no batch fills (a long run of skipped files still reaches the disk).
 _MAX_PENDING_FACTOR = 4
-# The reason of a plain image (PNG/PGM/TIFF/JPEG) met without --plain-images: a skipped row, never decoded, so that
-# pictures in an archive (dens-infer's own Grad-CAM maps and thumbnails among them) get no density call.
-# The first bytes of a PyTorch checkpoint: a zip archive (torch.save), or a pickle (the legacy format).
-_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
 
 
 class InferError(Exception):
@@ -128,26 +114,6 @@ class Summary:
         return [families.unseen_warning(self.unseen_families, self.ok, advice)]
 
 
-def resolve_model(model: Path | None) -> Path:
-    """``model`` when given, else the newest run's model.onnx, with a message saying how to make one."""
-    if model is not None:
-        if not Path(model).is_file():
-            raise InferError(f"model {model} not found: export one with `dens-export --onnx`, or pass --model PATH")
-        with open(model, "rb") as f:
-            head = f.read(4)
-        if head.startswith(_CHECKPOINT_MAGIC):
-            raise InferError(
-                f"{model} is a PyTorch checkpoint (such as dens-train's best.pt), not an ONNX model: dens-infer runs "
-                f"the exported model; make it with `dens-export --onnx --checkpoint {model} --out model.onnx`, then "
-                "pass --model model.onnx"
-            )
-        return Path(model)
-    try:
-        return runs.latest_file("model.onnx")
-    except FileNotFoundError as exc:
-        raise InferError(f"{exc} (--model PATH)") from exc
-
-
 def run(cfg: InferConfig) -> Summary:
     """Run inference as ``cfg`` says; returns the summary (raises InferError when the run cannot start or
     cannot go on: the message says what to do)."""
@@ -158,10 +124,10 @@ def run(cfg: InferConfig) -> Summary:
     if cfg.overwrite and (cfg.resume or cfg.retry_errors):
         asked = "--retry-errors" if cfg.retry_errors else "--resume"
         raise InferError(f"{asked} and --overwrite contradict each other: choose one")
-    model_path = resolve_model(cfg.model)
     try:
+        model = ModelFile.read(cfg.model, "dens-infer")
         rule = parse_flag(cfg.flag)
-    except ValueError as exc:
+    except ValueError as exc:  # ModelError, a bad --flag
         raise InferError(str(exc)) from exc
     # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
     studies = Path(os.path.realpath(studies))
@@ -174,7 +140,7 @@ def run(cfg: InferConfig) -> Summary:
         raise InferError(str(exc)) from exc
     try:
         with output_lock(out):
-            return _run(cfg, studies, out, exclude, shard, model_path, rule, start)
+            return _run(cfg, studies, out, exclude, shard, model, rule, start)
     except OutputLocked as exc:
         raise InferError(str(exc)) from exc
     except OSError as exc:  # the lock, or the output folder, cannot be written
@@ -187,20 +153,20 @@ def _run(
     out: Path,
     exclude: list[Path],
     shard: sources.Shard,
-    model_path: Path,
+    model: ModelFile,
     rule: FlagRule,
     start: float,
 ) -> Summary:
     try:
         check_output(out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite)
-        device = planned_device(cfg.device)
+        planned_device(cfg.device)  # an explicit GPU without one: refused before any file is read
     except (OutputExists, DeviceError) as exc:
         raise InferError(str(exc)) from exc
     entries = functools.partial(_entries, studies, exclude, shard, cfg.plain_images)
     if cfg.engine == "ray":
-        summary = _score_on_ray(cfg, out, entries, model_path, rule)
+        summary = _score_on_ray(cfg, out, entries, model, rule)
     else:
-        summary = _score_here(cfg, out, entries, device, model_path, rule)
+        summary = _score_here(cfg, out, entries, model, rule)
     t0 = time.perf_counter()
     try:
         summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
@@ -211,7 +177,7 @@ def _run(
         ) from exc
     summary.write_s += time.perf_counter() - t0
     if cfg.sr is not None:
-        summary.reports = write_reports(out, Path(cfg.sr), model_path, rule)
+        summary.reports = write_reports(out, Path(cfg.sr), model, rule)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -221,39 +187,32 @@ def _writer(cfg: InferConfig, out: Path) -> PredsWriter:
     return PredsWriter(out, resume=resume, overwrite=cfg.overwrite, retry_errors=cfg.retry_errors)
 
 
-def _check_model(writer: PredsWriter, sha: str, model_path: Path, meta: dict) -> None:
+def _check_model(writer: PredsWriter, model: ModelFile) -> None:
     """Refuse to append to rows of another model; say in one line what the model's card says against it."""
-    others = writer.models - {sha}
-    if others:
-        raise InferError(
-            f"{writer.path} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), "
-            f"not {model_path} ({sha[:12]}): resume with that model, or --overwrite"
-        )
-    caveats = modelcard.caveats(meta.get("summary"))
-    if caveats:  # one line, before any call is made: what the model's card says against trusting it
-        log.warning("dens-infer: warning: %s: %s (see its model card)", model_path.name, "; ".join(caveats))
+    try:
+        model.check_rows(writer.models, writer.path, "resume with that model, or --overwrite")
+    except ModelError as exc:
+        raise InferError(str(exc)) from exc
+    model.warn_caveats("dens-infer")
 
 
-def _score_here(
-    cfg: InferConfig, out: Path, entries: Callable, device: str, model_path: Path, rule: FlagRule
-) -> Summary:
+def _score_here(cfg: InferConfig, out: Path, entries: Callable, model: ModelFile, rule: FlagRule) -> Summary:
     """The local engine: this machine's decode processes feeding one ONNX Runtime session."""
-    workers = cfg.workers or default_parallelism(device)[0]
-    # The workers start (a second of imports each) while the model opens; they learn the preprocessing
-    # from its metadata once it is open.
-    with DecodePool(workers) as pool:
+    try:
+        scorer = Scorer(
+            model, rule=rule, device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers, threads=cfg.threads
+        )
+    except (DeviceError, ModelError) as exc:
+        raise InferError(str(exc)) from exc
+    with scorer:
         try:
-            runtime = _open(model_path, cfg)
             writer = _writer(cfg, out)
-        except (DeviceError, ModelError, OutputExists, CorruptOutput) as exc:
+        except (OutputExists, CorruptOutput) as exc:
             raise InferError(str(exc)) from exc
-        if cfg.workers is None and runtime.device != device:  # auto fell back to the CPU: its worker count
-            pool.grow(default_parallelism(runtime.device)[0])
-            workers = pool.workers
-        sha = file_sha256(model_path)
+        runtime = scorer.runtime
         summary = Summary(
             provider=runtime.provider,
-            workers=workers,
+            workers=scorer.pool.workers,
             threads=runtime.threads,
             batch_size=runtime.batch_size,
             out=out,
@@ -262,22 +221,20 @@ def _score_here(
             retried=writer.retried,
         )
         with writer:
-            _check_model(writer, sha, model_path, runtime.metadata)
+            _check_model(writer, model)
             log.info(
                 "dens-infer: model %s (%s, sha256 %s; preprocess %s) on %s, batch %d, %d ORT thread(s), "
                 "%d decode worker(s)",
-                model_path,
-                runtime.metadata.get("arch", "?"),
-                sha[:12],
-                preprocess_cell(runtime.preprocess),
+                model.path,
+                model.metadata.get("arch", "?"),
+                model.sha256[:12],
+                scorer.rows.cell,
                 runtime.provider,
                 runtime.batch_size,
                 runtime.threads,
-                workers,
+                summary.workers,
             )
-            pool.configure(runtime.preprocess, nice=decode_nice(runtime.device))  # the device the model got
-            pool.buffer = 2 * runtime.batch_size
-            _process(entries, pool, writer, runtime, sha, cfg, summary, rule)
+            _process(entries, scorer, writer, cfg, summary)
     return summary
 
 
@@ -287,25 +244,11 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
-def _open(model_path: Path, cfg: InferConfig) -> Runtime:
-    runtime = open_runtime(model_path, cfg.device, batch_size=cfg.batch_size, threads=cfg.threads)
-    if runtime.classes != labels.CLASSES:
-        raise ModelError(f"{model_path} predicts classes {runtime.classes}; dens-infer writes {labels.CLASSES}")
-    return runtime
-
-
 def _entries(studies: Path, exclude: list[Path], shard: sources.Shard, plain_images: bool, done: set[str]):
     """``(path, problem)`` for the pool: the files of ``studies`` (this shard's) that preds.csv has no row for
     yet."""
-    for entry in sources.entries(studies, exclude, shard):
-        if path_cell(entry.path) in done:
-            continue
-        if entry.problem:
-            yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}"
-        elif not plain_images and entry.path.lower().endswith(walk.PLAIN_IMAGE_SUFFIXES):
-            yield entry.path, PLAIN_IMAGE_REASON
-        else:
-            yield entry.path, ""
+    found = (e for e in sources.entries(studies, exclude, shard) if path_cell(e.path) not in done)
+    return sources.pool_items(found, plain_images)
 
 
 def _append(writer: PredsWriter, rows: list[dict[str, str]], summary: Summary) -> None:
@@ -321,19 +264,13 @@ def _append(writer: PredsWriter, rows: list[dict[str, str]], summary: Summary) -
     summary.write_s += time.perf_counter() - t0
 
 
-def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Path, rule: FlagRule) -> Summary:
+def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFile, rule: FlagRule) -> Summary:
     """The Ray engine (:mod:`dens.infer.ray_engine`): decode and model actors on a Ray cluster; the rows are
     made and written here, as the local engine makes and writes them."""
     try:
         from dens.infer import ray_engine  # Ray only when asked: its import takes seconds
     except ImportError as exc:
         raise InferError(f"--engine ray needs Ray ({exc}): pip install 'dens[ray]'") from exc
-    try:
-        meta = read_metadata(model_path)
-    except (OnnxMetadataError, FileNotFoundError) as exc:
-        raise InferError(str(exc)) from exc
-    if tuple(meta["classes"]) != labels.CLASSES:
-        raise InferError(f"{model_path} predicts classes {tuple(meta['classes'])}; dens-infer writes {labels.CLASSES}")
     try:
         writer = _writer(cfg, out)
     except (OutputExists, CorruptOutput) as exc:
@@ -343,8 +280,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
     except Exception as exc:  # no cluster at that address, a version mismatch: Ray's own message
         raise InferError(f"cannot start or join Ray at {cfg.ray_address or 'a local Ray'}: {exc}") from exc
     plan = ray_engine.plan(resources, cfg.device, cfg.batch_size)
-    sha = file_sha256(model_path)
-    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    rows_of = RowMaker(model, rule)
     summary = Summary(
         provider=f"Ray ({plan.scorers} model actor(s) on {'GPU' if plan.scorer_gpus else 'CPU'})",
         workers=plan.decoders,
@@ -356,7 +292,6 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
         retried=writer.retried,
     )
     rows: list[dict[str, str]] = []
-    cell = preprocess_cell(preprocess)
 
     def write() -> None:
         _append(writer, rows, summary)
@@ -364,22 +299,21 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
 
     def add(result: dict) -> None:
         status = result["status"]
-        row = make_row(result["path"], status, result["reason"], result["info"], result["probs"], sha, rule, cell)
-        rows.append(row)
+        rows.append(rows_of.row(result["path"], status, result["reason"], result["info"], result["probs"]))
         summary.count(status, result["info"])
         summary.decode_s += result["seconds"]
         if len(rows) >= _RAY_WRITE_ROWS:
             write()
 
     with writer:
-        _check_model(writer, sha, model_path, meta)
+        _check_model(writer, model)
         log.info(
             "dens-infer: model %s (%s, sha256 %s; preprocess %s) on Ray (%d CPUs, %d GPUs): %d decode actor(s), "
             "%d model actor(s), batch %d",
-            model_path,
-            meta.get("arch", "?"),
-            sha[:12],
-            cell,
+            model.path,
+            model.metadata.get("arch", "?"),
+            model.sha256[:12],
+            rows_of.cell,
             int(resources.get("CPU", 0)),
             int(resources.get("GPU", 0)),
             plan.decoders,
@@ -389,9 +323,9 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
         ray_engine.process(
             entries(writer.done),
             plan,
-            model_path,
+            model.path,
             cfg.device,
-            preprocess.to_dict(),
+            model.preprocess.to_dict(),
             add,
             timeout=DEFAULT_TIMEOUT,
             memory_budget=DEFAULT_MEMORY_BUDGET,
@@ -400,16 +334,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model_path: Pa
     return summary
 
 
-def _process(
-    entries_of: Callable,
-    pool: DecodePool,
-    writer: PredsWriter,
-    runtime: Runtime,
-    sha: str,
-    cfg: InferConfig,
-    summary: Summary,
-    rule: FlagRule,
-) -> None:
+def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: InferConfig, summary: Summary) -> None:
     def entries():
         return entries_of(writer.done)
 
@@ -420,28 +345,21 @@ def _process(
         threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in entries())), daemon=True).start()
     pending: list[Decoded] = []
     images = 0
-    preprocess = preprocess_cell(runtime.preprocess)
     waiting: dict[int, dict[str, str]] = {}  # rows by input index, until the rows before them are written
     next_row = 0
 
     def flush() -> None:
         nonlocal pending, images, next_row
-        ok = [d for d in pending if d.status == "ok"]
-        probs = iter(())
-        if ok:
-            t0 = time.perf_counter()
-            try:
-                probs = iter(runtime.predict(np.stack([d.image for d in ok])[:, None]))
-            except Exception as exc:  # ORT out of memory, a broken provider: stop, keeping what is written
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InferError(
-                    f"the model failed on a batch of {len(ok)} images ({first}); the rows written "
-                    f"so far are in {writer.path}: fix the cause, then --resume"
-                ) from exc
-            summary.model_s += time.perf_counter() - t0
-        for d in pending:
-            p = next(probs) if d.status == "ok" else None
-            waiting[d.index] = make_row(d.path, d.status, d.reason, d.info, p, sha, rule, preprocess)
+        t0 = time.perf_counter()
+        try:
+            made = scorer.score(pending)
+        except ScoringError as exc:  # ORT out of memory, a broken provider: stop, keeping what is written
+            raise InferError(
+                f"{exc}; the rows written so far are in {writer.path}: fix the cause, then --resume"
+            ) from exc
+        summary.model_s += time.perf_counter() - t0
+        for d, row in zip(pending, made, strict=True):
+            waiting[d.index] = row
         rows = []
         while next_row in waiting:
             rows.append(waiting.pop(next_row))
@@ -458,7 +376,7 @@ def _process(
             _append(writer, rows, summary)
 
     try:
-        results = pool.map(entries())
+        results = scorer.pool.map(entries())
         while True:
             t0 = time.perf_counter()
             decoded = next(results, None)
@@ -472,7 +390,7 @@ def _process(
                 log.debug("%s: the codecs said: %s", escape_text(decoded.path), escape_text(decoded.noise))
             pending.append(decoded)
             images += decoded.status == "ok"
-            if images >= runtime.batch_size or len(pending) >= _MAX_PENDING_FACTOR * runtime.batch_size:
+            if images >= scorer.batch_size or len(pending) >= _MAX_PENDING_FACTOR * scorer.batch_size:
                 flush()
         if pending:
             flush()
@@ -483,20 +401,19 @@ def _process(
         bar.close()
 
 
-def write_reports(out: Path, folder: Path, model_path: Path, rule: FlagRule) -> tuple[Path, ...]:
+def write_reports(out: Path, folder: Path, model: ModelFile, rule: FlagRule) -> tuple[Path, ...]:
     """``--sr``: one density SR per exam of ``out`` (preds.csv) into ``folder`` (:mod:`dens.sr`, whose pydicom and
     highdicom load only now: the decoding is over)."""
     import pandas as pd
 
     from dens import sr
-    from dens.infer.cells import raw_path
-    from dens.metadata import read_metadata
+    from dens.preds.cells import raw_path
 
     preds = pd.read_csv(out, dtype=str, keep_default_na=False)
     preds[labels.PATH] = [raw_path(cell) for cell in preds[labels.PATH]]
-    model = sr.ModelIdentity.from_metadata(read_metadata(model_path), file_sha256(model_path))
+    identity = sr.ModelIdentity.from_metadata(model.metadata, model.sha256)
     try:
-        return tuple(sr.write_reports(preds, folder, model, rule))
+        return tuple(sr.write_reports(preds, folder, identity, rule))
     except (OSError, ValueError) as exc:
         raise InferError(
             f"{out} is complete, but the SRs could not be written to {folder} ({exc}): fix the cause, then run "

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import warnings
 from pathlib import Path
 
 import click
 
+from dens.scoring import DEVICES as _DEVICES
 from dens.serve.config import (
     DEFAULT_AET,
     DEFAULT_PORT,
@@ -23,7 +23,6 @@ from dens.serve.config import (
     ServeConfig,
 )
 
-_DEVICES = ("auto", "tensorrt", "cuda", "cpu")  # as dens-infer's --device
 _EPILOG = f"""\b
 Exit status: 0 stopped (SIGTERM, Ctrl-C) after the studies being scored; {EXIT_FAILED} could not start
 (no model, a port in use, a state folder of another model or kept by another node) or could not go on
@@ -195,43 +194,24 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
     if show_status:
         _print_status(state)
         return
-    from dens.flags import parse_flag
-
     try:
-        parse_flag(options["flag"])
         cfg = ServeConfig(state=state, **options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    from dens.serve.node import ServeError, start  # here: spawned decode workers import this module
+    from dens.serve.node import ServeError, run  # here: spawned decode workers import this module
     from dens.serve.send import outgoing
 
     try:
         outgoing(cfg)  # certificates, keys and secrets: a bad one is a bad option, before the model loads
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-
     try:
-        node = start(cfg)
+        result = run(cfg, ready=lambda node: click.echo(node.line()) or sys.stdout.flush())
     except ServeError as exc:
         click.echo(f"dens-serve: error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: node.stop())
-    host, port = node.address
-    status = (
-        f", status on http://{node.status_address[0]}:{node.status_address[1]}/status" if node.status_address else ""
-    )
-    click.echo(
-        f"dens-serve: listening on {host}:{port} as {cfg.aet}{' (TLS)' if cfg.tls_cert else ''}{status}; "
-        f"state {cfg.state}",
-        err=False,
-    )
-    sys.stdout.flush()
-    node.serve()
-    if node.failed:
-        click.echo(f"dens-serve: stopped: {node.failed}", err=True)
-        sys.exit(EXIT_FAILED)
-    click.echo("dens-serve: stopped")
+    click.echo(result.line(), err=bool(result.failed))
+    sys.exit(result.exit_code)
 
 
 def _print_status(folder: Path) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dens.flags import parse_flag
+
 # Exit status of dens-serve: 0 stopped cleanly (SIGTERM, Ctrl-C); 1 could not start; 2 bad options.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_AET = "DENS"
@@ -139,6 +141,7 @@ class ServeConfig:
         if self.stable_seconds < 0 or self.retry_seconds <= 0:
             raise ValueError("--stable-seconds must be >= 0 and --retry-seconds > 0")
         check_ae_title(self.aet)
+        parse_flag(self.flag)  # a bad --flag is a bad option
         self._check_send_tls()
         self._check_stow()
 

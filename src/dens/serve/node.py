@@ -1,4 +1,5 @@
-"""The node's life: :func:`start` opens the state folder and recovers what a crash left, opens the pipeline
+"""The node's life: :func:`run` starts a node, serves until SIGTERM or Ctrl-C and says how it ended.
+:func:`start` opens the state folder and recovers what a crash left, opens the pipeline
 (the model and the decode engine) and listens; :meth:`Node.serve` scores each study once it has been quiet
 for ``stable_seconds``, writes its SR and queues it for every destination, until :meth:`Node.stop` (SIGTERM,
 Ctrl-C), after the studies being scored.
@@ -11,17 +12,19 @@ endpoint answers.
 from __future__ import annotations
 
 import logging
+import signal
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
 
-from dens import runs
 from dens.flags import parse_flag
-from dens.serve.config import ServeConfig
+from dens.scoring.model import ModelFile
+from dens.serve.config import EXIT_FAILED, ServeConfig
 from dens.serve.pipeline import Pipeline, PipelineError
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender, outgoing
@@ -39,13 +42,18 @@ class ServeError(Exception):
     """The node cannot start; the message says what to do."""
 
 
-def resolve_model(model: Path | None) -> Path:
-    if model is not None:
-        return Path(model)
-    try:
-        return runs.latest_file("model.onnx")
-    except FileNotFoundError as exc:
-        raise ServeError(f"{exc} (--model PATH)") from exc
+@dataclass(frozen=True)
+class ServeResult:
+    """How a node's life ended: ``failed`` says why it could not go on (None after a stop that was asked)."""
+
+    failed: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if self.failed else 0
+
+    def line(self) -> str:
+        return f"dens-serve: stopped: {self.failed}" if self.failed else "dens-serve: stopped"
 
 
 @dataclass
@@ -79,10 +87,21 @@ class Node:
             else [a.aet + (f"@{a.address}" if a.address else "") for a in self.cfg.allow],
             "stable_seconds": self.cfg.stable_seconds,
             "destinations": list(self.cfg.destinations),
-            "model": {"name": self.pipeline.model.name, "sha256": self.pipeline.sha256},
+            "model": {"name": self.pipeline.identity.name, "sha256": self.pipeline.model.sha256},
             "state": str(self.state.folder),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }
+
+    def line(self) -> str:
+        """The line that says the node is up: where it listens, as whom, its status URL and its state."""
+        host, port = self.address
+        status = (
+            f", status on http://{self.status_address[0]}:{self.status_address[1]}/status"
+            if self.status_address
+            else ""
+        )
+        tls = " (TLS)" if self.cfg.tls_cert else ""
+        return f"dens-serve: listening on {host}:{port} as {self.cfg.aet}{tls}{status}; state {self.cfg.state}"
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (after the studies it is scoring)."""
@@ -207,12 +226,24 @@ def recover(state: State) -> int:
     return adopted
 
 
+def run(cfg: ServeConfig, ready: Callable[[Node], None] | None = None) -> ServeResult:
+    """Start a node (ServeError when it cannot), call ``ready`` with it, serve until SIGTERM or Ctrl-C (or until
+    it cannot go on), and say how it ended."""
+    node = start(cfg)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: node.stop())
+    if ready is not None:
+        ready(node)
+    node.serve()
+    return ServeResult(node.failed)
+
+
 def start(cfg: ServeConfig) -> Node:
     """Open the state, recover, open the pipeline and listen; raises ServeError when the node cannot start."""
-    model = resolve_model(cfg.model)
     try:
+        model = ModelFile.read(cfg.model, "dens-serve")
         how = outgoing(cfg)
-    except ValueError as exc:
+    except ValueError as exc:  # ModelError, a bad destination
         raise ServeError(str(exc)) from exc
     try:
         rule = parse_flag(cfg.flag)

@@ -1,8 +1,7 @@
-"""dens-infer's pipeline, kept open for the node's life: the decode engine feeding one ONNX Runtime session,
-rows made and appended as dens-infer makes them, the breast and exam CSVs, and a study's density SR.
-
-This is the one module of the node that reaches into dens-infer's public pieces (the runtime, the preds.csv
-writer and its rows, the aggregate CSVs): a node scores a study exactly as ``dens-infer`` scores a folder.
+"""The node's scoring, kept open for its life: a :class:`dens.scoring.scorer.Scorer` (the decode engine feeding
+one ONNX Runtime session, rows made as dens-infer makes them), preds.csv and its breast and exam CSVs
+(:mod:`dens.preds`), and a study's density SR. A node scores a study exactly as ``dens-infer`` scores a folder:
+both go through the same scorer and write through the same preds.csv contract.
 
 The decode engine's :meth:`DecodePool.map` is single-use and pulls its input from the dispatcher thread, so
 the node feeds it one endless iterator for its whole life. That iterator never blocks for long: while no file
@@ -19,16 +18,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dens import labels, modelcard, sr
-from dens.engine import Decoded, DecodePool, PoolError
+from dens import labels, sr
+from dens.engine import Decoded, PoolError
 from dens.flags import FlagRule
-from dens.infer.aggregate import write_aggregates
-from dens.infer.runtime import ModelError, decode_nice, default_parallelism, open_runtime, planned_device
-from dens.infer.writer import COLUMNS, PredsWriter, make_row, preprocess_cell, read_existing
-from dens.metadata import file_sha256
+from dens.preds.aggregate import write_aggregates
+from dens.preds.columns import COLUMNS
+from dens.preds.writer import PredsWriter, read_existing
+from dens.scoring.model import ModelFile
+from dens.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,7 @@ _BUSY_WAIT, _IDLE_WAIT = 0.005, 0.2
 
 
 class PipelineError(RuntimeError):
-    """The pipeline cannot start (a model of other classes, preds.csv of another model), or cannot go on (the
-    decode engine broke down); the message says what to do."""
+    """The pipeline cannot go on (the decode engine broke down); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,11 @@ class Report:
 
 
 class Pipeline:
-    """The decode pool, the model session and preds.csv of one node, open until :meth:`close`."""
+    """The scorer and preds.csv of one node, open until :meth:`close`."""
 
     def __init__(
         self,
-        model_path: Path,
+        model: ModelFile,
         preds: Path,
         rule: FlagRule,
         *,
@@ -69,41 +67,24 @@ class Pipeline:
     ):
         self.rule = rule
         self.preds = preds
-        planned = planned_device(device)
-        # The workers start (a second of imports each) while the model opens, as in dens-infer.
-        self.pool = DecodePool(workers or default_parallelism(planned)[0])
+        self.scorer = Scorer(model, rule=rule, device=device, batch_size=batch_size, workers=workers, threads=threads)
         try:
-            self.runtime = open_runtime(model_path, device, batch_size=batch_size, threads=threads)
-            if self.runtime.classes != labels.CLASSES:
-                raise ModelError(f"{model_path} predicts classes {self.runtime.classes}; dens writes {labels.CLASSES}")
-            if workers is None and self.runtime.device != planned:
-                self.pool.grow(default_parallelism(self.runtime.device)[0])
-            self.sha256 = file_sha256(model_path)
-            self.model = sr.ModelIdentity.from_metadata(self.runtime.metadata, self.sha256)
             self.writer = PredsWriter(preds, resume=True)
-            others = self.writer.models - {self.sha256}
-            if others:
-                raise PipelineError(
-                    f"{preds} holds rows of another model (sha256 {', '.join(s[:12] for s in others)}), not "
-                    f"{model_path} ({self.sha256[:12]}): a state folder serves one model; start with a new one"
-                )
+            model.check_rows(self.writer.models, preds, "a state folder serves one model; start with a new one")
         except BaseException:
-            self.pool.close()
+            self.scorer.close()
             raise
-        caveats = modelcard.caveats(self.runtime.metadata.get("summary"))
-        if caveats:
-            log.warning("dens-serve: warning: %s: %s (see its model card)", model_path.name, "; ".join(caveats))
-        self.cell = preprocess_cell(self.runtime.preprocess)
-        self.pool.configure(self.runtime.preprocess, nice=decode_nice(self.runtime.device))
-        self.pool.buffer = 2 * self.runtime.batch_size
+        model.warn_caveats("dens-serve")
+        self.model = model
+        self.identity = sr.ModelIdentity.from_metadata(model.metadata, model.sha256)  # what its SRs name
         self._feed: queue.Queue[str] = queue.Queue()
         self._outstanding = 0  # files fed whose result has not come back
         self._stop = threading.Event()
-        self._results = self.pool.map(self._items())
+        self._results = self.scorer.pool.map(self._items())
 
     def close(self) -> None:
         self._stop.set()
-        self.pool.close()
+        self.scorer.close()
         self.writer.close()
 
     def _items(self) -> Iterator[tuple[str, str]]:
@@ -138,18 +119,7 @@ class Pipeline:
                 got[decoded.path] = decoded
                 self._outstanding -= 1
         ordered = [got[p] for p in wanted]
-        ok = [d for d in ordered if d.status == "ok"]
-        batch = self.runtime.batch_size
-        probs = [
-            p
-            for i in range(0, len(ok), batch)
-            for p in self.runtime.predict(np.stack([d.image for d in ok[i : i + batch]])[:, None])
-        ]
-        by_path = {d.path: p for d, p in zip(ok, probs, strict=True)}
-        rows = [
-            make_row(d.path, d.status, d.reason, d.info, by_path.get(d.path), self.sha256, self.rule, self.cell)
-            for d in ordered
-        ]
+        rows = self.scorer.score(ordered)
         for d in ordered:
             if d.status != "ok":
                 log.info("dens-serve: %s: %s %s", d.path, d.status, d.reason)
@@ -165,7 +135,7 @@ class Pipeline:
         if ok.empty:
             return None
         headers = dict(zip(ok[labels.PATH], sr.read_headers(list(ok[labels.PATH])), strict=True))
-        report = sr.exam_report(frame, headers, self.model, self.rule)
+        report = sr.exam_report(frame, headers, self.identity, self.rule)
         path = sr.save(report, out_dir, sr.uid_filename(str(report.SOPInstanceUID), ".dcm"))
         call = "" if report.CompletionFlag != "COMPLETE" else _exam_density(ok, self.rule)
         return Report(str(report.SOPInstanceUID), path, call)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from dens import model
 from dens.config import HEIGHT, VERSION, VERSIONS, WIDTH
+from dens.scoring import TORCH_DEVICES as DEVICES
 
 ARCHS: tuple[str, ...] = tuple(model.ARCHS)
 OPTIMIZERS = ("adam", "adamw")
 BALANCES = ("weighted-loss", "sampler", "none")
-DEVICES = ("auto", "cuda", "cpu")
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Below this peak learning rate a randomly initialised model barely moves in a run of this length: such
 # rates suit fine-tuning pretrained weights, not training from scratch.

@@ -2,8 +2,27 @@
 
 The script keeps the verdicts in localStorage under the page's run, filters and sorts the rows, opens a
 flagged view's full-size figure, and exports the verdicts as a CSV (a Blob and a download link: no server).
-:mod:`dens.explain.report` fills the template; every value it puts in is escaped there.
+:mod:`dens.review.report` fills the template; every value it puts in is escaped there. The export's columns
+are defined here, beside the script that writes them, for dens-verdicts (:mod:`dens.verdicts`) to read.
 """
+
+from dens import exams
+
+# The verdicts export: one row per reviewed exam, in these columns (the script's `values` below), each verdict
+# AGREE or DISAGREE.
+MODEL_DENSITY, MODEL_P_DENSE, RUN = "model_density", "model_p_dense", "run"
+VERDICT, REVIEWER_DENSITY, REVIEWED_AT = "verdict", "reviewer_density", "reviewed_at"
+VERDICT_COLUMNS = (
+    exams.EXAM,
+    *exams.IDENTITY,
+    MODEL_DENSITY,
+    MODEL_P_DENSE,
+    VERDICT,
+    REVIEWER_DENSITY,
+    REVIEWED_AT,
+    RUN,
+)
+AGREE, DISAGREE = "agree", "disagree"
 
 SCRIPT = """
 "use strict";

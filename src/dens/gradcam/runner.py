@@ -31,10 +31,13 @@ import dens
 from dens import labels, modelcard, runs
 from dens.config import PreprocessConfig
 from dens.engine import DecodePool
-from dens.explain import display
-from dens.explain.gradcam import GradCAM, assign_stems, safe_stem
 from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
+from dens.gradcam.cam import GradCAM, assign_stems, safe_stem
+from dens.preds.cells import raw_path
+from dens.review import display
+from dens.review.report import ViewFiles, page_scale, view_label, write_report, write_view_files
+from dens.scoring import TORCH_DEVICES as DEVICES  # or cuda:N
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,6 @@ GRADCAM, MODEL_SHA256 = labels.GRADCAM, labels.MODEL_SHA256
 
 
 THUMBNAILS = ("all", "flagged", "none")
-DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -150,7 +152,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
 
     Two passes through the decode engine: the flagged images at the model's own input (the maps, and the
     page's largest map value, which gives every overlay one scale), then the images the page shows at the
-    display size (:func:`dens.explain.display.display_config`; the model's own canvas where that is already
+    display size (:func:`dens.review.display.display_config`; the model's own canvas where that is already
     512-1024 pixels tall), each decoded once there for its thumbnail and, when flagged, its overlay. Where the
     display canvas is the model's own, a flagged image is not decoded again: the first pass keeps it.
 
@@ -158,8 +160,6 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     and ``report`` (its path). Raises :class:`GradcamError` for what a user must fix (wrong model, missing
     checkpoint, bad preds.csv).
     """
-    from dens.explain import report as pages
-
     flag, layer, batch_size, workers = cfg.flag, cfg.layer, cfg.batch_size, cfg.workers
     thumbnails, report, progress = cfg.thumbnails, cfg.report, cfg.progress
     model_path, checkpoint = cfg.model, cfg.checkpoint
@@ -212,7 +212,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     page_max = max(peaks.values(), default=0.0)
     wanted = sorted(set(peaks) | set(_thumbnail_rows(preds, selected, thumbnails) if report else ()))
     kept = {row: keep / f"{row}.png" for row in peaks} if keep is not None else {}
-    views: dict[int, pages.ViewFiles] = {}
+    views: dict[int, ViewFiles] = {}
     bar = tqdm(total=len(wanted), desc="review images", unit="img", disable=not progress or not wanted)
     decoded = load_batches(items([r for r in wanted if r not in kept]), view_cfg, batch_size, workers)
     for batch in itertools.chain(_reread(kept, batch_size), decoded):
@@ -228,8 +228,8 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
                 raw = np.load(out_dir / f"{stems[row]}.npy").astype(np.float32)
                 cam = raw / page_max if page_max > 0 else np.zeros_like(raw)
                 cam = display.as_displayed(cam, record.get(labels.LATERALITY, ""), view_cfg)
-            views[row] = pages.write_view_files(
-                out_dir, stems[row], shown, cam, pages.view_label(record), view_cfg.version, thumbnail=report
+            views[row] = write_view_files(
+                out_dir, stems[row], shown, cam, view_label(record), view_cfg.version, thumbnail=report
             )
         bar.update(len(batch))
     bar.close()
@@ -242,7 +242,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     preds[GRADCAM] = [relative(overlays[i]) if i in overlays else "" for i in range(len(preds))]
     write_preds(preds, preds_csv)
     if report:
-        preds.attrs["report"] = pages.write_report(
+        preds.attrs["report"] = write_report(
             preds,
             preds_csv,
             {row: files.thumbnail for row, files in views.items() if files.thumbnail},
@@ -250,7 +250,7 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
             overlay_thumbs={row: files.overlay_thumbnail for row, files in views.items() if files.overlay_thumbnail},
             exam_calls=_exam_calls(preds_csv),
             card=modelcard.of(resolved.metadata.get("summary")),
-            scale=pages.page_scale(page_max, len(peaks)),
+            scale=page_scale(page_max, len(peaks)),
         )
     preds.attrs["summary"] = GradcamSummary(
         len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)
@@ -410,9 +410,11 @@ def write_preds(preds: pd.DataFrame, preds_csv: Path) -> None:
         preds.to_csv(f, index=False, lineterminator="\n")  # as dens-infer writes it
 
 
-def resolve_input(path: str, preds_csv: Path) -> str:
-    """An input path as preds.csv holds it: as written when it exists (absolute or from the working
+def resolve_input(cell: str, preds_csv: Path) -> str:
+    """The file a preds.csv ``path`` cell names: the cell's escapes and formula guard undone
+    (:func:`dens.preds.cells.raw_path`), then the path as written when it exists (absolute or from the working
     directory), else relative to preds.csv's folder."""
+    path = raw_path(cell)
     if Path(path).is_absolute() or Path(path).exists():
         return path
     beside = preds_csv.parent / path

@@ -1,6 +1,6 @@
 """Grad-CAM: the core (a context manager owning its hook), the file names it writes, and which rows get maps.
 
-Pure computation, no files read: :mod:`dens.explain.runner` runs it over a preds.csv.
+Pure computation, no files read: :mod:`dens.gradcam.runner` runs it over a preds.csv.
 """
 
 from __future__ import annotations

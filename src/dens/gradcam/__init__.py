@@ -1,13 +1,14 @@
-"""Explaining the dense calls: Grad-CAM maps for the flagged images and the HTML review page.
+"""dens-gradcam: Grad-CAM maps for the flagged images of a preds.csv, and the review page written with them.
 
 ``run(GradcamConfig(preds_csv, out_dir, ...))`` is what ``dens-gradcam`` and ``dens-infer --gradcam`` call
 (``run_gradcam(preds_csv, out_dir, **settings)`` the same with keyword arguments);
-``GradCAM`` is the core, usable on any classifier with a convolutional layer.
+``GradCAM`` is the core, usable on any classifier with a convolutional layer. The page itself is
+:mod:`dens.review`'s.
 """
 
-from dens.explain.gradcam import CamResult, GradCAM, assign_stems, resolve_layer, safe_stem
-from dens.explain.runner import GradcamConfig, GradcamError, GradcamSummary, run, run_gradcam
 from dens.flags import Flag, parse_flag
+from dens.gradcam.cam import CamResult, GradCAM, assign_stems, resolve_layer, safe_stem
+from dens.gradcam.runner import GradcamConfig, GradcamError, GradcamSummary, run, run_gradcam
 
 __all__ = [
     "CamResult",

@@ -21,18 +21,12 @@ import onnxruntime as ort
 
 import dens
 from dens.config import PreprocessConfig
-from dens.infer.config import DEVICES
-from dens.metadata import (
-    INPUT,
-    METADATA_KEY,
-    PROBS,
-    OnnxMetadataError,
-    parse_metadata,
-    read_metadata,
-    variant_path,
-)
+from dens.metadata import INPUT, PROBS, variant_path
+from dens.scoring import DEVICES
+from dens.scoring.model import ModelError, ModelFile
 
 log = logging.getLogger(__name__)
+
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 # Batch sizes that keep each provider busy without holding many decoded images: on the CPU a bigger
@@ -44,10 +38,6 @@ OUTPUT = PROBS  # dens-infer reads the calibrated probabilities only
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used here; the message says why and what to do."""
-
-
-class ModelError(ValueError):
-    """The ONNX file is not a usable dens model; the message names the file and what to do."""
 
 
 def gpu_present() -> bool:
@@ -185,23 +175,12 @@ def model_for_precision(model_path: str | os.PathLike, precision: str) -> Path:
     return path
 
 
-def read_session_metadata(session: ort.InferenceSession, model_path: Path) -> dict:
-    """The ``dens`` JSON that ``dens-export`` writes into the model's metadata_props, checked."""
-    try:
-        return parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), model_path)
-    except OnnxMetadataError as exc:
-        raise ModelError(str(exc)) from exc
-
-
 @dataclass
 class Runtime:
     """An open session and what it was opened with. :meth:`predict` takes uint8 ``[N, 1, S, S]``."""
 
     session: ort.InferenceSession
-    model_path: Path
-    metadata: dict
-    preprocess: PreprocessConfig
-    classes: tuple[str, ...]
+    model: ModelFile
     provider: str  # the provider ONNX Runtime put first, e.g. CPUExecutionProvider
     device: str  # tensorrt | cuda | cpu
     batch_size: int
@@ -209,9 +188,25 @@ class Runtime:
     _device_input: dict = field(default_factory=dict, repr=False)
 
     @property
+    def model_path(self) -> Path:
+        return self.model.path
+
+    @property
+    def metadata(self) -> dict:
+        return self.model.metadata
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.model.preprocess
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.model.classes
+
+    @property
     def precision(self) -> str:
         """What the graph computes in, from its metadata: fp32, fp16 or int8."""
-        return self.metadata["precision"]
+        return self.model.precision
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities ``[N, len(classes)]`` (float32) for a uint8 batch."""
@@ -234,7 +229,7 @@ class Runtime:
 
 
 def open_runtime(
-    model_path: str | os.PathLike,
+    model: ModelFile | str | os.PathLike,
     device: str = "auto",
     *,
     batch_size: int | None = None,
@@ -242,14 +237,15 @@ def open_runtime(
     spinning: bool = False,
     cuda_options: dict | None = None,
 ) -> Runtime:
-    """Open ``model_path`` on ``device`` (auto = TensorRT, then CUDA, then CPU, GPU ones only when a GPU is
-    present). ``threads``: ONNX Runtime's intra-op threads (the CPU provider's compute; on a GPU they only
-    feed it; default: :func:`default_parallelism`). ``spinning``: let idle ORT threads spin, which steals
-    cores from the decode workers that share them. ``cuda_options``: more CUDA provider options (such as
-    ``{"prefer_nhwc": "1"}``), for benchmarks that try them before dens-infer adopts one."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelError(f"model {model_path} not found: export one with `dens-export --onnx` or pass --model")
+    """Open ``model`` (read already, or its path: read now) on ``device`` (auto = TensorRT, then CUDA, then
+    CPU, GPU ones only when a GPU is present). ``threads``: ONNX Runtime's intra-op threads (the CPU provider's
+    compute; on a GPU they only feed it; default: :func:`default_parallelism`). ``spinning``: let idle ORT
+    threads spin, which steals cores from the decode workers that share them. ``cuda_options``: more CUDA
+    provider options (such as ``{"prefer_nhwc": "1"}``), for benchmarks that try them before dens-infer adopts
+    one."""
+    if not isinstance(model, ModelFile):
+        model = _read(Path(model))
+    model_path = model.path
     wanted = _wanted(device)
     if wanted[0] != "cpu":
         load_cuda_libraries()
@@ -261,7 +257,7 @@ def open_runtime(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us, once
-    probe_shape = _input_shape(model_path) if "tensorrt" in wanted else (0, 0)
+    probe_shape = model.preprocess.shape
     probe_batch = batch_size or DEFAULT_BATCH[wanted[0]]
     providers = [_provider_options(name, probe_shape, probe_batch, cuda_options) for name in wanted]
     try:
@@ -281,26 +277,20 @@ def open_runtime(
     if used != wanted[0]:  # auto: a GPU is there but its provider did not load
         log.warning("%s was requested but did not load; running on %s", PROVIDERS[wanted[0]], provider)
         if used == "cpu" and chosen is None:  # reopen with the CPU's thread count, not the GPU's
-            return open_runtime(model_path, "cpu", batch_size=batch_size, spinning=spinning)
-    meta = read_session_metadata(session, model_path)
-    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
-    classes = tuple(str(c) for c in meta["classes"])
-    _check_io(session, model_path, preprocess.shape, len(classes))
-    int8 = meta.get("int8") or {}
+            return open_runtime(model, "cpu", batch_size=batch_size, spinning=spinning)
+    _check_io(session, model_path, model.preprocess.shape, len(model.classes))
+    int8 = model.metadata.get("int8") or {}
     calibrated = f", {int8['format']}, calibrated on {int8['calibration_images']} images" if int8 else ""
-    log.info("dens-infer: running the %s graph %s%s", meta["precision"], model_path, calibrated)
-    return Runtime(
-        session, model_path, meta, preprocess, classes, provider, used, batch_size or DEFAULT_BATCH[used], threads
-    )
+    log.info("running the %s graph %s%s", model.precision, model_path, calibrated)
+    return Runtime(session, model, provider, used, batch_size or DEFAULT_BATCH[used], threads)
 
 
-def _input_shape(model_path: Path) -> tuple[int, int]:
-    """The canvas (H, W) from the metadata, read before the session exists (TensorRT's optimisation profile
-    needs it)."""
-    try:
-        return PreprocessConfig.from_dict(read_metadata(model_path)["preprocess"]).shape
-    except (OnnxMetadataError, OSError, ValueError):
-        return 0, 0  # the session opened next reports the real problem
+def _read(path: Path) -> ModelFile:
+    """The model at ``path``, read for a caller that holds only its path (a benchmark, a Ray model actor):
+    a file that is no dens model is ModelError, as from :meth:`ModelFile.read`."""
+    if not path.is_file():
+        raise ModelError(f"model {path} not found: export one with `dens-export --onnx` or pass --model")
+    return ModelFile.read(path)
 
 
 def _check_io(session: ort.InferenceSession, model_path: Path, shape: tuple[int, int], num_classes: int) -> None:

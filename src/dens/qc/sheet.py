@@ -1,6 +1,6 @@
 """The contact sheet: canonical images side by side, each captioned, so a person checks the route at a glance.
 
-Pure numpy/OpenCV; :mod:`dens.explain.qc` feeds it what ``load`` made (and a model's calls), and
+Pure numpy/OpenCV; :mod:`dens.qc.runner` feeds it what ``load`` made (and a model's calls), and
 bench/canonical.py the same files through two routes.
 """
 
@@ -39,8 +39,16 @@ def contact_sheet(
         cv2.rectangle(sheet, (left, top), (left + w - 1, top + tile_height - 1), (110, 110, 110), 1)
         for k, text in enumerate(caption[:lines]):
             y = top + tile_height + (k + 1) * _LINE
-            cv2.putText(sheet, _fit(text, cell_w - 8), (left, y), _FONT, 0.38, (235, 235, 235), 1, cv2.LINE_AA)
+            cv2.putText(
+                sheet, _fit(_drawable(text), cell_w - 8), (left, y), _FONT, 0.38, (235, 235, 235), 1, cv2.LINE_AA
+            )
     return sheet
+
+
+def _drawable(text: str) -> str:
+    """``text`` in the ASCII OpenCV's Hershey font draws, the rest escaped: a file name that is not UTF-8 (its
+    bytes carried as lone surrogates) crashes OpenCV's text functions, and other letters draw as '?'."""
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\\udc", "\\x")
 
 
 def _fit(text: str, width: int) -> str:

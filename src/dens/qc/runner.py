@@ -20,15 +20,13 @@ import numpy as np
 from tqdm import tqdm
 
 import dens
-from dens import families
+from dens import families, sources
 from dens.config import PreprocessConfig
 from dens.engine import Decoded, DecodePool, in_input_order
-from dens.errors import PLAIN_IMAGE_REASON
-from dens.explain.sheet import contact_sheet
 from dens.files import atomic_write
 from dens.flags import call
-from dens.metadata import INPUT, PROBS, OnnxMetadataError, file_sha256, parse_metadata
-from dens.preprocess import PLAIN_IMAGE_SUFFIXES
+from dens.qc.sheet import contact_sheet
+from dens.scoring.model import ModelError, ModelFile
 
 log = logging.getLogger(__name__)
 
@@ -112,55 +110,38 @@ class QcResult:
 
 
 def find_files(inputs: Sequence[Path], exclude: Path | None = None) -> list[tuple[Path, str]]:
-    """``(file, name to show)`` for every file named or under a folder named, folders walked in sorted order;
-    the name is relative to the folder it was found in (a named file: its name). ``exclude``: the sheet."""
+    """``(file, name to show)`` for every file named or under a folder named (:func:`dens.sources.walk`:
+    sorted, symlinked folders followed once); the name is relative to the folder it was found in (a named
+    file: its name). ``exclude``: the sheet."""
     found = []
     for root in inputs:
         root = Path(root)
-        if root.is_dir():
-            found += [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*")) if p.is_file()]
-        else:
-            found.append((root, root.name))
-    if exclude is not None and exclude.exists():
-        found = [(p, name) for p, name in found if not p.samefile(exclude)]
+        for entry in sources.walk(root, [exclude] if exclude is not None else []):
+            found.append(
+                (Path(entry.path), Path(entry.path).relative_to(root).as_posix() if root.is_dir() else root.name)
+            )
     return found
 
 
 class _Model:
-    """An exported dens model on ONNX Runtime's CPU provider: its preprocessing, classes and calls."""
+    """An exported dens model on ONNX Runtime's CPU provider (a sheet is a few dozen images): its
+    preprocessing and its calls."""
 
     def __init__(self, path: Path):
-        import onnxruntime as ort
+        from dens.scoring.runtime import open_runtime
 
-        if not path.is_file():
-            raise QcError(f"model {path} not found: pass an ONNX file that dens-export wrote")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise QcError(f"{path}: ONNX Runtime cannot open it ({first})") from exc
-        try:
-            meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map.get("dens"), path)
-        except OnnxMetadataError as exc:
+            self.file = ModelFile.read(path, "dens-qc")
+            self.runtime = open_runtime(self.file, "cpu", batch_size=_BATCH)
+        except ModelError as exc:
             raise QcError(str(exc)) from exc
-        self.path, self.sha256 = path, file_sha256(path)
-        self.preprocess = PreprocessConfig.from_dict(meta["preprocess"])
-        self.classes = tuple(meta["classes"])
-        shape = next((i.shape for i in self.session.get_inputs() if i.name == INPUT), None)
-        if shape is None or list(shape[1:]) != [1, *self.preprocess.shape]:
-            raise QcError(
-                f"{path}: input '{INPUT}' is {shape}, not [N, 1, {self.preprocess.height}, "
-                f"{self.preprocess.width}] as its metadata's preprocess says; re-export it with dens-export"
-            )
 
     def calls(self, images: list[np.ndarray]) -> list[tuple[str, float]]:
         """(call, p_dense) per canonical image."""
         out = []
         for start in range(0, len(images), _BATCH):
             batch = np.stack(images[start : start + _BATCH])[:, None]
-            out += [call(p, self.classes) for p in self.session.run([PROBS], {INPUT: batch})[0]]
+            out += [call(p, self.file.classes) for p in self.runtime.predict(batch)]
         return out
 
 
@@ -171,8 +152,7 @@ def decode_first(
 
     Results come in input order (:func:`in_input_order`), so which files make the sheet never depends on
     timing."""
-    unread = PLAIN_IMAGE_REASON if not plain_images else ""
-    items = ((str(p), unread if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES) else "") for p in files)
+    items = sources.pool_items((sources.Entry(str(p)) for p in files), plain_images)
     ok = 0
     bar = tqdm(total=min(limit, len(files)), desc="dens-qc", unit="img", disable=not progress)
     with DecodePool(max(1, min(workers, len(files))), cfg, buffer=2 * _BATCH) as pool:
@@ -196,7 +176,7 @@ def run(cfg: QcConfig) -> QcResult:
     if not files:
         raise QcError(f"no files in {', '.join(map(str, cfg.inputs))}")
     model = _Model(Path(cfg.model)) if cfg.model is not None else None
-    preprocess = model.preprocess if model is not None else PreprocessConfig()
+    preprocess = model.file.preprocess if model is not None else PreprocessConfig()
     names = {str(p): name for p, name in files}
     workers = cfg.workers or min(4, dens.usable_cores())
 
@@ -243,7 +223,7 @@ def _title(preprocess: PreprocessConfig, model: _Model | None) -> str:
     route = f"preprocess version {preprocess.version}, {preprocess.height}x{preprocess.width} canvas"
     if model is None:
         return f"dens-qc: {route} (the default; no model)"
-    return f"dens-qc: {route}, from {model.path.name} (sha256 {model.sha256[:12]})"
+    return f"dens-qc: {route}, from {model.file.path.name} (sha256 {model.file.sha256[:12]})"
 
 
 def _with_title(sheet: np.ndarray, title: str) -> np.ndarray:

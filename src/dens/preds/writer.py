@@ -1,4 +1,4 @@
-"""preds.csv: its columns, how a decoded file becomes a row, and a crash-safe appending writer.
+"""preds.csv's crash-safe appending writer, and the reader ``--resume`` and dens-merge use.
 
 Rows are appended one batch at a time in a single write, flushed and fsync'd, so a crash (kill -9, power)
 loses at most the batch being written, and that batch can only be torn at its end. ``--resume`` reads the
@@ -6,8 +6,7 @@ file back, drops a torn last record, and skips every file that already has a row
 moment, the resumed run ends with exactly one row per file. A write that fails (a full disk) is cut back to
 the last whole record before the error goes up, so the file never ends torn by it.
 
-Cells hold text as :mod:`dens.infer.cells` writes it: control characters escaped, formulas guarded, the path
-reversibly escaped; ``--resume`` recognises a file by its path cell.
+The columns and the rows are :mod:`dens.preds.columns`'.
 """
 
 from __future__ import annotations
@@ -17,96 +16,14 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dens import labels
-from dens.config import PreprocessConfig
 from dens.files import atomic_write
-from dens.flags import FlagRule, flag_dense, prediction_cells
-from dens.infer.cells import path_cell, text_cell
+from dens.preds.columns import COLUMNS, HEADER, MODEL_SHA256, OLDER_LAYOUTS, STATUSES
 
 log = logging.getLogger(__name__)
-
-FLAGGED, MODEL_SHA256, GRADCAM = labels.FLAGGED, labels.MODEL_SHA256, labels.GRADCAM
-# Where the laterality came from: 'tag' (ImageLaterality/Laterality), 'orientation' (PatientOrientation),
-# 'pixels' (guessed from the image); the maker and model of the unit; the preprocessing the model's metadata
-# asked for (an edited metadata shows here, and in model_sha256).
-LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
-    "laterality_source",
-    "manufacturer",
-    "manufacturer_model",
-    "preprocess",
-)
-# The image's acquisition family and how its greys were mapped (dens.families): ``family`` (the model's line
-# for that family), ``fallback`` (a family the model never saw, mapped by the pooled line of those it saw:
-# review such calls with care), ``none`` or ``image`` (the routes of older models).
-FAMILY, HARMONISATION = labels.FAMILY, labels.HARMONISATION
-STATUSES = ("ok", "skipped", "error")
-# Columns added later go at the end, but before gradcam, the column the Grad-CAM step fills afterwards:
-# a reader of an older preds.csv by column name keeps working.
-COLUMNS: tuple[str, ...] = (
-    labels.PATH,
-    labels.STATUS,
-    labels.REASON,
-    *labels.IDENTITY_COLUMNS,
-    *labels.PROB_COLUMNS,
-    labels.DENSITY,
-    labels.P_DENSE,
-    labels.DENSE,
-    FLAGGED,
-    MODEL_SHA256,
-    LATERALITY_SOURCE,
-    MANUFACTURER,
-    MANUFACTURER_MODEL,
-    PREPROCESS,
-    FAMILY,
-    HARMONISATION,
-    GRADCAM,
-)
-# The columns of preds.csv files older dens-infers wrote, newest first: --resume carries such a file over.
-OLDER_LAYOUTS: tuple[tuple[str, ...], ...] = (
-    tuple(c for c in COLUMNS if c not in (FAMILY, HARMONISATION)),
-    tuple(
-        c
-        for c in COLUMNS
-        if c not in (LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS, FAMILY, HARMONISATION)
-    ),
-)
-OLDER_COLUMNS = OLDER_LAYOUTS[-1]
-HEADER = ",".join(COLUMNS) + "\n"
-_FROM_INFO = (*labels.IDENTITY_COLUMNS, LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, FAMILY, HARMONISATION)
-
-
-def make_row(
-    path: str,
-    status: str,
-    reason: str,
-    info: Mapping | None,
-    probs: Sequence[float] | None,
-    model_sha256: str,
-    rule: FlagRule = flag_dense,
-    preprocess: str = "",
-) -> dict[str, str]:
-    """One preds.csv row, whatever its status: the identity from ``info`` (``ImageInfo.to_dict()``, or
-    on a failure the header's identity as far as it was read; None when no header was), predictions when
-    ``probs``. Every cell is written as :mod:`dens.infer.cells` says."""
-    row = dict.fromkeys(COLUMNS, "")
-    row.update(
-        {
-            labels.PATH: path_cell(path),
-            labels.STATUS: status,
-            labels.REASON: text_cell(reason),
-            MODEL_SHA256: model_sha256,
-            PREPROCESS: preprocess,
-        }
-    )
-    for column in _FROM_INFO:
-        row[column] = text_cell((info or {}).get(column, "") or "")
-    if probs is not None:
-        row.update(prediction_cells(probs, rule))
-    return row
 
 
 class OutputExists(FileExistsError):
@@ -115,13 +32,6 @@ class OutputExists(FileExistsError):
 
 class CorruptOutput(ValueError):
     """preds.csv cannot be resumed (not a dens-infer file, or damaged before its last record)."""
-
-
-def preprocess_cell(cfg: PreprocessConfig) -> str:
-    """The ``preprocess`` cell: the model's preprocessing settings, ``key=value`` joined by ``;`` (version 3's
-    family grey maps as the families' count; their lines are in the model's metadata)."""
-    settings = {**cfg.to_dict(), **({"families": len(cfg.families)} if cfg.version >= 3 else {})}
-    return ";".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
 
 
 @dataclass

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dens.flags import FlagRule, flag_dense
-from dens.infer import aggregate
-from dens.infer.writer import COLUMNS, PredsWriter, read_existing
+from dens.preds import aggregate
+from dens.preds.columns import COLUMNS
+from dens.preds.writer import PredsWriter, read_existing
 
 
 class MergeError(ValueError):

@@ -1,7 +1,7 @@
 """A reviewer's verdicts back as data: the review page's export merged into preds.exam.csv, and how far
 model and reviewer agree (the figures the field accepts such tools on).
 
-The page exports one row per reviewed exam (:data:`dens.explain.report.VERDICT_COLUMNS`): the exam key as
+The page exports one row per reviewed exam (:data:`dens.review.page.VERDICT_COLUMNS`): the exam key as
 preds.exam.csv writes it (``exam``, with the patient ID, accession and study UID it showed), the call the
 reviewer saw, ``agree`` or ``disagree``, and the category the reviewer would give. A verdict whose exam is
 not in preds.exam.csv, or whose identity or call differs from that exam's row there (the page of another
@@ -20,10 +20,8 @@ import pandas as pd
 from dens import exams, labels
 from dens.agreement import weighted_kappa
 from dens.files import atomic_write
+from dens.review.page import AGREE, DISAGREE, MODEL_DENSITY, REVIEWED_AT, REVIEWER_DENSITY, VERDICT
 
-VERDICT, REVIEWER_DENSITY, REVIEWED_AT = "verdict", "reviewer_density", "reviewed_at"
-MODEL_DENSITY = "model_density"
-AGREE, DISAGREE = "agree", "disagree"
 MERGED_COLUMNS = (VERDICT, REVIEWER_DENSITY, REVIEWED_AT)
 _REQUIRED = (exams.EXAM, VERDICT, REVIEWER_DENSITY)
 _LISTED = 10  # errors named in a message; the rest counted

@@ -6,7 +6,7 @@ opened offline. Its only script is inline, allowed by a nonce in a Content-Secur
 no other script, style file, font or frame. Every string from a DICOM header or a file name is escaped:
 names and IDs are untrusted input. The script keeps the reviewer's verdicts in the browser's localStorage
 under the page's run (a reload keeps them) and exports them as a CSV keyed as preds.exam.csv keys exams;
-``dens-verdicts`` (:mod:`dens.explain.verdicts`) merges that CSV back.
+``dens-verdicts`` (:mod:`dens.verdicts`) merges that CSV back.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels, modelcard
-from dens.explain import display, page
 from dens.files import atomic_write
+from dens.review import display, page
 
 REPORT_SUFFIX = ".report.html"  # preds.csv -> preds.report.html
 THUMBS = "thumbs"  # the thumbnails' folder under the Grad-CAM folder
@@ -43,16 +43,6 @@ FILTERS = (
     ("incomplete", "a standard view missing"),
     ("errors", "a file of the exam without a call"),
     ("unreviewed", "no verdict yet"),
-)
-VERDICT_COLUMNS = (
-    exams.EXAM,
-    *exams.IDENTITY,
-    "model_density",
-    "model_p_dense",
-    "verdict",
-    "reviewer_density",
-    "reviewed_at",
-    "run",
 )
 
 
@@ -231,7 +221,7 @@ def write_report(
         exams=len(rows),
         rows="\n".join(row for *_, row in rows),
         unusable=_unusable_table([records[i] for i in unusable]),
-        columns=_e(json.dumps(VERDICT_COLUMNS)),
+        columns=_e(json.dumps(page.VERDICT_COLUMNS)),
         script=page.SCRIPT,
     )
     # The page states its own size (images included): whether it can be mailed is the reader's question.
@@ -372,9 +362,12 @@ def _exam_row(key: str, ident: dict[str, list[str]], call: Mapping, tags: list[s
     categories = "".join(
         f'<button type="button" data-category="{c}" aria-pressed="false">{c}</button>' for c in labels.CLASSES
     )
+    verdicts = "".join(
+        f'<button type="button" data-verdict="{v}" aria-pressed="false">{v}</button>'
+        for v in (page.AGREE, page.DISAGREE)
+    )
     verdict = (
-        '<div class="verdict"><button type="button" data-verdict="agree" aria-pressed="false">agree</button>'
-        '<button type="button" data-verdict="disagree" aria-pressed="false">disagree</button></div>'
+        f'<div class="verdict">{verdicts}</div>'
         f'<div class="categories" title="the category you would give">{categories}</div>'
     )
     return (

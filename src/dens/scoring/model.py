@@ -1,0 +1,110 @@
+"""The exported model a scoring stage runs, found, read and checked once.
+
+dens-infer (either engine), dens-serve and dens-qc score with an ONNX file that dens-export wrote. This module
+finds it (the path given, else the newest run's ``model.onnx``; a PyTorch checkpoint is refused with what to
+do), reads its metadata and hashes it once, checks that it calls the classes dens writes, says what its
+model card says against it once, and refuses to append its rows to a preds.csv of another model. ONNX Runtime
+is not imported here: the Ray engine's driver reads a model without opening a session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dens import labels, modelcard, runs
+from dens.config import PreprocessConfig
+from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
+from dens.preds.columns import preprocess_cell
+
+log = logging.getLogger(__name__)
+
+# The first bytes of a PyTorch checkpoint: a zip archive (torch.save), or a pickle (the legacy format).
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
+
+
+class ModelError(ValueError):
+    """The model cannot be used (missing, a checkpoint, not a dens model, other classes, rows of another
+    model); the message names the file and what to do."""
+
+
+def resolve_model(model: str | os.PathLike | None, stage: str = "dens-infer") -> Path:
+    """``model`` when given, else the newest run's model.onnx; raises ModelError saying how to make one, and
+    for a PyTorch checkpoint how to export it."""
+    if model is None:
+        try:
+            return runs.latest_file("model.onnx")
+        except FileNotFoundError as exc:
+            raise ModelError(f"{exc} (--model PATH)") from exc
+    model = Path(model)
+    if not model.is_file():
+        raise ModelError(f"model {model} not found: export one with `dens-export --onnx`, or pass --model PATH")
+    with open(model, "rb") as f:
+        head = f.read(4)
+    if head.startswith(CHECKPOINT_MAGIC):
+        raise ModelError(
+            f"{model} is a PyTorch checkpoint (such as dens-train's best.pt), not an ONNX model: {stage} runs the "
+            f"exported model; make it with `dens-export --onnx --checkpoint {model} --out model.onnx`, then pass "
+            "--model model.onnx"
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """An exported dens model as read from its file: its path, its ``dens`` metadata and its sha256."""
+
+    path: Path
+    metadata: dict[str, Any]
+    sha256: str
+
+    @classmethod
+    def read(cls, model: str | os.PathLike | None, stage: str = "dens-infer") -> ModelFile:
+        """Find (:func:`resolve_model`), read and check the model; ModelError says what is wrong."""
+        path = resolve_model(model, stage)
+        try:
+            metadata = read_metadata(path)
+        except (OnnxMetadataError, OSError) as exc:
+            raise ModelError(str(exc)) from exc
+        found = cls(path, metadata, file_sha256(path))
+        if found.classes != labels.CLASSES:
+            raise ModelError(f"{path} predicts classes {found.classes}; {stage} writes {labels.CLASSES}")
+        return found
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The route its images are made by, as its metadata says."""
+        return PreprocessConfig.from_dict(self.metadata["preprocess"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(str(c) for c in self.metadata["classes"])
+
+    @property
+    def precision(self) -> str:
+        """What the graph computes in: fp32, fp16 or int8."""
+        return str(self.metadata.get("precision", "fp32"))
+
+    @property
+    def preprocess_cell(self) -> str:
+        """The ``preprocess`` cell of its rows."""
+        return preprocess_cell(self.preprocess)
+
+    def warn_caveats(self, stage: str) -> None:
+        """Log, in one line, what the model's card says against trusting it (before any call is made)."""
+        caveats = modelcard.caveats(self.metadata.get("summary"))
+        if caveats:
+            log.warning("%s: warning: %s: %s (see its model card)", stage, self.path.name, "; ".join(caveats))
+
+    def check_rows(self, models: set[str], preds: Path, remedy: str) -> None:
+        """Refuse to append to ``preds`` when it holds rows of another model (``models``: their sha256s);
+        ``remedy`` says what to do instead."""
+        others = models - {self.sha256}
+        if others:
+            raise ModelError(
+                f"{preds} holds rows of another model (sha256 {', '.join(s[:12] for s in sorted(others))}), not "
+                f"{self.path} ({self.sha256[:12]}): {remedy}"
+            )
