@@ -31,16 +31,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REAL_MAMMO, REAL_MAMMO_ENV, RESULTS, machine, shown
-from dens import preprocess
-from dens.config import PreprocessConfig
 from dens.qc.sheet import contact_sheet
+from dens.route import geometry, preprocess
+from dens.route.config import PreprocessConfig
 
 ROUTES = {"before": PreprocessConfig(version=1, size=512), "after": PreprocessConfig(version=2)}
 
 
 def breast_stats(image: np.ndarray) -> dict:
     """Fill of the canvas and in-breast grey levels of a canonical uint8 image."""
-    mask, _ = preprocess.breast_mask(image.astype(np.float32) / 255.0)
+    mask, _ = geometry.breast_mask(image.astype(np.float32) / 255.0)
     full = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
     values = image[full]
     p2, p50, p98 = np.percentile(values, [2, 50, 98]) if values.size else (0.0, 0.0, 0.0)
@@ -120,7 +120,7 @@ def phantoms() -> dict:
                 write_image(tmp, spec)
                 for name, cfg in ROUTES.items():
                     image, _ = preprocess.load(Path(tmp) / spec.path, dataclasses.replace(cfg, reduce=False))
-                    mask, _ = preprocess.breast_mask(image.astype(np.float32) / 255.0)
+                    mask, _ = geometry.breast_mask(image.astype(np.float32) / 255.0)
                     small = cv2.resize(image, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_AREA)
                     out.setdefault(name, {}).setdefault(density, []).append(round(float(small[mask].mean()), 1))
     return {
@@ -165,8 +165,8 @@ def model_cost(repeat: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dens.artifact.model import ARCHS, build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import ARCHS, build_model, save_checkpoint
     from dens.scoring.runtime import open_runtime
 
     torch.set_num_threads(2)

@@ -62,9 +62,9 @@ def export_models(root: Path, arch: str, size: int, fp16: bool = False) -> tuple
     the fp16 export: (checkpoint, model.onnx, model-fp16.onnx or None)."""
     import torch
 
-    from dens.config import PreprocessConfig
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
+    from dens.route.config import PreprocessConfig
 
     torch.manual_seed(0)
     checkpoint = root / "best.pt"

@@ -4,7 +4,7 @@
 
 The cohort defaults to the one `make bench` shares (.cache/bench-cohort, made by dens-synth when absent: all
 four detector sizes, every transfer syntax dens-synth writes). For each file: the full-resolution decode
-(level 0), the reduced decode at the level `dens.preprocess.load` picks, and `load` end to end with and
+(level 0), the reduced decode at the level `dens.route.preprocess.load` picks, and `load` end to end with and
 without reduction; the best of --repeat. Summaries per transfer syntax, per (size, syntax), and for the
 target the issue sets, JPEG 2000 on full-size files: the median of per-file speed-ups and the throughput
 ratio (summed full-decode time over summed reduced time, which is what img/s sees).
@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_COHORT, REAL_MAMMO, REAL_MAMMO_ENV, ensure_cohort, shown, write_result
-from dens import dicom
-from dens.errors import UnusableFile
-from dens.preprocess import PreprocessConfig, load
+from dens.route import dicom
+from dens.route.errors import UnusableFile
+from dens.route.preprocess import PreprocessConfig, load
 
 
 def _best_ms(fn, repeat: int) -> float:

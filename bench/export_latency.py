@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import INPUT
+from dens.artifact.model import ARCHS, build_model, load_checkpoint, save_checkpoint
 from dens.export.onnx import export_onnx
 from dens.export.parity import check_parity
-from dens.metadata import INPUT
-from dens.model import ARCHS, build_model, load_checkpoint, save_checkpoint
+from dens.route.config import PreprocessConfig
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 

@@ -7,9 +7,9 @@ dens decodes JPEG 2000 on the CPU at reduced resolution (the wavelet level just 
 core. nvImageCodec's Python API decodes the full-resolution frame only (it has no resolution-level
 option), so the GPU figure is: the whole frame decoded into device memory, area-resized to S x S there
 (torch), and the small image copied back, one file at a time and in batches. The CPU figures are
-``dens.preprocess.load`` in one process and dens-infer's decode pool on every core. The GPU's resized frame
+``dens.route.preprocess.load`` in one process and dens-infer's decode pool on every core. The GPU's resized frame
 is not the canonical image (no VOI, crop or orientation): it stands for the GPU's share of the work only;
-a ``--decoder`` would hand its frame to dens.preprocess's own steps, the one route to the model's input.
+a ``--decoder`` would hand its frame to dens.route.preprocess's own steps, the one route to the model's input.
 Pixels: the GPU frames of the first ``--check-files`` files are compared with pydicom's decode of them
 (lossless JPEG 2000: they must match bit for bit).
 
@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_COHORT, ensure_cohort, shown, write_result
-from dens import dicom, usable_cores
+from dens import usable_cores
+from dens.route import dicom
 from pipeline import bench_decode_inline, bench_decode_pool, cohort_files
 
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from common import sync, write_result
-from dens.config import PreprocessConfig
+from dens.artifact.model import build_model
 from dens.gradcam import GradCAM
 from dens.gradcam.runner import pick_device
-from dens.model import build_model
 from dens.review import display
 from dens.review.report import write_view_files
+from dens.route.config import PreprocessConfig
 
 
 def write_cam_files(out_dir: Path, stem: str, image: np.ndarray, cam: np.ndarray) -> Path:

@@ -8,7 +8,7 @@ codestream, a JPEG 2000 codestream whose own header claims 60000x60000, a JP2 fi
 transfer syntax with another size than the header's, a 1000-frame 2 GB tomosynthesis-like file and 256 MB
 of zeros (both sparse: they cost no disk).
 
-1. Each hostile file alone, in a fresh process as a decode worker runs it (``dens.preprocess.load`` under the
+1. Each hostile file alone, in a fresh process as a decode worker runs it (``dens.route.preprocess.load`` under the
    engine's memory budget): seconds, bytes read from disk, and the peak RSS against the process's RSS before
    the file (the imports).
 2. The decode engine (:class:`dens.engine.DecodePool`) over a small dens-synth cohort (``--patients`` x 4
@@ -145,9 +145,9 @@ def make_slow(folder: Path) -> Path:
 _ONE_FILE = """
 import json, resource, sys, time
 from dens.engine import DEFAULT_MEMORY_BUDGET
-from dens.decode import data_memory
-from dens.errors import UnusableFile
-from dens.preprocess import load
+from dens.route.decode import data_memory
+from dens.route.errors import UnusableFile
+from dens.route.preprocess import load
 
 def status(field):
     with open("/proc/self/" + ("io" if field == "rchar" else "status")) as fh:
@@ -188,8 +188,8 @@ def pool_run(files: list[Path], workers: int) -> dict:
     """The decode engine over ``files``: wall seconds from the pool's start (worker start-up included, as a
     run has it) and from its first result to its last, the seconds summed over the workers, and the
     statuses it gave."""
-    from dens.config import PreprocessConfig
     from dens.engine import DecodePool
+    from dens.route.config import PreprocessConfig
 
     statuses: dict[str, int] = {}
     worker_seconds = 0.0

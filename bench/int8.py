@@ -136,11 +136,11 @@ def agreement(checkpoint: Path, demo: Path, real: Path | None, work: Path, int8_
     agreement on the demo's unseen cohort and on the real mammograms."""
     import onnxruntime as ort
 
+    from dens.artifact.metadata import INPUT, PROBS
+    from dens.artifact.model import load_checkpoint
     from dens.export import ExportConfig, run
     from dens.export.parity import load_images
     from dens.export.quantize import decision_agreement
-    from dens.metadata import INPUT, PROBS
-    from dens.model import load_checkpoint
 
     out = work / int8_format / "model.onnx"
     cfg = ExportConfig(
@@ -203,9 +203,9 @@ def main() -> None:
     cohort = ensure_cohort(args.cohort)
     results: dict = {"cpu_flags": flags, "vnni": any("vnni" in f or f.startswith("amx") for f in flags)}
 
+    from dens.artifact.model import load_checkpoint
     from dens.export.parity import load_images
     from dens.export.quantize import INT8_FORMATS, quantize_int8, split_calibration
-    from dens.model import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

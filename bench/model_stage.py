@@ -61,7 +61,7 @@ def gflop_per_image(checkpoint: Path) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dens.model import load_checkpoint
+    from dens.artifact.model import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     x = torch.zeros((1, 1, ckpt.preprocess.size, ckpt.preprocess.size), dtype=torch.uint8)
@@ -140,7 +140,7 @@ def bench_ort_processes(onnx_path: Path, processes: int, threads: int, batch: in
 def bench_torch(checkpoint: Path, device: str, batch: int, seconds: float, amp: bool = False) -> dict:
     import torch
 
-    from dens.model import load_checkpoint
+    from dens.artifact.model import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     dev = torch.device(device)

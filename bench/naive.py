@@ -4,7 +4,7 @@ One process; pydicom decodes the full-resolution frame (``ds.pixel_array``); pyd
 (window or VOI LUT) give the display values, inverted for MONOCHROME1 and min-max scaled to uint8; OpenCV
 resizes the whole frame to S x S; PyTorch eager runs the checkpoint's model on it, batch 1. No crop, no
 reduced-resolution decode, no worker processes, no batching: the costs dens-infer is built to avoid.
-It is a speed reference, not a second preprocessing route: its images differ from dens.preprocess's.
+It is a speed reference, not a second preprocessing route: its images differ from dens.route.preprocess's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pydicom
 import torch
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from dens.model import load_checkpoint
+from dens.artifact.model import load_checkpoint
 
 
 class NaivePipeline:

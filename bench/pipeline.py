@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_COHORT, ensure_cohort, export_models, shown, write_result
 from dens import usable_cores
-from dens.config import PreprocessConfig
 from dens.infer import DEVICES
+from dens.route.config import PreprocessConfig
 from model_stage import bench_ort
 
 # dens.scoring.runtime, dens.engine, torch and the naive pipeline are imported where they are used: decode
@@ -148,7 +148,7 @@ def bench_decode_pool(files: list[Path], size: int, workers: int) -> dict:
 
 
 def bench_decode_inline(files: list[Path], size: int) -> dict:
-    from dens.preprocess import load
+    from dens.route.preprocess import load
 
     cfg = PreprocessConfig(size=size)
     start = time.perf_counter()

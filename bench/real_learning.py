@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, shown, write_result
 from dens import labels
-from dens.config import VERSIONS
+from dens.artifact.model import imagenet_weights_path
 from dens.figures import evaluation
 from dens.labels import CLASSES
 from dens.manifest import read_manifest
-from dens.model import imagenet_weights_path
+from dens.route.config import VERSIONS
 from dens.train.config import TrainConfig
 from dens.train.loop import run
 

@@ -30,8 +30,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dens import families, labels, preprocess
-from dens.config import PreprocessConfig
+from dens import labels
+from dens.route import families, geometry, preprocess
+from dens.route.config import PreprocessConfig
 
 ENV = "DENS_REAL_LABELLED"
 THRESHOLD = 170  # the fixed grey of the fraction proxy
@@ -47,7 +48,7 @@ def labelled_sets(default: Path | None = None) -> list[Path]:
 
 def in_breast(image: np.ndarray) -> np.ndarray:
     """The greys of the breast on a canonical image (the route's mask, found on the image itself)."""
-    mask, _ = preprocess.breast_mask(image.astype(np.float32) / 255.0)
+    mask, _ = geometry.breast_mask(image.astype(np.float32) / 255.0)
     full = cv2.resize(mask.astype(np.uint8), image.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
     return image[full]
 

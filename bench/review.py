@@ -31,10 +31,10 @@ import cv2
 import numpy as np
 
 from common import REAL_MAMMO, REAL_MAMMO_ENV, REPO, shown, write_result
-from dens.config import PreprocessConfig
 from dens.engine import DecodePool
 from dens.review import display
 from dens.review.report import view_label, write_view_files
+from dens.route.config import PreprocessConfig
 
 DEMO_COHORT = REPO / ".cache" / "review-demo-cohort"  # git-ignored
 DEMO_SPEC = {"patients": 6, "size": "small", "seed": 2}  # as `make demo` makes its studies

@@ -1,4 +1,4 @@
-"""What the route costs per full-size file, version by version: ``dens.preprocess.load`` on every real DICOM
+"""What the route costs per full-size file, version by version: ``dens.route.preprocess.load`` on every real DICOM
 sample (DENS_REAL_MAMMO, see bench/common.py), in one process, the versions taking turns file by file and
 round by round, the best of --repeat rounds per file and version (a shared machine's load only ever adds).
 
@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REAL_MAMMO, REAL_MAMMO_ENV, shown, write_result
-from dens import families, preprocess
-from dens.config import PreprocessConfig
+from dens.route import families, preprocess
+from dens.route.config import PreprocessConfig
 
 ROUTES = {
     "1": PreprocessConfig(version=1),

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import sync, write_result
-from dens.model import ARCHS, build_model
+from dens.artifact.model import ARCHS, build_model
 from dens.train import data
 from dens.train.step import train_step
 

@@ -184,9 +184,9 @@ def onnx_model(tmp_path_factory) -> Path:
     dens-serve tests)."""
     import torch
 
-    from dens.config import PreprocessConfig
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
+    from dens.route.config import PreprocessConfig
 
     root = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)

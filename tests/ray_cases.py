@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_FILES, REAL_MAMMO
-from dens.config import PreprocessConfig
 from dens.exams import aggregate_paths
 from dens.infer.config import InferConfig
 from dens.infer.runner import run
+from dens.route.config import PreprocessConfig
 
 S = 64
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -28,8 +28,8 @@ def small_model(tmp_path_factory) -> Path:
     """A random resnet18 at S=64, exported."""
     import torch
 
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REAL_J2K
-from dens import preprocess
-from dens.config import PreprocessConfig
+from dens.route import geometry, preprocess
+from dens.route.config import PreprocessConfig
 
 V1 = PreprocessConfig(version=1, size=512)
 DIGITAL = [name for name in REAL_J2K if name.startswith("rsna")]
@@ -25,7 +25,7 @@ _MG1_LABEL_COLUMN = 2300
 
 def _in_breast(image: np.ndarray) -> tuple[float, np.ndarray]:
     """The canvas's breast fill and its in-breast greys (the route's own mask, found on the canonical image)."""
-    mask, _ = preprocess.breast_mask(image.astype(np.float32) / 255.0)
+    mask, _ = geometry.breast_mask(image.astype(np.float32) / 255.0)
     full = cv2.resize(mask.astype(np.uint8), image.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
     return float(full.mean()), image[full]
 

@@ -1,4 +1,4 @@
-"""dens.dicom: decoders by transfer syntax, reduced-resolution JPEG 2000, BitsStored, typed errors."""
+"""dens.route.dicom: decoders by transfer syntax, reduced-resolution JPEG 2000, BitsStored, typed errors."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from pydicom.uid import (
 )
 
 from conftest import REAL_J2K
-from dens import dicom, preprocess
-from dens.config import PreprocessConfig
-from dens.decode import quiet_decoders, reduce_like_j2k
-from dens.errors import Reason, UnusableFile
+from dens.route import dicom, preprocess
+from dens.route.config import PreprocessConfig
+from dens.route.decode import quiet_decoders, reduce_like_j2k
+from dens.route.errors import Reason, UnusableFile
 
 
 def _codestream(f: dicom.DicomFile) -> bytes:
@@ -390,7 +390,7 @@ def test_failing_decoder_plugins_leave_no_tracebacks(make_dicom, breast, caplog,
     stored = breast()
     frame = openjpeg.encode(stored, bits_stored=12)[:5000]
     path = make_dicom(stored, syntax=JPEG2000Lossless, bits_stored=12, frame=frame)
-    caplog.set_level("DEBUG", logger="dens.dicom")
+    caplog.set_level("DEBUG", logger="dens.route.dicom")
     with quiet_decoders(str(path)) as noise, pytest.raises(UnusableFile) as caught:
         dicom.read(path).decode(0)
     assert "pydicom:" in caught.value.detail and "gdcm:" in caught.value.detail
@@ -404,7 +404,7 @@ def test_failing_decoder_plugins_leave_no_tracebacks(make_dicom, breast, caplog,
 
 def test_12_bit_jpeg_extended_decodes_quietly(real_mammo, capfd, caplog):
     # pydicom's plugins all fail on this file and GDCM decodes it, after libjpeg's complaints on stderr.
-    caplog.set_level("DEBUG", logger="dens.dicom")
+    caplog.set_level("DEBUG", logger="dens.route.dicom")
     with quiet_decoders("MG1_JPLY") as noise:
         pixels, _, route = dicom.read(real_mammo / "wg04-nema-MG1" / "MG1_JPLY").decode(0)
     assert route == "gdcm" and pixels.shape == (4664, 3064)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dens.config import PreprocessConfig
 from dens.engine import DecodePool
-from dens.errors import Reason
+from dens.route.config import PreprocessConfig
+from dens.route.errors import Reason
 from dens.train.cache import build_cache, cache_dir_for
 
 S = 64

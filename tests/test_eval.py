@@ -15,13 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from dens import labels, manifest
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import INPUT, LOGITS, read_metadata
 from dens.eval import cli
 from dens.eval.runner import EvalConfig, run
 from dens.figures import evaluation
 from dens.figures.metrics import jsonable
-from dens.metadata import INPUT, LOGITS, read_metadata
-from dens.preprocess import load
+from dens.route.config import PreprocessConfig
+from dens.route.preprocess import load
 
 PNGS = (
     *(f"confusion_{level}.png" for level in evaluation.LEVELS),
@@ -93,8 +93,8 @@ def test_eval_of_a_run_s_checkpoint_on_its_test_split_gives_its_test_section(tra
 
 
 def test_a_checkpoint_and_its_onnx_export_give_the_same_figures_at_the_model_s_temperature(trained, tmp_path):
+    from dens.artifact.model import load_checkpoint, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import load_checkpoint, save_checkpoint
 
     run_dir, _ = trained
     # The tiny run keeps T = 1 (too few validation images to fit one): ship this copy with another.

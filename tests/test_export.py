@@ -17,13 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dens
 from dens import runs
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import OnnxMetadataError, read_metadata
+from dens.artifact.model import build_model, file_sha256, load_checkpoint, save_checkpoint
 from dens.export.cli import main
 from dens.export.onnx import Fp16ConversionError, to_fp16
 from dens.export.parity import THRESHOLDS, check_parity
 from dens.export.runner import ExportConfig
-from dens.metadata import OnnxMetadataError, read_metadata
-from dens.model import build_model, file_sha256, load_checkpoint, save_checkpoint
+from dens.route.config import PreprocessConfig
 
 SIZE = 64
 TEMPERATURE = 1.7

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dens import families, preprocess
-from dens.config import PreprocessConfig
+from dens.route import families, geometry, preprocess
+from dens.route.config import PreprocessConfig
 
 CANVAS = {"height": 128, "width": 64}
 
@@ -91,7 +91,7 @@ def test_version_3_blacks_out_a_label_inside_the_breast_box(make_dicom, breast):
     corner = (slice(100, None), slice(52, None))  # the lower label's place on the canvas, clear of the breast
     assert v2[corner].max() > 200 and v3[corner].max() == 0
     # The breast itself is all there: its in-breast greys move by the grey map only (none here: unfitted).
-    mask, _ = preprocess.breast_mask(v3.astype(np.float32) / 255)
+    mask, _ = geometry.breast_mask(v3.astype(np.float32) / 255)
     full = cv2.resize(mask.astype(np.uint8), v3.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
     assert full.mean() > 0.3
 
@@ -99,17 +99,17 @@ def test_version_3_blacks_out_a_label_inside_the_breast_box(make_dicom, breast):
 def test_the_breast_weight_follows_the_canvas_geometry(breast):
     """breast_on_canvas puts the thumbnail mask where fit_to_canvas puts the crop, flipped or not."""
     unit = breast(300, 240).astype(np.float32) / 4095
-    small, _ = preprocess.thumbnail(unit)
-    mask = preprocess.mask_of(small)
+    small, _ = geometry.thumbnail(unit)
+    mask = geometry.mask_of(small)
     box = (20, 280, 0, 200)
     for flipped in (False, True):
         crop = unit[20:280, 0:200][:, ::-1] if flipped else unit[20:280, 0:200]
-        canvas = preprocess.fit_to_canvas(np.ascontiguousarray(crop), 128, 64)
-        weight = preprocess.breast_on_canvas(mask, unit.shape, box, flipped, (128, 64))
+        canvas = geometry.fit_to_canvas(np.ascontiguousarray(crop), 128, 64)
+        weight = geometry.breast_on_canvas(mask, unit.shape, box, flipped, (128, 64))
         breast_there, weighted = canvas > 0.2, weight > 0.5
         overlap = (breast_there & weighted).sum() / (breast_there | weighted).sum()
         assert overlap > 0.9, (flipped, overlap)  # a mirrored or shifted weight overlaps far less
-        assert weight[~preprocess.fit_to_canvas(np.ones_like(crop), 128, 64).astype(bool)].max() == 0  # padding
+        assert weight[~geometry.fit_to_canvas(np.ones_like(crop), 128, 64).astype(bool)].max() == 0  # padding
 
 
 # A 12-bit baseline-extended JPEG of synthetic_breast(300, 240, bits=12) (libjpeg-turbo via imagecodecs,

@@ -21,11 +21,11 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from dens import labels
-from dens.config import PreprocessConfig
 from dens.gradcam import GradCAM, GradcamError, assign_stems, parse_flag, resolve_layer, run_gradcam, safe_stem
 from dens.gradcam.cli import main as gradcam_main
-from dens.preprocess import load
 from dens.review.display import as_displayed, display_config, thumbnail
+from dens.route.config import PreprocessConfig
+from dens.route.preprocess import load
 
 S = 64
 HOSTILE_SOP = "../../etc/passwd"
@@ -207,7 +207,7 @@ def test_a_model_trained_on_a_planted_bright_square_looks_at_it():
 
 
 def test_density_net_default_layer_is_the_last_block_of_layer4():
-    from dens.model import build_model
+    from dens.artifact.model import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", weights=None).eval()
@@ -221,7 +221,7 @@ def test_density_net_default_layer_is_the_last_block_of_layer4():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_maps_match_cpu_and_gpu_memory_stays_flat():
-    from dens.model import build_model
+    from dens.artifact.model import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", weights=None).eval()
@@ -321,10 +321,10 @@ def study(tmp_path_factory, synthetic_cohort) -> dict:
     model.onnx, dens-infer's preds.csv (and its exam CSVs). Then, as a header could, two rows get hostile
     identity values, and the flagged column is set on every other ok row (a random model calls nearly
     everything alike, so this is what tells flagged rows from the rest)."""
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
     from dens.infer import InferConfig
     from dens.infer import run as infer
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("gradcam")
     cohort = synthetic_cohort(3, seed=5)
@@ -432,7 +432,7 @@ def test_without_preds_exam_csv_the_report_uses_dens_infer_s_exam_rule(study, tm
 
 
 def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
-    from dens.model import load_checkpoint
+    from dens.artifact.model import load_checkpoint
 
     preds_csv = _write_preds(study, tmp_path)
     before = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
@@ -460,7 +460,7 @@ def test_threshold_flag_and_map_matches_a_direct_call(study, tmp_path):
 
 
 def test_wrong_model_or_checkpoint_is_an_error(study, tmp_path):
-    from dens.model import build_model, save_checkpoint
+    from dens.artifact.model import build_model, save_checkpoint
 
     preds_csv = _write_preds(study, tmp_path)
     other_onnx = _stand_in_onnx(tmp_path / "other.onnx")
@@ -634,11 +634,11 @@ def test_on_a_canvas_already_display_sized_no_file_is_decoded_twice(tmp_path, sy
     """A model whose canvas is 512 px tall is shown on its own canvas: the flagged images its maps were
     computed on are reused for the pictures (the same pixels a second decode would give), the rest decoded
     once."""
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
     from dens.gradcam import runner
     from dens.infer import InferConfig
     from dens.infer import run as infer
-    from dens.model import build_model, save_checkpoint
 
     cfg = PreprocessConfig(height=512, width=256)
     assert display_config(cfg) == cfg

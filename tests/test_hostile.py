@@ -12,11 +12,11 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
-from dens import preprocess
-from dens.config import PreprocessConfig
 from dens.engine import DecodePool
-from dens.errors import Reason, UnusableFile
-from dens.preprocess import IDENTITY_KEYS
+from dens.route import preprocess
+from dens.route.config import PreprocessConfig
+from dens.route.errors import Reason, UnusableFile
+from dens.route.preprocess import IDENTITY_KEYS
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # Peak RSS a refused file may add to a worker's (its imports): no decode buffer, no pixel data.

@@ -163,8 +163,8 @@ def test_no_module_is_longer_than_500_lines():
             "dens.labels (a root module) imports dens.train.loop (stage train)",
         ),
         (
-            {"dens/dicom.py": "from .decode import _check\n", "dens/decode.py": "def _check(): ...\n"},
-            "dens.dicom imports private _check from dens.decode",
+            {"dens/route/dicom.py": "from .decode import _check\n", "dens/route/decode.py": "def _check(): ...\n"},
+            "dens.route.dicom imports private _check from dens.route.decode",
         ),
     ],
 )
@@ -178,7 +178,7 @@ def test_the_check_catches_each_kind_of_violation(tmp_path, files, expected):
 def test_dens_infer_main_process_loads_no_decoder_and_no_torch():
     # The decoders live in the engine's workers; torch only comes with --gradcam. The main process of a run
     # on a big archive keeps its memory for the model and the batches.
-    heavy = ("pydicom", "cv2", "torch", "dens.dicom", "dens.dicomio", "dens.preprocess")
+    heavy = ("pydicom", "cv2", "torch", "dens.route.dicom", "dens.route.dicomio", "dens.route.preprocess")
     code = f"import sys, dens.infer.cli, dens.infer.runner\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

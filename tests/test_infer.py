@@ -21,7 +21,6 @@ from pydicom.uid import JPEG2000Lossless
 
 from conftest import synthetic_breast, write_dicom
 from dens import labels
-from dens.config import PreprocessConfig
 from dens.engine import DecodePool
 from dens.exams import breasts, exams
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK
@@ -29,6 +28,7 @@ from dens.infer.cli import main as infer_main
 from dens.infer.runner import InferConfig, InferError, run
 from dens.preds.columns import COLUMNS, HEADER, make_row
 from dens.preds.writer import OutputExists, PredsWriter, read_existing
+from dens.route.config import PreprocessConfig
 from dens.scoring import runtime
 from dens.sources import walk
 
@@ -44,8 +44,8 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, model.onnx): a random resnet18 at S=64, temperature 1.5."""
     import torch
 
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
@@ -166,8 +166,8 @@ def test_breast_and_exam_csvs_beside_preds(first_run):
 def test_predictions_equal_pytorch_on_the_checkpoint(first_run, model):
     import torch
 
-    from dens.model import load_checkpoint
-    from dens.preprocess import load
+    from dens.artifact.model import load_checkpoint
+    from dens.route.preprocess import load
 
     ckpt = load_checkpoint(model[0])
     got = probabilities(first_run[1])

@@ -21,8 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import synthetic_breast, write_dicom
-from dens import exams, labels, preprocess
-from dens.config import PreprocessConfig
+from dens import exams, labels
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
 from dens.infer.cli import main as infer_main
 from dens.infer.runner import InferConfig, InferError, run
@@ -30,6 +29,8 @@ from dens.preds.cells import escape_text, path_cell, raw_cell, raw_path, text_ce
 from dens.preds.columns import COLUMNS, OLDER_COLUMNS, make_row, preprocess_cell
 from dens.preds.lock import lock_path, output_lock
 from dens.preds.writer import PredsWriter, read_existing
+from dens.route import preprocess
+from dens.route.config import PreprocessConfig
 
 S = 32
 CLEAVAGE = {"ViewPosition": "CV"}  # an excluded view: skipped, after its header was read
@@ -40,8 +41,8 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, model.onnx): a random resnet18 at S=32."""
     import torch
 
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("edge-model")
     torch.manual_seed(0)
@@ -477,9 +478,9 @@ def test_rows_say_which_family_line_mapped_them_and_the_summary_warns_of_unseen_
     line, and preds.csv and the summary say so."""
     import torch
 
-    from dens import families
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
+    from dens.route import families
 
     studies = tmp_path / "in"
     seen = mammogram(studies / "seen.dcm", Manufacturer="Maker A", WindowCenter=2048, WindowWidth=4096)

@@ -20,6 +20,15 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from dens import labels
+from dens.artifact.metadata import (
+    METADATA_KEY,
+    OnnxMetadataError,
+    file_sha256,
+    parse_metadata,
+    read_metadata,
+    variant_path,
+)
+from dens.artifact.model import load_checkpoint
 from dens.export.cli import PARITY_FAILED
 from dens.export.cli import main as export_main
 from dens.export.parity import ImageSet, load_images
@@ -33,8 +42,6 @@ from dens.export.quantize import (
 )
 from dens.export.runner import ExportConfig
 from dens.infer.cli import main as infer_main
-from dens.metadata import METADATA_KEY, OnnxMetadataError, file_sha256, parse_metadata, read_metadata, variant_path
-from dens.model import load_checkpoint
 
 SIZE = 64
 

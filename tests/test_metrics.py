@@ -9,9 +9,9 @@ import pytest
 from sklearn import metrics as skm
 
 from dens import labels
+from dens.artifact.model import softmax
 from dens.figures import metrics
 from dens.flags import prediction_cells
-from dens.model import softmax
 
 RNG = np.random.default_rng(7)
 Y_TRUE = RNG.choice(4, size=300, p=[0.1, 0.4, 0.4, 0.1])

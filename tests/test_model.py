@@ -7,9 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dens.config import PreprocessConfig
-from dens.labels import CLASSES
-from dens.model import (
+from dens.artifact.model import (
     GREY_MEAN,
     GREY_STD,
     CheckpointError,
@@ -19,6 +17,8 @@ from dens.model import (
     load_checkpoint,
     save_checkpoint,
 )
+from dens.labels import CLASSES
+from dens.route.config import PreprocessConfig
 
 S = 32  # resnet18 still ends at 1x1 in layer4; small keeps the file fast on 2 CPU cores
 

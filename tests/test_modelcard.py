@@ -1,4 +1,4 @@
-"""The model card: what it says (dens.train.card, dens.modelcard), and where it travels (best.pt, the ONNX
+"""The model card: what it says (dens.train.card, dens.artifact.modelcard), and where it travels (best.pt, the ONNX
 metadata, dens-infer's warning, report.html's header)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dens import labels, modelcard
-from dens.config import PreprocessConfig
+from dens import labels
+from dens.artifact import modelcard
 from dens.figures import evaluation
+from dens.route.config import PreprocessConfig
 from dens.train import card
 from dens.train.config import TrainConfig
 
@@ -92,8 +93,8 @@ def synthetic_model(tmp_path_factory) -> Path:
     """An ONNX model whose checkpoint's card says it was trained from scratch on synthetic phantoms."""
     import torch
 
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
@@ -105,9 +106,9 @@ def synthetic_model(tmp_path_factory) -> Path:
 def test_the_card_travels_into_the_onnx_metadata_and_dens_infer_warns(
     synthetic_model, synthetic_cohort, tmp_path, caplog
 ):
+    from dens.artifact.metadata import read_metadata
     from dens.infer.config import InferConfig
     from dens.infer.runner import run
-    from dens.metadata import read_metadata
 
     travelled = read_metadata(synthetic_model)["summary"][modelcard.CARD_KEY]
     assert travelled["data"]["synthetic"] and travelled["test"]["exam"]["ci"] == _facts()["test"]["exam"]["ci"]

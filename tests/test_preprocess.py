@@ -1,4 +1,4 @@
-"""dens.preprocess: the one route from a file to the canonical uint8 image."""
+"""dens.route.preprocess: the one route from a file to the canonical uint8 image."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 
 from conftest import REAL_FILES
-from dens import dicom, preprocess
-from dens.errors import Reason, UnusableFile
-from dens.preprocess import PreprocessConfig
+from dens.route import dicom, geometry, greyscale, preprocess
+from dens.route.errors import Reason, UnusableFile
+from dens.route.preprocess import PreprocessConfig
 
 SMALL = PreprocessConfig(size=64, reduce=False)
 
@@ -123,7 +123,7 @@ def test_voi_matches_pydicom(case):
         stored = np.arange(-1500, 2596, dtype=np.int16).reshape(64, 64)
     else:  # every 12-bit value once (and a spread of 16-bit ones)
         stored = (np.arange(4096, dtype=np.uint16) << (ds.BitsStored - 12)).reshape(64, 64)
-    ours = preprocess.apply_voi(preprocess.apply_rescale(stored, ds), ds)
+    ours = greyscale.apply_voi(greyscale.apply_rescale(stored, ds), ds)
     reference = _pydicom_unit(stored, ds)
     assert ours.dtype == np.float32 and ours.min() >= 0.0 and ours.max() <= 1.0
     # float32 against float64: measured worst 1.0e-7 (SIGMOID), 4.5e-8 (linear), 3e-8 (LUTs).
@@ -134,9 +134,9 @@ def test_voi_matches_pydicom(case):
 def test_multi_valued_window_uses_the_first_value():
     ds = VOI_CASES["multi-valued"]
     stored = np.arange(4096, dtype=np.uint16).reshape(64, 64)
-    first = preprocess.window(stored, 1500, 800)
-    np.testing.assert_array_equal(preprocess.apply_voi(stored, ds), first)
-    assert np.abs(first - preprocess.window(stored, 3000, 200)).max() > 0.5
+    first = greyscale.window(stored, 1500, 800)
+    np.testing.assert_array_equal(greyscale.apply_voi(stored, ds), first)
+    assert np.abs(first - greyscale.window(stored, 3000, 200)).max() > 0.5
 
 
 def test_voi_lut_is_preferred_over_the_window():
@@ -144,8 +144,8 @@ def test_voi_lut_is_preferred_over_the_window():
     stored = np.arange(4096, dtype=np.uint16).reshape(64, 64)
     lut_only = Dataset()
     lut_only.VOILUTSequence = ds.VOILUTSequence
-    np.testing.assert_array_equal(preprocess.apply_voi(stored, ds), preprocess.apply_voi(stored, lut_only))
-    assert np.abs(preprocess.apply_voi(stored, ds) - preprocess.window(stored, 100, 50)).max() > 0.5
+    np.testing.assert_array_equal(greyscale.apply_voi(stored, ds), greyscale.apply_voi(stored, lut_only))
+    assert np.abs(greyscale.apply_voi(stored, ds) - greyscale.window(stored, 100, 50)).max() > 0.5
 
 
 def test_voi_lut_read_from_a_file_matches_pydicom(make_dicom, breast):
@@ -156,16 +156,16 @@ def test_voi_lut_read_from_a_file_matches_pydicom(make_dicom, breast):
     stored = breast()
     ds = pydicom.dcmread(make_dicom(stored, bits_stored=12, VOILUTSequence=[item]))
     assert isinstance(ds.VOILUTSequence[0].LUTData, bytes)
-    ours = preprocess.apply_voi(preprocess.apply_rescale(stored, ds), ds)
+    ours = greyscale.apply_voi(greyscale.apply_rescale(stored, ds), ds)
     np.testing.assert_allclose(ours, apply_voi_lut(stored, ds) / 4095, rtol=0, atol=1e-6)
 
 
 def test_min_max_without_window_or_lut():
     stored = np.arange(100, 1124, dtype=np.uint16).reshape(32, 32)
-    unit = preprocess.apply_voi(stored, _voi_dataset())
+    unit = greyscale.apply_voi(stored, _voi_dataset())
     np.testing.assert_allclose(unit, (stored - 100) / 1023.0, rtol=0, atol=1e-6)
     assert unit.min() == 0.0 and unit.max() == 1.0
-    np.testing.assert_array_equal(preprocess.apply_voi(np.full((4, 4), 7, np.uint16), _voi_dataset()), 0.0)
+    np.testing.assert_array_equal(greyscale.apply_voi(np.full((4, 4), 7, np.uint16), _voi_dataset()), 0.0)
 
 
 # --- orientation ----------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def _phantom(tmp_path: Path, draw: int, density: str) -> Path:
 
 
 def _mean_in_breast(image: np.ndarray) -> float:
-    mask, _ = preprocess.breast_mask(image.astype(np.float32) / 255.0)
+    mask, _ = geometry.breast_mask(image.astype(np.float32) / 255.0)
     return float(cv2.resize(image, mask.shape[::-1], interpolation=cv2.INTER_AREA)[mask].mean())
 
 
@@ -518,6 +518,6 @@ def test_version_1_is_the_route_it_was(make_dicom, breast):
     old, _ = preprocess.load(path, PreprocessConfig(version=1, size=96, reduce=False, crop=False))
     new, _ = preprocess.load(path, PreprocessConfig(version=2, size=96, reduce=False, crop=False))
     assert old.shape == new.shape == (96, 96) and not np.array_equal(old, new)
-    unit = preprocess.min_max(pydicom.dcmread(path).pixel_array)  # no window: min-max is the VOI
-    expected = np.rint(preprocess.fit_to_canvas(unit, 96, 96) * 255).astype(np.uint8)
+    unit = greyscale.min_max(pydicom.dcmread(path).pixel_array)  # no window: min-max is the VOI
+    expected = np.rint(geometry.fit_to_canvas(unit, 96, 96) * 255).astype(np.uint8)
     assert _grey_diff(old, expected) <= 1

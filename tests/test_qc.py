@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import INPUT, PROBS
 from dens.flags import call
-from dens.metadata import INPUT, PROBS
-from dens.preprocess import load
 from dens.qc.cli import main as qc_main
 from dens.qc.runner import QcConfig, QcError, find_files, run
 from dens.qc.sheet import TILE_HEIGHT
+from dens.route.config import PreprocessConfig
+from dens.route.preprocess import load
 
 # Not the default canvas, so a sheet made with the default instead of the model's would differ.
 CANVAS = PreprocessConfig(height=96, width=48)
@@ -30,8 +30,8 @@ def model(tmp_path_factory) -> Path:
     """A random resnet18 on a 96x48 version-2 canvas, exported to ONNX."""
     import torch
 
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
-    from dens.model import build_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("qc-model")
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REAL_J2K
-from dens import families, preprocess
-from dens.config import PreprocessConfig
+from dens.route import families, preprocess
+from dens.route.config import PreprocessConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import real_proxies  # (bench/real_proxies.py: the proxies, measured the same way there and here)

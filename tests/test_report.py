@@ -14,10 +14,10 @@ import pytest
 
 from chromium import CHROMIUM, MISSING, Browser
 from dens import exams, labels
-from dens.config import PreprocessConfig
 from dens.gradcam import assign_stems
 from dens.review import display, report
 from dens.review.report import page_scale, view_label, write_view_files
+from dens.route.config import PreprocessConfig
 
 HOSTILE_NAME = "<script>alert(1)</script>"
 HOSTILE_ATTR = 'x" onerror="alert(2)'

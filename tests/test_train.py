@@ -16,9 +16,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from dens import families, labels, manifest, synth
-from dens.model import build_model, load_checkpoint
-from dens.preprocess import PreprocessConfig, load
+from dens import labels, manifest, synth
+from dens.artifact.model import build_model, load_checkpoint
+from dens.route import families
+from dens.route.preprocess import PreprocessConfig, load
 from dens.train import cache, cli, data, loop
 from dens.train.config import TrainConfig
 from dens.train.step import resolve_precision, train_step

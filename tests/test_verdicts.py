@@ -142,14 +142,14 @@ def reviewed_run(tmp_path_factory, synthetic_cohort) -> dict:
     """dens-infer's outputs for a small cohort (resnet18 at S=64, random weights), with calls spread over
     A-D as a trained model would make them (each exam's probabilities set, the breast and exam CSVs
     written again by dens-infer's own aggregation), then dens-gradcam's review page over them."""
-    from dens.config import PreprocessConfig
+    from dens.artifact.model import build_model, save_checkpoint
     from dens.export.onnx import export_onnx
     from dens.flags import prediction_cells
     from dens.gradcam import run_gradcam
     from dens.infer import InferConfig
     from dens.infer import run as infer
-    from dens.model import build_model, save_checkpoint
     from dens.preds.aggregate import write_aggregates
+    from dens.route.config import PreprocessConfig
 
     root = tmp_path_factory.mktemp("verdicts")
     torch.manual_seed(0)

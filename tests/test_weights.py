@@ -17,8 +17,8 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from dens import model
-from dens.model import WeightsUnavailable, fetch_weights, hub_cache_path, imagenet_weights_path
+from dens.artifact import model
+from dens.artifact.model import WeightsUnavailable, fetch_weights, hub_cache_path, imagenet_weights_path
 from dens.train import cli, loop
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks

@@ -1,4 +1,4 @@
-"""The decode engine: the one way to run :func:`dens.preprocess.load` over many files, for every stage.
+"""The decode engine: the one way to run :func:`dens.route.preprocess.load` over many files, for every stage.
 
 dens-infer, the training cache, export's parity check on real images and Grad-CAM all decode through
 :class:`DecodePool`: files in, canonical ``uint8 [S, S]`` images out, in input order as far as that costs
@@ -18,10 +18,10 @@ MemoryError; either way the file gets an ``over_memory_budget`` row and the mach
 Work in flight is bounded (tasks at the workers + results waiting to be consumed), so memory stays flat
 however large the archive. Workers are spawned (never forked from a process that holds an ONNX Runtime
 session, a CUDA context or OpenCV's thread pool); each pins BLAS/OpenMP and OpenCV to one thread, as the
-parallelism is the processes, and decodes every file inside :func:`dens.decode.quiet_decoders`, so codec
+parallelism is the processes, and decodes every file inside :func:`dens.route.decode.quiet_decoders`, so codec
 noise becomes the result's ``noise`` instead of lines on the user's terminal.
 
-This module imports only the standard library (and :mod:`dens.errors`) at the top: a spawned worker
+This module imports only the standard library (and :mod:`dens.route.errors`) at the top: a spawned worker
 imports it before it pins its threads.
 """
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from dens.errors import Reason, status_of
+from dens.route.errors import Reason, status_of
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ _DONE = object()
 class Decoded:
     """One file's outcome. ``index``: its position in the input. ``image`` (uint8 [S, S]) and ``info``
     (``ImageInfo.to_dict()``) when ``status`` is ``ok``; otherwise ``reason`` says why (``code: detail``, the
-    code a :class:`dens.errors.Reason`) and ``info`` is the file's identity as its header gave it (the keys
-    of ``dens.preprocess.IDENTITY_KEYS``), or None when no header was read (not DICOM, unreadable, a worker
+    code a :class:`dens.route.errors.Reason`) and ``info`` is the file's identity as its header gave it (the keys
+    of ``dens.route.preprocess.IDENTITY_KEYS``), or None when no header was read (not DICOM, unreadable, a worker
     that crashed or timed out). ``noise``: what the codecs logged or printed on the way (debug material).
     ``seconds``: time in the worker."""
 
@@ -109,7 +109,7 @@ def _pin_threads() -> None:
 def _memory_limit(budget: int | None) -> Iterator[None]:
     """Inside this block the process may allocate at most ``budget`` more bytes of data (RLIMIT_DATA's soft
     limit, raised back when the block ends). Where the limit cannot be read or set, no limit."""
-    from dens.decode import data_memory
+    from dens.route.decode import data_memory
 
     used = data_memory()
     try:
@@ -137,10 +137,10 @@ def _worker(conn: Connection) -> None:
     _pin_threads()
     import cv2
 
-    from dens.config import PreprocessConfig
-    from dens.decode import quiet_decoders
-    from dens.errors import Reason, UnusableFile
-    from dens.preprocess import load
+    from dens.route.config import PreprocessConfig
+    from dens.route.decode import quiet_decoders
+    from dens.route.errors import Reason, UnusableFile
+    from dens.route.preprocess import load
 
     try:
         setup = conn.recv()
@@ -165,7 +165,7 @@ def _worker(conn: Connection) -> None:
             start = time.perf_counter()
             noise: list[str] = []
             try:
-                # The budget also reaches dens.dicom's check from the header, which reads the limit.
+                # The budget also reaches dens.route.dicom's check from the header, which reads the limit.
                 with quiet_decoders(path, capture) as noise, _memory_limit(budget):
                     image, info = load(path, config)
                 result = (index, "ok", "", image, info.to_dict())
@@ -225,7 +225,7 @@ def _death_note(exitcode: int | None) -> str:
 
 
 class DecodePool:
-    """``workers`` decode processes running ``dens.preprocess.load(path, cfg)``. Without ``cfg`` the workers
+    """``workers`` decode processes running ``dens.route.preprocess.load(path, cfg)``. Without ``cfg`` the workers
     start (and import) at once and wait for :meth:`configure`, so their start-up overlaps the caller's.
 
     ``per_worker``: tasks handed to one worker at a time (2: one running, one waiting, so a worker never

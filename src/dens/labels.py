@@ -24,7 +24,7 @@ VIEW = "view"
 P_DENSE = "p_dense"
 DENSE = "dense"
 STATUS = "status"
-# An image's acquisition family and how its greys were mapped (dens.families): preds.csv, split.csv, dens-eval.
+# An image's acquisition family and how its greys were mapped (dens.route.families): preds.csv, split.csv, dens-eval.
 FAMILY, HARMONISATION = "family", "harmonisation"
 REASON = "reason"
 FLAGGED = "flagged"

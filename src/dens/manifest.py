@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dens import exams, labels, modelcard
+from dens import exams, labels
+from dens.artifact import modelcard
 
 # Columns that name where an image was taken (CSV columns such as RSNA's, or the file's header): images and
 # figures are counted per value of each.

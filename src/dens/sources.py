@@ -3,7 +3,7 @@ paths, and ``--shard i/N``.
 
 * A folder is walked recursively, in a deterministic (sorted) order, symlinked folders followed once. Every
   regular file is yielded, whatever its name or extension: whether it is DICOM is decided by its content
-  (``dens.dicom.read``), so a non-DICOM file becomes a ``skipped`` row, not a silent omission. Paths are
+  (``dens.route.dicom.read``), so a non-DICOM file becomes a ``skipped`` row, not a silent omission. Paths are
   ``str``; a name that is not UTF-8 carries its bytes as ``surrogateescape`` characters, as ``os`` gives it.
 * A manifest is a CSV or Parquet file with a ``path`` column, the way archives are exported. Its relative
   paths are relative to its own folder. It is read in chunks, so a manifest of millions of paths is never
@@ -26,11 +26,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dens.errors import PLAIN_IMAGE_REASON, Reason
+from dens.route.errors import PLAIN_IMAGE_REASON, Reason
 
 log = logging.getLogger(__name__)
 
-# The names dens.preprocess.load reads as plain images rather than DICOM; the stages read them only when asked.
+# The names dens.route.preprocess.load reads as plain images rather than DICOM; the stages read them only when asked.
 PLAIN_IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff", ".jpg", ".jpeg")
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")

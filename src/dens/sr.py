@@ -100,7 +100,7 @@ class ModelIdentity:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping, sha256: str) -> ModelIdentity:
-        """From an exported model's ``dens`` metadata (:mod:`dens.metadata`) and its file's sha256."""
+        """From an exported model's ``dens`` metadata (:mod:`dens.artifact.metadata`) and its file's sha256."""
         arch = str(metadata.get("arch", "model"))
         precision = str(metadata.get("precision", "fp32"))
         return cls(f"dens {arch} breast density", f"dens {dens.__version__}; {arch} {precision}", sha256)

@@ -18,10 +18,10 @@ HANG_ON = os.environ.get("DENS_TEST_HANG_ON", "")
 
 
 class _FaultyLoad(importlib.abc.MetaPathFinder):
-    """Wraps ``dens.preprocess.load`` as the module is imported."""
+    """Wraps ``dens.route.preprocess.load`` as the module is imported."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "dens.preprocess":
+        if name != "dens.route.preprocess":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -23,12 +23,13 @@ import pandas as pd
 from tqdm import tqdm
 
 import dens
-from dens import families, labels, manifest
+from dens import labels, manifest
 from dens.engine import DecodePool
 from dens.eval import summary
 from dens.eval.scorer import SUFFIXES, Scorer, open_model
 from dens.figures import evaluation, metrics, plots
 from dens.files import atomic_write
+from dens.route import families
 from dens.scoring import TORCH_DEVICES as DEVICES
 
 log = logging.getLogger(__name__)

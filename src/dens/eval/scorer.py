@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import INPUT, LOGITS, METADATA_KEY, file_sha256, parse_metadata
 from dens.labels import CLASSES
-from dens.metadata import INPUT, LOGITS, METADATA_KEY, file_sha256, parse_metadata
+from dens.route.config import PreprocessConfig
 
 SUFFIXES = (".onnx", ".pt")
 
@@ -102,7 +102,7 @@ def _onnx(path: Path) -> Scorer:
 def _checkpoint(path: Path, device: str) -> Scorer:
     import torch
 
-    from dens.model import load_checkpoint
+    from dens.artifact.model import load_checkpoint
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

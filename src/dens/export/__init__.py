@@ -4,10 +4,10 @@
 :func:`export_onnx`; ``parity``: :func:`check_parity`; ``cli``: the command, which nothing here imports.
 """
 
+from dens.artifact.metadata import OnnxMetadataError, read_metadata
 from dens.export.onnx import export_onnx
 from dens.export.parity import check_parity
 from dens.export.runner import OPSETS, PRECISIONS, ExportConfig, parity_report_path, run
-from dens.metadata import OnnxMetadataError, read_metadata
 
 __all__ = [
     "OPSETS",

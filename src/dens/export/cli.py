@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from dens import show_progress
+from dens.artifact.metadata import OnnxMetadataError
+from dens.artifact.model import CheckpointError
 from dens.export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_INT8_FORMAT, INT8_FORMATS
 from dens.export.runner import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
-from dens.metadata import OnnxMetadataError
-from dens.model import CheckpointError
 
 PARITY_FAILED = 2  # the exit status when a graph does not match its checkpoint
 

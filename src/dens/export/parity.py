@@ -1,7 +1,7 @@
 """Parity of an exported ONNX graph with the PyTorch checkpoint it came from.
 
 ONNX Runtime runs the graph on random uint8 images and on real files preprocessed by the one route
-(``dens.preprocess.load`` with the checkpoint's PreprocessConfig), at every requested batch size through
+(``dens.route.preprocess.load`` with the checkpoint's PreprocessConfig), at every requested batch size through
 the same session; PyTorch (float32, CPU) gives the reference logits and probabilities are
 ``softmax(logits / temperature)`` computed here in float64, so a graph without the temperature fails.
 Each image is run at every batch size, which also shows that the batch axis is truly dynamic and that
@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 import dens
+from dens.artifact.metadata import INPUT, LOGITS, PROBS, read_metadata
+from dens.artifact.model import Checkpoint, file_sha256, load_checkpoint, softmax
 from dens.engine import DecodePool, in_input_order
-from dens.errors import Reason
-from dens.metadata import INPUT, LOGITS, PROBS, read_metadata
-from dens.model import Checkpoint, file_sha256, load_checkpoint, softmax
+from dens.route.errors import Reason
 
 DEFAULT_BATCH_SIZES = (1, 3, 8)
 DEFAULT_MAX_IMAGES = 32
@@ -73,7 +73,7 @@ def load_images(
     progress: bool = False,
 ) -> ImageSet:
     """The first ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made
-    by the decode engine (``dens.preprocess.load`` with the checkpoint's PreprocessConfig, in worker
+    by the decode engine (``dens.route.preprocess.load`` with the checkpoint's PreprocessConfig, in worker
     processes), in that order; unusable files are counted, not fatal."""
     directory = Path(directory)
     if not directory.is_dir():

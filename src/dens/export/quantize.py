@@ -1,7 +1,7 @@
 """int8: the exported fp32 graph quantized statically by ONNX Runtime, and its parity judged on decisions.
 
 Calibration images come through the one preprocessing route (:func:`dens.export.parity.load_images`, i.e.
-the decode engine running ``dens.preprocess.load``), so the ranges ONNX Runtime measures are those of the
+the decode engine running ``dens.route.preprocess.load``), so the ranges ONNX Runtime measures are those of the
 images dens-infer will feed. Part of them is held out: the int8 graph is compared with the fp32 graph on
 images its ranges were not measured on.
 
@@ -39,9 +39,9 @@ import onnx
 from onnx import helper
 
 from dens import labels
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import INPUT, LOGITS, METADATA_KEY, PROBS, file_sha256, read_metadata, variant_path
 from dens.export.parity import ImageSet, check_interface
-from dens.metadata import INPUT, LOGITS, METADATA_KEY, PROBS, file_sha256, read_metadata, variant_path
+from dens.route.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dens import runs
+from dens.artifact.metadata import read_metadata
+from dens.artifact.model import load_checkpoint
 from dens.export.onnx import DEFAULT_OPSET, OPSETS, export_onnx, fp16_path
 from dens.export.parity import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, check_parity, load_images
 from dens.export.quantize import (
@@ -26,8 +28,6 @@ from dens.export.quantize import (
     quantize_int8,
     split_calibration,
 )
-from dens.metadata import read_metadata
-from dens.model import load_checkpoint
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")  # fp32 always; fp16 (--fp16) and int8 (--int8) in addition when asked

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels
+from dens.artifact.model import softmax
 from dens.figures import metrics
 from dens.manifest import GROUP_COLUMNS
-from dens.model import softmax
 
 LEVELS = ("image", "breast", "exam")
 RESAMPLES = 1000  # bootstrap draws: the 2.5th and 97.5th percentiles move by well under 0.01 beyond this

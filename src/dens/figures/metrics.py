@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from dens.agreement import confusion, ratio, weighted_kappa
+from dens.artifact.model import softmax
 from dens.labels import CLASSES, DENSE_CLASSES
-from dens.model import softmax
 
 NUM = len(CLASSES)
 DENSE_INDEX = [CLASSES.index(c) for c in DENSE_CLASSES]

@@ -2,7 +2,7 @@
 preprocessing route, write a raw map and an overlay figure per image, thumbnails of the views the review page
 shows, the ``gradcam`` column and the review page (``<name>.report.html`` beside ``<name>.csv``).
 
-The map is computed in PyTorch on exactly the canonical image the ONNX model saw (``dens.preprocess.load``
+The map is computed in PyTorch on exactly the canonical image the ONNX model saw (``dens.route.preprocess.load``
 with the preprocessing stored in the model's metadata), for the class preds.csv reports. The checkpoint must
 be the one the ONNX file was exported from (sha256 in its metadata), and the ONNX file the one that wrote
 preds.csv (``model_sha256``): otherwise the maps would explain a different model.
@@ -28,8 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 import dens
-from dens import labels, modelcard, runs
-from dens.config import PreprocessConfig
+from dens import labels, runs
+from dens.artifact import modelcard
 from dens.engine import DecodePool
 from dens.files import atomic_write
 from dens.flags import Flag, parse_flag
@@ -37,6 +37,7 @@ from dens.gradcam.cam import GradCAM, assign_stems, safe_stem
 from dens.preds.cells import raw_path
 from dens.review import display
 from dens.review.report import ViewFiles, page_scale, view_label, write_report, write_view_files
+from dens.route.config import PreprocessConfig
 from dens.scoring import TORCH_DEVICES as DEVICES  # or cuda:N
 
 log = logging.getLogger(__name__)
@@ -333,8 +334,8 @@ def resolve_model(
 ) -> ResolvedModel:
     """Find and check the model behind preds.csv: the ONNX file must be the one that wrote it (sha256 =
     ``model_sha256``), and the checkpoint the one the ONNX file was exported from (its metadata's sha256)."""
-    from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
-    from dens.model import CheckpointError, load_checkpoint
+    from dens.artifact.metadata import OnnxMetadataError, file_sha256, read_metadata
+    from dens.artifact.model import CheckpointError, load_checkpoint
 
     try:
         onnx_path = Path(model_path) if model_path else runs.latest_file("model.onnx")

@@ -1,6 +1,6 @@
 """What dens-infer is asked to do: :class:`InferConfig`, its choice lists and its exit statuses.
 
-Standard library only (and dens.metadata's names, which need nothing more at import): dens-infer's
+Standard library only (and dens.artifact.metadata's names, which need nothing more at import): dens-infer's
 command-line module imports this, and a spawned decode worker imports that module before it starts, so
 nothing heavy may load here.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dens.metadata import PRECISIONS as PRECISIONS  # --precision: the variant beside the model (model.int8.onnx)
+from dens.artifact.metadata import (
+    PRECISIONS as PRECISIONS,  # --precision: the variant beside the model (model.int8.onnx)
+)
 from dens.scoring import DEVICES as DEVICES  # --device: ONNX Runtime's
 
 ENGINES = ("local", "ray")  # local: this machine's decode processes; ray: Ray Data on a Ray cluster

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dens import labels
-from dens.errors import status_of
+from dens.route.errors import status_of
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class _Decode:
     reason quoting one would not survive Arrow's UTF-8 strings."""
 
     def __init__(self, preprocess: dict, timeout: float | None, memory_budget: int | None):
-        from dens.config import PreprocessConfig
         from dens.engine import DecodePool
+        from dens.route.config import PreprocessConfig
 
         self.cfg = PreprocessConfig.from_dict(preprocess)
         self.pool = DecodePool(1, self.cfg, buffer=DECODE_BATCH, timeout=timeout, memory_budget=memory_budget)

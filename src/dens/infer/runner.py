@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dens import families, labels, show_progress, sources
+from dens import labels, show_progress, sources
 from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, PoolError
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
@@ -32,6 +32,7 @@ from dens.preds import aggregate
 from dens.preds.cells import escape_text, path_cell
 from dens.preds.lock import OutputLocked, lock_path, output_lock
 from dens.preds.writer import CorruptOutput, OutputExists, PredsWriter, check_output
+from dens.route import families
 from dens.scoring.model import ModelError, ModelFile
 from dens.scoring.runtime import DeviceError, planned_device
 from dens.scoring.scorer import RowMaker, Scorer, ScoringError

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from dens import labels
-from dens.config import PreprocessConfig
 from dens.flags import FlagRule, flag_dense, prediction_cells
 from dens.preds.cells import path_cell, text_cell
+from dens.route.config import PreprocessConfig
 
 FLAGGED, MODEL_SHA256, GRADCAM = labels.FLAGGED, labels.MODEL_SHA256, labels.GRADCAM
 # Where the laterality came from: 'tag' (ImageLaterality/Laterality), 'orientation' (PatientOrientation),
@@ -23,7 +23,7 @@ LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
     "manufacturer_model",
     "preprocess",
 )
-# The image's acquisition family and how its greys were mapped (dens.families): ``family`` (the model's line
+# The image's acquisition family and how its greys were mapped (dens.route.families): ``family`` (the model's line
 # for that family), ``fallback`` (a family the model never saw, mapped by the pooled line of those it saw:
 # review such calls with care), ``none`` or ``image`` (the routes of older models).
 FAMILY, HARMONISATION = labels.FAMILY, labels.HARMONISATION

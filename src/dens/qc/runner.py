@@ -2,7 +2,7 @@
 person checks the preprocessing at a glance (the crop, the side, the grey range, what the model said).
 
 Files decode through the decode engine (:class:`dens.engine.DecodePool`), so a sheet shows exactly what
-``dens.preprocess.load`` gives the model, and a file that crashes a codec costs its own tile only. With a
+``dens.route.preprocess.load`` gives the model, and a file that crashes a codec costs its own tile only. With a
 model, the route is the one its metadata names and each tile carries the model's call and p_dense (ONNX
 Runtime on the CPU: a sheet is a few dozen images); without one, the default :class:`PreprocessConfig`.
 """
@@ -20,12 +20,13 @@ import numpy as np
 from tqdm import tqdm
 
 import dens
-from dens import families, sources
-from dens.config import PreprocessConfig
+from dens import sources
 from dens.engine import Decoded, DecodePool, in_input_order
 from dens.files import atomic_write
 from dens.flags import call
 from dens.qc.sheet import contact_sheet
+from dens.route import families
+from dens.route.config import PreprocessConfig
 from dens.scoring.model import ModelError, ModelFile
 
 log = logging.getLogger(__name__)

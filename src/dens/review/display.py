@@ -1,7 +1,7 @@
 """What a reviewer sees of one image: the display image in PACS orientation, its Grad-CAM overlay on one
 page-wide scale, masked to the breast and labelled, and small WebP thumbnails for the page.
 
-The display image is the model's own canonical image (:func:`dens.preprocess.load`, the crop, the grey
+The display image is the model's own canonical image (:func:`dens.route.preprocess.load`, the crop, the grey
 harmonisation), drawn on a canvas scaled up to at least :data:`DISPLAY_MIN` pixels tall
 (:func:`display_config`), so the map lies where the model looked. The canonical image puts every chest wall
 on the left; PACS hangs a right breast with its chest wall on the right, so right breasts are mirrored back
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from dens.config import PreprocessConfig
-from dens.preprocess import breast_mask
+from dens.route.config import PreprocessConfig
+from dens.route.geometry import breast_mask
 
 DISPLAY_MIN, DISPLAY_MAX = 512, 1024  # the display image's height, pixels
 THUMB_HEIGHT = 320  # thumbnails: shown 160 CSS pixels tall, sharp on a 2x screen

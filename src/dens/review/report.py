@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dens import exams, labels, modelcard
+from dens import exams, labels
+from dens.artifact import modelcard
 from dens.files import atomic_write
 from dens.review import display, page
 
@@ -161,7 +162,7 @@ def write_report(
     ``exam_calls``: preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise
     (other images, another model: a stale file), and every exam when it is None, is called from ``preds``
     by the same rule (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the
-    model card's facts (:mod:`dens.modelcard`), summed up in the page's header; {} or None for a model
+    model card's facts (:mod:`dens.artifact.modelcard`), summed up in the page's header; {} or None for a model
     without one. ``scale``: what 1.0 on the maps' colour bar is, stated on the page.
     """
     html_path = report_path(preds_csv)

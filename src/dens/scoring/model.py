@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dens import labels, modelcard, runs
-from dens.config import PreprocessConfig
-from dens.metadata import OnnxMetadataError, file_sha256, read_metadata
+from dens import labels, runs
+from dens.artifact import modelcard
+from dens.artifact.metadata import OnnxMetadataError, file_sha256, read_metadata
 from dens.preds.columns import preprocess_cell
+from dens.route.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

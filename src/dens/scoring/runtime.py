@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 import dens
-from dens.config import PreprocessConfig
-from dens.metadata import INPUT, PROBS, variant_path
+from dens.artifact.metadata import INPUT, PROBS, variant_path
+from dens.route.config import PreprocessConfig
 from dens.scoring import DEVICES
 from dens.scoring.model import ModelError, ModelFile
 

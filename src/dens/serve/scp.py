@@ -39,7 +39,7 @@ MAMMOGRAPHY_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
 )
-# The transfer syntaxes dens.dicom decodes.
+# The transfer syntaxes dens.route.dicom decodes.
 TRANSFER_SYNTAXES = (
     uids.ExplicitVRLittleEndian,
     uids.ImplicitVRLittleEndian,

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from dens.dicom import MAMMO_FOR_PRESENTATION
+from dens.route.dicom import MAMMO_FOR_PRESENTATION
 from dens.synth.phantom import add_marker, render
 from dens.synth.spec import ImageSpec, generator
 

@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import dens
-from dens.modelcard import SYNTH_MARKER
+from dens.artifact.modelcard import SYNTH_MARKER
 from dens.synth.cohort import COLUMNS, plan_patient
 from dens.synth.image import write_image
 

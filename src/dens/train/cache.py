@@ -1,4 +1,4 @@
-"""The decoded cache: every labelled image decoded once through :func:`dens.preprocess.load` into ``.npy``
+"""The decoded cache: every labelled image decoded once through :func:`dens.route.preprocess.load` into ``.npy``
 files keyed by the file (path, size, mtime), the :class:`PreprocessConfig` and the route's code (and the
 versions of the libraries it decodes and resizes with). Epochs, validation and test read the cache, so
 validation and test see exactly the canonical image inference sees. The cache lives in ``--cache``
@@ -25,19 +25,13 @@ import pandas as pd
 from tqdm import tqdm
 
 import dens
-import dens.config
-import dens.decode
-import dens.dicom
-import dens.dicomio
-import dens.errors
-import dens.families
-import dens.preprocess
+import dens.route
 from dens import labels
 from dens.engine import Decoded, DecodePool
-from dens.errors import Reason
 from dens.files import atomic_write
 from dens.manifest import MISSING_FILE, with_identity
-from dens.preprocess import PreprocessConfig
+from dens.route.errors import Reason
+from dens.route.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +76,11 @@ _ROUTE_LIBRARIES = (
 
 @functools.cache
 def route_version() -> str:
-    """A digest of the code that turns a file into the canonical image (preprocess, families, dicom, dicomio,
-    decode, errors, config) and of the versions of the libraries it decodes and resizes with."""
+    """A digest of the code that turns a file into the canonical image (every module of :mod:`dens.route`) and
+    of the versions of the libraries it decodes and resizes with."""
     digest = hashlib.sha256(dens.__version__.encode())
-    route = (dens.preprocess, dens.families, dens.dicom, dens.dicomio, dens.decode, dens.errors, dens.config)
-    for module in route:
-        digest.update(Path(module.__file__).read_bytes())
+    for module in sorted(Path(dens.route.__file__).parent.glob("*.py")):
+        digest.update(module.read_bytes())
     for name in _ROUTE_LIBRARIES:
         try:
             digest.update(f"{name}={importlib.metadata.version(name)}".encode())

@@ -1,12 +1,12 @@
 """What a run's model card says: the facts, gathered from the run's config, data and test results into one
 JSON-able dict that travels in best.pt's summary (and so in the ONNX metadata) and renders as model_card.md
-(:mod:`dens.modelcard` reads and renders it)."""
+(:mod:`dens.artifact.modelcard` reads and renders it)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from dens import modelcard
+from dens.artifact import modelcard
 from dens.labels import CLASSES
 from dens.train.data import SPLITS
 

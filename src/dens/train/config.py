@@ -1,7 +1,7 @@
 """TrainConfig: every setting of a training run and the choices each one takes.
 
 The defaults are the seed recipe; ``dens-train``'s options take their defaults and choice lists from here,
-and a run writes its config to ``config.yaml``. Which architectures exist is :mod:`dens.model`'s to say.
+and a run writes its config to ``config.yaml``. Which architectures exist is :mod:`dens.artifact.model`'s to say.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dens import model
-from dens.config import HEIGHT, VERSION, VERSIONS, WIDTH
+from dens.artifact import model
+from dens.route.config import HEIGHT, VERSION, VERSIONS, WIDTH
 from dens.scoring import TORCH_DEVICES as DEVICES
 
 ARCHS: tuple[str, ...] = tuple(model.ARCHS)
@@ -34,11 +34,11 @@ class TrainConfig:
     # (from scratch, with lr >= MIN_SCRATCH_LR); or the path of a local state dict. 'auto', which older
     # config files hold, means 'imagenet'.
     weights: str = "imagenet"
-    # The canonical canvas, H x W (dens.config's default); size: a square S x S canvas instead.
+    # The canonical canvas, H x W (dens.route.config's default); size: a square S x S canvas instead.
     height: int = HEIGHT
     width: int = WIDTH
     size: int | None = None
-    # The canonical image's route (dens.config.VERSIONS); older routes stay for comparison and old models.
+    # The canonical image's route (dens.route.config.VERSIONS); older routes stay for comparison and old models.
     preprocess_version: int = VERSION
     epochs: int = 15
     batch_size: int = 32  # global: divided between the DDP processes

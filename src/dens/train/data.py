@@ -106,8 +106,8 @@ def class_warnings(described: dict) -> list[str]:
 
 class CachedImages(torch.utils.data.Dataset):
     """Canonical images from the cache: ``(uint8 [1, H, W], label)`` per item, no transformation. ``tables``:
-    each item's grey table (version 3's family map, :func:`dens.families.lookup`), applied to the cached
-    canvas as :func:`dens.preprocess.load` applies it; None: the cached canvas is the canonical image."""
+    each item's grey table (version 3's family map, :func:`dens.route.families.lookup`), applied to the cached
+    canvas as :func:`dens.route.preprocess.load` applies it; None: the cached canvas is the canonical image."""
 
     def __init__(self, files: Sequence[str], targets: Sequence[int], tables: Sequence[np.ndarray] | None = None):
         self.files, self.targets = list(files), np.asarray(targets, np.int64)

@@ -13,10 +13,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dens import families, labels, manifest
+from dens import labels, manifest
 from dens.figures import evaluation
 from dens.labels import CLASSES
-from dens.preprocess import PreprocessConfig
+from dens.route import families
+from dens.route.preprocess import PreprocessConfig
 from dens.train import cache, data
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks
@@ -24,7 +25,7 @@ from dens.train.distributed import Ranks
 log = logging.getLogger("dens.train")
 
 # split.csv's columns for version 3: the image's acquisition family, its in-breast 2nd and 98th percentile
-# greys after VOI (what the family's line is fitted on), and how its greys were mapped (dens.families).
+# greys after VOI (what the family's line is fitted on), and how its greys were mapped (dens.route.families).
 FAMILY, FAT, DENSE, HARMONISATION = labels.FAMILY, "breast_fat", "breast_dense", labels.HARMONISATION
 
 

@@ -22,11 +22,12 @@ import yaml
 from tqdm import tqdm
 
 import dens
-from dens import labels, modelcard, runs
+from dens import labels, runs
+from dens.artifact import modelcard
+from dens.artifact.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
 from dens.figures import evaluation, metrics, plots
 from dens.labels import CLASSES
-from dens.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
-from dens.preprocess import PreprocessConfig
+from dens.route.preprocess import PreprocessConfig
 from dens.train import card, data, distributed, inputs
 from dens.train.config import TrainConfig
 from dens.train.distributed import Ranks, setup_ranks

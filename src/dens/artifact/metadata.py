@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import dens
-from dens.config import PreprocessConfig
+from dens.route.config import PreprocessConfig
 
 METADATA_KEY = "dens"
 METADATA_FORMAT = 1

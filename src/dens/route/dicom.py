@@ -1,6 +1,6 @@
 """File -> header identity + decoded stored pixel values: what a usable mammogram is, and its decoder.
 
-:mod:`dens.dicomio` reads the header up to the pixel data and no further, and locates the pixel data from
+:mod:`dens.route.dicomio` reads the header up to the pixel data and no further, and locates the pixel data from
 its element's own header; a compressed frame's own header (JPEG SOF, JPEG 2000 SIZ or JP2 ihdr) says its
 size. So every decision that can be made before decoding is made before any pixel byte is loaded: not DICOM,
 not a usable mammogram, multi-frame, pixel data shorter than the declared geometry, a codestream of another
@@ -12,8 +12,8 @@ synthesis early (``Image.reduce``) and return the image at 1/2**level resolution
 cost; other syntaxes are decoded in full by pydicom's plugins and then downsampled with the same
 low-pass filter, so the model sees nearly the same image whichever syntax a file came in. GDCM's own
 reader is the last resort when pydicom's plugins all fail (it decodes 12-bit JPEG Extended, which they
-cannot). The decoders live in :mod:`dens.decode`, the reading of the file's bytes in :mod:`dens.dicomio`,
-the error type in :mod:`dens.errors`; this module checks the file is a usable presentation mammogram
+cannot). The decoders live in :mod:`dens.route.decode`, the reading of the file's bytes in :mod:`dens.route.dicomio`,
+the error type in :mod:`dens.route.errors`; this module checks the file is a usable presentation mammogram
 (SOP class, modality, views, geometry) and picks the decoder.
 
 Files that cannot be used raise :class:`UnusableFile` with a :class:`Reason` and, once the header was read,
@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dens.decode import (
+from dens.route.decode import (
     SYNTAX_FAMILIES,
     Codestream,
     decode_gdcm,
@@ -43,8 +43,8 @@ from dens.decode import (
     read_codestream_header,
     reduce_like_j2k,
 )
-from dens.dicomio import PixelElement, header_number, header_text, load_pixel_data, read_header
-from dens.errors import Reason, UnusableFile
+from dens.route.dicomio import PixelElement, header_number, header_text, load_pixel_data, read_header
+from dens.route.errors import Reason, UnusableFile
 
 __all__ = ["EXCLUSION_RULES", "JPEG2000_SYNTAXES", "MAMMO_FOR_PRESENTATION", "DicomFile", "ExclusionRule", "read"]
 
@@ -177,7 +177,7 @@ class DicomFile:
     @property
     def identity(self) -> dict:
         """Whose image this is and what the header says of it: the identity keys of
-        :class:`dens.preprocess.ImageInfo`, as far as the header gives them."""
+        :class:`dens.route.preprocess.ImageInfo`, as far as the header gives them."""
         meta = getattr(self.ds, "file_meta", Dataset())
         sop_uid = header_text(self.ds, "SOPInstanceUID") or header_text(meta, "MediaStorageSOPInstanceUID")
         laterality, source = self.laterality_and_source

@@ -3,12 +3,12 @@
 The header is read up to the pixel data and no further (``stop_before_pixels``). The Pixel Data element's own
 header says where its value lies and how long it is; for encapsulated data, the items' 8-byte headers say
 where each fragment ends, and the first fragment's first bytes are kept for the codestream's own header
-(:func:`dens.decode.read_codestream_header`). So a file that is not DICOM (told from its first bytes), whose
+(:func:`dens.route.decode.read_codestream_header`). So a file that is not DICOM (told from its first bytes), whose
 header is unreadable or whose pixel data is cut short is refused before any pixel byte is loaded, whatever it
 claims. A deflated file is one zlib stream with no byte positions to look at; it is read whole.
 
 Everything here is about bytes and the header's structure: which files are a usable mammogram, and which
-decoder reads them, is :mod:`dens.dicom`'s. A file that cannot be read raises :class:`UnusableFile` with a
+decoder reads them, is :mod:`dens.route.dicom`'s. A file that cannot be read raises :class:`UnusableFile` with a
 :class:`Reason`.
 """
 
@@ -24,7 +24,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dens.errors import Reason, UnusableFile
+from dens.route.errors import Reason, UnusableFile
 
 __all__ = ["PixelElement", "header_number", "header_text", "load_pixel_data", "read_header"]
 

@@ -79,7 +79,7 @@ class UnusableFile(Exception):
     """A file that yields no canonical image, with a machine-readable reason and a human detail.
 
     ``identity``: what the file's header says about whose image it is (the identity keys of
-    :class:`dens.preprocess.ImageInfo`: path, patient_id, accession, study/series/SOP UIDs, laterality and its
+    :class:`dens.route.preprocess.ImageInfo`: path, patient_id, accession, study/series/SOP UIDs, laterality and its
     source, view, manufacturer and model, transfer syntax, photometric, rows, cols) when the header could be
     read; None when it could not. Rows of skipped and failed files carry it, so every row says whose image
     it is.

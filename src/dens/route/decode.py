@@ -1,7 +1,7 @@
 """Decoders: DICOM pixel data -> stored values, and the low-pass that makes every syntax look alike.
 
 JPEG 2000 goes through Pillow, which can stop the wavelet synthesis early (``Image.reduce``); the rest
-through pydicom's plugins, then GDCM's own reader. :mod:`dens.dicom` reads the header and chooses among
+through pydicom's plugins, then GDCM's own reader. :mod:`dens.route.dicom` reads the header and chooses among
 them; each decoder here takes what it needs explicitly (a data set, a path, the stored value range).
 
 The codecs are noisy: pydicom logs a traceback for every plugin that fails before one succeeds, and GDCM's
@@ -29,9 +29,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from dens.errors import Reason, UnusableFile
+from dens.route.errors import Reason, UnusableFile
 
-log = logging.getLogger("dens.dicom")
+log = logging.getLogger("dens.route.dicom")
 
 _PLUGIN_LOGGER = "pydicom.pixels.decoders.base"
 

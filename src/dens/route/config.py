@@ -16,7 +16,7 @@ from typing import Any
 # VOI output as is (every model exported before version 2 existed). 2: an H x W canvas, a crop that drops
 # film labels, rulers and film edges, and the in-breast grey range harmonised after VOI. 3: version 2's canvas
 # and crop, the background outside the breast black, and the greys mapped by one fixed line per acquisition
-# family (dens.families), fitted on the training images and carried in ``families``: a breast keeps its density.
+# family (dens.route.families), fitted on the training images and carried in ``families``: a breast keeps its density.
 VERSIONS = (1, 2, 3)
 VERSION = 3
 # About 512 x 512's pixel count (98.8%) on a 2:1 canvas, both sides multiples of a ResNet's stride of 32.
@@ -44,7 +44,7 @@ class PreprocessConfig:
     # Flip so the chest wall is on the left edge of every canonical image.
     orient: bool
     # Version 3: each acquisition family's grey line, ``(key, fat grey, dense grey)``, fitted on the training
-    # images (dens.families.fit); () before the fit, when greys stay as VOI gives them.
+    # images (dens.route.families.fit); () before the fit, when greys stay as VOI gives them.
     families: tuple[tuple[str, float, float], ...]
 
     def __init__(
@@ -146,7 +146,7 @@ class PreprocessConfig:
         return dataclasses.replace(self, families=())
 
     def fitted(self, families: tuple) -> PreprocessConfig:
-        """This config with ``families`` (dens.families.fit) as its grey maps."""
+        """This config with ``families`` (dens.route.families.fit) as its grey maps."""
         return dataclasses.replace(self, families=families)
 
     def key(self) -> str:

@@ -12,7 +12,7 @@ The line anchors the family's fat grey (the median of its images' in-breast 2nd 
 breast) at :data:`TARGET`'s low end, and the grey its densest breasts reach (the 90th percentile of its images'
 in-breast 98th percentiles) at the high end, so that a dense breast is not clipped white; gain capped at
 :data:`MAX_GAIN`. Greys darker than fat (background, film base) go linearly onto 0..low, so black stays black.
-The fit travels in the model's :class:`dens.config.PreprocessConfig` (``families``) and is applied unchanged at
+The fit travels in the model's :class:`dens.route.config.PreprocessConfig` (``families``) and is applied unchanged at
 inference, as a 256-entry table on the canonical uint8 canvas: training, which keeps unmapped canvases in its
 decoded cache, and inference apply the same table to the same canvas.
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
 
-from dens.config import PreprocessConfig
+from dens.artifact.metadata import file_sha256
 from dens.files import atomic_write
 from dens.labels import CLASSES, NUM_CLASSES
-from dens.metadata import file_sha256
+from dens.route.config import PreprocessConfig
 
 FORMAT_VERSION = 1
 # The ImageNet RGB mean/std averaged over the channels: the summed 1-channel conv1 sees grey input.
