@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The stage packages, one per command; every other package and module under dens is root.
-STAGES = ("train", "export", "infer", "gradcam", "qc", "verdicts", "synth", "serve", "eval")
+STAGES = ("train", "export", "infer", "merge", "gradcam", "qc", "verdicts", "synth", "serve", "eval")
 ALLOWED_SIBLING = {
     # dens-infer --gradcam runs Grad-CAM on the rows it has just flagged, through dens-gradcam's public entry
     # (imported only when the flag is given), so that the maps and the review page are dens-gradcam's own.

@@ -1,8 +1,9 @@
-"""What dens-infer is asked to do: :class:`InferConfig`, its choice lists and its exit statuses.
+"""What dens-infer is asked to do: :class:`InferConfig`, which checks itself, its choice lists and its exit
+statuses.
 
-Standard library only (and dens.artifact.metadata's names, which need nothing more at import): dens-infer's
-command-line module imports this, and a spawned decode worker imports that module before it starts, so
-nothing heavy may load here.
+Nothing heavy at import (dens.artifact.metadata's and dens.scoring's names; dens.flags and dens.sources, which
+the checks use, load numpy and the standard library only): dens-infer's command-line module imports this, and
+a spawned decode worker imports that module before it starts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from pathlib import Path
 from dens.artifact.metadata import (
     PRECISIONS as PRECISIONS,  # --precision: the variant beside the model (model.int8.onnx)
 )
+from dens.commands import EXIT_ERRORS as EXIT_ERRORS
+from dens.commands import EXIT_FAILED as EXIT_FAILED
+from dens.commands import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from dens.commands import EXIT_OK as EXIT_OK
+from dens.commands import EXIT_TERMINATED as EXIT_TERMINATED
+from dens.commands import EXIT_USAGE as EXIT_USAGE
 from dens.scoring import DEVICES as DEVICES  # --device: ONNX Runtime's
 
 ENGINES = ("local", "ray")  # local: this machine's decode processes; ray: Ray Data on a Ray cluster
-# Exit status of dens-infer (130: Ctrl-C; 143: SIGTERM).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class InferConfig:
     studies: Path
     out: Path = Path("preds.csv")
     model: Path | None = None  # default: runs/latest/model.onnx
+    precision: str | None = None  # the variant dens-export wrote beside ``model`` (model.int8.onnx); None: ``model``
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -43,5 +49,16 @@ class InferConfig:
     shard: str | None = None  # 'i/N': only the files whose path hashes to shard i of N (dens.sources)
 
     def __post_init__(self) -> None:
+        """Refuse settings that cannot go together or cannot be read (ValueError, worded for the command line)."""
+        from dens.flags import parse_flag
+        from dens.sources import Shard
+
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.overwrite and (self.resume or self.retry_errors):
+            asked = "--retry-errors" if self.retry_errors else "--resume"
+            raise ValueError(f"{asked} and --overwrite contradict each other: choose one")
+        parse_flag(self.flag)
+        Shard.parse(self.shard)

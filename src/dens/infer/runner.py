@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from tqdm import tqdm
 
 from dens import labels, show_progress, sources
@@ -33,8 +34,8 @@ from dens.preds.cells import escape_text, path_cell
 from dens.preds.lock import OutputLocked, lock_path, output_lock
 from dens.preds.writer import CorruptOutput, OutputExists, PredsWriter, check_output
 from dens.route import families
-from dens.scoring.model import ModelError, ModelFile
-from dens.scoring.runtime import DeviceError, planned_device
+from dens.scoring.model import ModelError, ModelFile, resolve_model
+from dens.scoring.runtime import DeviceError, model_for_precision, planned_device
 from dens.scoring.scorer import RowMaker, Scorer, ScoringError
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ class Summary:
     workers: int = 0
     threads: int = 0
     batch_size: int = 0
+    model: Path | None = None  # the ONNX file that scored
     out: Path | None = None
     breast_csv: Path | None = None
     exam_csv: Path | None = None
+    sr: Path | None = None  # --sr: the folder of the density SRs
     reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
 
     def count(self, status: str, info: Mapping | None = None) -> None:
@@ -114,6 +117,24 @@ class Summary:
         advice = "review those calls with care (their rows: harmonisation=fallback), or train on those machines"
         return [families.unseen_warning(self.unseen_families, self.ok, advice)]
 
+    def print(self) -> None:
+        """The run's summary as dens-infer prints it: the counts, what was written, and, on stderr, the warnings
+        and the errors to look at."""
+        click.echo(self.line())
+        for warning in self.warnings():
+            click.echo(f"dens-infer: warning: {warning}", err=True)
+        click.echo(f"dens-infer: wrote {self.out}, {self.breast_csv}, {self.exam_csv}")
+        if self.sr is not None:
+            click.echo(f"dens-infer: wrote {len(self.reports)} density SRs (one per exam) to {self.sr}")
+        if self.errors or self.already_errors:
+            earlier = f" ({self.already_errors} from the earlier run)" if self.already_errors else ""
+            click.echo(
+                f"dens-infer: {self.errors + self.already_errors} files could not be read{earlier}: their rows in "
+                f"{self.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does them "
+                "again",
+                err=True,
+            )
+
 
 def run(cfg: InferConfig) -> Summary:
     """Run inference as ``cfg`` says; returns the summary (raises InferError when the run cannot start or
@@ -122,14 +143,12 @@ def run(cfg: InferConfig) -> Summary:
     studies, out = Path(cfg.studies), Path(cfg.out)
     if not studies.exists():
         raise InferError(f"{studies} does not exist: pass the folder of studies to read")
-    if cfg.overwrite and (cfg.resume or cfg.retry_errors):
-        asked = "--retry-errors" if cfg.retry_errors else "--resume"
-        raise InferError(f"{asked} and --overwrite contradict each other: choose one")
     try:
-        model = ModelFile.read(cfg.model, "dens-infer")
-        rule = parse_flag(cfg.flag)
-    except ValueError as exc:  # ModelError, a bad --flag
+        path = resolve_model(cfg.model, "dens-infer")
+        model = ModelFile.read(path if cfg.precision is None else model_for_precision(path, cfg.precision))
+    except ModelError as exc:
         raise InferError(str(exc)) from exc
+    rule = parse_flag(cfg.flag)
     # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
     studies = Path(os.path.realpath(studies))
     exclude = [out, *aggregate_paths(out), lock_path(out)]
@@ -137,7 +156,7 @@ def run(cfg: InferConfig) -> Summary:
         shard = sources.Shard.parse(cfg.shard)
         if next(sources.entries(studies, exclude), None) is None:
             raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
-    except ValueError as exc:  # a bad --shard, a file that is no manifest
+    except ValueError as exc:  # a file that is no manifest
         raise InferError(str(exc)) from exc
     try:
         with output_lock(out):
@@ -177,6 +196,7 @@ def _run(
             "then run again with --resume (it only rewrites them)"
         ) from exc
     summary.write_s += time.perf_counter() - t0
+    summary.model, summary.sr = model.path, cfg.sr
     if cfg.sr is not None:
         summary.reports = write_reports(out, Path(cfg.sr), model, rule)
     summary.seconds = time.perf_counter() - start

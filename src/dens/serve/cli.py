@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from dens.scoring import DEVICES as _DEVICES
+from dens.commands import flag_option, scoring_options
 from dens.serve.config import (
     DEFAULT_AET,
     DEFAULT_PORT,
@@ -156,26 +156,8 @@ def _parse(kind):
     default=None,
     help="CA certificates (PEM) for https:// --stow-url servers [default: the system's].",
 )
-@click.option(
-    "--device", type=click.Choice(_DEVICES), default="auto", show_default=True, help="As dens-infer's --device."
-)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call [default: as dens-infer]."
-)
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes [default: as dens-infer].")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ONNX Runtime intra-op threads [default: as dens-infer].",
-)
-@click.option(
-    "--flag",
-    "flag",
-    default=None,
-    metavar="RULE",
-    help="Which calls are flagged, as dens-infer's --flag (default C,D).",
-)
+@scoring_options
+@flag_option
 @click.option("-v", "--verbose", is_flag=True, help="Log pynetdicom's protocol messages too.")
 def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
     """A DICOM node that scores breast density: it receives mammograms by C-STORE (and answers C-ECHO),

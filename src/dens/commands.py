@@ -1,0 +1,78 @@
+"""What the commands share, defined once: the exit statuses of the scoring commands (dens-infer, dens-merge),
+and the options several take: where and how the model runs (dens-infer, dens-serve), which calls are
+flagged, and the progress bar.
+
+click only at import: a spawned decode worker imports its command's module, and with it this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from dens.scoring import DEVICES
+
+# Exit statuses: 3 means the run finished but its output holds error rows (130: Ctrl-C; 143: SIGTERM).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+
+def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from dens.flags import parse_flag
+
+    try:
+        parse_flag(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+_SCORING = (
+    click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="auto",
+        show_default=True,
+        help="auto: TensorRT, then CUDA, then CPU (GPU ones only where a GPU is present). An explicit GPU "
+        "choice that cannot be honoured is an error.",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Images per model call [default: 4 on CPU, 64 on CUDA/TensorRT].",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Decode processes [default: CPU: all cores, at a lower priority than the model, which uses "
+        "all of them too; GPU: cores - 1].",
+    ),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="ONNX Runtime intra-op threads [default: CPU: all cores; GPU: 1].",
+    ),
+)
+
+flag_option = click.option(
+    "--flag",
+    "flag",
+    default=None,
+    metavar="RULE",
+    callback=_check_flag,
+    help="Which calls are flagged for review: classes ('C,D', the default) or a threshold ('p_dense>=0.5', 'p_D>0.3').",
+)
+
+progress_option = click.option(
+    "--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal]."
+)
+
+
+def scoring_options(command: Callable) -> Callable:
+    """--device, --batch-size, --workers and --threads: the model's device and the decode processes."""
+    for option in reversed(_SCORING):
+        command = option(command)
+    return command
