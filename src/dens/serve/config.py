@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# Exit status of dens-serve: 0 stopped cleanly (SIGTERM, Ctrl-C); 1 could not start; 2 bad options.
+from dens.commands import EXIT_FAILED as EXIT_FAILED
+from dens.commands import EXIT_OK as EXIT_OK
+from dens.commands import EXIT_USAGE as EXIT_USAGE
 from dens.flags import parse_flag
 
-# Exit status of dens-serve: 0 stopped cleanly (SIGTERM, Ctrl-C); 1 could not start; 2 bad options.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_AET = "DENS"
 DEFAULT_PORT = 11112  # the registered DICOM port above 1024 (104 needs root)
 DEFAULT_STABLE_SECONDS = 60.0  # as Orthanc's StableAge: a study quiet this long is complete
