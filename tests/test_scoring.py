@@ -70,6 +70,24 @@ def test_every_stage_refuses_a_checkpoint_with_what_to_do(small_model):
     assert resolve_model(small_model) == small_model
 
 
+def test_a_dens_infer_run_reads_and_hashes_its_model_once(synthetic_cohort, small_model, tmp_path, monkeypatch):
+    import onnx
+
+    import dens.scoring.model as model_module
+    from dens.infer.config import InferConfig
+    from dens.infer.runner import run
+
+    loads, hashes = [], []
+    real_load, real_hash = onnx.load, model_module.file_sha256
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashes.append(path) or real_hash(path))
+    summary = run(
+        InferConfig(synthetic_cohort(3, seed=5), tmp_path / "preds.csv", model=small_model, sr=tmp_path / "sr")
+    )
+    assert summary.ok > 0 and summary.reports  # the SRs name the model too, from the same reading
+    assert len(loads) == 1 and hashes == [small_model]
+
+
 def test_the_model_is_read_once(small_model, monkeypatch):
     import dens.scoring.model as model_module
 

@@ -17,7 +17,8 @@ from dens.scoring import DEVICES
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
-def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: ``value`` when it is a flag rule (:func:`dens.flags.parse_flag`), else a usage error."""
     from dens.flags import parse_flag
 
     try:
@@ -62,7 +63,7 @@ flag_option = click.option(
     "flag",
     default=None,
     metavar="RULE",
-    callback=_check_flag,
+    callback=check_flag,
     help="Which calls are flagged for review: classes ('C,D', the default) or a threshold ('p_dense>=0.5', 'p_D>0.3').",
 )
 

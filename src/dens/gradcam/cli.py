@@ -8,16 +8,8 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.flags import parse_flag
+from dens.commands import check_flag
 from dens.gradcam.runner import DEVICES, THUMBNAILS, GradcamConfig, GradcamError, run
-
-
-def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    try:
-        parse_flag(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    return value
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -41,7 +33,7 @@ def _check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--flag",
-    callback=_check_flag,
+    callback=check_flag,
     help="Which rows get maps: classes ('C,D') or a threshold ('p_dense>=0.5') [default: PREDS' flagged column].",
 )
 @click.option("--layer", default=None, help="Target layer, dotted [default: backbone.layer4.-1, the last block].")
