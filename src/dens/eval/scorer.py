@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dens.artifact.metadata import INPUT, LOGITS, METADATA_KEY, file_sha256, parse_metadata
+from dens.artifact.metadata import INPUT, LOGITS
 from dens.labels import CLASSES
 from dens.route.config import PreprocessConfig
 
@@ -73,6 +73,9 @@ def open_model(path: str | Path, device: str = "auto") -> Scorer:
 def _onnx(path: Path) -> Scorer:
     import onnxruntime as ort
 
+    from dens.scoring.model import ModelFile
+
+    model = ModelFile.read(path, "dens-eval")  # metadata, classes and sha256, as every scoring stage reads them
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -80,8 +83,7 @@ def _onnx(path: Path) -> Scorer:
     except Exception as exc:  # ORT's own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: ONNX Runtime cannot open it ({first})") from exc
-    meta = parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
-    preprocess = PreprocessConfig.from_dict(meta["preprocess"])  # every field the model carries
+    preprocess = model.preprocess  # every field the model carries
     shape = next((i.shape for i in session.get_inputs() if i.name == INPUT), None)
     if shape is None or list(shape[1:]) != [1, *preprocess.shape]:
         raise ValueError(
@@ -94,9 +96,8 @@ def _onnx(path: Path) -> Scorer:
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run([LOGITS], {INPUT: batch})[0]
 
-    return Scorer(
-        path, "onnx", file_sha256(path), preprocess, tuple(meta["classes"]), float(meta["temperature"]), "cpu", run
-    )
+    temperature = float(model.metadata["temperature"])
+    return Scorer(path, "onnx", model.sha256, preprocess, model.classes, temperature, "cpu", run)
 
 
 def _checkpoint(path: Path, device: str) -> Scorer:
