@@ -31,7 +31,7 @@ from dens.artifact.model import build_model
 from dens.gradcam import GradCAM
 from dens.gradcam.runner import pick_device
 from dens.review import display
-from dens.review.report import write_view_files
+from dens.review.views import write_view_files
 from dens.route.config import PreprocessConfig
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from common import REAL_MAMMO, REAL_MAMMO_ENV, REPO, shown, write_result
 from dens.engine import DecodePool
 from dens.review import display
-from dens.review.report import view_label, write_view_files
+from dens.review.views import view_label, write_view_files
 from dens.route.config import PreprocessConfig
 
 DEMO_COHORT = REPO / ".cache" / "review-demo-cohort"  # git-ignored

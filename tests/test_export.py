@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fractions
 import json
 import shutil
 from pathlib import Path
@@ -49,10 +50,13 @@ def checkpoint(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def cohort(workdir, synthetic_cohort) -> Path:
-    """A tiny synthetic cohort plus one file that yields no image (sorted first, so it is always seen)."""
+    """A tiny synthetic cohort plus files that are no image (a samples folder's notes, labels and readme, sorted
+    first, so they are always seen)."""
     out = workdir / "cohort"
     shutil.copytree(synthetic_cohort(3, seed=5), out)  # the shared cohort stays as it was made
     (out / "0-notes.txt").write_text("not an image\n")
+    (out / "0-labels.csv").write_text("path,density\n")
+    (out / "0-README.md").write_text("# samples\n")
     return out
 
 
@@ -85,8 +89,15 @@ def test_export_of_latest_checkpoint_passes_parity(exported, checkpoint):
         assert report[name]["argmax_agreement"] == 1.0
     images = report["images"]
     assert images["count"] == 6 and len(images["used"]) == 6  # --max-images
-    assert images["skipped"] == {"not_dicom": 1} and images["errors"] == {}
+    # The notes, labels and readme are not candidate images: ignored and named, not counted as unusable files.
+    assert images["skipped"] == {} and images["errors"] == {}
+    assert images["ignored"] == ["0-README.md", "0-labels.csv", "0-notes.txt"]
     assert all(p.endswith(".dcm") for p in images["used"])
+    assert (
+        "6 preprocessed images (3 other files ignored, not DICOM nor an image: 0-README.md, 0-labels.csv, 0-notes.txt)"
+        in exported.output
+    )
+    assert "unusable" not in exported.output
 
 
 def test_metadata_round_trip(exported, checkpoint):
@@ -185,8 +196,11 @@ def test_parity_fails_without_usable_images(exported, checkpoint, tmp_path):
     (tmp_path / "a.txt").write_text("x")
     report = check_parity(_model(checkpoint), checkpoint, images=tmp_path, batch_sizes=(1, 2))
     assert not report["passed"]
-    assert any("no usable image" in f for f in report["failures"])
-    assert report["images"]["skipped"] == {"not_dicom": 1}
+    assert any(
+        "no usable image" in f and "1 other file ignored, not DICOM nor an image: a.txt" in f
+        for f in report["failures"]
+    )
+    assert report["images"]["skipped"] == {} and report["images"]["ignored"] == ["a.txt"]
 
 
 def test_static_batch_axis_fails_parity(exported, checkpoint, tmp_path):
@@ -258,6 +272,27 @@ def test_cli_without_a_run_says_what_to_do(tmp_path, monkeypatch):
     assert "no run found" in result.output and "--checkpoint" in result.output
     result = CliRunner().invoke(main, ["--no-progress"])
     assert result.exit_code == 2 and "--onnx" in result.output
+
+
+def test_an_onnx_file_given_as_the_checkpoint_is_named_as_such(exported, checkpoint, tmp_path):
+    """`dens-export --checkpoint model.onnx` says the file is an ONNX model, not a checkpoint, and what to pass;
+    no file that is not a checkpoint gets PyTorch's advice to load it with weights_only=False."""
+    assert exported.exit_code == 0, exported.output
+    renamed = tmp_path / "weights.bin"  # an ONNX file by its bytes, whatever its name
+    shutil.copy(_model(checkpoint), renamed)
+    for given in (_model(checkpoint), renamed):
+        result = CliRunner().invoke(main, ["--onnx", "--checkpoint", str(given), "--out", str(tmp_path / "x.onnx")])
+        assert result.exit_code == 1, result.output
+        assert f"{given} is an ONNX model (what dens-export writes), not a dens checkpoint" in result.output
+        assert "a checkpoint is the best.pt of a dens-train run" in result.output
+        assert "weights_only" not in result.output.replace("torch.load(weights_only=True)", "")
+    pickled = tmp_path / "other.pt"
+    torch.save({"a": fractions.Fraction(1, 3)}, pickled)  # a pickle the safe loader refuses
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for given in (pickled, tmp_path / "notes.txt"):
+        result = CliRunner().invoke(main, ["--onnx", "--checkpoint", str(given), "--out", str(tmp_path / "x.onnx")])
+        assert result.exit_code == 1 and f"{given}: cannot be read as a dens checkpoint" in result.output
+        assert "weights_only` set to `False" not in result.output and "weights_only=False" not in result.output
 
 
 def test_config_refuses_what_the_exporter_cannot_write():

@@ -537,7 +537,7 @@ def test_cli_opens_files_whose_path_cells_are_escaped_or_formula_guarded(study, 
         gradcam_main, [str(preds_csv), "--out", str(tmp_path / "cams"), "--model", str(study["onnx"]), "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    assert f"{len(flagged)} maps, 0 errors" in result.output
+    assert f"Grad-CAM: {len(flagged)} of {len(flagged)} flagged images mapped among" in result.output
     written = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
     odd = written[written[labels.PATH].isin(["'=odd\\\\name.dcm", "'@tab\\there\\\\x.dcm"])]
     assert len(odd) == 2 and (odd[labels.GRADCAM] != "").all()  # mapped, and the cells kept as written
@@ -600,6 +600,15 @@ def test_dens_infer_gradcam_flag_and_resume(study, tmp_path):
     for rel in preds.loc[ok, labels.GRADCAM]:
         assert (out.parent / rel).is_file()
     assert (out.parent / "preds.report.html").is_file()
+    # It says where the page is, and its Grad-CAM line counts maps, not "errors" beside dens-infer's own count.
+    (said,) = [line for line in result.output.splitlines() if "Grad-CAM" in line]
+    assert said.startswith(f"dens-infer: --gradcam: Grad-CAM: {ok.sum()} of {ok.sum()} flagged images mapped")
+    assert f"review page {out.parent / 'preds.report.html'}" in said and "error" not in said
+    # Each map on the page's scale and, for its toggle, on its own: both drawn, both on the page.
+    page = (out.parent / "preds.report.html").read_text()
+    assert page.count('data-own-full="data:image/webp;base64,') == ok.sum()
+    for rel in preds.loc[ok, labels.GRADCAM]:
+        assert (out.parent / rel).parent.joinpath("own-scale", Path(rel).name).is_file()
 
     result = CliRunner().invoke(infer_main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
@@ -628,6 +637,26 @@ def test_every_view_is_shown_as_pacs_shows_it_at_the_display_size(study, tmp_pat
     assert checked == {"L", "R"}
     page = (tmp_path / "preds.report.html").read_text()
     assert page.count("<img src=") == (written[labels.STATUS] == "ok").sum()
+
+
+def test_the_page_shows_each_exam_s_study_date_and_age_from_its_headers(study, tmp_path):
+    import pydicom
+
+    from dens import exams
+
+    preds_csv = _write_preds(study, tmp_path)
+    written = run_gradcam(preds_csv, tmp_path / "cams", model_path=study["onnx"], flag="p_A>=2", progress=False)
+    page = (tmp_path / "preds.report.html").read_text()
+    ok = written[written[labels.STATUS] == "ok"]
+    keys = [exams.exam_key(r) for r in ok.to_dict("records")]
+    assert len(set(keys)) >= 3
+    for key in set(keys):
+        first = ok.iloc[keys.index(key)]
+        header = pydicom.dcmread(first[labels.PATH], stop_before_pixels=True)
+        date, age = header.StudyDate, int(header.PatientAge.rstrip("Y"))
+        cell = page.split(f'data-exam="{html.escape(key, quote=True)}"')[1].split("</td>")[0] + "<"  # its identity
+        assert f'<span class="k">study date</span> {date[:4]}-{date[4:6]}-{date[6:]}<' in cell
+        assert f'<span class="k">age</span> {age}<' in cell
 
 
 def test_on_a_canvas_already_display_sized_no_file_is_decoded_twice(tmp_path, synthetic_cohort, monkeypatch):

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from conftest import synthetic_breast, write_dicom
 from dens import exams, labels
+from dens.commands import EXIT_NOTHING_SCORED
 from dens.infer import EXIT_ERRORS, EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
 from dens.infer.cli import main as infer_main
 from dens.infer.runner import InferConfig, InferError, run
@@ -391,7 +392,7 @@ def test_verbose_log_lines_carry_no_control_characters(model, tmp_path):
     studies.mkdir()
     (studies / "evil\x1b[2J\rname.txt").write_text("not an image\n")
     result = cli(studies, "--out", tmp_path / "p.csv", "--model", model[1], "-v")
-    assert result.returncode == EXIT_OK, result.stderr
+    assert result.returncode == EXIT_NOTHING_SCORED, result.stderr  # its one file is no image
     assert "evil\\x1b[2J\\rname.txt" in result.stderr and "\x1b" not in result.stderr and "\r" not in result.stderr
 
 

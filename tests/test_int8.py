@@ -31,9 +31,9 @@ from dens.artifact.metadata import (
 from dens.artifact.model import load_checkpoint
 from dens.export.cli import PARITY_FAILED
 from dens.export.cli import main as export_main
+from dens.export.config import DEFAULT_CALIBRATION_IMAGES
 from dens.export.parity import ImageSet, load_images
 from dens.export.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
     Int8Thresholds,
     check_int8_parity,
     cohen_kappa,

@@ -9,8 +9,8 @@ import pytest
 from sklearn import metrics as skm
 
 from dens import labels
-from dens.artifact.model import softmax
 from dens.figures import metrics
+from dens.figures.metrics import softmax
 from dens.flags import prediction_cells
 
 RNG = np.random.default_rng(7)

@@ -160,3 +160,29 @@ def test_a_call_on_a_machine_the_model_never_saw_says_so():
     unseen = Tile("x.dcm", {"harmonisation": "fallback"}, density="C", p_dense=0.7).caption("x.dcm")[-1]
     seen = Tile("x.dcm", {"harmonisation": "family"}, density="C", p_dense=0.7).caption("x.dcm")[-1]
     assert unseen == "call C  p_dense 0.70  (machine unseen)" and seen == "call C  p_dense 0.70"
+
+
+SEPARATORS = " /_-."
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "kept"),
+    [
+        ("screening/2023/patient_004217/study_000193/R_CC_0001.dcm", 150, "R_CC_0001.dcm"),
+        ("screening/2023/patient_004217/study_000193/R_CC_0001.dcm", 260, "R_CC_0001.dcm"),
+        ("site/1.2.826.0.1.3680043.8.498.12345/1.2.826.0.1.3680043.8.498.12345.1.0.dcm", 150, "12345.1.0.dcm"),
+        ("Hologic Selenia Dimensions HD Tomosynthesis", 150, "Hologic Selenia"),  # not a path: no name
+    ],
+)
+def test_captions_are_cut_at_a_separator_keeping_the_file_s_own_name(text, width, kept):
+    from dens.qc.sheet import fit_caption
+
+    assert fit_caption("R_CC.dcm", width) == "R_CC.dcm"  # what fits is shown whole
+    shown = fit_caption(text, width)
+    assert cv2.getTextSize(shown, cv2.FONT_HERSHEY_SIMPLEX, 0.38, 1)[0][0] <= width
+    assert shown.count("~") == 1 and kept in shown  # the file's name, or the end of a long one, in sight
+    head, tail = shown.split("~")
+    assert text.startswith(head) and text.endswith(tail) and len(head) + len(tail) >= 12
+    # Each cut falls at a separator or a word boundary, never inside a word.
+    for cut in (len(head), len(text) - len(tail)):
+        assert cut in (0, len(text)) or text[cut - 1] in SEPARATORS or text[cut] in SEPARATORS, (shown, cut)

@@ -5,7 +5,9 @@ the page carries its images and runs offline under a strict CSP; it renders and 
 from __future__ import annotations
 
 import base64
+import json
 import re
+import warnings
 
 import cv2
 import numpy as np
@@ -15,8 +17,8 @@ import pytest
 from chromium import CHROMIUM, MISSING, Browser
 from dens import exams, labels
 from dens.gradcam import assign_stems
-from dens.review import display, report
-from dens.review.report import page_scale, view_label, write_view_files
+from dens.review import display, report, study
+from dens.review.views import page_scale, view_label, write_view_files
 from dens.route.config import PreprocessConfig
 
 HOSTILE_NAME = "<script>alert(1)</script>"
@@ -85,7 +87,8 @@ def blob(centre: tuple[int, int], peak: float) -> np.ndarray:
 def page(tmp_path) -> dict:
     """Three exams (one keyed by accession only and asymmetric, one with hostile header values), a failed
     file of exam 1 and an unreadable file with a hostile path; pictures made as dens-gradcam makes them,
-    the flagged views' maps on one scale whose maximum is exam 2's L CC map."""
+    the flagged views' maps on one scale whose maximum is exam 2's L CC map, and each on its own scale; the
+    study date and age of exam 1 and, hostile, of exam 3, as their headers would give them."""
     rows = [_row(1, lat, view, "B", 0.2 + 0.01 * k) for k, (lat, view) in enumerate(exams.STANDARD_VIEWS)]
     rows += [
         _row(2, "L", "CC", "D", 0.95, **{labels.STUDY_UID: ""}),
@@ -116,10 +119,12 @@ def page(tmp_path) -> dict:
         if r[labels.STATUS] != "ok":
             continue
         shown = display.as_displayed(canonical_breast(i), r[labels.LATERALITY], cfg)
-        cam = None
+        cam = own = None
         if i in peaks:
             cam = display.as_displayed(blob((60, 25), peaks[i]) / page_max, r[labels.LATERALITY], cfg)
-        views[i] = write_view_files(out, stems[i], shown, cam, view_label(r.to_dict()), cfg.version)
+            own_cam = display.as_displayed(blob((60, 25), peaks[i]) / peaks[i], r[labels.LATERALITY], cfg)
+            own = (own_cam, view_label(r.to_dict(), own_peak=peaks[i]))
+        views[i] = write_view_files(out, stems[i], shown, cam, view_label(r.to_dict()), cfg.version, own=own)
     overlays = {i: v.overlay for i, v in views.items() if v.overlay}
     preds["gradcam"] = [f"cams/{overlays[i].name}" if i in overlays else "" for i in range(len(preds))]
     preds_csv = tmp_path / "preds.csv"
@@ -130,7 +135,13 @@ def page(tmp_path) -> dict:
         {i: v.thumbnail for i, v in views.items()},
         overlays=overlays,
         overlay_thumbs={i: v.overlay_thumbnail for i, v in views.items() if v.overlay_thumbnail},
+        own_overlays={i: v.own_overlay for i, v in views.items() if v.own_overlay},
+        own_overlay_thumbs={i: v.own_overlay_thumbnail for i, v in views.items() if v.own_overlay_thumbnail},
         scale=page_scale(page_max, len(peaks)),
+        studies={
+            "study_uid:1.2.1": {study.STUDY_DATE: "2023-04-05", study.AGE: "52"},
+            "study_uid:1.2.3": {study.STUDY_DATE: HOSTILE_NAME, study.AGE: HOSTILE_ATTR},
+        },
     )
     return {"path": path, "html": path.read_text(), "preds": preds, "preds_csv": preds_csv, "views": views}
 
@@ -190,6 +201,25 @@ def test_overlay_is_on_the_page_scale_masked_to_the_breast_labelled_with_a_colou
     assert np.abs(cool - blended(canonical_breast(7)[y, x], viridis[1], 0.25)).max() <= 3
     # Outside the breast nothing is coloured: the background stays the image's black.
     assert overlay_part(strong)[5, SHAPE[1] - 5].max() <= 2
+
+
+def test_a_weak_map_is_seen_in_full_on_its_own_scale(page):
+    """Exam 3's L CC map peaks at a quarter of the page's largest value: on the page's scale a dim tint, on its
+    own scale as bright as the strongest map, labelled so."""
+    views = page["views"]
+    weak, own = cv2.imread(str(views[7].overlay)), cv2.imread(str(views[7].own_overlay))
+    assert own.shape == weak.shape and views[7].own_overlay.parent.name == "own-scale"
+    header = own.shape[0] - SHAPE[0]
+    gap = (own.shape[1] - 2 * SHAPE[1] - _bar_width(own[header:])) // 2
+    y, x = 60, 25
+    grey = canonical_breast(7)[y, x]
+    viridis = display.colour(np.array([[1.0, 0.25]]))[0].astype(int)
+    alpha = display.ALPHA_LOW + display.ALPHA_GAIN
+    got = own[header:, SHAPE[1] + gap : 2 * SHAPE[1] + gap][y, x].astype(int)
+    assert np.abs(got - (grey * (1 - alpha) + viridis[0] * alpha)).max() <= 3  # 1.0 on its own scale
+    label = view_label(page["preds"].loc[7].to_dict(), own_peak=0.5)
+    assert "1 = this map's own largest value (0.5)" in label[2]
+    assert views[4].own_overlay_thumbnail.parent.name == "own-scale" and views[0].own_overlay is None
 
 
 def _bar_width(body: np.ndarray) -> int:
@@ -276,6 +306,48 @@ def test_exam_rows_carry_the_filters_tags(page):
     assert "missing L-MLO, R-CC<" in page["html"] and "1 file without a call" in page["html"]
 
 
+def test_an_incomplete_exam_s_call_is_shown_with_what_is_missing(page):
+    """Exam 3 has a left CC only, exam 2 lacks L-MLO and R-CC: each shows its call, and under it, in the SR's
+    words, the side or views it was called without."""
+    html = page["html"]
+    cells = dict(re.findall(r'data-exam="([^"]*)".*?<td class="call"[^>]*>(.*?)</td>', html, re.S))
+    assert cells["study_uid:1.2.3"].startswith("C") and cells["accession:A2"].startswith("D")
+    assert exams.describe_missing(["L-MLO", "R-CC", "R-MLO"]) == "no right breast image; missing L-MLO"
+    assert "no right breast image; missing L-MLO" in cells["study_uid:1.2.3"]
+    assert "missing L-MLO, R-CC" in cells["accession:A2"]
+    assert "missing" not in cells["study_uid:1.2.1"]  # complete
+
+
+def test_exam_rows_show_the_study_date_and_the_woman_s_age(page):
+    html = page["html"]
+    exam1 = html.split('data-exam="study_uid:1.2.1"')[1].split("</tr>")[0]
+    assert '<span class="k">study date</span> 2023-04-05' in exam1 and '<span class="k">age</span> 52' in exam1
+    exam2 = html.split('data-exam="accession:A2"')[1].split("</tr>")[0]
+    assert "study date" not in exam2 and '"k">age<' not in exam2  # its headers gave neither: nothing shown
+
+
+def test_study_date_and_age_come_from_the_header():
+    from pydicom.dataset import Dataset
+
+    def header(**values) -> Dataset:
+        ds = Dataset()
+        with warnings.catch_warnings():  # some values are malformed on purpose, as a header's can be
+            warnings.simplefilter("ignore", UserWarning)
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+        return ds
+
+    date, age = study.STUDY_DATE, study.AGE
+    assert study.facts(header(StudyDate="20230405", PatientAge="052Y")) == {date: "2023-04-05", age: "52"}
+    # No PatientAge: her age on the study date, from her birth date (the day before a birthday, a year less).
+    assert study.facts(header(StudyDate="20230405", PatientBirthDate="19700615")) == {date: "2023-04-05", age: "52"}
+    assert study.facts(header(StudyDate="20230405", PatientBirthDate="19700405"))[age] == "53"
+    assert study.facts(header(PatientAge="006M")) == {age: "6 months"}
+    assert study.facts(header(PatientBirthDate="19700615")) == {}  # no study date: no age (never today's)
+    assert study.facts(header(StudyDate="2023", PatientAge="52")) == {date: "2023", age: "52"}  # as written
+    assert study.facts(header()) == {}
+
+
 def test_exam_calls_come_from_preds_exam_csv_where_it_is_current(page):
     calls = exams.exam_calls(page["preds"]).set_index(exams.EXAM)
     calls.loc["study_uid:1.2.1", [labels.DENSITY, labels.P_DENSE]] = ["C", "0.810000"]
@@ -349,3 +421,96 @@ def test_hostile_values_stay_text_and_sorting_and_filters_work_in_chromium(page,
         browser.click('button[data-filter="incomplete"]')
         assert sorted(browser.evaluate(visible)) == ["accession:A2", "study_uid:1.2.3"]
         assert "2 of 3 exams shown" in browser.evaluate("document.getElementById('shown').textContent")
+
+
+def _press(browser: Browser, key: str) -> None:
+    """A key pressed and released, as a person's keyboard sends it (DevTools input events, not a script's)."""
+    arrows = {"ArrowDown": 40, "ArrowUp": 38}
+    down = {"key": key, "code": key, "windowsVirtualKeyCode": arrows[key]} if key in arrows else {}
+    down = down or {"key": key, "code": f"Key{key.upper()}", "text": key, "windowsVirtualKeyCode": ord(key.upper())}
+    browser.call("Input.dispatchKeyEvent", type="keyDown", **down)
+    browser.call("Input.dispatchKeyEvent", type="keyUp", **{k: v for k, v in down.items() if k != "text"})
+
+
+REVIEWER = "Dr A. Reader"
+
+
+@needs_chromium
+def test_a_verdict_records_who_gave_it_and_needs_a_name_in_chromium(page, tmp_path):
+    row = 'tr[data-exam="study_uid:1.2.1"]'
+    reviewed = "Array.from(document.querySelectorAll('#exams tr.reviewed')).map(r => r.dataset.exam)"
+    with Browser(tmp_path / "profile") as browser:
+        browser.open(page["path"].as_uri())
+        browser.click(f'{row} button[data-verdict="agree"]')
+        assert browser.evaluate(reviewed) == []  # no name yet: nothing recorded, the name field asks for one
+        assert browser.evaluate("document.activeElement.id") == "reviewer"
+        assert "your name" in browser.evaluate("document.getElementById('reviewed').textContent")
+        browser.call("Input.insertText", text=REVIEWER)
+        browser.click(f'{row} button[data-verdict="agree"]')
+        assert browser.evaluate(reviewed) == ["study_uid:1.2.1"]
+        stored = "JSON.parse(localStorage.getItem('dens-verdicts:' + document.body.dataset.run))"
+        assert browser.evaluate(f"{stored}['study_uid:1.2.1'].by") == REVIEWER
+        browser.reload()  # the name is kept by the browser, for this page and the next
+        assert browser.evaluate("document.getElementById('reviewer').value") == REVIEWER
+
+
+@needs_chromium
+def test_keyboard_moves_between_exams_and_a_to_d_set_the_verdict_in_chromium(page, tmp_path):
+    current = "(document.querySelector('#exams tr.current') || {dataset: {}}).dataset.exam || null"
+    stored = "JSON.parse(localStorage.getItem('dens-verdicts:' + document.body.dataset.run) || '{}')"
+    with Browser(tmp_path / "profile") as browser:
+        browser.open(page["path"].as_uri())
+        browser.click("#reviewer")
+        browser.call("Input.insertText", text=REVIEWER)
+        browser.evaluate("document.activeElement.blur()")
+        assert browser.evaluate(current) is None
+        moves = [("j", "accession:A2"), ("j", "study_uid:1.2.3"), ("ArrowDown", "study_uid:1.2.1")]
+        moves += [("j", "study_uid:1.2.1"), ("k", "study_uid:1.2.3"), ("ArrowUp", "accession:A2")]
+        for key, exam in moves:  # in the order shown (p_dense, highest first); the ends hold
+            _press(browser, key)
+            assert browser.evaluate(current) == exam, key
+        _press(browser, "c")  # exam 2 is called D: C is a disagreement, with C the category
+        assert browser.evaluate(f"{stored}['accession:A2']") | {"at": ""} == {
+            "verdict": "disagree",
+            "density": "C",
+            "by": REVIEWER,
+            "at": "",
+        }
+        _press(browser, "d")
+        assert browser.evaluate(f"{stored}['accession:A2'].verdict") == "agree"
+        assert browser.evaluate("document.querySelectorAll('#exams tr.reviewed').length") == 1
+        browser.click('button[data-filter="errors"]')  # only exam 1 shown: the keys visit it alone
+        for key in ("j", "j", "k"):
+            _press(browser, key)
+            assert browser.evaluate(current) == "study_uid:1.2.1"
+        end = "(i => { i.focus(); i.setSelectionRange(i.value.length, i.value.length); })"
+        browser.evaluate(f"{end}(document.getElementById('reviewer'))")
+        _press(browser, "a")  # typing a name is not a command
+        assert browser.evaluate(f"{stored}['study_uid:1.2.1']") is None
+        assert browser.evaluate("document.getElementById('reviewer').value") == REVIEWER + "a"
+    notes = re.search(r'<div class="notes">(.*?)</div>', page["html"], re.S).group(1)
+    assert "Keyboard" in notes and "next exam" in notes and "A-D" in notes  # documented on the page
+
+
+@needs_chromium
+def test_each_map_on_its_own_scale_is_a_toggle_in_chromium(page, tmp_path):
+    views = page["views"]
+    assert page["html"].count('data-own-full="data:image/webp;base64,') == 3
+    assert "each map on its own scale" in page["html"]
+    own, shared = (
+        display.data_uri(path.read_bytes()) for path in (views[7].own_overlay_thumbnail, views[7].overlay_thumbnail)
+    )
+    cam = json.dumps('tr[data-exam="study_uid:1.2.3"] img.cam')
+    src, pressed = f"document.querySelector({cam}).src", "document.getElementById('scale').getAttribute('aria-pressed')"
+    with Browser(tmp_path / "profile") as browser:
+        browser.open(page["path"].as_uri())
+        assert browser.evaluate(src) == shared and browser.evaluate(pressed) == "false"  # one scale by default
+        browser.click("#scale")
+        assert browser.evaluate(src) == own and browser.evaluate(pressed) == "true"
+        browser.click('tr[data-exam="study_uid:1.2.3"] img.cam')  # the full-size figure follows
+        assert browser.evaluate("document.querySelector('#full img').src") == browser.evaluate(
+            f"document.querySelector({cam}).dataset.ownFull"
+        )
+        browser.click("#full")
+        browser.click("#scale")
+        assert browser.evaluate(src) == shared and browser.evaluate(pressed) == "false"

@@ -1,8 +1,12 @@
 """dens.sr: the density SR of an exam, read back with pydicom, and validated by dicom3tools' dciodvfy and
-DCMTK's dsrdump (those tests skip, saying why, where the tools are absent: `make test` installs them as root)."""
+DCMTK's dsrdump (those tests skip, saying why, where the tools are absent: `make test` installs them as root).
+An incomplete exam (three views, one breast, the real RSNA exam) gets one composition in preds.exam.csv, the SR
+and the review page; dens-infer --sr with plain images reports the DICOM exams and goes on."""
 
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import subprocess
 import sys
@@ -15,13 +19,21 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from conftest import REAL_FILES, synthetic_breast, write_dicom
-from dens import labels, sr
+from dens import exams, labels, sr
 from dens.flags import prediction_cells
+from dens.preds import aggregate
+from dens.review import report
 
 DENS_INFER = [sys.executable, "-c", "from dens.infer.cli import main; main()"]
 SHA = "ab" * 32
 MODEL = sr.ModelIdentity("dens resnet18 breast density", "dens 0.1.0; resnet18 fp32", SHA)
 VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+# The RSNA exam among the real samples: L CC, R CC and R MLO of one study (its L MLO is not in the set).
+REAL_THREE_VIEWS = (
+    "rsna-kaggle-train/462822612.dcm",
+    "rsna-kaggle-train/1874946579.dcm",
+    "rsna-kaggle-train/1864590858.dcm",
+)
 # Per side, the probabilities of both its views: the left breast is B, the right one D, so the exam is D.
 PROBS = {"L": [0.1, 0.7, 0.15, 0.05], "R": [0.02, 0.08, 0.2, 0.7]}
 
@@ -59,6 +71,7 @@ def make_exam(folder: Path, views=VIEWS, **tags) -> pd.DataFrame:
             {
                 labels.PATH: str(path),
                 labels.STATUS: "ok",
+                labels.REASON: "",
                 labels.PATIENT_ID: ds.PatientID,
                 labels.ACCESSION: ds.AccessionNumber,
                 labels.STUDY_UID: ds.StudyInstanceUID,
@@ -171,16 +184,171 @@ def test_the_same_exam_gives_the_same_instance(complete, tmp_path):
     assert dcmread(again).SOPInstanceUID == dcmread(path).SOPInstanceUID
 
 
-def test_an_incomplete_exam_gets_no_call_and_says_which_views_are_missing(tmp_path):
-    rows = make_exam(tmp_path / "exam", views=VIEWS[:3])
+def comments(group) -> list[str]:
+    """The text of a group's comments."""
+    return [c.TextValue for c in group.ContentSequence if code(c) == "121106"]
+
+
+def test_a_three_view_exam_gets_each_breasts_composition_and_names_the_missing_view(tmp_path):
+    rows = make_exam(tmp_path / "exam", views=VIEWS[:3])  # R-MLO missing
+    ds = dcmread(sr.write_reports(rows, tmp_path / "sr", MODEL)[0])
+    assert ds.CompletionFlag == "PARTIAL"  # fewer views than a screening exam, and said so
+    found = groups(ds)
+    assert set(found) == {"breast L", "breast R", "exam"}
+    assert composition(found["breast L"]) == sr.COMPOSITION["B"].value
+    assert composition(found["breast R"]) == composition(found["exam"]) == sr.COMPOSITION["D"].value
+    assert laterality(found["exam"]) == sr.LATERALITY["B"].value
+    assert comments(found["breast L"]) == []  # both its views
+    assert any("missing R-MLO" in c for c in comments(found["breast R"]))
+    assert any("missing R-MLO" in c for c in comments(found["exam"]))
+
+
+def test_a_one_breast_exam_gets_that_breasts_composition_and_names_the_missing_side(tmp_path):
+    rows = make_exam(tmp_path / "exam", views=VIEWS[2:])  # a right breast only (a left mastectomy)
     ds = dcmread(sr.write_reports(rows, tmp_path / "sr", MODEL)[0])
     assert ds.CompletionFlag == "PARTIAL"
     found = groups(ds)
-    assert set(found) == {"breast L", "breast R"}
-    assert all(composition(g) is None for g in found.values())
-    assert not [i for i in content(ds) if code(i) in ("129715009", "p_dense")]
-    comments = [i.TextValue for i in content(ds) if code(i) == "121106"]
-    assert comments and all("R-MLO" in c for c in comments)
+    assert set(found) == {"breast R", "exam"}
+    assert composition(found["breast R"]) == composition(found["exam"]) == sr.COMPOSITION["D"].value
+    assert laterality(found["exam"]) == sr.LATERALITY["R"].value  # the exam's call is the right breast's
+    assert comments(found["breast R"]) == []
+    assert any("no left breast image" in c for c in comments(found["exam"]))
+
+
+def check_one_composition(preds_csv: Path, reports: Path, missing: list[str], sides: set[str]) -> None:
+    """preds.exam.csv, the SR and the review page give the one exam of ``preds_csv`` the same composition,
+    each breast imaged its own, and say the same of what is missing."""
+    preds = pd.read_csv(preds_csv, dtype=str, keep_default_na=False)
+    calls = pd.read_csv(exams.aggregate_paths(preds_csv)[1], dtype=str, keep_default_na=False)
+    assert len(calls) == 1
+    call = calls.iloc[0]
+    assert call[labels.DENSITY] in labels.CLASSES
+    assert (call[exams.INCOMPLETE], call[exams.MISSING_VIEWS]) == ("true", ";".join(missing))
+    breasts = pd.read_csv(exams.aggregate_paths(preds_csv)[0], dtype=str, keep_default_na=False)
+    assert set(breasts[labels.LATERALITY]) == sides
+    for _, breast in breasts.iterrows():  # each breast called, flagged where its side lacks a view
+        lacks = ";".join(v for v in missing if v[0] == breast[labels.LATERALITY])
+        assert (breast[exams.INCOMPLETE], breast[exams.MISSING_VIEWS]) == ("true" if lacks else "false", lacks)
+        assert breast[labels.DENSITY] == call[f"density_{breast[labels.LATERALITY]}"]
+    [path] = sorted(reports.glob("*.sr.dcm"))
+    ds = dcmread(path)
+    assert ds.CompletionFlag == "PARTIAL"
+    found = groups(ds)
+    assert set(found) == {f"breast {s}" for s in sides} | {"exam"}
+    assert composition(found["exam"]) == sr.COMPOSITION[call[labels.DENSITY]].value
+    for side in sides:
+        assert composition(found[f"breast {side}"]) == sr.COMPOSITION[call[f"density_{side}"]].value
+    note = exams.describe_missing(missing)
+    assert any(note in c for c in comments(found["exam"]))
+    page = report.write_report(preds, preds_csv, {}, exam_calls=calls).read_text()
+    cell = re.search(r'<td class="call" title="preds.exam.csv">(.*?)</td>', page, re.S)
+    assert cell and cell.group(1).startswith(call[labels.DENSITY]) and html.escape(note) in cell.group(1)
+    assert f'data-call="{call[labels.DENSITY]}"' in page
+
+
+@pytest.mark.parametrize(
+    ("views", "missing", "sides"),
+    [(VIEWS[:3], ["R-MLO"], {"L", "R"}), (VIEWS[:2], ["R-CC", "R-MLO"], {"L"})],
+    ids=["three-of-four-views", "one-breast"],
+)
+def test_an_incomplete_exam_gets_one_composition_in_the_csv_the_sr_and_the_page(tmp_path, views, missing, sides):
+    rows = make_exam(tmp_path / "exam", views=views)
+    preds_csv = tmp_path / "preds.csv"
+    rows.to_csv(preds_csv, index=False)
+    aggregate.write_aggregates(preds_csv)
+    sr.write_reports(rows, tmp_path / "sr", MODEL)
+    check_one_composition(preds_csv, tmp_path / "sr", missing, sides)
+
+
+def test_the_real_three_view_exam_gets_one_composition_in_the_csv_the_sr_and_the_page(real_mammo, onnx_model, tmp_path):
+    """The RSNA exam of the team's samples has L CC, R CC and R MLO (no L MLO): dens-infer calls it, both
+    breasts included, in preds.exam.csv, in its SR and on the review page."""
+    folder = tmp_path / "exam"
+    folder.mkdir()
+    for name in REAL_THREE_VIEWS:
+        (folder / Path(name).name).symlink_to(real_mammo / name)
+    out = tmp_path / "preds.csv"
+    done = subprocess.run(
+        [*DENS_INFER, str(folder), "--model", str(onnx_model), "--out", str(out), "--sr", str(tmp_path / "sr")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    check_one_composition(out, tmp_path / "sr", ["L-MLO"], {"L", "R"})
+
+
+def test_images_without_a_call_are_named_with_their_reason(tmp_path):
+    rows = make_exam(tmp_path / "exam")
+    rows.loc[3, [labels.STATUS, labels.REASON]] = ["skipped", "for_processing: a raw image"]
+    ds = dcmread(sr.write_reports(rows, tmp_path / "sr", MODEL)[0])
+    notes = comments(groups(ds)["exam"])
+    assert any("R-MLO" in c and rows.loc[3, labels.SOP_UID] in c and "for_processing" in c for c in notes)
+
+
+def not_assessed(folder: Path) -> tuple[pd.DataFrame, Path]:
+    """An exam none of whose images was usable, as dens-serve reports it: its rows and its SR."""
+    rows = make_exam(folder / "exam", views=VIEWS[:2])
+    rows[labels.STATUS] = ["skipped", "error"]
+    rows[labels.REASON] = ["for_processing: a raw image", "corrupt_pixel_data: the codestream ends early"]
+    headers = dict(zip(rows[labels.PATH], sr.read_headers(list(rows[labels.PATH])), strict=True))
+    return rows, sr.save(sr.exam_report(rows, headers, MODEL), folder)
+
+
+def test_an_exam_without_a_usable_image_gets_a_report_that_says_not_assessed_and_why(tmp_path):
+    rows, path = not_assessed(tmp_path)
+    ds = dcmread(path)
+    assert ds.CompletionFlag == "PARTIAL"
+    [group] = groups(ds).values()
+    assert composition(group) is None and not [i for i in content(ds) if code(i) == "p_dense"]
+    notes = comments(group)
+    assert notes[0].startswith("Not assessed")
+    for _, row in rows.iterrows():
+        assert any(row[labels.SOP_UID] in n and row[labels.REASON].split(":")[0] in n for n in notes)
+    assert set(library(ds)) == set(rows[labels.SOP_UID])  # the images it names, described and in the evidence
+    assert dciodvfy(path) == []
+
+
+def library(ds) -> dict[str, dict[str, str]]:
+    """The image library's entries: SOP Instance UID -> {descriptor concept: its coded value (or text)}."""
+    found = {}
+    for item in content(ds):
+        if item.ValueType == "CONTAINER" and code(item) == "111028":  # Image Library
+            for entry in content(item):
+                if entry.ValueType == "IMAGE":
+                    found[entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = {
+                        code(d): d.ConceptCodeSequence[0].CodeValue
+                        if d.ValueType == "CODE"
+                        else str(d.get("TextValue"))
+                        for d in entry.ContentSequence
+                    }
+    return found
+
+
+def test_every_source_image_is_described_with_its_laterality_and_view(complete):
+    rows, path = complete
+    entries = library(dcmread(path))
+    assert set(entries) == set(rows[labels.SOP_UID])
+    views = {"CC": "399162004", "MLO": "399368009"}  # SCT, CID 4014 View for Mammography
+    for _, row in rows.iterrows():
+        described = entries[row[labels.SOP_UID]]
+        assert described["111027"] == sr.LATERALITY[row[labels.LATERALITY]].value  # Image Laterality
+        assert described["111031"] == views[row[labels.VIEW]]  # Image View
+
+
+def test_the_composition_s_text_carries_the_bi_rads_letter(complete):
+    _, path = complete
+    found = groups(dcmread(path))
+    for name, letter in (("breast L", "B"), ("breast R", "D"), ("exam", "D")):
+        item = next(c for c in found[name].ContentSequence if code(c) == "129715009")
+        assert f"BI-RADS {letter}" in item.ConceptCodeSequence[0].CodeMeaning
+
+
+def test_the_private_coding_scheme_is_identified(complete):
+    _, path = complete
+    ds = dcmread(path)
+    schemes = {item.CodingSchemeDesignator: item for item in ds.CodingSchemeIdentificationSequence}
+    assert sr.P_DENSE.scheme_designator in schemes
+    assert schemes[sr.P_DENSE.scheme_designator].CodingSchemeName
 
 
 @pytest.mark.parametrize(
@@ -193,18 +361,29 @@ def test_file_names_from_uids_never_hold_path_characters(uid, safe):
     assert (name == f"{uid}.dcm") is safe
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's errors and warnings about ``path``."""
     if not shutil.which("dciodvfy"):
         pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; `make test` installs it as root")
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("Error", "Warning"))]
 
 
-def test_dciodvfy_finds_no_error_in_complete_and_incomplete_reports(complete, tmp_path):
+def dciodvfy_errors(path: Path) -> list[str]:
+    return [line for line in dciodvfy(path) if line.startswith("Error")]
+
+
+def test_dciodvfy_finds_no_error_in_complete_and_incomplete_reports_and_warns_only_of_the_private_scheme(
+    complete, tmp_path
+):
+    """dciodvfy knows a fixed list of coding schemes and warns of any other, a private one identified in the
+    Coding Scheme Identification Sequence included (dicom3tools' attrvrfy.cc): 99DENS is the one it may name."""
     _, path = complete
     partial = sr.write_reports(make_exam(tmp_path / "p", views=VIEWS[1:]), tmp_path / "sr-partial", MODEL)[0]
-    assert dciodvfy_errors(path) == []
-    assert dciodvfy_errors(partial) == []
+    one_breast = sr.write_reports(make_exam(tmp_path / "o", views=VIEWS[2:]), tmp_path / "sr-one", MODEL)[0]
+    for report_path in (path, partial, one_breast):
+        found = dciodvfy(report_path)
+        assert [line for line in found if not line.startswith("Warning - Unrecognized defined term <99DENS>")] == []
 
 
 def test_dsrdump_reads_the_report(complete):
@@ -270,3 +449,36 @@ def test_dens_infer_sr_writes_one_report_per_exam_with_the_exam_csvs_calls(synth
         assert composition(found["exam"]) == sr.COMPOSITION[call[labels.DENSITY]].value
         assert composition(found["breast L"]) == sr.COMPOSITION[call["density_L"]].value
         assert dciodvfy_errors(path) == [] if shutil.which("dciodvfy") else True
+
+
+def test_dens_infer_sr_with_plain_images_reports_the_dicom_exams_and_goes_on(synthetic_cohort, onnx_model, tmp_path):
+    """A folder of DICOM exams and a PGM, read with --plain-images: the DICOM exams get their SRs, the PGM's row
+    is left out of them (a log line says so), and Grad-CAM and the review page run."""
+    import cv2
+
+    folder = tmp_path / "studies"
+    shutil.copytree(synthetic_cohort(), folder)
+    cv2.imwrite(str(folder / "scan.pgm"), (synthetic_breast(96, 72) >> 4).astype(np.uint8))
+    out, reports, cams = tmp_path / "preds.csv", tmp_path / "sr", tmp_path / "cams"
+    options = [
+        "--plain-images",
+        "--sr",
+        str(reports),
+        "--gradcam",
+        str(cams),
+        "--checkpoint",
+        str(onnx_model.parent / "best.pt"),
+    ]
+    done = subprocess.run(
+        [*DENS_INFER, str(folder), "--model", str(onnx_model), "--out", str(out), *options],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    preds = pd.read_csv(out, dtype=str, keep_default_na=False)
+    plain = preds[preds[labels.PATH].str.endswith(".pgm")]
+    assert list(plain[labels.STATUS]) == ["ok"]
+    dicom_exams = {r[labels.STUDY_UID] for _, r in preds.iterrows() if r[labels.STATUS] == "ok" and r[labels.STUDY_UID]}
+    assert {dcmread(p).StudyInstanceUID for p in reports.glob("*.sr.dcm")} == dicom_exams
+    assert "1 plain-image row" in done.stderr and "left out of the SRs" in done.stderr
+    assert report.report_path(out).is_file()

@@ -63,6 +63,32 @@ def trained(cohort, tmp_path_factory) -> tuple[TrainConfig, dict]:
 # --- manifest and split ----------------------------------------------------------------------------------
 
 
+def test_a_failed_run_leaves_no_empty_run_folder_behind(tmp_path, monkeypatch):
+    """A run that fails before writing anything removes the run folder (and the folders above it) it made;
+    a folder that was there before, or that holds anything, stays."""
+    (tmp_path / "labels.csv").write_text("path,density\nmissing.png,A\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "labels.csv", "--arch", "resnet18", "--weights", "none", "--lr", "1e-3", "--no-progress"]
+    result = CliRunner().invoke(cli.main, [*args, "--out", "runs/new"])
+    assert result.exit_code == 1 and "none of its 1 files exists" in result.output, result.output
+    assert not (tmp_path / "runs").exists()  # neither the run folder nor runs/, both made by the run
+    (tmp_path / "kept").mkdir()
+    result = CliRunner().invoke(cli.main, [*args, "--out", "kept/run"])
+    assert result.exit_code == 1 and (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    result = CliRunner().invoke(cli.main, [*args, "--out", "mine"])
+    assert result.exit_code == 1 and (tmp_path / "mine").is_dir()  # not made by the run: never removed
+
+    def fails_after_writing(cfg, ranks, out):
+        (out / "split.csv").write_text("written\n")
+        raise ValueError("failed after writing")
+
+    monkeypatch.setattr(loop, "Trainer", fails_after_writing)
+    result = CliRunner().invoke(cli.main, [*args, "--out", "runs/partial"])
+    assert result.exit_code == 1 and "failed after writing" in result.output
+    assert (tmp_path / "runs" / "partial" / "split.csv").is_file()  # it holds something: kept
+
+
 def test_rsna_layout_skips_and_counts_rows_without_density(tmp_path):
     rows = pd.DataFrame(
         {

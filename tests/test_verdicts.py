@@ -96,6 +96,22 @@ def test_merge_adds_the_verdicts_and_reports_agreement():
     assert f"linear weights: {linear_kappa(pairs):.3f}" in text
 
 
+def test_the_reviewer_is_merged_and_exports_without_the_column_still_merge(tmp_path):
+    given = pd.DataFrame([verdict(0, "agree", "A", reviewer="Dr A"), verdict(1, "disagree", "C", reviewer="Dr B")])
+    given = pd.concat([given, pd.DataFrame([verdict(2, "agree", "C", reviewer="Dr A")])], ignore_index=True)
+    merged, result = verdicts.merge(exam_table(), given)
+    assert merged["reviewer"].tolist() == ["Dr A", "Dr B", "Dr A", "", "", ""]
+    assert "reviewed by Dr A (2), Dr B (1)" in result.lines()
+    older = given.drop(columns=["reviewer"])  # exported before the page asked who reviews
+    exam_csv, verdicts_csv, out = tmp_path / "preds.exam.csv", tmp_path / "verdicts.csv", tmp_path / "merged.csv"
+    exam_table().to_csv(exam_csv, index=False)
+    older.to_csv(verdicts_csv, index=False)
+    outcome = CliRunner().invoke(verdicts_main, [str(exam_csv), str(verdicts_csv), "--out", str(out)])
+    assert outcome.exit_code == 0, outcome.output
+    assert "3 of 6 exams reviewed" in outcome.output and "reviewed by" not in outcome.output
+    assert pd.read_csv(out, dtype=str, keep_default_na=False)["reviewer"].tolist() == [""] * 6
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -209,6 +225,8 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
 
     with Browser(tmp_path / "profile", downloads) as browser:
         browser.open(moved.as_uri())
+        browser.click("#reviewer")
+        browser.call("Input.insertText", text="Dr A. Reader")
         for key, what, category in marks:
             if what:
                 browser.click(f'{row(key)} button[data-verdict="{what}"]')
@@ -225,6 +243,7 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
     assert exported.is_file() and name.startswith("verdicts-")
     table = pd.read_csv(exported, dtype=str, keep_default_na=False)
     assert list(table.columns) == list(VERDICT_COLUMNS) and len(table) == 4
+    assert (table["reviewer"] == "Dr A. Reader").all()  # who reviewed, on every verdict
 
     out = tmp_path / "merged.csv"
     result = CliRunner().invoke(verdicts_main, [str(reviewed_run["exam_csv"]), str(exported), "--out", str(out)])
@@ -234,6 +253,8 @@ def test_verdicts_marked_in_the_page_come_back_as_data(reviewed_run, tmp_path):
     expected |= {keys[2]: denser[calls[keys[2]]], keys[3]: denser[calls[keys[3]]]}
     assert merged["reviewer_density"].to_dict() == {k: expected.get(k, "") for k in merged.index}
     assert merged.loc[keys[3], "verdict"] == "disagree"  # a category other than the call is a disagreement
+    assert merged["reviewer"].to_dict() == {k: "Dr A. Reader" if k in keys[:4] else "" for k in merged.index}
+    assert "reviewed by Dr A. Reader (4)" in result.output
     pairs = [(calls[k], expected[k]) for k in keys[:4]]
     dense_same = sum(labels.is_dense(a) == labels.is_dense(b) for a, b in pairs)
     assert f"{len(keys[:4])} of {len(calls)} exams reviewed" in result.output

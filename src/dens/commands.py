@@ -13,8 +13,11 @@ import click
 
 from dens.scoring import DEVICES
 
-# Exit statuses: 3 means the run finished but its output holds error rows (130: Ctrl-C; 143: SIGTERM).
+# Exit statuses: 3 means the run finished but its output holds error rows; 4 that it finished with no file scored
+# (every file skipped or failed: a folder of plain images without --plain-images, of reports, of bad files);
+# 130: Ctrl-C; 143: SIGTERM.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+EXIT_NOTHING_SCORED = 4
 
 
 def check_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -11,7 +11,11 @@ all group and call through this module, so a figure from training describes the 
   (:func:`lr_disagreement`), which is rare between two breasts of one woman and worth a look (a wrong
   laterality tag, a foreign image in the study, an implant).
 * An exam is incomplete when any of the four standard screening views (L-CC, L-MLO, R-CC, R-MLO) has no
-  ``ok`` image (:func:`missing_views`): its call then rests on fewer views.
+  ``ok`` image (:func:`missing_views`). It is called all the same, by the same rule over the breasts it has: a
+  breast with any ``ok`` view is called on the views it has (a breast missing a standard view is marked so),
+  and the exam takes the denser of those breasts. A woman with one breast (a mastectomy) gets that breast's
+  call. :func:`describe_missing` says what an incomplete exam lacks, in the words the SR and the review page
+  both use.
 
 Rows are preds.csv's, as strings; torch-free, so dens-infer never imports torch for it.
 """
@@ -19,7 +23,7 @@ Rows are preds.csv's, as strings; torch-free, so dens-infer never imports torch 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,17 @@ STANDARD_VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 IDENTITY = (labels.PATIENT_ID, labels.ACCESSION, labels.STUDY_UID)
 _KEY_ORDER = (labels.STUDY_UID, labels.ACCESSION, labels.PATIENT_ID)
 _PREDICTION = (*labels.PROB_COLUMNS, labels.DENSITY, labels.P_DENSE, labels.DENSE, labels.FLAGGED)
-BREAST_COLUMNS = (EXAM, *IDENTITY, labels.LATERALITY, VIEWS, N_IMAGES, *_PREDICTION, labels.MODEL_SHA256)
+BREAST_COLUMNS = (
+    EXAM,
+    *IDENTITY,
+    labels.LATERALITY,
+    VIEWS,
+    N_IMAGES,
+    *_PREDICTION,
+    labels.MODEL_SHA256,
+    INCOMPLETE,  # columns added later go at the end, so a reader of an older file keeps working
+    MISSING_VIEWS,
+)
 EXAM_COLUMNS = (
     EXAM,
     *IDENTITY,
@@ -112,6 +126,20 @@ def missing_views(breast_calls: pd.DataFrame) -> list[str]:
     return [f"{side}-{view}" for side, view in STANDARD_VIEWS if (side, view) not in present]
 
 
+SIDE_NAMES = {"L": "left", "R": "right"}
+
+
+def describe_missing(missing: Sequence[str]) -> str:
+    """What an exam (or a breast) lacks of the standard views, as the SR's comments and the review page say it:
+    a side with neither view as the side (``no right breast image``), other views by name (``missing L-MLO``);
+    '' when nothing is missing."""
+    gone = set(missing)
+    sides = [s for s in SIDE_NAMES if all(f"{s}-{v}" in gone for side, v in STANDARD_VIEWS if side == s)]
+    views = [v for v in missing if v.split("-")[0] not in sides]
+    parts = [f"no {SIDE_NAMES[s]} breast image" for s in sides]
+    return "; ".join(parts + ([f"missing {', '.join(views)}"] if views else []))
+
+
 def lr_disagreement(left: str, right: str) -> bool:
     """True when a left and a right call are more than one category apart."""
     return abs(labels.class_index(left) - labels.class_index(right)) > 1
@@ -121,22 +149,27 @@ def lr_disagreement(left: str, right: str) -> bool:
 
 
 def breasts(preds: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
-    """One row per breast (BREAST_COLUMNS) over the ``ok`` rows of preds.csv: the mean of its views."""
+    """One row per breast (BREAST_COLUMNS) over the ``ok`` rows of preds.csv: the mean of the views it has, and
+    which of its side's standard views it lacks (none for a breast of unknown side)."""
     ok = preds[preds[labels.STATUS] == "ok"]
     rows = []
     for (exam, side), positions in breast_groups(ok).items():
         group = ok.iloc[positions]
         probs = breast_probabilities(group[list(labels.PROB_COLUMNS)].astype(float).to_numpy())
         first = group.iloc[0]
+        views = ";".join(sorted(v for v in group[labels.VIEW] if v))
+        missing = [f"{side}-{v}" for s, v in STANDARD_VIEWS if s == side and v not in views.split(";")]
         rows.append(
             {
                 EXAM: exam,
                 **{c: first[c] for c in IDENTITY},
                 labels.LATERALITY: side,
-                VIEWS: ";".join(sorted(v for v in group[labels.VIEW] if v)),
+                VIEWS: views,
                 N_IMAGES: str(len(group)),
                 **prediction_cells(probs, rule),
                 labels.MODEL_SHA256: _one(group[labels.MODEL_SHA256]),
+                INCOMPLETE: TRUE if missing else FALSE,
+                MISSING_VIEWS: ";".join(missing),
             }
         )
     return pd.DataFrame(rows, columns=list(BREAST_COLUMNS))
@@ -144,7 +177,8 @@ def breasts(preds: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
 
 def exams(breast_calls: pd.DataFrame, rule: FlagRule = flag_dense) -> pd.DataFrame:
     """One row per exam (EXAM_COLUMNS) from :func:`breasts`' rows: the denser breast's call (ties: the
-    higher p_dense), the left/right check, and which standard views are missing."""
+    higher p_dense) among the breasts it has, the left/right check, and which standard views are missing (a
+    missing side: both its views)."""
     rows = []
     for exam, group in breast_calls.groupby(EXAM, sort=True):
         denser = group.iloc[denser_breast(group[list(labels.PROB_COLUMNS)].astype(float).to_numpy())]

@@ -7,7 +7,10 @@ paths, and ``--shard i/N``.
   ``str``; a name that is not UTF-8 carries its bytes as ``surrogateescape`` characters, as ``os`` gives it.
 * A manifest is a CSV or Parquet file with a ``path`` column, the way archives are exported. Its relative
   paths are relative to its own folder. It is read in chunks, so a manifest of millions of paths is never
-  held whole.
+  held whole. Identity columns, where it has them (patient, accession, study, series, SOP, laterality, view:
+  dens's names, and those public sets and DICOM use, :data:`IDENTITY_ALIASES`), travel with each path
+  (:attr:`Entry.identity`) to its row: a plain image has no header, so they are all it has.
+  :func:`fill_identity` says how they meet what a file's header says.
 * ``--shard i/N`` takes the files whose path hashes to ``i`` modulo ``N`` (CRC-32 of the path as written:
   the same on every machine and every run), so N array jobs of a scheduler without Ray (Slurm, Kubernetes)
   split an archive between them with no coordination, and ``dens-merge`` joins their outputs.
@@ -22,10 +25,12 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+from dens import labels
 from dens.route.errors import PLAIN_IMAGE_REASON, Reason
 
 log = logging.getLogger(__name__)
@@ -37,14 +42,45 @@ MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 PATH_COLUMN = "path"
 _CHUNK = 65_536  # manifest rows read at a time
 
+# The manifest columns read as a file's identity, by the preds.csv column each fills: dens's own name first,
+# then those of public sets' CSVs (RSNA screening, VinDr-Mammo, CBIS-DDSM, EMBED) and the DICOM keywords. A
+# column's name is compared in lower case, with spaces and hyphens as underscores; of several present, the
+# first listed is read.
+IDENTITY_ALIASES: dict[str, tuple[str, ...]] = {
+    labels.PATIENT_ID: (labels.PATIENT_ID, "patientid", "patient", "empi_anon"),
+    labels.ACCESSION: (labels.ACCESSION, "accession_number", "accessionnumber", "acc_anon"),
+    labels.STUDY_UID: (labels.STUDY_UID, "studyinstanceuid", "study_id", "exam_id", "study"),
+    labels.SERIES_UID: (labels.SERIES_UID, "seriesinstanceuid", "series_id"),
+    labels.SOP_UID: (labels.SOP_UID, "sopinstanceuid"),
+    labels.LATERALITY: (labels.LATERALITY, "imagelaterality", "image_laterality", "left_or_right_breast", "side"),
+    labels.VIEW: (labels.VIEW, "viewposition", "view_position", "image_view"),
+}
+_LATERALITY = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}
+# ``laterality_source`` of a laterality the manifest gave (the route's are 'tag', 'orientation' and 'pixels').
+MANIFEST_SOURCE = "manifest"
+_LATERALITY_SOURCE = "laterality_source"
+
+Identity = tuple[tuple[str, str], ...]  # (preds.csv column, value) pairs, the non-empty ones
+
 
 @dataclass(frozen=True)
 class Entry:
     """A path to account for. ``problem`` is set when it cannot even be opened for reading (a broken
-    symlink, a directory that cannot be listed): it still gets a row, an ``error`` one."""
+    symlink, a directory that cannot be listed): it still gets a row, an ``error`` one. ``identity``: what a
+    manifest says of the file (:data:`IDENTITY_ALIASES`), empty for a folder's files."""
 
     path: str
     problem: str = ""
+    identity: Identity = ()
+
+
+class Item(NamedTuple):
+    """An entry as a scoring engine takes it: the path, the reason it is not decoded ('' to decode it) and
+    the manifest's identity for its row."""
+
+    path: str
+    problem: str
+    identity: Identity = ()
 
 
 class ManifestError(ValueError):
@@ -91,7 +127,9 @@ def entries(studies: str | os.PathLike, exclude=(), shard: Shard | None = None) 
     paths (one that does not exist is an entry with its problem), those of ``shard`` only."""
     shard = shard or Shard()
     if is_manifest(studies):
-        found = (Entry(p) if os.path.isfile(p) else Entry(p, _missing(p)) for p in manifest_paths(studies))
+        found = (
+            Entry(p, "" if os.path.isfile(p) else _missing(p), identity) for p, identity in manifest_entries(studies)
+        )
     else:
         found = walk(studies, exclude)
     return (entry for entry in found if shard.takes(entry.path))
@@ -108,42 +146,106 @@ def is_manifest(studies: str | os.PathLike) -> bool:
 
 
 def manifest_paths(manifest: str | os.PathLike) -> Iterator[str]:
-    """The paths a manifest lists, in its order, read a chunk at a time; relative ones joined to the
-    manifest's folder; empty cells skipped. Raises :class:`ManifestError` for a file that is no manifest."""
+    """The paths a manifest lists, in its order (:func:`manifest_entries` without their identity)."""
+    return (path for path, _ in manifest_entries(manifest))
+
+
+def manifest_entries(manifest: str | os.PathLike) -> Iterator[tuple[str, Identity]]:
+    """``(path, identity)`` for each path a manifest lists, in its order, read a chunk at a time; relative
+    paths joined to the manifest's folder; rows without a path skipped. ``identity``: the non-empty cells of
+    the identity columns it has (:data:`IDENTITY_ALIASES`), laterality read as L or R (Left, right...; any
+    other value is no laterality) and view in upper case. Raises :class:`ManifestError` for a file that is
+    no manifest."""
     manifest = Path(manifest)
     base = manifest.parent
     for chunk in _chunks(manifest):
-        for value in chunk:
-            if value is None or value != value or not str(value).strip():  # None, NaN or blank
+        paths, identity = chunk[PATH_COLUMN], [(c, chunk[c]) for c in IDENTITY_ALIASES if c in chunk]
+        for row, value in enumerate(paths):
+            text = _cell(value)
+            if not text:
                 continue
-            text = str(value).strip()
-            yield text if os.path.isabs(text) else os.path.join(base, text)
+            cells = ((column, _identity_value(column, _cell(values[row]))) for column, values in identity)
+            yield (text if os.path.isabs(text) else os.path.join(base, text)), tuple((c, v) for c, v in cells if v)
 
 
-def _chunks(manifest: Path) -> Iterator[list]:
+def _cell(value) -> str:
+    return "" if value is None or value != value else str(value).strip()  # None, NaN or blank: ''
+
+
+def _identity_value(column: str, text: str) -> str:
+    if column == labels.LATERALITY:
+        return _LATERALITY.get(text.upper(), "")
+    return text.upper() if column == labels.VIEW else text
+
+
+def _identity_columns(names: Iterable[str]) -> dict[str, str]:
+    """The manifest's column read for each identity column it has (:data:`IDENTITY_ALIASES`)."""
+    by_key = {}
+    for name in names:
+        by_key.setdefault(re.sub(r"[\s-]+", "_", str(name).strip().lower()), name)
+    found = {}
+    for column, aliases in IDENTITY_ALIASES.items():
+        name = next((by_key[a] for a in aliases if a in by_key), None)
+        if name is not None and name != PATH_COLUMN:
+            found[column] = name
+    return found
+
+
+def _chunks(manifest: Path) -> Iterator[dict[str, list]]:
+    """The manifest a chunk at a time: its paths (``path``) and its identity columns (by preds.csv's names)."""
     if manifest.suffix.lower() == ".csv":
         import pandas as pd
 
         try:
-            reader = pd.read_csv(manifest, usecols=[PATH_COLUMN], dtype=str, chunksize=_CHUNK, keep_default_na=False)
+            names = list(pd.read_csv(manifest, nrows=0, dtype=str).columns)
+            if PATH_COLUMN not in names:
+                raise ManifestError(f"{manifest}: no '{PATH_COLUMN}' column (columns: {', '.join(names)})")
+            columns = {PATH_COLUMN: PATH_COLUMN, **_identity_columns(names)}
+            reader = pd.read_csv(
+                manifest, usecols=list(set(columns.values())), dtype=str, chunksize=_CHUNK, keep_default_na=False
+            )
             for frame in reader:
-                yield frame[PATH_COLUMN].tolist()
-        except ValueError as exc:  # pandas: usecols not found, or not CSV at all
+                yield {key: frame[name].tolist() for key, name in columns.items()}
+        except ManifestError:
+            raise
+        except ValueError as exc:  # pandas: not CSV at all
             raise ManifestError(f"{manifest}: not a manifest with a '{PATH_COLUMN}' column ({exc})") from exc
         return
     import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(manifest)
-        if PATH_COLUMN not in table.schema_arrow.names:
-            names = ", ".join(table.schema_arrow.names)
-            raise ManifestError(f"{manifest}: no '{PATH_COLUMN}' column (columns: {names})")
-        for batch in table.iter_batches(batch_size=_CHUNK, columns=[PATH_COLUMN]):
-            yield batch.column(0).to_pylist()
+        names = table.schema_arrow.names
+        if PATH_COLUMN not in names:
+            raise ManifestError(f"{manifest}: no '{PATH_COLUMN}' column (columns: {', '.join(names)})")
+        columns = {PATH_COLUMN: PATH_COLUMN, **_identity_columns(names)}
+        read = list(dict.fromkeys(columns.values()))
+        for batch in table.iter_batches(batch_size=_CHUNK, columns=read):
+            values = {name: batch.column(i).to_pylist() for i, name in enumerate(read)}
+            yield {key: values[name] for key, name in columns.items()}
     except ManifestError:
         raise
     except Exception as exc:  # pyarrow's errors for a file that is not Parquet
         raise ManifestError(f"{manifest}: not a readable Parquet manifest ({exc})") from exc
+
+
+def fill_identity(info: Mapping | None, identity: Identity) -> Mapping | None:
+    """A file's identity (``info``: what the route read of it, None when it read nothing) with a manifest's
+    ``identity`` filling what the file did not say. A DICOM header is the record the images travel with, so
+    what it says stays, and the manifest fills the cells it leaves empty; a laterality the route guessed
+    from the pixels gives way to the manifest's. A plain image says nothing, so the manifest names it whole.
+    A laterality taken from the manifest has ``laterality_source`` 'manifest'."""
+    if not identity:
+        return info
+    filled = dict(info or {})
+    for column, value in identity:
+        if column == labels.LATERALITY:
+            if filled.get(column) and filled.get(_LATERALITY_SOURCE) not in ("", "pixels", None):
+                continue
+            filled[column], filled[_LATERALITY_SOURCE] = value, MANIFEST_SOURCE
+        elif not filled.get(column):
+            filled[column] = value
+    return filled
 
 
 def walk(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> Iterator[Entry]:
@@ -210,14 +312,19 @@ def is_plain_image(path: str) -> bool:
     return path.lower().endswith(PLAIN_IMAGE_SUFFIXES)
 
 
-def pool_items(found: Iterable[Entry], plain_images: bool) -> Iterator[tuple[str, str]]:
-    """``(path, problem)`` for the decode engine: an entry that cannot be opened gets its ``error`` reason, and
-    a plain image, unless ``plain_images``, its ``skipped`` one (never decoded, so that pictures in an archive,
-    Grad-CAM maps and thumbnails among them, get no density call)."""
+def items(found: Iterable[Entry], plain_images: bool) -> Iterator[Item]:
+    """The entries as the scoring engines take them: an entry that cannot be opened gets its ``error``
+    reason, and a plain image, unless ``plain_images``, its ``skipped`` one (never decoded, so that pictures
+    in an archive, Grad-CAM maps and thumbnails among them, get no density call)."""
     for entry in found:
         if entry.problem:
-            yield entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}"
+            yield Item(entry.path, f"{Reason.UNREADABLE.value}: {entry.problem}", entry.identity)
         elif not plain_images and is_plain_image(entry.path):
-            yield entry.path, PLAIN_IMAGE_REASON
+            yield Item(entry.path, PLAIN_IMAGE_REASON, entry.identity)
         else:
-            yield entry.path, ""
+            yield Item(entry.path, "", entry.identity)
+
+
+def pool_items(found: Iterable[Entry], plain_images: bool) -> Iterator[tuple[str, str]]:
+    """``(path, problem)`` for the decode engine (:func:`items` without the identity)."""
+    return ((item.path, item.problem) for item in items(found, plain_images))

@@ -20,6 +20,9 @@ METADATA_FORMAT = 1
 # The graph's tensors: uint8 images [N, 1, H, W] in (H x W: the preprocess canvas; a preprocess without a version,
 # from before it existed, is version 1's square S x S route); calibrated probabilities and raw logits out.
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
+# The architectures a dens model is built on (dens.artifact.model builds them; named here, torch-free, so that
+# the commands' choice lists cost no torch import).
+ARCHS = ("resnet50", "resnet18")
 # What a graph computes in: fp32 (dens-export's reference), fp16 (GPU providers), int8 (CPUs; calibrated).
 PRECISIONS = ("fp32", "fp16", "int8")
 # An int8 graph's "int8" entry: how it was quantized and on what (dens.export.quantize writes it).

@@ -1,4 +1,4 @@
-"""The density classifier (a 1-channel ResNet that takes uint8), its checkpoint file and its probabilities.
+"""The density classifier (a 1-channel ResNet that takes uint8) and its checkpoint file.
 
 The graph starts at the bytes: ``forward`` casts, scales and normalises, so PyTorch, ONNX and Grad-CAM
 all feed the same ``uint8 [N, 1, S, S]`` batch and no caller can normalise differently. A checkpoint
@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
 
+from dens.artifact.metadata import ARCHS as ARCH_NAMES
 from dens.artifact.metadata import file_sha256
 from dens.files import atomic_write
 from dens.labels import CLASSES, NUM_CLASSES
@@ -30,8 +30,13 @@ from dens.route.config import PreprocessConfig
 FORMAT_VERSION = 1
 # The ImageNet RGB mean/std averaged over the channels: the summed 1-channel conv1 sees grey input.
 GREY_MEAN, GREY_STD = 0.449, 0.226
-# Random-init constructors and the torchvision weights whose file `weights="imagenet"` downloads.
-ARCHS = {"resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2), "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
+# Each architecture's random-init constructor and the torchvision weights whose file `weights="imagenet"`
+# downloads, for the names dens.artifact.metadata lists (torch-free, for the commands' choice lists).
+_TORCHVISION = {
+    "resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2),
+    "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1),
+}
+ARCHS = {arch: _TORCHVISION[arch] for arch in ARCH_NAMES}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
 _KEYS = ("format_version", "model_args", "state_dict", "preprocess", "classes", "temperature", "summary", "extra")
 
@@ -268,12 +273,40 @@ def _read(path: Path, what: str, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling refusals, truncated or foreign files: all unusable the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _is_onnx(path):
+            raise CheckpointError(
+                f"{path} is an ONNX model (what dens-export writes), not a {what}: a checkpoint is the best.pt of a "
+                "dens-train run (runs/<name>/best.pt; the ONNX file's metadata names the one it came from), and an "
+                "ONNX file is what the scoring commands take (dens-infer --model, dens-eval MODEL)"
+            ) from exc
         raise CheckpointError(
-            f"{path}: cannot be read as a {what} ({first}). Files are loaded with "
+            f"{path}: cannot be read as a {what} ({_cause(exc)}). Files are loaded with "
             "torch.load(weights_only=True), which refuses anything but tensors and plain data; "
             "was it written by dens / torchvision, and is it complete?"
         ) from exc
+
+
+def _cause(exc: Exception) -> str:
+    """What a failed ``torch.load`` says is wrong with the file. For a refusal of the safe loader, its own
+    finding only: PyTorch's advice to load the file with ``weights_only=False`` (which runs whatever code a
+    pickle holds) is not for files dens reads, which are untrusted input."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        finding = text.partition("WeightsUnpickler error:")[2]
+        finding = " ".join(finding.split("Please use")[0].split("Check the documentation")[0].split()).rstrip(". ")
+        return f"PyTorch's safe loader refused it: {finding or 'it holds more than tensors and plain data'}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model (a protobuf ModelProto: its first field, ir_version, then the
+    producer's name), whatever it is named; a torch.save file is a zip archive or a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return path.suffix.lower() == ".onnx" or (len(head) > 3 and head[0] == 0x08 and head[1] < 0x80 and head[2] == 0x12)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -313,12 +346,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if isinstance(map_location, str | torch.device):
         model.to(map_location)
     return Checkpoint(model.eval(), preprocess, classes, temperature, blob["summary"], blob["extra"], sha, path)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """The model's probabilities from its logits ``[N, classes]``: ``softmax(logits / temperature)`` in
-    float64, the reference that training's figures use and the exported graph's ``probs`` is held to."""
-    z = np.asarray(logits, np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)

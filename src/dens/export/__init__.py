@@ -1,22 +1,27 @@
 """dens-export: the checkpoint as an ONNX graph that carries its own configuration, proven against PyTorch.
 
-``run``: :class:`ExportConfig` -> :func:`run` (export, then parity, per precision); ``onnx``:
-:func:`export_onnx`; ``parity``: :func:`check_parity`; ``cli``: the command, which nothing here imports.
+``config``: :class:`ExportConfig` and its choices; ``runner``: :func:`run` (export, then parity, per precision);
+``onnx``: :func:`export_onnx`; ``parity``: :func:`check_parity`; ``cli``: the command, which nothing here
+imports.
+
+Each name below is imported from its module when it is first used, so that importing the command's module
+(``dens.export.cli``, whose usage errors answer at once) does not import torch.
 """
 
-from dens.artifact.metadata import OnnxMetadataError, read_metadata
-from dens.export.onnx import export_onnx
-from dens.export.parity import check_parity
-from dens.export.runner import OPSETS, PRECISIONS, ExportConfig, parity_report_path, run
+import dens
 
-__all__ = [
-    "OPSETS",
-    "PRECISIONS",
-    "ExportConfig",
-    "OnnxMetadataError",
-    "check_parity",
-    "export_onnx",
-    "parity_report_path",
-    "read_metadata",
-    "run",
-]
+_MODULE_OF = {
+    "OPSETS": "dens.export.config",
+    "PRECISIONS": "dens.export.config",
+    "ExportConfig": "dens.export.config",
+    "OnnxMetadataError": "dens.artifact.metadata",
+    "read_metadata": "dens.artifact.metadata",
+    "check_parity": "dens.export.parity",
+    "export_onnx": "dens.export.onnx",
+    "parity_report_path": "dens.export.runner",
+    "run": "dens.export.runner",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+__getattr__ = dens.lazy_exports(__name__, _MODULE_OF)

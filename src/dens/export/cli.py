@@ -9,11 +9,18 @@ from pathlib import Path
 
 import click
 
-from dens import show_progress
+from dens import counted, show_progress
 from dens.artifact.metadata import OnnxMetadataError
-from dens.artifact.model import CheckpointError
-from dens.export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_INT8_FORMAT, INT8_FORMATS
-from dens.export.runner import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, DEFAULT_OPSET, OPSETS, ExportConfig, run
+from dens.export.config import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_INT8_FORMAT,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_OPSET,
+    INT8_FORMATS,
+    OPSETS,
+    ExportConfig,
+)
 
 PARITY_FAILED = 2  # the exit status when a graph does not match its checkpoint
 
@@ -38,8 +45,7 @@ def _summary(model: dict) -> str:
         return f"{head}: parity FAILED before any comparison; report {model['report_path']}"
     seen = f"{r['random']['count']} random"
     if "images" in r:
-        unusable = sum(r["images"]["skipped"].values()) + len(r["images"]["errors"])
-        seen += f" + {r['images'].get('count', 0)} preprocessed images ({unusable} files unusable)"
+        seen += f" + {r['images'].get('count', 0)} preprocessed images{_files_note(r['images'])}"
     return (
         f"{head}: parity {'passed' if r['passed'] else 'FAILED'} on {seen} at batch "
         f"{','.join(map(str, r['batch_sizes']))}: max |Δp| {r['max_abs_prob_diff']:.2g} "
@@ -48,8 +54,21 @@ def _summary(model: dict) -> str:
     )
 
 
+def _files_note(images: dict) -> str:
+    """What became of the other files of an image folder: those that gave no image, and those ignored as no
+    image at all (a samples folder's notes, labels, readme)."""
+    from dens.export.parity import ignored_note  # imported by the run already
+
+    unusable = sum(images["skipped"].values()) + len(images["errors"])
+    notes = [f"{counted(unusable, 'file')} unusable"] if unusable else []
+    notes += [ignored_note(images.get("ignored", []))] if images.get("ignored") else []
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _int8_summary(r: dict) -> str:
     calibrated = f"calibrated on {r['int8'].get('calibration_images', '?')} images"
+    if "calibration_folder" in r:
+        calibrated += _files_note(r["calibration_folder"])
     if r.get("argmax_agreement") is None:
         return f"{calibrated}; parity FAILED before any comparison"
     t = r["thresholds"]
@@ -147,7 +166,15 @@ def main(onnx_format: bool, **options) -> None:
     if not onnx_format:
         raise click.UsageError("choose the export format: --onnx")
     try:
-        result = run(ExportConfig(**{**options, "progress": show_progress(options["progress"])}))
+        cfg = ExportConfig(**{**options, "progress": show_progress(options["progress"])})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    # Here, once the options are known to be good: torch and onnx take seconds to import.
+    from dens.artifact.model import CheckpointError
+    from dens.export.runner import run
+
+    try:
+        result = run(cfg)
     except (CheckpointError, OnnxMetadataError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     for model in result["models"]:

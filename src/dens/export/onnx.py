@@ -30,9 +30,8 @@ from torch import nn
 import dens
 from dens.artifact.metadata import INPUT, LOGITS, METADATA_FORMAT, METADATA_KEY, PROBS, file_sha256
 from dens.artifact.model import Checkpoint, load_checkpoint
+from dens.export.config import DEFAULT_OPSET, OPSETS
 
-DEFAULT_OPSET = 17
-OPSETS = range(13, 21)  # what the legacy exporter writes (it warns past 20); 13: Softmax over one axis
 BATCH_AXIS = "N"
 
 

@@ -15,7 +15,8 @@ import datetime as dt
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,19 @@ import torch
 from tqdm import tqdm
 
 import dens
+from dens import counted
 from dens.artifact.metadata import INPUT, LOGITS, PROBS, read_metadata
-from dens.artifact.model import Checkpoint, file_sha256, load_checkpoint, softmax
+from dens.artifact.model import Checkpoint, file_sha256, load_checkpoint
 from dens.engine import DecodePool, in_input_order
+from dens.export.config import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES
+from dens.figures.metrics import softmax
 from dens.route.errors import Reason
 
-DEFAULT_BATCH_SIZES = (1, 3, 8)
-DEFAULT_MAX_IMAGES = 32
 RANDOM_IMAGES = 8  # random uint8 images; at least the largest batch size is used
+# What the route says of a file that is no candidate image at all (a samples folder's notes, labels, readme):
+# such files are ignored and named, not counted as unusable images.
+NOT_IMAGES = (Reason.NOT_DICOM.value, Reason.EMPTY_FILE.value)
+_NAMED = 5  # ignored files named in a summary; the rest counted
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,24 @@ class ImageSet:
 
     source: str
     images: np.ndarray  # uint8 [N, 1, S, S]
-    files: int
+    files: int  # files under the folder, ignored ones included
     used: list[str]
-    skipped: dict[str, int]  # reason -> count, for files that yield no image (UnusableFile)
+    skipped: dict[str, int]  # reason -> count, for candidate files that yield no image (UnusableFile)
     errors: dict[str, str]  # path -> message, for files that failed otherwise
+    ignored: list[str] = field(default_factory=list)  # files read that are no image (NOT_IMAGES), relative
+
+    @property
+    def candidates(self) -> int:
+        """The files under the folder that may be images: all but those found to be none."""
+        return self.files - len(self.ignored)
+
+
+def ignored_note(ignored: Sequence[str]) -> str:
+    """What a summary says of the files a folder of images held that are no image ('' when none)."""
+    if not ignored:
+        return ""
+    names = ", ".join(ignored[:_NAMED]) + (f" and {len(ignored) - _NAMED} more" if len(ignored) > _NAMED else "")
+    return f"{counted(len(ignored), 'other file')} ignored, not DICOM nor an image: {names}"
 
 
 def load_images(
@@ -74,7 +94,8 @@ def load_images(
 ) -> ImageSet:
     """The first ``max_images`` canonical images from the files under ``directory`` (recursively, sorted), made
     by the decode engine (``dens.route.preprocess.load`` with the checkpoint's PreprocessConfig, in worker
-    processes), in that order; unusable files are counted, not fatal."""
+    processes), in that order; unusable files are counted, not fatal, and files that are no image at all (not
+    DICOM, not named as a PNG/PGM/TIFF/JPEG image, or empty: notes, labels, a readme) are ignored and named."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} not found (--images takes a folder of DICOM/PNG files)")
@@ -92,17 +113,19 @@ def load_images(
             if usable >= max_images:
                 break
     bar.close()
-    images, used, skipped, errors = [], [], Counter(), {}
+    images, used, skipped, errors, ignored = [], [], Counter(), {}, []
     for decoded in done:
         if decoded.status == "ok":
             images.append(decoded.image[None])
             used.append(decoded.path)
+        elif decoded.code in NOT_IMAGES:
+            ignored.append(Path(decoded.path).relative_to(directory).as_posix())
         elif Reason(decoded.code).is_verdict:  # the file's own verdict: counted by reason
             skipped[decoded.code] += 1
         else:  # the route failed on it (a codec crash, a bug): one bad file must not stop the check
             errors[decoded.path] = decoded.reason
     array = np.stack(images) if images else np.zeros((0, 1, *checkpoint.preprocess.shape), np.uint8)
-    return ImageSet(str(directory), array, len(files), used, dict(skipped), errors)
+    return ImageSet(str(directory), array, len(files), used, dict(skipped), errors, ignored)
 
 
 def check_parity(
@@ -162,7 +185,11 @@ def check_parity(
         if len(image_set.images):
             sets["images"] = image_set.images
         else:
-            failures.append(f"no usable image among the {image_set.files} files under {image_set.source}")
+            note = ignored_note(image_set.ignored)
+            failures.append(
+                f"no usable image among the {counted(image_set.candidates, 'candidate file')} under "
+                f"{image_set.source}" + (f"; {note}" if note else "")
+            )
 
     results = {}
     if not interface:  # a graph with the wrong inputs or outputs cannot be run against the reference

@@ -38,16 +38,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from dens import labels
+from dens import counted, labels
 from dens.artifact.metadata import INPUT, LOGITS, METADATA_KEY, PROBS, file_sha256, read_metadata, variant_path
-from dens.export.parity import ImageSet, check_interface
+from dens.export.config import DEFAULT_INT8_FORMAT, INT8_FORMATS
+from dens.export.parity import ImageSet, check_interface, ignored_note
 from dens.route.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
-INT8_FORMATS = ("u8s8", "s8s8")  # activations x weights; the first is the default (module docstring)
-DEFAULT_INT8_FORMAT = INT8_FORMATS[0]
-DEFAULT_CALIBRATION_IMAGES = 300
 HELD_OUT_FRACTION = 0.2
 MIN_HELD_OUT = 40  # held out even when 20% is fewer (where there are twice as many images)
 CALIBRATION_BATCH = 8
@@ -90,8 +88,10 @@ def split_calibration(images: ImageSet) -> CalibrationSplit:
     n = len(images.images)
     if n < 2:
         raise ValueError(
-            f"{images.source}: {n} usable image(s) among {images.files} files; int8 calibration needs at least 2 "
-            "(some to calibrate on, some held out for parity): pass a folder of mammograms to --calibrate"
+            f"{images.source}: {n} usable image(s) among {counted(images.candidates, 'candidate file')}"
+            + (f" ({ignored_note(images.ignored)})" if images.ignored else "")
+            + "; int8 calibration needs at least 2 (some to calibrate on, some held out for parity): pass a folder "
+            "of mammograms to --calibrate"
         )
     held = max(1, round(HELD_OUT_FRACTION * n), min(MIN_HELD_OUT, n // 2))
     held_idx = set(np.round(np.linspace(0, n - 1, held)).astype(int).tolist())

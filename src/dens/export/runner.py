@@ -2,7 +2,7 @@
 each graph (fp32 and fp16 against the checkpoint, int8 against the fp32 graph) and write its parity report
 beside it.
 
-Which opsets the exporter writes is :mod:`dens.export.onnx`'s to say; the config takes that list from there.
+The settings, their choice lists and defaults are :mod:`dens.export.config`'s.
 """
 
 from __future__ import annotations
@@ -10,69 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dens import runs
 from dens.artifact.metadata import read_metadata
 from dens.artifact.model import load_checkpoint
-from dens.export.onnx import DEFAULT_OPSET, OPSETS, export_onnx, fp16_path
-from dens.export.parity import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES, check_parity, load_images
-from dens.export.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_INT8_FORMAT,
-    INT8_FORMATS,
-    check_int8_parity,
-    int8_path,
-    quantize_int8,
-    split_calibration,
-)
+from dens.export.config import ExportConfig
+from dens.export.onnx import export_onnx, fp16_path
+from dens.export.parity import check_parity, load_images
+from dens.export.quantize import check_int8_parity, int8_path, quantize_int8, split_calibration
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "int8")  # fp32 always; fp16 (--fp16) and int8 (--int8) in addition when asked
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Everything one dens-export run needs. ``checkpoint`` None: the newest run's best.pt; ``out`` None:
-    ``model.onnx`` beside the checkpoint. ``check_only``: no export, parity of the existing file(s) only."""
-
-    checkpoint: Path | None = None
-    out: Path | None = None
-    fp16: bool = False
-    images: Path | None = None
-    opset: int = DEFAULT_OPSET
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    optimize: bool = True
-    max_images: int = DEFAULT_MAX_IMAGES
-    check_only: bool = False
-    progress: bool = True
-    int8: bool = False
-    calibrate: Path | None = None  # int8: folder of mammograms, part calibrates the ranges, part is held out
-    calibration_images: int = DEFAULT_CALIBRATION_IMAGES  # usable images read from it, held-out part included
-    int8_format: str = DEFAULT_INT8_FORMAT
-
-    def __post_init__(self) -> None:
-        if self.opset not in OPSETS:
-            raise ValueError(f"opset {self.opset} is not supported: choose {OPSETS.start}..{OPSETS.stop - 1}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes!r}")
-        if self.max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {self.max_images!r}")
-        if self.int8 and self.calibrate is None:
-            raise ValueError("--int8 needs calibration images: --calibrate DIR (a folder of mammograms)")
-        if self.calibrate is not None and not self.int8:
-            raise ValueError("--calibrate is for the int8 graph: add --int8")
-        if self.calibration_images < 2:
-            raise ValueError(f"calibration_images must be >= 2, got {self.calibration_images!r}")
-        if self.int8_format not in INT8_FORMATS:
-            raise ValueError(f"int8 format must be one of {', '.join(INT8_FORMATS)}, got {self.int8_format!r}")
-
-    @property
-    def precisions(self) -> tuple[str, ...]:
-        """The precisions this run writes (or checks), in :data:`PRECISIONS` order."""
-        return tuple(p for p, wanted in zip(PRECISIONS, (True, self.fp16, self.int8), strict=True) if wanted)
 
 
 def parity_report_path(onnx_path: str | os.PathLike) -> Path:
@@ -152,6 +101,7 @@ def _int8(cfg: ExportConfig, ckpt, fp32: Path) -> dict[str, Any]:
         "used": len(images.used),
         "skipped": images.skipped,
         "errors": images.errors,
+        "ignored": images.ignored,
     }
     report_path = parity_report_path(path)
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from dens import exams, labels
-from dens.artifact.model import softmax
 from dens.figures import metrics
+from dens.figures.metrics import softmax
 from dens.manifest import GROUP_COLUMNS
 
 LEVELS = ("image", "breast", "exam")

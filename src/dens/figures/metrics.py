@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from dens.agreement import confusion, ratio, weighted_kappa
-from dens.artifact.model import softmax
 from dens.labels import CLASSES, DENSE_CLASSES
 
 NUM = len(CLASSES)
@@ -27,6 +26,15 @@ ECE_BINS = 15
 MIN_CALIBRATION_IMAGES = 30
 MIN_CALIBRATION_CLASSES = 2
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The model's probabilities from its logits ``[N, classes]``: ``softmax(logits / temperature)`` in
+    float64, the reference that training's figures use and the exported graph's ``probs`` is held to."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
 def _div(a: float, b: float) -> float:

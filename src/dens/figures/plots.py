@@ -16,9 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dens.artifact.model import softmax
 from dens.figures import evaluation
-from dens.figures.metrics import ECE_BINS
+from dens.figures.metrics import ECE_BINS, softmax
 from dens.labels import CLASSES
 
 

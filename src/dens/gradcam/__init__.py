@@ -4,23 +4,28 @@
 (``run_gradcam(preds_csv, out_dir, **settings)`` the same with keyword arguments);
 ``GradCAM`` is the core, usable on any classifier with a convolutional layer. The page itself is
 :mod:`dens.review`'s.
+
+Each name below is imported from its module when it is first used, so that importing the command's module
+(``dens.gradcam.cli``, whose usage errors answer at once) does not import torch.
 """
 
-from dens.flags import Flag, parse_flag
-from dens.gradcam.cam import CamResult, GradCAM, assign_stems, resolve_layer, safe_stem
-from dens.gradcam.runner import GradcamConfig, GradcamError, GradcamSummary, run, run_gradcam
+import dens
 
-__all__ = [
-    "CamResult",
-    "Flag",
-    "GradCAM",
-    "GradcamConfig",
-    "GradcamError",
-    "GradcamSummary",
-    "assign_stems",
-    "parse_flag",
-    "resolve_layer",
-    "run",
-    "run_gradcam",
-    "safe_stem",
-]
+_MODULE_OF = {
+    "Flag": "dens.flags",
+    "parse_flag": "dens.flags",
+    "CamResult": "dens.gradcam.cam",
+    "GradCAM": "dens.gradcam.cam",
+    "assign_stems": "dens.gradcam.cam",
+    "resolve_layer": "dens.gradcam.cam",
+    "safe_stem": "dens.gradcam.cam",
+    "GradcamConfig": "dens.gradcam.config",
+    "GradcamError": "dens.gradcam.config",
+    "GradcamSummary": "dens.gradcam.runner",
+    "run": "dens.gradcam.runner",
+    "run_gradcam": "dens.gradcam.runner",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+__getattr__ = dens.lazy_exports(__name__, _MODULE_OF)

@@ -9,7 +9,7 @@ import click
 
 from dens import show_progress
 from dens.commands import check_flag
-from dens.gradcam.runner import DEVICES, THUMBNAILS, GradcamConfig, GradcamError, run
+from dens.gradcam.config import DEVICES, THUMBNAILS, GradcamConfig, GradcamError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -59,6 +59,8 @@ def main(**options) -> None:
     """Grad-CAM maps for the flagged rows of an existing PREDS (a dens-infer preds.csv), without rerunning
     inference: an overlay and a raw map per flagged image, the preds.csv `gradcam` column, and the review page
     (NAME.report.html beside NAME.csv)."""
+    from dens.gradcam.runner import run  # here: torch is imported once the options are known to be good
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = GradcamConfig(**{**options, "progress": show_progress(options["progress"])})
     try:

@@ -28,24 +28,22 @@ from torch import nn
 from tqdm import tqdm
 
 import dens
-from dens import labels, runs
+from dens import counted, labels, runs
 from dens.artifact import modelcard
 from dens.engine import DecodePool
 from dens.files import atomic_write
-from dens.flags import Flag, parse_flag
+from dens.flags import parse_flag
 from dens.gradcam.cam import GradCAM, assign_stems, safe_stem
+from dens.gradcam.config import DEVICES, GradcamConfig, GradcamError
 from dens.preds.cells import raw_path
-from dens.review import display
-from dens.review.report import ViewFiles, page_scale, view_label, write_report, write_view_files
+from dens.review import display, study
+from dens.review.report import write_report
+from dens.review.views import ViewFiles, page_scale, view_label, write_view_files
 from dens.route.config import PreprocessConfig
-from dens.scoring import TORCH_DEVICES as DEVICES  # or cuda:N
 
 log = logging.getLogger(__name__)
 
 GRADCAM, MODEL_SHA256 = labels.GRADCAM, labels.MODEL_SHA256
-
-
-THUMBNAILS = ("all", "flagged", "none")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -94,45 +92,19 @@ class GradcamSummary:
     device: str
 
     def line(self) -> str:
+        """What the run made, in words that stand beside dens-infer's own counts (``errors`` there are files
+        that gave no call; here a map that could not be made is said to have failed, and why is logged)."""
         rate = self.maps / self.seconds if self.seconds > 0 else 0.0
-        extra = f", {self.disagreements} where PyTorch's call differs from preds.csv" if self.disagreements else ""
-        return (
-            f"{self.rows} rows, {self.flagged} flagged, {self.maps} maps, {self.errors} errors{extra}, "
-            f"{rate:.2f} img/s on {self.device}"
+        failed = f" ({counted(self.errors, 'map')} failed: the warnings above say why)" if self.errors else ""
+        differ = (
+            f"; PyTorch's call differs from preds.csv on {counted(self.disagreements, 'image')}"
+            if self.disagreements
+            else ""
         )
-
-
-@dataclass(frozen=True)
-class GradcamConfig:
-    """Everything one Grad-CAM run needs (dens-gradcam's flags; dens-infer --gradcam fills it too).
-
-    ``flag``: see :func:`dens.flags.parse_flag` (default: preds.csv's ``flagged`` column).
-    ``model`` defaults to the newest run's ``model.onnx``, ``checkpoint`` to the one its metadata names.
-    ``thumbnails``: which views the page shows: ``all`` (every ok row, so every call can be reviewed;
-    decodes every file again), ``flagged`` (all views of exams with a flagged image) or ``none``.
-    ``workers``: decode processes.
-    """
-
-    preds: Path
-    out: Path
-    model: Path | None = None
-    checkpoint: Path | None = None
-    flag: str | Flag | None = None
-    layer: str | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    workers: int | None = None
-    thumbnails: str = "all"
-    report: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.thumbnails not in THUMBNAILS:
-            raise ValueError(f"thumbnails must be {', '.join(THUMBNAILS)}, got {self.thumbnails!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return (
+            f"Grad-CAM: {self.maps} of {counted(self.flagged, 'flagged image')} mapped{failed} among "
+            f"{counted(self.rows, 'row')}{differ}, {rate:.2f} img/s on {self.device}"
+        )
 
 
 def run_gradcam(
@@ -155,7 +127,9 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
     page's largest map value, which gives every overlay one scale), then the images the page shows at the
     display size (:func:`dens.review.display.display_config`; the model's own canvas where that is already
     512-1024 pixels tall), each decoded once there for its thumbnail and, when flagged, its overlay. Where the
-    display canvas is the model's own, a flagged image is not decoded again: the first pass keeps it.
+    display canvas is the model's own, a flagged image is not decoded again: the first pass keeps it. For the
+    page, each overlay is drawn on the map's own scale too (its toggle), and each exam's study date and age are
+    read from one of its headers (:mod:`dens.review.study`).
 
     Returns the updated table (strings, as read); ``table.attrs`` holds ``summary`` (:class:`GradcamSummary`)
     and ``report`` (its path). Raises :class:`GradcamError` for what a user must fix (wrong model, missing
@@ -224,13 +198,16 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
                 continue
             record = preds.loc[row].to_dict()
             shown = display.as_displayed(image, record.get(labels.LATERALITY, ""), view_cfg)
-            cam = None
+            cam = own = None
             if row in peaks:
                 raw = np.load(out_dir / f"{stems[row]}.npy").astype(np.float32)
+                raw = display.as_displayed(raw, record.get(labels.LATERALITY, ""), view_cfg)
                 cam = raw / page_max if page_max > 0 else np.zeros_like(raw)
-                cam = display.as_displayed(cam, record.get(labels.LATERALITY, ""), view_cfg)
+                if report:  # the page's other scale: the map on its own (1 = its largest value)
+                    own_cam = raw / peaks[row] if peaks[row] > 0 else np.zeros_like(raw)
+                    own = (own_cam, view_label(record, own_peak=peaks[row]))
             views[row] = write_view_files(
-                out_dir, stems[row], shown, cam, view_label(record), view_cfg.version, thumbnail=report
+                out_dir, stems[row], shown, cam, view_label(record), view_cfg.version, thumbnail=report, own=own
             )
         bar.update(len(batch))
     bar.close()
@@ -249,9 +226,14 @@ def run(cfg: GradcamConfig) -> pd.DataFrame:
             {row: files.thumbnail for row, files in views.items() if files.thumbnail},
             overlays=overlays,
             overlay_thumbs={row: files.overlay_thumbnail for row, files in views.items() if files.overlay_thumbnail},
+            own_overlays={row: files.own_overlay for row, files in views.items() if files.own_overlay},
+            own_overlay_thumbs={
+                row: files.own_overlay_thumbnail for row, files in views.items() if files.own_overlay_thumbnail
+            },
             exam_calls=_exam_calls(preds_csv),
             card=modelcard.of(resolved.metadata.get("summary")),
             scale=page_scale(page_max, len(peaks)),
+            studies=study.exam_facts(preds.to_dict("index"), lambda cell: resolve_input(cell, preds_csv)),
         )
     preds.attrs["summary"] = GradcamSummary(
         len(preds), int(selected.sum()), len(overlays), errors, disagreements, time.perf_counter() - started, str(dev)
@@ -420,7 +402,3 @@ def resolve_input(cell: str, preds_csv: Path) -> str:
         return path
     beside = preds_csv.parent / path
     return str(beside) if beside.exists() else path
-
-
-class GradcamError(Exception):
-    """A problem the user must fix (wrong model, missing checkpoint, not a preds.csv); the message says how."""

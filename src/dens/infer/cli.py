@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.commands import flag_option, progress_option, scoring_options
+from dens.commands import EXIT_NOTHING_SCORED, flag_option, progress_option, scoring_options
 from dens.infer.config import (
     ENGINES,
     EXIT_ERRORS,
@@ -23,11 +23,13 @@ from dens.infer.config import (
 )
 
 _EPILOG = f"""\b
-Exit status: 0 every file ok or skipped; {EXIT_ERRORS} the run finished but --out holds
-'error' rows (see their reason; --retry-errors does them again); {EXIT_FAILED} the run could
-not start or go on (no model, no GPU for an explicit --device, an existing --out, another run
-writing --out, no files in STUDIES, an output that cannot be written); {EXIT_USAGE} bad
-options; {EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue with --resume).
+Exit status: 0 every file ok or skipped, some scored; {EXIT_ERRORS} the run finished but --out holds
+'error' rows (see their reason; --retry-errors does them again); {EXIT_NOTHING_SCORED} nothing scored:
+the run finished but no file gave an image to call (every one skipped or an error: plain
+images without --plain-images, reports, unusable files; their rows say why); {EXIT_FAILED} the
+run could not start or go on (no model, no GPU for an explicit --device, an existing --out,
+another run writing --out, no files in STUDIES, an output that cannot be written); {EXIT_USAGE}
+bad options; {EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue with --resume).
 """
 
 
@@ -113,21 +115,25 @@ def _terminate(signum, frame) -> None:
     default=None,
     metavar="I/N",
     help="Only the files whose path hashes to shard I of N (0-based), for N array jobs of a scheduler "
-    "(Slurm, Kubernetes); join their outputs with dens-merge.",
+    "(Slurm, Kubernetes); join their outputs with dens-merge. The run records its shard, model and inputs "
+    "beside --out (<stem>.shard.json), so that dens-merge can check the set is whole.",
 )
 @click.option(
     "--sr",
     "sr",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="After inference, write one DICOM density SR per exam into this folder (<StudyInstanceUID>.sr.dcm; "
-    "only screening-complete exams get a call).",
+    help="After inference, write one DICOM density SR per exam into this folder (<StudyInstanceUID>.sr.dcm): each "
+    "breast with a usable view gets its composition, the exam the denser breast's; a missing view or side is named "
+    "and the SR marked PARTIAL. Plain images get no SR.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every skipped or failed file.")
 def main(gradcam: Path | None, checkpoint: Path | None, verbose: bool, **options) -> None:
     """Classify breast density (BI-RADS A-D) for every file under STUDIES (a folder, or a CSV/Parquet
-    manifest with a 'path' column): one row per file in --out (status ok | skipped | error, with a reason),
-    plus breast- and exam-level calls beside it."""
+    manifest with a 'path' column, and optionally identity columns: patient_id, study_uid or study_id,
+    accession, laterality L/R, view CC/MLO, which name plain images and fill what a DICOM header leaves
+    out): one row per file in --out (status ok | skipped | error, with a reason), plus breast- and
+    exam-level calls beside it."""
     from dens.infer.runner import InferError, run  # here: spawned workers import this module
 
     try:
@@ -180,4 +186,8 @@ def _gradcam(summary, out_dir: Path, checkpoint: Path | None, progress: bool | N
             err=True,
         )
         sys.exit(EXIT_FAILED)
-    click.echo(table.attrs["summary"].line())
+    report = table.attrs.get("report")
+    click.echo(
+        f"dens-infer: --gradcam: {table.attrs['summary'].line()}; maps in {out_dir}"
+        + (f"; review page {report}" if report else "")
+    )

@@ -14,7 +14,9 @@ killed mid-run is restarted and its batch done again: it costs time, not rows. `
 does locally: the rows written are the record of what is done.
 
 Files are read where the actors run: STUDIES (or the manifest's paths) must be on a filesystem every node
-mounts at the same path.
+mounts at the same path. The paths sent (the files', the model's) are absolute, and the workers start in an
+empty working directory of Ray's, not in the driver's: Ray puts a driver's working directory first on its
+workers' import path, where a folder named like a module (``dens``, ``numpy``) would break every worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,12 +32,16 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+from ray.exceptions import RayError as RayError  # what process() raises when Ray cannot go on
 
 from dens import labels
 from dens.route.errors import status_of
+from dens.sources import Item
 
 log = logging.getLogger(__name__)
 
+# Where Ray's job manager hands a submitted job's config (its runtime_env among it) to the driver.
+_JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 CHUNK = 20_000  # files handed to Ray Data at a time: the driver's memory holds one chunk of paths
 DECODE_BATCH = 8  # files per decode task: small, so one slow file delays few others
 
@@ -62,13 +69,17 @@ def connect(address: str | None, progress: bool) -> dict:
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            ignore_reinit_error=True,
-        )
+        # An empty working_dir keeps the driver's working directory (and its script's folder) off the workers'
+        # import path; Ray copies it to each node, so the folder itself may go once Ray has it.
+        with tempfile.TemporaryDirectory(prefix="dens-ray-") as empty:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                ignore_reinit_error=True,
+                runtime_env=None if _job_has_working_dir() else {"working_dir": empty},
+            )
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -76,6 +87,13 @@ def connect(address: str | None, progress: bool) -> dict:
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
     return ray.cluster_resources()
+
+
+def _job_has_working_dir() -> bool:
+    """Whether this driver runs as a Ray job (``ray job submit``, a KubeRay RayJob) given a working_dir: Ray then
+    keeps the working directory off the workers' path itself, and refuses a second working_dir."""
+    job = json.loads(os.environ.get(_JOB_CONFIG_VARIABLE) or "{}")
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
 
 
 def plan(resources: dict, device: str, batch_size: int | None) -> RayPlan:
@@ -89,6 +107,12 @@ def plan(resources: dict, device: str, batch_size: int | None) -> RayPlan:
     scorers = max(1, cpus // 8)
     threads = 2 if cpus >= 4 else 1
     return RayPlan(max(1, cpus - scorers * threads), scorers, threads, 0, batch_size or 4)
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (its last non-empty one: Ray's own come first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class _Decode:
@@ -143,14 +167,14 @@ class _Score:
         return {"index": batch["index"], "result": batch["result"], "probs": probs}
 
 
-def _chunks(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
 
 
 def process(
-    items: Iterable[tuple[str, str]],
+    items: Iterable[Item],
     plan: RayPlan,
     model: Path,
     device: str,
@@ -161,9 +185,10 @@ def process(
     memory_budget: int | None,
     chunk: int = CHUNK,
 ) -> None:
-    """Decode and score ``items`` (``(path, problem)`` as the local engine's pool takes them) on the
+    """Decode and score ``items`` (:class:`dens.sources.Item`: path, problem, a manifest's identity) on the
     cluster, calling ``on_result`` with each file's outcome (path, status, reason, info dict or None, probs or
-    None, noise, seconds) in ``items``' order."""
+    None, noise, seconds, and the item's identity) in ``items``' order. Raises :class:`RayError` when Ray
+    cannot go on (an actor that cannot start)."""
     # Ray Data's actors are restarted when they die and their task retried (max_restarts and
     # max_task_retries -1 by default): a killed worker costs its batch's time, not its rows.
     for part in _chunks(items, chunk):
@@ -172,31 +197,33 @@ def process(
         # in its place, as the local pool makes it: a manifest of mostly missing paths costs Ray nothing.
         told = 0  # the first index of ``part`` not yet reported
         for index, outcome, probs in _run_chunk(part, plan, model, device, preprocess, timeout, memory_budget):
-            for path, problem in part[told:index]:  # only files with a problem lie between two sent ones
-                on_result(_problem_row(path, problem))
-            on_result({"path": part[index][0], **outcome, "probs": probs if outcome["status"] == "ok" else None})
+            for item in part[told:index]:  # only files with a problem lie between two sent ones
+                on_result(_problem_row(item))
+            probs = probs if outcome["status"] == "ok" else None
+            on_result({"path": part[index].path, **outcome, "probs": probs, "identity": part[index].identity})
             told = index + 1
-        for path, problem in part[told:]:
-            on_result(_problem_row(path, problem))
+        for item in part[told:]:
+            on_result(_problem_row(item))
         log.debug("ray engine: %d files in %.1f s", len(part), time.perf_counter() - started)
 
 
-def _problem_row(path: str, problem: str) -> dict:
+def _problem_row(item: Item) -> dict:
     return {
-        "path": path,
-        "status": status_of(problem),
-        "reason": problem,
+        "path": item.path,
+        "status": status_of(item.problem),
+        "reason": item.problem,
         "info": None,
         "probs": None,
         "noise": "",
         "seconds": 0.0,
+        "identity": item.identity,
     }
 
 
 def _run_chunk(part, plan, model, device, preprocess, timeout, memory_budget):
     """``(index, outcome, probs)`` for the items of ``part`` that have no problem, in order, through Ray
     Data: the decode actor pool, then the model actor pool."""
-    send = [{"index": i, "item": json.dumps(item)} for i, item in enumerate(part) if not item[1]]
+    send = [{"index": i, "item": json.dumps(item[:2])} for i, item in enumerate(part) if not item.problem]
     if not send:
         return
     import ray.data
@@ -212,7 +239,7 @@ def _run_chunk(part, plan, model, device, preprocess, timeout, memory_budget):
     ds = ds.map_batches(
         _Score,
         fn_constructor_kwargs={
-            "model": str(model),
+            "model": os.path.abspath(model),  # the actors' working directory is not the driver's
             "device": device if plan.scorer_gpus else "cpu",
             "batch_size": plan.batch_size,
             "threads": max(1, int(plan.scorer_cpus)),

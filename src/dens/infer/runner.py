@@ -12,28 +12,31 @@ preds.csv.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from dens import labels, show_progress, sources
+from dens import counted, labels, show_progress, sources
+from dens.commands import EXIT_NOTHING_SCORED
 from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, PoolError
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
 from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
+from dens.infer.inputs import InFlight, Inputs
 from dens.preds import aggregate
-from dens.preds.cells import escape_text, path_cell
+from dens.preds import shard as records
+from dens.preds.cells import escape_text
 from dens.preds.lock import OutputLocked, lock_path, output_lock
-from dens.preds.writer import CorruptOutput, OutputExists, PredsWriter, check_output
+from dens.preds.writer import CorruptOutput, NotAFolder, OutputExists, PredsWriter, check_folder, check_output
 from dens.route import families
+from dens.route.errors import Reason
 from dens.scoring.model import ModelError, ModelFile, resolve_model
 from dens.scoring.runtime import DeviceError, model_for_precision, planned_device
 from dens.scoring.scorer import RowMaker, Scorer, ScoringError
@@ -52,8 +55,8 @@ class InferError(Exception):
 
 @dataclass
 class Summary:
-    """Counts and where the time went; ``exit_code`` is 0, or 3 when preds.csv holds error rows (this
-    run's, or an earlier run's that were not retried)."""
+    """Counts and where the time went; ``exit_code`` is 0, 3 when preds.csv holds error rows (this run's,
+    or an earlier run's that were not retried), or 4 when it holds no ``ok`` row at all."""
 
     files: int = 0
     ok: int = 0
@@ -61,6 +64,8 @@ class Summary:
     errors: int = 0
     already_done: int = 0
     already_errors: int = 0  # error rows kept from the earlier run (--resume without --retry-errors)
+    already_ok: int = 0  # ok rows kept from the earlier run
+    plain_skipped: int = 0  # plain images (PNG/PGM...) skipped: --plain-images was not given
     retried: int = 0  # error rows of the earlier run done again (--retry-errors)
     unseen_families: int = 0  # ok images of an acquisition family the model never saw (harmonisation: fallback)
     seconds: float = 0.0
@@ -79,9 +84,10 @@ class Summary:
     sr: Path | None = None  # --sr: the folder of the density SRs
     reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
 
-    def count(self, status: str, info: Mapping | None = None) -> None:
-        """One more file accounted for, with its row's status (and what the route learnt of it)."""
+    def count(self, status: str, info: Mapping | None = None, reason: str = "") -> None:
+        """One more file accounted for, with its row's status and reason (and what the route learnt of it)."""
         self.files += 1
+        self.plain_skipped += reason.startswith(Reason.PLAIN_IMAGE_NOT_REQUESTED.value)
         self.unseen_families += status == "ok" and (info or {}).get(labels.HARMONISATION) == families.FALLBACK
         self.ok += status == "ok"
         self.skipped += status == "skipped"
@@ -93,29 +99,42 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
+        if not self.ok and not self.already_ok:
+            return EXIT_NOTHING_SCORED
         return EXIT_ERRORS if self.errors or self.already_errors else EXIT_OK
 
     def line(self) -> str:
         resumed = ""
         if self.already_done:
-            kept = f", {self.already_errors} of them errors" if self.already_errors else ""
+            kept = f", {counted(self.already_errors, 'error')} among them" if self.already_errors else ""
             resumed = f" (+{self.already_done} from the earlier run{kept})"
         if self.retried:
-            resumed += f" ({self.retried} earlier errors retried)"
+            resumed += f" ({counted(self.retried, 'earlier error')} retried)"
         return (
-            f"dens-infer: {self.files} files{resumed}: {self.ok} ok, {self.skipped} skipped, {self.errors} errors "
-            f"in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; decode {self.decode_s:.1f} s "
-            f"({self.workers} workers), model {self.model_s:.1f} s ({self.provider}, batch {self.batch_size}, "
-            f"{self.threads} threads), "
-            f"write {self.write_s:.1f} s, waiting for decode {self.wait_s:.1f} s"
+            f"dens-infer: {counted(self.files, 'file')}{resumed}: {self.ok} ok, {self.skipped} skipped, "
+            f"{counted(self.errors, 'error')} in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; "
+            f"decode {self.decode_s:.1f} s ({self.workers} workers), model {self.model_s:.1f} s ({self.provider}, "
+            f"batch {self.batch_size}, {self.threads} threads), write {self.write_s:.1f} s, "
+            f"waiting for decode {self.wait_s:.1f} s"
         )
 
     def warnings(self) -> list[str]:
-        """What the reader of preds.csv should know about this run's calls."""
-        if not self.unseen_families:
-            return []
-        advice = "review those calls with care (their rows: harmonisation=fallback), or train on those machines"
-        return [families.unseen_warning(self.unseen_families, self.ok, advice)]
+        """What the reader of preds.csv should know about this run's calls, and of the files it did not read."""
+        said = []
+        if self.unseen_families:
+            advice = "review those calls with care (their rows: harmonisation=fallback), or train on those machines"
+            said.append(families.unseen_warning(self.unseen_families, self.ok, advice))
+        if self.plain_skipped:
+            said.append(
+                f"{counted(self.plain_skipped, 'plain image')} (PNG/PGM/TIFF/JPEG) skipped: dens-infer reads DICOM "
+                "unless asked; pass --plain-images to read them as breast images"
+            )
+        if self.exit_code == EXIT_NOTHING_SCORED:
+            said.append(
+                f"nothing scored: no file gave an image the model could call (their rows in {self.out} say why; "
+                f"exit status {EXIT_NOTHING_SCORED})"
+            )
+        return said
 
     def print(self) -> None:
         """The run's summary as dens-infer prints it: the counts, what was written, and, on stderr, the warnings
@@ -125,13 +144,13 @@ class Summary:
             click.echo(f"dens-infer: warning: {warning}", err=True)
         click.echo(f"dens-infer: wrote {self.out}, {self.breast_csv}, {self.exam_csv}")
         if self.sr is not None:
-            click.echo(f"dens-infer: wrote {len(self.reports)} density SRs (one per exam) to {self.sr}")
+            click.echo(f"dens-infer: wrote {counted(len(self.reports), 'density SR')} (one per exam) to {self.sr}")
         if self.errors or self.already_errors:
             earlier = f" ({self.already_errors} from the earlier run)" if self.already_errors else ""
             click.echo(
-                f"dens-infer: {self.errors + self.already_errors} files could not be read{earlier}: their rows in "
-                f"{self.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does them "
-                "again",
+                f"dens-infer: {counted(self.errors + self.already_errors, 'file')} could not be read{earlier}: their "
+                f"rows in {self.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does "
+                "them again",
                 err=True,
             )
 
@@ -151,7 +170,7 @@ def run(cfg: InferConfig) -> Summary:
     rule = parse_flag(cfg.flag)
     # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
     studies = Path(os.path.realpath(studies))
-    exclude = [out, *aggregate_paths(out), lock_path(out)]
+    exclude = [out, *aggregate_paths(out), lock_path(out), records.record_path(out)]
     try:
         shard = sources.Shard.parse(cfg.shard)
         if next(sources.entries(studies, exclude), None) is None:
@@ -159,9 +178,10 @@ def run(cfg: InferConfig) -> Summary:
     except ValueError as exc:  # a file that is no manifest
         raise InferError(str(exc)) from exc
     try:
+        check_folder(out)
         with output_lock(out):
             return _run(cfg, studies, out, exclude, shard, model, rule, start)
-    except OutputLocked as exc:
+    except (OutputLocked, NotAFolder) as exc:
         raise InferError(str(exc)) from exc
     except OSError as exc:  # the lock, or the output folder, cannot be written
         raise InferError(f"cannot write {out} ({_os_error(exc)}): choose an --out in a folder you can write") from exc
@@ -177,12 +197,16 @@ def _run(
     rule: FlagRule,
     start: float,
 ) -> Summary:
+    record = None
+    if cfg.shard is not None:  # what the shard is, for dens-merge
+        record = records.new_record(shard.index, shard.count, model.path, model.sha256, studies)
     try:
         check_output(out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite)
         planned_device(cfg.device)  # an explicit GPU without one: refused before any file is read
-    except (OutputExists, DeviceError) as exc:
+        records.begin(out, record, resume=cfg.resume or cfg.retry_errors)
+    except (OutputExists, DeviceError, records.RecordError) as exc:
         raise InferError(str(exc)) from exc
-    entries = functools.partial(_entries, studies, exclude, shard, cfg.plain_images)
+    entries = Inputs(studies, tuple(exclude), shard, cfg.plain_images).items
     if cfg.engine == "ray":
         summary = _score_on_ray(cfg, out, entries, model, rule)
     else:
@@ -195,6 +219,8 @@ def _run(
             f"{out} is complete, but its breast and exam CSVs could not be written ({_os_error(exc)}): make room, "
             "then run again with --resume (it only rewrites them)"
         ) from exc
+    if record is not None:
+        records.write_record(out, replace(record, complete=True, rows=summary.already_done + summary.files))
     summary.write_s += time.perf_counter() - t0
     summary.model, summary.sr = model.path, cfg.sr
     if cfg.sr is not None:
@@ -239,6 +265,7 @@ def _score_here(cfg: InferConfig, out: Path, entries: Callable, model: ModelFile
             out=out,
             already_done=writer.kept,
             already_errors=writer.kept_errors,
+            already_ok=writer.kept_ok,
             retried=writer.retried,
         )
         with writer:
@@ -263,13 +290,6 @@ def _os_error(exc: OSError) -> str:
     """An OSError as a user reads it: its cause, and the file when it names one."""
     where = f": {escape_text(os.fsdecode(exc.filename))}" if exc.filename else ""
     return f"{exc.strerror or exc}{where}"
-
-
-def _entries(studies: Path, exclude: list[Path], shard: sources.Shard, plain_images: bool, done: set[str]):
-    """``(path, problem)`` for the pool: the files of ``studies`` (this shard's) that preds.csv has no row for
-    yet."""
-    found = (e for e in sources.entries(studies, exclude, shard) if path_cell(e.path) not in done)
-    return sources.pool_items(found, plain_images)
 
 
 def _append(writer: PredsWriter, rows: list[dict[str, str]], summary: Summary) -> None:
@@ -310,6 +330,7 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFi
         out=out,
         already_done=writer.kept,
         already_errors=writer.kept_errors,
+        already_ok=writer.kept_ok,
         retried=writer.retried,
     )
     rows: list[dict[str, str]] = []
@@ -319,9 +340,9 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFi
         rows.clear()
 
     def add(result: dict) -> None:
-        status = result["status"]
-        rows.append(rows_of.row(result["path"], status, result["reason"], result["info"], result["probs"]))
-        summary.count(status, result["info"])
+        status, info = result["status"], sources.fill_identity(result["info"], result["identity"])
+        rows.append(rows_of.row(result["path"], status, result["reason"], info, result["probs"]))
+        summary.count(status, info, result["reason"])
         summary.decode_s += result["seconds"]
         if len(rows) >= _RAY_WRITE_ROWS:
             write()
@@ -341,16 +362,23 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFi
             plan.scorers,
             plan.batch_size,
         )
-        ray_engine.process(
-            entries(writer.done),
-            plan,
-            model.path,
-            cfg.device,
-            model.preprocess.to_dict(),
-            add,
-            timeout=DEFAULT_TIMEOUT,
-            memory_budget=DEFAULT_MEMORY_BUDGET,
-        )
+        try:
+            ray_engine.process(
+                entries(writer.done),
+                plan,
+                model.path,
+                cfg.device,
+                model.preprocess.to_dict(),
+                add,
+                timeout=DEFAULT_TIMEOUT,
+                memory_budget=DEFAULT_MEMORY_BUDGET,
+            )
+        except ray_engine.RayError as exc:  # an actor that cannot start (its imports fail): Ray's words, in short
+            write()
+            raise InferError(
+                f"the Ray engine failed ({ray_engine.first_line(exc)}); the rows written so far are in {out}: fix "
+                "the cause, then --resume"
+            ) from exc
         write()
     return summary
 
@@ -358,6 +386,8 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFi
 def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: InferConfig, summary: Summary) -> None:
     def entries():
         return entries_of(writer.done)
+
+    in_flight = InFlight(entries())  # the items the pool takes, with the manifest's identity until the row
 
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
@@ -387,7 +417,7 @@ def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: Inf
             next_row += 1
         _write(rows)
         for d in pending:
-            summary.count(d.status, d.info)
+            summary.count(d.status, d.info, d.reason)
         bar.set_postfix(ok=summary.ok, skipped=summary.skipped, errors=summary.errors, refresh=False)
         bar.update(len(pending))
         pending, images = [], 0
@@ -397,7 +427,7 @@ def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: Inf
             _append(writer, rows, summary)
 
     try:
-        results = scorer.pool.map(entries())
+        results = scorer.pool.map(in_flight)
         while True:
             t0 = time.perf_counter()
             decoded = next(results, None)
@@ -405,6 +435,7 @@ def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: Inf
             if decoded is None:
                 break
             summary.decode_s += decoded.seconds
+            decoded.info = in_flight.info(decoded.index, decoded.info)
             if decoded.status != "ok":
                 log.debug("%s: %s %s", escape_text(decoded.path), decoded.status, escape_text(decoded.reason))
             if decoded.noise:
@@ -424,7 +455,8 @@ def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: Inf
 
 def write_reports(out: Path, folder: Path, model: ModelFile, rule: FlagRule) -> tuple[Path, ...]:
     """``--sr``: one density SR per exam of ``out`` (preds.csv) into ``folder`` (:mod:`dens.sr`, whose pydicom and
-    highdicom load only now: the decoding is over)."""
+    highdicom load only now: the decoding is over). Plain images' rows (``--plain-images``) are left out of the
+    SRs, the log says how many; the DICOM exams beside them get theirs."""
     import pandas as pd
 
     from dens import sr

@@ -15,8 +15,9 @@ from dens.route.config import PreprocessConfig
 
 FLAGGED, MODEL_SHA256, GRADCAM = labels.FLAGGED, labels.MODEL_SHA256, labels.GRADCAM
 # Where the laterality came from: 'tag' (ImageLaterality/Laterality), 'orientation' (PatientOrientation),
-# 'pixels' (guessed from the image); the maker and model of the unit; the preprocessing the model's metadata
-# asked for (an edited metadata shows here, and in model_sha256).
+# 'pixels' (guessed from the image), 'manifest' (the input manifest's laterality column); the maker and model
+# of the unit; the preprocessing the model's metadata asked for (an edited metadata shows here, and in
+# model_sha256).
 LATERALITY_SOURCE, MANUFACTURER, MANUFACTURER_MODEL, PREPROCESS = (
     "laterality_source",
     "manufacturer",

@@ -97,9 +97,28 @@ def read_existing(path: Path) -> Existing:
     )
 
 
-def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Raise OutputExists when ``path`` holds rows and neither ``resume`` nor ``overwrite`` is given."""
+class NotAFolder(NotADirectoryError):
+    """A folder the output needs is a file."""
+
+
+def check_folder(path: str | os.PathLike) -> None:
+    """Raise NotAFolder when the folder ``path`` goes in (or one above it) is a file: creating it would fail
+    with a bare "File exists"."""
     path = Path(path)
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotAFolder(
+                    f"{folder} is a file, not a folder, so {path} cannot be written there: choose an --out in a folder"
+                )
+            return
+
+
+def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise OutputExists when ``path`` holds rows and neither ``resume`` nor ``overwrite`` is given, and
+    NotAFolder when its folder is a file."""
+    path = Path(path)
+    check_folder(path)
     if path.exists() and path.stat().st_size > 0 and not (resume or overwrite):
         raise OutputExists(
             f"{path} already exists: pass --resume to continue the run that wrote it, or --overwrite to replace it"
@@ -112,7 +131,7 @@ class PredsWriter:
     A new file gets the header. An existing one is refused unless ``resume`` (its rows are kept, a torn
     end is cut off, ``done`` lists the path cells to skip) or ``overwrite`` (it starts again).
     ``retry_errors`` (with ``resume``): the earlier ``error`` rows are dropped, so their files are done
-    again; without it they stay, and ``kept_errors`` counts them.
+    again; without it they stay, and ``kept_errors`` counts them (``kept_ok``, the ``ok`` ones).
     """
 
     def __init__(
@@ -121,7 +140,7 @@ class PredsWriter:
         self.path = Path(path)
         self.done: set[str] = set()
         self.models: set[str] = set()
-        self.kept = self.kept_errors = self.retried = 0
+        self.kept = self.kept_errors = self.kept_ok = self.retried = 0
         check_output(self.path, resume=resume, overwrite=overwrite)
         exists = self.path.exists() and self.path.stat().st_size > 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +152,7 @@ class PredsWriter:
                 self.retried = len(existing.rows) - len(rows)
             kept = Existing(rows)
             self.done, self.models, self.kept, self.kept_errors = kept.paths, kept.models, len(rows), kept.errors
+            self.kept_ok = sum(r[1] == "ok" for r in rows)
             if existing.torn:
                 log.warning(
                     "%s: its last record was cut short by the crash; dropped, that file is done again", self.path

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import dens
-from dens import sources
+from dens import counted, sources
 from dens.engine import Decoded, DecodePool, in_input_order
 from dens.files import atomic_write
 from dens.flags import call
@@ -102,11 +102,12 @@ class QcResult:
         """How many files were read and what they gave."""
         skipped = sum(d.status == "skipped" for d in self.failures)
         errors = len(self.failures) - skipped
-        return f"{len(self.tiles)} images from {self.files - self.unread} files ({skipped} skipped, {errors} errors)"
+        read = counted(self.files - self.unread, "file")
+        return f"{counted(len(self.tiles), 'image')} from {read} ({skipped} skipped, {counted(errors, 'error')})"
 
     def line(self) -> str:
         """The one-line summary."""
-        past = f"; {self.unread} more files not read (--limit)" if self.unread else ""
+        past = f"; {counted(self.unread, 'more file')} not read (--limit)" if self.unread else ""
         return f"{self.counts()}{past} in {self.seconds:.1f} s; sheet {self.sheet}"
 
 

@@ -13,7 +13,8 @@ import numpy as np
 
 TILE_HEIGHT = 368  # a canonical image is shown this high by default, aspect kept
 _LINE = 14  # caption line height, pixels
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FONT, _SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.38
+_BREAKS = " /_-."  # where a caption may be cut: the path separator (captions show paths as POSIX) and word boundaries
 
 
 def contact_sheet(
@@ -39,9 +40,8 @@ def contact_sheet(
         cv2.rectangle(sheet, (left, top), (left + w - 1, top + tile_height - 1), (110, 110, 110), 1)
         for k, text in enumerate(caption[:lines]):
             y = top + tile_height + (k + 1) * _LINE
-            cv2.putText(
-                sheet, _fit(_drawable(text), cell_w - 8), (left, y), _FONT, 0.38, (235, 235, 235), 1, cv2.LINE_AA
-            )
+            shown = fit_caption(_drawable(text), cell_w - 8)
+            cv2.putText(sheet, shown, (left, y), _FONT, _SCALE, (235, 235, 235), 1, cv2.LINE_AA)
     return sheet
 
 
@@ -51,12 +51,30 @@ def _drawable(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii").replace("\\udc", "\\x")
 
 
-def _fit(text: str, width: int) -> str:
-    """``text`` cut to fit ``width`` pixels in the caption font, ``~`` marking the cut: a third of what
-    stays from its start, two thirds from its end, so a file's own name stays in sight beside its folder."""
-    for keep in range(len(text), -1, -1):
-        head = keep // 3
-        shown = text if keep == len(text) else text[:head] + "~" + text[len(text) - (keep - head) :]
-        if cv2.getTextSize(shown, _FONT, 0.38, 1)[0][0] <= width:
-            return shown
-    return ""
+def fit_caption(text: str, width: int) -> str:
+    """``text`` cut to fit ``width`` pixels in the caption font, ``~`` marking what was left out.
+
+    Cuts fall at a path separator (``/``) or a word boundary (a space, ``_``, ``-``, ``.``), never inside a word, and
+    the file's own name (after the last path separator) is kept whole where it fits; of the cuts that do, the
+    one that keeps the most text, the end before the start. Only where that would keep less than half of what a
+    cut anywhere keeps (a name of one long word) is the name's end kept up to the width, whatever its words.
+    """
+    if _text_width(text) <= width:
+        return text
+    cuts = [0, *(i for i in range(1, len(text)) if text[i - 1] in _BREAKS or text[i] in _BREAKS), len(text)]
+    name = text.rfind("/") + 1
+    # (head kept to i, tail kept from j), best first: the name whole, then most text, then most of the end.
+    pairs = sorted(
+        ((i, j) for i in cuts for j in cuts if i <= j),
+        key=lambda ij: (ij[1] <= name, ij[0] + len(text) - ij[1], len(text) - ij[1]),
+        reverse=True,
+    )
+    shown = next((text[:i] + "~" + text[j:] for i, j in pairs if _text_width(text[:i] + "~" + text[j:]) <= width), "~")
+    anywhere = next((k for k in range(len(text) - 1, -1, -1) if _text_width("~" + text[len(text) - k :]) <= width), 0)
+    if 2 * (len(shown) - 1) < anywhere:
+        return "~" + text[len(text) - anywhere :]
+    return shown
+
+
+def _text_width(text: str) -> int:
+    return cv2.getTextSize(text, _FONT, _SCALE, 1)[0][0]

@@ -1,7 +1,9 @@
 """The review page's static parts: its template (with the style sheet) and its one inline script.
 
-The script keeps the verdicts in localStorage under the page's run, filters and sorts the rows, opens a
-flagged view's full-size figure, and exports the verdicts as a CSV (a Blob and a download link: no server).
+The script keeps the verdicts in localStorage under the page's run, each with the name of the reviewer who gave it
+(kept in localStorage too, for every page), filters and sorts the rows, moves between exams and sets verdicts from
+the keyboard, opens a flagged view's full-size figure, switches the maps between the page's one scale and each
+map's own, and exports the verdicts as a CSV (a Blob and a download link: no server).
 :mod:`dens.review.report` fills the template; every value it puts in is escaped there. The export's columns
 are defined here, beside the script that writes them, for dens-verdicts (:mod:`dens.verdicts`) to read.
 """
@@ -9,9 +11,9 @@ are defined here, beside the script that writes them, for dens-verdicts (:mod:`d
 from dens import exams
 
 # The verdicts export: one row per reviewed exam, in these columns (the script's `values` below), each verdict
-# AGREE or DISAGREE.
+# AGREE or DISAGREE; REVIEWER is the name of who gave it (exports from before it existed lack the column).
 MODEL_DENSITY, MODEL_P_DENSE, RUN = "model_density", "model_p_dense", "run"
-VERDICT, REVIEWER_DENSITY, REVIEWED_AT = "verdict", "reviewer_density", "reviewed_at"
+VERDICT, REVIEWER_DENSITY, REVIEWED_AT, REVIEWER = "verdict", "reviewer_density", "reviewed_at", "reviewer"
 VERDICT_COLUMNS = (
     exams.EXAM,
     *exams.IDENTITY,
@@ -20,6 +22,7 @@ VERDICT_COLUMNS = (
     VERDICT,
     REVIEWER_DENSITY,
     REVIEWED_AT,
+    REVIEWER,
     RUN,
 )
 AGREE, DISAGREE = "agree", "disagree"
@@ -60,26 +63,79 @@ function refresh() {
     reviewed += !!verdicts[row.dataset.exam];
   }
   document.getElementById("shown").textContent = shown + " of " + rows.length + " exams shown";
-  document.getElementById("reviewed").textContent = reviewed + " of " + rows.length + " reviewed" +
+  document.getElementById("reviewed").textContent = askName ? "enter your name first (Reviewer): each verdict " +
+    "records who gave it" : reviewed + " of " + rows.length + " reviewed" +
     (stored ? "" : " (this browser does not keep them: export before closing the page)");
   document.querySelector('button[data-filter="unreviewed"] .n').textContent = rows.length - reviewed;
 }
 
+// Who reviews: a verdict records the name in the Reviewer field, which the browser keeps for every page.
+const NAME_KEY = "dens-reviewer", nameBox = document.getElementById("reviewer");
+try { nameBox.value = localStorage.getItem(NAME_KEY) || ""; } catch (e) { /* nothing kept: typed each time */ }
+let askName = false;
+nameBox.addEventListener("input", () => {
+  try { localStorage.setItem(NAME_KEY, nameBox.value.trim()); } catch (e) { /* kept for this visit only */ }
+  askName = false; nameBox.classList.remove("ask"); refresh();
+});
+function reviewer() {
+  const name = nameBox.value.trim();
+  if (!name) { askName = true; nameBox.classList.add("ask"); nameBox.focus(); refresh(); }
+  return name;
+}
+
+// A verdict from a button or a key: {verdict: "agree" | "disagree"} or {category: "A".."D"}.
+function mark(row, what) {
+  const by = reviewer();
+  if (!by) return;
+  const exam = row.dataset.exam, call = row.dataset.call, old = verdicts[exam] || {};
+  let v;
+  if (what.verdict === "agree") v = {verdict: "agree", density: call};
+  else if (what.verdict === "disagree")
+    v = {verdict: "disagree", density: old.verdict === "disagree" ? old.density : ""};
+  else v = {verdict: what.category === call ? "agree" : "disagree", density: what.category};
+  v.at = new Date().toISOString();
+  v.by = by;
+  verdicts[exam] = v;
+  store(); paint(row); refresh();
+}
+
 body.addEventListener("click", event => {
+  const row = event.target.closest("tr");
+  if (row) setCurrent(row, false);
   const image = event.target.closest("figure img");
   if (image) { showFull(image); return; }
   const button = event.target.closest("button");
   if (!button) return;
-  const row = button.closest("tr"), exam = row.dataset.exam, call = row.dataset.call;
-  const old = verdicts[exam] || {};
-  let v;
-  if (button.dataset.verdict === "agree") v = {verdict: "agree", density: call};
-  else if (button.dataset.verdict === "disagree")
-    v = {verdict: "disagree", density: old.verdict === "disagree" ? old.density : ""};
-  else v = {verdict: button.dataset.category === call ? "agree" : "disagree", density: button.dataset.category};
-  v.at = new Date().toISOString();
-  verdicts[exam] = v;
-  store(); paint(row); refresh();
+  if (button.dataset.verdict) mark(row, {verdict: button.dataset.verdict});
+  else if (button.dataset.category) mark(row, {category: button.dataset.category});
+});
+
+// The keyboard: J or Down the next exam shown, K or Up the previous one, A-D the category for it.
+let current = null;
+function setCurrent(row, scroll = true) {
+  if (current) current.classList.remove("current");
+  current = row;
+  if (!row) return;
+  row.classList.add("current");
+  if (scroll) row.scrollIntoView({block: "nearest"});
+}
+function move(step) {
+  const shown = rows.filter(row => !row.hidden);
+  if (!shown.length) return;
+  const at = shown.indexOf(current);
+  setCurrent(shown[at < 0 ? (step > 0 ? 0 : shown.length - 1) : Math.min(shown.length - 1, Math.max(0, at + step))]);
+}
+document.addEventListener("keydown", event => {
+  if (event.key === "Escape") { box.click(); return; }
+  if (event.ctrlKey || event.metaKey || event.altKey || !box.hidden) return;
+  if (event.target.closest && event.target.closest("input, textarea, select")) return;  // typing, not a command
+  const key = event.key.length === 1 ? event.key.toUpperCase() : event.key;
+  if (key === "J" || key === "ArrowDown") move(1);
+  else if (key === "K" || key === "ArrowUp") move(-1);
+  else if (current && !current.hidden && current.querySelector('button[data-category="' + key + '"]'))
+    mark(current, {category: key});
+  else return;
+  event.preventDefault();
 });
 
 for (const button of document.querySelectorAll("button.filter")) {
@@ -110,7 +166,7 @@ document.getElementById("export").addEventListener("click", () => {
     const d = row.dataset;
     const values = {exam: d.exam, patient_id: d.patientId, accession: d.accession, study_uid: d.studyUid,
       model_density: d.call, model_p_dense: d.pDense, verdict: v.verdict, reviewer_density: v.density,
-      reviewed_at: v.at, run: RUN};
+      reviewed_at: v.at, reviewer: v.by, run: RUN};
     lines.push(COLUMNS.map(c => cell(values[c])).join(","));
   }
   const link = document.createElement("a");
@@ -129,7 +185,22 @@ function showFull(image) {
   box.hidden = false;
 }
 box.addEventListener("click", () => { box.hidden = true; boxImage.removeAttribute("src"); });
-document.addEventListener("keydown", e => { if (e.key === "Escape") box.click(); });
+
+// The maps' scale: the page's one scale (the default: maps compare), or each map's own (a weak map in full).
+const scale = document.getElementById("scale");
+const cams = Array.from(document.querySelectorAll("img.cam[data-own-full]"));
+const shared = new Map(cams.map(image => [image, [image.getAttribute("src"), image.dataset.full]]));
+scale.hidden = !cams.length;
+scale.addEventListener("click", () => {
+  const own = scale.getAttribute("aria-pressed") !== "true";
+  for (const image of cams) {
+    const [src, full] = own ? [image.dataset.ownSrc, image.dataset.ownFull] : shared.get(image);
+    image.src = src;
+    image.dataset.full = full;
+  }
+  scale.setAttribute("aria-pressed", String(own));
+  scale.textContent = own ? "Grad-CAM scale: each map its own" : "Grad-CAM scale: one for the page";
+});
 
 rows.forEach(paint);
 refresh();
@@ -177,6 +248,9 @@ figure img.cam {{ margin-left: 2px; }}
 figcaption {{ font-size: .8em; color: #444; }}
 .missing {{ width: 80px; height: 160px; background: #333; color: #ccc; font-size: .8em; display: inline-block; }}
 td.review button {{ font: inherit; margin: 0 .2em .3em 0; }}
+tr.current td {{ box-shadow: inset 0 2px 0 #1f5fa8, inset 0 -2px 0 #1f5fa8; }}
+.bar input {{ font: inherit; width: 12em; }}
+.bar input.ask {{ outline: 2px solid #c0392b; }}
 .categories, .verdict {{ white-space: nowrap; }}
 .categories button {{ min-width: 2em; }}
 #full {{ position: fixed; inset: 0; background: rgba(0,0,0,.9); z-index: 5; text-align: center; cursor: zoom-out; }}
@@ -186,9 +260,17 @@ td.review button {{ font: inherit; margin: 0 .2em .3em 0; }}
 <h1>{title}</h1>
 <p class="summary">{summary}</p>
 {card}
-<div class="notes">{conventions}</div>
-<div class="bar"><button id="sort" type="button">p_dense &#8595; (highest first)</button>
+<div class="notes">{conventions}<p><b>Keyboard:</b> <kbd>J</kbd> or <kbd>&#8595;</kbd> the next exam shown,
+<kbd>K</kbd> or <kbd>&#8593;</kbd> the previous one (the current exam is outlined; a click makes an exam current);
+<kbd>A</kbd>-<kbd>D</kbd> (A-D) your category for it, which is its verdict too (agree when it is the call, else
+disagree); <kbd>Esc</kbd> closes a full-size figure. Keys typed in the Reviewer field are only text.</p></div>
+<div class="bar"><label>Reviewer: <input id="reviewer" type="text" autocomplete="name"
+placeholder="your name" title="Each verdict records who gave it; this browser keeps the name"></label>
+<button id="sort" type="button">p_dense &#8595; (highest first)</button>
 <span>Show only:</span> {filters}
+<button id="scale" type="button" aria-pressed="false"
+title="Each map on its own scale (1 = its own largest value): a weak map seen in full, maps no longer compared"
+>Grad-CAM scale: one for the page</button>
 <button id="export" type="button">Export verdicts (CSV)</button>
 <span class="status" id="shown">{exams} exams</span> <span class="status" id="reviewed"></span></div>
 <table id="exams"><thead><tr><th>exam</th><th>call</th><th>R CC</th><th>L CC</th><th>R MLO</th><th>L MLO</th>

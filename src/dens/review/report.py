@@ -1,5 +1,5 @@
-"""What a reviewer sees: each view's pictures (thumbnail, overlay figure) and ``report.html``, one page a
-radiologist reviews the calls on and records a verdict per exam.
+"""What a reviewer sees: ``report.html``, one page a radiologist reviews the calls on and records a verdict per
+exam, with each view's pictures (:mod:`dens.review.views`).
 
 The page carries everything it shows (images as ``data:`` URIs), so it can be moved or mailed alone and
 opened offline. Its only script is inline, allowed by a nonce in a Content-Security-Policy that lets in
@@ -17,21 +17,19 @@ import html
 import json
 import os
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from dens import exams, labels
+from dens import counted, exams, labels
 from dens.artifact import modelcard
 from dens.files import atomic_write
-from dens.review import display, page
+from dens.review import display, page, study
 
 REPORT_SUFFIX = ".report.html"  # preds.csv -> preds.report.html
-THUMBS = "thumbs"  # the thumbnails' folder under the Grad-CAM folder
 # Hung as PACS hangs a screening exam: each pair back to back, right breast on the viewer's left.
 VIEW_SLOTS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
 # Where an exam's call comes from, shown when hovering it.
@@ -45,93 +43,6 @@ FILTERS = (
     ("errors", "a file of the exam without a call"),
     ("unreviewed", "no verdict yet"),
 )
-
-
-# --- one view's pictures ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ViewFiles:
-    """What one view of the page has on disk (None: not made)."""
-
-    thumbnail: Path | None
-    overlay: Path | None
-    overlay_thumbnail: Path | None
-
-
-def write_view_files(
-    out_dir: Path,
-    stem: str,
-    image: np.ndarray,
-    cam: np.ndarray | None,
-    label: Sequence[str],
-    version: int,
-    *,
-    thumbnail: bool = True,
-) -> ViewFiles:
-    """One view's pictures from its display image (uint8, as PACS shows it) and, for a flagged view, its
-    map (as displayed, on the page's scale: 1.0 = the page's largest value; any size, upsampled here):
-    ``thumbs/<stem>.webp``, the overlay figure ``<stem>.png`` and its thumbnail ``thumbs/<stem>.cam.webp``."""
-    thumb = overlay = overlay_thumb = None
-    if thumbnail:
-        thumb = _write_bytes(
-            out_dir / THUMBS / f"{stem}{display.IMAGE_SUFFIX}", display.encode(display.thumbnail(image))
-        )
-    if cam is not None:
-        cam = display.upsample(cam, image.shape)
-        weight = display.breast_weight(image, version)
-        overlay = out_dir / f"{stem}.png"
-        _write_bytes(overlay, _png(display.overlay_figure(image, cam, weight, label)))
-        if thumbnail:
-            small = display.thumbnail(display.blend(image, cam, weight))
-            overlay_thumb = _write_bytes(out_dir / THUMBS / f"{stem}.cam{display.IMAGE_SUFFIX}", display.encode(small))
-    return ViewFiles(thumb, overlay, overlay_thumb)
-
-
-def view_label(record: dict) -> list[str]:
-    """The lines above an overlay figure: side and view as displayed, the class and its p, the scale."""
-    side = {"L": "left breast, chest wall left", "R": "right breast, chest wall right"}.get(
-        str(record.get(labels.LATERALITY, "")).upper(), "side unknown, as the model saw it"
-    )
-    density = str(record.get(labels.DENSITY, ""))
-    p_class = record.get(f"p_{density}", "")
-    lines = [
-        f"{record.get(labels.LATERALITY, '')} {record.get(labels.VIEW, '')} ({side}, as PACS shows it)",
-        f"called {density}: p_{density} {_number(p_class)}, p_dense {_number(record.get(labels.P_DENSE, ''))}",
-        "Grad-CAM for that class; 1 = this page's largest map value; breast only",
-    ]
-    # The overlay's font draws ASCII only; header values are untrusted, so keep them printable too.
-    return ["".join(ch if " " <= ch <= "~" else "?" for ch in line) for line in lines]
-
-
-def page_scale(page_max: float, maps: int) -> str:
-    """The page's sentence on what 1.0 on the colour bar is."""
-    if not maps:
-        return "no maps on this page"
-    return (
-        f"1 is the largest raw Grad-CAM value among this page's {maps} map{'s' * (maps > 1)} "
-        f"({page_max:.3g} in the model's units), 0 is none"
-    )
-
-
-def _number(value) -> str:
-    try:
-        return f"{float(value):.2f}"
-    except (TypeError, ValueError):
-        return "?"
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError("could not encode an overlay as PNG")
-    return data.tobytes()
-
-
-def _write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 # --- the page -------------------------------------------------------------------------------------
@@ -151,22 +62,30 @@ def write_report(
     *,
     overlays: Mapping[int, Path] | None = None,
     overlay_thumbs: Mapping[int, Path] | None = None,
+    own_overlays: Mapping[int, Path] | None = None,
+    own_overlay_thumbs: Mapping[int, Path] | None = None,
     exam_calls: pd.DataFrame | None = None,
     card: Mapping | None = None,
     scale: str = "",
+    studies: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Write the review page beside ``preds_csv`` (:func:`report_path`; atomically) and return its path.
 
     ``preds``: preds.csv as strings; ``thumbs``: row index -> thumbnail file (WebP); ``overlays``: row ->
-    the overlay figure (any image OpenCV reads; embedded as WebP); ``overlay_thumbs``: row -> its thumbnail.
+    the overlay figure (any image OpenCV reads; embedded as WebP); ``overlay_thumbs``: row -> its thumbnail;
+    ``own_overlays``, ``own_overlay_thumbs``: the same on each map's own scale, which the page offers as a toggle
+    (:mod:`dens.review.views`).
     ``exam_calls``: preds.exam.csv as written by dens-infer. An exam it lacks or that it describes otherwise
     (other images, another model: a stale file), and every exam when it is None, is called from ``preds``
     by the same rule (:mod:`dens.exams`); the call's cell says which source it came from. ``card``: the
     model card's facts (:mod:`dens.artifact.modelcard`), summed up in the page's header; {} or None for a model
-    without one. ``scale``: what 1.0 on the maps' colour bar is, stated on the page.
+    without one. ``scale``: what 1.0 on the maps' colour bar is, stated on the page. ``studies``: exam key ->
+    its study date and the woman's age (:func:`dens.review.study.exam_facts`), shown with its identity.
     """
     html_path = report_path(preds_csv)
     overlays, overlay_thumbs = overlays or {}, overlay_thumbs or {}
+    own = {i: (own_overlays[i], (own_overlay_thumbs or {}).get(i)) for i in own_overlays or {}}
+    studies = studies or {}
     records = preds.to_dict("index")
     ok = {i for i, r in records.items() if r.get(labels.STATUS) == "ok"}
     members_of: dict[str, list[int]] = {}
@@ -198,10 +117,11 @@ def write_report(
             slot = (r.get(labels.LATERALITY, "").upper(), r.get(labels.VIEW, "").upper())
             flagged |= i in overlays
             cells[slot if slot in cells else None].append(
-                _figure(r, thumbs.get(i), overlays.get(i), overlay_thumbs.get(i))
+                _figure(r, thumbs.get(i), overlays.get(i), overlay_thumbs.get(i), own.get(i, (None, None)))
             )
         tags = _tags(call, flagged, failed_in.get(key, 0))
-        rows.append((call["p_dense"], tags, _exam_row(key, ident, call, tags, failed_in.get(key, 0), cells)))
+        row = _exam_row(key, ident, call, tags, failed_in.get(key, 0), cells, studies.get(key, {}))
+        rows.append((call["p_dense"], tags, row))
     rows.sort(key=lambda item: -item[0] if item[0] == item[0] else 1.0)  # descending, NaN last
 
     counts = {name: sum(name in tags for _, tags, _ in rows) for name, _ in FILTERS}
@@ -277,6 +197,7 @@ def _exam_calls(table: pd.DataFrame | None, preds: pd.DataFrame) -> dict[str, di
     return calls
 
 
+_FACTS = ((study.STUDY_DATE, "study date"), (study.AGE, "age"))  # shown under an exam's identity
 _EXAM_FACTS = ("density_L", "density_R", exams.INCOMPLETE, exams.MISSING_VIEWS)
 
 
@@ -316,7 +237,13 @@ def _figure_uri(path: Path | None) -> str:
     return "" if image is None else display.data_uri(display.encode(image, display.FIGURE_QUALITY))
 
 
-def _figure(r: Mapping[str, str], thumb: Path | None, overlay: Path | None, overlay_thumb: Path | None) -> str:
+def _figure(
+    r: Mapping[str, str],
+    thumb: Path | None,
+    overlay: Path | None,
+    overlay_thumb: Path | None,
+    own: tuple[Path | None, Path | None],
+) -> str:
     name = f"{r.get(labels.LATERALITY) or '?'} {r.get(labels.VIEW) or '?'}"
     p_dense = _float(r.get(labels.P_DENSE))
     caption = f"{name}: {r.get(labels.DENSITY, '')} · p_dense {p_dense:.2f}"
@@ -330,19 +257,30 @@ def _figure(r: Mapping[str, str], thumb: Path | None, overlay: Path | None, over
     full = _figure_uri(overlay)
     if full:
         small, size = _embedded(overlay_thumb)
+        own_full = _figure_uri(own[0])  # the map on its own scale: the page's scale toggle shows it instead
+        own_small = (_embedded(own[1])[0] or own_full) if own_full else ""
+        own_attrs = f' data-own-src="{own_small}" data-own-full="{own_full}"' if own_full else ""
         parts.append(
-            f'<img class="cam" src="{small or full}"{size} data-full="{full}" alt="Grad-CAM {_e(name)}" '
+            f'<img class="cam" src="{small or full}"{size} data-full="{full}"{own_attrs} alt="Grad-CAM {_e(name)}" '
             'loading="lazy" decoding="async" title="Grad-CAM: click for the full-size figure">'
         )
     parts.append(f"<figcaption>{_e(caption)}</figcaption></figure>")
     return "".join(parts)
 
 
-def _exam_row(key: str, ident: dict[str, list[str]], call: Mapping, tags: list[str], failed: int, cells: dict) -> str:
-    ident_html = "<br>".join(f'<span class="k">{_e(k)}</span> {_e(", ".join(v))}' for k, v in ident.items() if v)
+def _exam_row(
+    key: str,
+    ident: dict[str, list[str]],
+    call: Mapping,
+    tags: list[str],
+    failed: int,
+    cells: dict,
+    facts: Mapping[str, str],
+) -> str:
+    shown = [(k, ", ".join(v)) for k, v in ident.items() if v]
+    shown += [(name, facts[k]) for k, name in _FACTS if facts.get(k)]  # the study date, the woman's age
+    ident_html = "<br>".join(f'<span class="k">{_e(k)}</span> {_e(v)}' for k, v in shown)
     badges = []
-    if "incomplete" in tags:
-        badges.append(f'<span class="badge">missing {_e(call[exams.MISSING_VIEWS].replace(";", ", "))}</span>')
     if "asymmetric" in tags:
         badges.append('<span class="badge">L/R across the dense line</span>')
     if failed:
@@ -351,6 +289,9 @@ def _exam_row(key: str, ident: dict[str, list[str]], call: Mapping, tags: list[s
     p_text = f"{p_dense:.3f}" if p_dense == p_dense else "–"
     sort_value = f"{p_dense:.6f}" if p_dense == p_dense else "-1"
     sides = " · ".join(f"{s} {call[f'density_{s}']}" for s in ("R", "L") if call[f"density_{s}"])
+    # An incomplete exam is called on the breasts it has: under its call, what it lacks, in the SR's words.
+    missing = exams.describe_missing([v for v in call[exams.MISSING_VIEWS].split(";") if v])
+    missing_html = f'<div class="sides">{_e(missing)}</div>' if missing else ""
     tds = "".join(f'<td class="view">{"".join(cells[slot])}</td>' for slot in (*VIEW_SLOTS, None))
     data = {
         "exam": key,
@@ -375,7 +316,7 @@ def _exam_row(key: str, ident: dict[str, list[str]], call: Mapping, tags: list[s
         f'<tr class="exam{" dense" * ("dense" in tags)}" {attrs}>'
         f'<td class="id">{ident_html or _e(key)}{"".join(badges)}</td>'
         f'<td class="call" title="{_e(call["source"])}">{_e(density)}<div class="p">{_e(p_text)}</div>'
-        f'<div class="sides">{_e(sides)}</div></td>'
+        f'<div class="sides">{_e(sides)}</div>{missing_html}</td>'
         f'{tds}<td class="review">{verdict}</td></tr>'
     )
 
@@ -416,12 +357,16 @@ def _conventions(scale: str) -> str:
         f"<p><b>Grad-CAM</b> (beside a flagged view; click it for the full-size figure, a view for a larger "
         "one): where the model looked "
         f"for the class it called, in the {display.COLORMAP_NAME} colour map (dark: little, yellow: much), "
-        f"masked to the breast, on <b>one scale for the whole page</b>: {_e(scale_text)}. A map is not a "
-        "finding.</p>"
+        f"masked to the breast, on <b>one scale for the whole page</b>: {_e(scale_text)}, so that maps can be "
+        "compared. <i>Grad-CAM scale</i> above shows each map on its own scale instead (1 = its own largest "
+        "value): a weak map, nearly invisible beside a strong one, is then seen in full, but maps no longer "
+        "compare. A map is not a finding.</p>"
         "<p><b>Exam call:</b> the denser breast's, a breast's probabilities being the mean of its views; from "
-        "preds.exam.csv where it describes the exam, else by the same rule from preds.csv (hover the call).</p>"
+        "preds.exam.csv where it describes the exam, else by the same rule from preds.csv (hover the call). An "
+        "exam missing a view or a side is called on what it has, and says under its call what it lacks.</p>"
         "<p><b>Verdicts:</b> mark each exam <i>agree</i> or <i>disagree</i> and the category you would give "
-        "(a category alone marks the verdict too). They stay in this browser for this page's run; <i>Export "
+        "(a category alone marks the verdict too), under your name (<i>Reviewer</i> above; each verdict records "
+        "who gave it). They stay in this browser for this page's run; <i>Export "
         "verdicts</i> downloads them as a CSV that <code>dens-verdicts preds.exam.csv verdicts.csv</code> merges "
         "and scores.</p>"
     )
@@ -435,7 +380,8 @@ def _summary_text(preds: pd.DataFrame, exams_n: int, maps: int) -> str:
     counts = ", ".join(f"{status.get(s, 0)} {s}" for s in ("ok", "skipped", "error"))
     models = sorted({s[:12] for s in preds.get(labels.MODEL_SHA256, pd.Series(dtype=str)) if s})
     return (
-        f"{exams_n} exams, {len(preds)} files ({counts}), {maps} Grad-CAM maps; model sha256 "
+        f"{counted(exams_n, 'exam')}, {counted(len(preds), 'file')} ({counts}), {counted(maps, 'Grad-CAM map')}; "
+        "model sha256 "
         f"{', '.join(models) or 'unknown'}; written {dt.datetime.now():%Y-%m-%d %H:%M}; this page {_SIZE_MARK} "
         "with its images"
     )

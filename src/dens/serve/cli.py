@@ -43,7 +43,10 @@ def _parse(kind):
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("state", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--status", "show_status", is_flag=True, help="Print the status of the node that keeps STATE (JSON) and exit."
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="Print the status of the node that keeps STATE (JSON, read from the folder: no token) and exit.",
 )
 @click.option(
     "--model",
@@ -98,7 +101,14 @@ def _parse(kind):
     "--status-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve the status as JSON over HTTP on --host at this port.",
+    help="Serve the status as JSON over HTTP on --host at this port (GET /status, /status?studies=N, /health).",
+)
+@click.option(
+    "--status-token-env",
+    default=None,
+    metavar="NAME",
+    help="Every status request must carry 'Authorization: Bearer TOKEN', TOKEN read from the environment "
+    "variable NAME (never on the command line); 401 otherwise. Give one whenever --host is not loopback.",
 )
 @click.option(
     "--tls-cert",
@@ -185,6 +195,7 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
 
     try:
         outgoing(cfg)  # certificates, keys and secrets: a bad one is a bad option, before the model loads
+        cfg.status_token()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     try:

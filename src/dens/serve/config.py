@@ -83,15 +83,26 @@ class Allowed:
         return aet.strip() == self.aet.strip() and (self.address is None or self.address == address)
 
 
-def _loopback(url: str) -> bool:
-    host = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
-    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback, reachable from no other machine."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _url_host(url: str) -> str:
+    host = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    return host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+
+
+def _secret(option: str, name: str, environ: Mapping[str, str]) -> str:
+    secret = environ.get(name, "")
+    if not secret:
+        raise ValueError(f"{option} {name}: the environment variable {name} is not set (or empty)")
+    return secret
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class ServeConfig:
     stow_urls: tuple[str, ...] = ()
     retry_seconds: float = DEFAULT_RETRY_SECONDS
     status_port: int | None = None
+    # The name of the environment variable that holds the status port's bearer token (never the token).
+    status_token_env: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # with it, callers must present a certificate it signed
@@ -144,6 +157,8 @@ class ServeConfig:
             raise ValueError("--stable-seconds must be >= 0 and --retry-seconds > 0")
         check_ae_title(self.aet)
         parse_flag(self.flag)  # a bad --flag is a bad option
+        if self.status_token_env is not None and self.status_port is None:
+            raise ValueError("--status-token-env needs --status-port (the status port it protects)")
         self._check_send_tls()
         self._check_stow()
 
@@ -161,7 +176,7 @@ class ServeConfig:
                 raise ValueError(
                     f"--stow-url {url!r}: an http:// or https:// URL (such as http://pacs/dicom-web/studies)"
                 )
-            if self.stow_auth and url.startswith("http://") and not _loopback(url):
+            if self.stow_auth and url.startswith("http://") and not _loopback(_url_host(url)):
                 raise ValueError(
                     f"--stow-url {url!r}: credentials go to https:// URLs only (or http:// on this machine's "
                     "loopback), not in clear over the network"
@@ -181,16 +196,23 @@ class ServeConfig:
     def stow_authorization(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The ``Authorization`` header for STOW-RS requests, from the environment variable the options name
         (None without authentication). Raises ValueError, naming the variable only, when it is unset or empty."""
-        name = self.stow_token_env or self.stow_password_env
-        if name is None:
-            return None
-        secret = environ.get(name, "")
-        if not secret:
-            option = "--stow-token-env" if self.stow_token_env else "--stow-password-env"
-            raise ValueError(f"{option} {name}: the environment variable {name} is not set (or empty)")
         if self.stow_token_env:
-            return f"Bearer {secret}"
-        return "Basic " + base64.b64encode(f"{self.stow_user}:{secret}".encode()).decode("ascii")
+            return "Bearer " + _secret("--stow-token-env", self.stow_token_env, environ)
+        if self.stow_password_env:
+            secret = _secret("--stow-password-env", self.stow_password_env, environ)
+            return "Basic " + base64.b64encode(f"{self.stow_user}:{secret}".encode()).decode("ascii")
+        return None
+
+    def status_token(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The bearer token every request to the status port must carry, from the environment variable
+        ``--status-token-env`` names (None without one). Raises ValueError, naming the variable only, when it is
+        unset or empty."""
+        return None if self.status_token_env is None else _secret("--status-token-env", self.status_token_env, environ)
+
+    @property
+    def status_exposed(self) -> bool:
+        """Whether the status port answers anyone who can reach it: no token, on an address beyond loopback."""
+        return self.status_port is not None and self.status_token_env is None and not _loopback(self.host)
 
     @property
     def destinations(self) -> tuple[str, ...]:

@@ -82,6 +82,7 @@ class Node:
             "tls": self.cfg.tls_cert is not None,
             "send_tls": self.cfg.send_tls_ca is not None,
             "stow_auth": self.cfg.stow_auth,  # the scheme only, never the secret
+            "status_auth": "bearer" if self.cfg.status_token_env else None,
             "allow": "any"
             if self.cfg.allow_any
             else [a.aet + (f"@{a.address}" if a.address else "") for a in self.cfg.allow],
@@ -177,18 +178,10 @@ class Node:
         except Exception as exc:  # an SR highdicom refuses, a full disk
             self._fail(key, uid, generation, exc)
             return
-        sr_uid = report.sr_uid if report else None
-        if not self.state.answer(
-            key,
-            generation,
-            sr_uid,
-            report.path if report else None,
-            report.density if report else "",
-            self.cfg.destinations,
-        ):
+        if not self.state.answer(key, generation, report.sr_uid, report.path, report.density, self.cfg.destinations):
             log.info("dens-serve: study %s received more instances while it was scored; scored again when quiet", uid)
             return
-        call = (report.density or "no call (incomplete exam)") if report else "no usable image, no SR"
+        call = report.density or "not assessed (no usable image; the SR says why)"
         log.info(
             "dens-serve: study %s: %d instance(s), %s; scored in %.2f s (with the studies quiet at the time), "
             "SR %s in %.2f s",
@@ -196,10 +189,10 @@ class Node:
             len(instances),
             call,
             scored,
-            sr_uid or "-",
+            report.sr_uid,
             time.perf_counter() - t0,
         )
-        if report and self.cfg.destinations:
+        if self.cfg.destinations:
             self.sender.wake.set()
 
 
@@ -243,7 +236,8 @@ def start(cfg: ServeConfig) -> Node:
     try:
         model = ModelFile.read(cfg.model, "dens-serve")
         how = outgoing(cfg)
-    except ValueError as exc:  # ModelError, a bad destination
+        status_token = cfg.status_token()
+    except ValueError as exc:  # ModelError, a bad destination, an unset token variable
         raise ServeError(str(exc)) from exc
     try:
         rule = parse_flag(cfg.flag)
@@ -292,11 +286,18 @@ def start(cfg: ServeConfig) -> Node:
     sender.start()
     if cfg.status_port is not None:
         try:
-            node._status_server = serve_status(state, cfg.host, cfg.status_port, node.info)
+            node._status_server = serve_status(state, cfg.host, cfg.status_port, node.info, status_token)
         except OSError as exc:
             node.close()
             raise ServeError(
                 f"cannot serve the status on {cfg.host}:{cfg.status_port} ({exc.strerror or exc})"
             ) from exc
         node.status_address = node._status_server.server_address[:2]
+        if cfg.status_exposed:
+            log.warning(
+                "dens-serve: warning: the status on %s:%d answers anyone who can reach %s: give it a token with "
+                "--status-token-env NAME, or keep --host 127.0.0.1",
+                *node.status_address,
+                cfg.host,
+            )
     return node

@@ -22,6 +22,7 @@ import pandas as pd
 
 from dens import labels, sr
 from dens.engine import Decoded, PoolError
+from dens.exams import exam_calls
 from dens.flags import FlagRule
 from dens.preds.aggregate import write_aggregates
 from dens.preds.columns import COLUMNS
@@ -44,7 +45,7 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Report:
-    """A study's SR as written: its instance UID, its file, the exam's call ('' when the exam is incomplete)."""
+    """A study's SR as written: its instance UID, its file, the exam's call ('' when no image was usable)."""
 
     sr_uid: str
     path: Path
@@ -126,26 +127,20 @@ class Pipeline:
         self.writer.write(rows)
         return rows
 
-    def report(self, rows: Sequence[Mapping[str, str]], paths: Sequence[Path], out_dir: Path) -> Report | None:
-        """The density SR of one study from its rows (``paths``: each row's file), written whole into
-        ``out_dir`` as ``<SOP Instance UID>.dcm``; None when no image of it was usable."""
+    def report(self, rows: Sequence[Mapping[str, str]], paths: Sequence[Path], out_dir: Path) -> Report:
+        """The density SR of one study from its rows (``paths``: each row's file), written whole into ``out_dir``
+        as ``<SOP Instance UID>.dcm``. A study none of whose images was usable gets one too, that says it was not
+        assessed and why, image by image: the sender learns it was seen, not lost."""
         frame = pd.DataFrame(list(rows)).astype(str)
         frame[labels.PATH] = [str(p) for p in paths]
         ok = frame[frame[labels.STATUS] == "ok"]
-        if ok.empty:
-            return None
-        headers = dict(zip(ok[labels.PATH], sr.read_headers(list(ok[labels.PATH])), strict=True))
+        cited = frame if ok.empty else ok  # a not-assessed SR cites every image it names
+        headers = dict(zip(cited[labels.PATH], sr.read_headers(list(cited[labels.PATH])), strict=True))
         report = sr.exam_report(frame, headers, self.identity, self.rule)
         path = sr.save(report, out_dir, sr.uid_filename(str(report.SOPInstanceUID), ".dcm"))
-        call = "" if report.CompletionFlag != "COMPLETE" else _exam_density(ok, self.rule)
+        call = "" if ok.empty else str(exam_calls(ok, self.rule)[labels.DENSITY].iloc[0])
         return Report(str(report.SOPInstanceUID), path, call)
 
     def write_aggregates(self) -> None:
         """Rewrite preds.breast.csv and preds.exam.csv from the whole preds.csv."""
         write_aggregates(self.preds, self.rule)
-
-
-def _exam_density(ok: pd.DataFrame, rule: FlagRule) -> str:
-    from dens.exams import exam_calls
-
-    return str(exam_calls(ok, rule)[labels.DENSITY].iloc[0])

@@ -3,8 +3,9 @@
 What it accepts, and why:
 
 * associations from the allowed calling AE titles only (A-ASSOCIATE-RJ "calling AE title not recognised"
-  otherwise), addressed to the node's own AE title; where every allowed title names an address, connections
-  from any other address are closed before a byte of DICOM is read;
+  otherwise), addressed to the node's own AE title ("called AE title not recognised" otherwise); where every
+  allowed title names an address, connections from any other address are closed before a byte of DICOM is
+  read, and where some do, such a title's requests from another address are refused (not authorised);
 * presentation contexts of Digital Mammography X-Ray Image Storage, For Presentation and For Processing (the
   latter are acknowledged and get a skipped row, as dens-infer gives them), and Verification; every other
   SOP class, Breast Tomosynthesis among them, is refused at negotiation (its context rejected: "abstract
@@ -13,6 +14,11 @@ What it accepts, and why:
   class's), or that lacks its UIDs is refused
   (a failure status with the reason in Error Comment, a line in the log and in the status' refusals);
 * anything else is written to the spool (:meth:`State.receive`) before the success status goes back.
+
+Each refusal is a line in the log and a row in the state (the status counts them by reason), its reason
+``code: detail``: ``calling_aet_not_allowed``, ``called_aet_wrong`` (or ``calling_and_called_aet_wrong``),
+``address_not_allowed``, ``too_many_associations`` for associations and connections; ``unreadable_header``,
+``not_mammography``, ``sop_class_mismatch`` and ``missing_uid`` for instances.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import io
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydicom import dcmread
 from pydicom import uid as uids
@@ -68,14 +74,16 @@ def _status(code: int, comment: str) -> Dataset:
 
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server, closing connections from addresses none of the allowed titles names
-    (when every one names an address) before any association is read."""
+    (when every one names an address) before any association is read; ``closed`` is told of each."""
 
     addresses: frozenset[str] | None = None
+    closed: Callable[[str], None] | None = None
 
     def verify_request(self, request, client_address) -> bool:
         if self.addresses is None or client_address[0] in self.addresses:
             return True
-        log.warning("dens-serve: connection from %s closed: no allowed AE title names that address", client_address[0])
+        if self.closed is not None:
+            self.closed(client_address[0])
         return False
 
 
@@ -122,6 +130,7 @@ class StorageSCP:
         )
         if not self.cfg.allow_any and all(a.address for a in self.allow):
             server.addresses = frozenset(a.address for a in self.allow)
+            server.closed = self._closed
         thread = threading.Thread(target=server.serve_forever, name="dens-serve-scp", daemon=True)
         thread.start()
         # As AE.start_server does: the server's shutdown() removes itself from this list.
@@ -143,23 +152,45 @@ class StorageSCP:
         aet, address = self._caller(event)
         return self.cfg.allow_any or any(a.admits(aet, address) for a in self.allow)
 
+    def _not_admitted(self, aet: str, address: str) -> str:
+        """Why an allowed title's request from ``address`` is refused: the addresses it is allowed from."""
+        allowed = sorted(a.address for a in self.allow if a.aet.strip() == aet and a.address)
+        return f"address_not_allowed: {aet!r} is allowed from {', '.join(allowed)} only, not from {address}"
+
+    def _closed(self, address: str) -> None:
+        self._record("a connection", "", address, f"address_not_allowed: no allowed AE title names {address}")
+
     def _rejected(self, event) -> None:
+        """An association pynetdicom rejected: why, from what it was asked (the calling and called titles)."""
+        request = event.assoc.requestor.primitive
         aet, address = self._caller(event)
-        log.warning(
-            "dens-serve: association from %r at %s rejected (not on the allow-list, or not called %s)",
-            aet,
-            address,
-            self.cfg.aet,
-        )
+        called = str(request.called_ae_title).strip()
+        calling_ok = self.cfg.allow_any or any(a.aet.strip() == aet for a in self.allow)
+        called_ok = called == self.cfg.aet.strip()
+        not_allowed = f"{aet!r} is not an allowed calling AE title"
+        wrong_called = f"called {called!r}, this node is {self.cfg.aet!r}"
+        if not calling_ok and not called_ok:
+            reason = f"calling_and_called_aet_wrong: {not_allowed}, and it {wrong_called}"
+        elif not calling_ok:
+            reason = f"calling_aet_not_allowed: {not_allowed}"
+        elif not called_ok:
+            reason = f"called_aet_wrong: {wrong_called}"
+        else:  # the only other rejection the node's AE makes
+            reason = f"too_many_associations: {self.ae.maximum_associations} already open"
+        self._record("an association", aet, address, reason)
 
     def _echo(self, event) -> int:
-        return SUCCESS if self._admitted(event) else NOT_AUTHORISED
+        if self._admitted(event):
+            return SUCCESS
+        aet, address = self._caller(event)
+        self._record("a C-ECHO", aet, address, self._not_admitted(aet, address))
+        return NOT_AUTHORISED
 
     def _store(self, event) -> int | Dataset:
         aet, address = self._caller(event)
         claimed = str(event.request.AffectedSOPInstanceUID or "")
         if not self._admitted(event):
-            return self._refuse(aet, address, claimed, NOT_AUTHORISED, f"{aet!r} is not allowed from {address}")
+            return self._refuse(aet, address, claimed, NOT_AUTHORISED, self._not_admitted(aet, address))
         try:
             data = event.encoded_dataset(include_meta=True)
             ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -168,14 +199,16 @@ class StorageSCP:
             sop_class = str(ds.get("SOPClassUID", ""))
         except Exception as exc:  # a header pydicom cannot parse: the node refuses it and carries on
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return self._refuse(aet, address, claimed, CANNOT_UNDERSTAND, f"unreadable header: {first}")
+            return self._refuse(aet, address, claimed, CANNOT_UNDERSTAND, f"unreadable_header: {first}")
         # An absent Modality is taken from the SOP class (anonymised archives, RSNA's among them, drop it).
         if modality and modality != "MG":
             return self._refuse(aet, address, sop_uid, MISMATCH, f"not_mammography: Modality {modality}, not MG")
         if sop_class != event.context.abstract_syntax:
-            return self._refuse(aet, address, sop_uid, MISMATCH, f"SOP Class {sop_class} is not the context's")
+            return self._refuse(
+                aet, address, sop_uid, MISMATCH, f"sop_class_mismatch: {sop_class} is not the context's"
+            )
         if not study_uid or not sop_uid:
-            return self._refuse(aet, address, sop_uid, MISMATCH, "no StudyInstanceUID or SOPInstanceUID")
+            return self._refuse(aet, address, sop_uid, MISMATCH, "missing_uid: no StudyInstanceUID or SOPInstanceUID")
         try:
             added = self.state.receive(study_uid, sop_uid, data, aet, address)
         except OSError as exc:  # a full or unwritable spool: the sender keeps the instance and retries
@@ -188,6 +221,9 @@ class StorageSCP:
         return SUCCESS
 
     def _refuse(self, aet: str, address: str, sop_uid: str, code: int, reason: str) -> Dataset:
-        log.warning("dens-serve: refused an instance from %r at %s: %s", aet, address, reason)
-        self.state.refuse(aet, address, sop_uid, reason)
+        self._record("an instance", aet, address, reason, sop_uid)
         return _status(code, reason)
+
+    def _record(self, what: str, aet: str, address: str, reason: str, sop_uid: str | None = None) -> None:
+        log.warning("dens-serve: refused %s from %s: %s", what, f"{aet!r} at {address}" if aet else address, reason)
+        self.state.refuse(aet or None, address, reason, sop_uid)

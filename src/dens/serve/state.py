@@ -34,14 +34,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dens import labels
 from dens.files import atomic_write, fsync_dir
 
 DB_NAME, SPOOL, SR_DIR, PREDS, LOCK = "serve.db", "spool", "sr", "preds.csv", "serve.lock"
 RECEIVING, ANSWERED, FAILED = "receiving", "answered", "failed"
 PENDING, SENT = "pending", "sent"
-_RECENT = 10  # errors, refusals and failed sends listed in the status
+# An instance's preds.csv status (ok, skipped, error; NULL until it is scored), as the status counts it.
+ROW_STATUS = f"json_extract(row, '$.{labels.STATUS}')"
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS studies (
     study_key TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, generation INTEGER NOT NULL,
     first_received REAL NOT NULL, last_received REAL NOT NULL, answered REAL, sr_uid TEXT, density TEXT,
@@ -50,10 +52,12 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_key TEXT PRIMARY KEY, study_key TEXT NOT NULL, sop_uid TEXT NOT NULL, path TEXT NOT NULL,
     calling_aet TEXT, address TEXT, received REAL NOT NULL, row TEXT);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_key);
+CREATE INDEX IF NOT EXISTS instances_status ON instances ({ROW_STATUS});
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, study_key TEXT NOT NULL, sr_uid TEXT NOT NULL, sr_path TEXT NOT NULL,
     destination TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL,
     last_error TEXT, created REAL NOT NULL, sent REAL, UNIQUE (sr_uid, destination));
+CREATE INDEX IF NOT EXISTS outbox_study ON outbox (study_key);
 CREATE TABLE IF NOT EXISTS refused (
     id INTEGER PRIMARY KEY, time REAL NOT NULL, calling_aet TEXT, address TEXT, sop_uid TEXT, reason TEXT);
 CREATE TABLE IF NOT EXISTS errors (id INTEGER PRIMARY KEY, time REAL NOT NULL, study_uid TEXT, message TEXT);
@@ -141,7 +145,8 @@ class State:
                 raise
             self._db.execute("COMMIT")
 
-    def _query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+    def read(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        """The rows a query gives (a query that changes nothing: the status' and audits')."""
         with self._lock:
             return self._db.execute(sql, tuple(args)).fetchall()
 
@@ -151,7 +156,7 @@ class State:
         return self.spool / key("study", study_uid) / f"{key('sop', sop_uid)}.dcm"
 
     def knows(self, sop_uid: str) -> bool:
-        return bool(self._query("SELECT 1 FROM instances WHERE sop_key = ?", [key("sop", sop_uid)]))
+        return bool(self.read("SELECT 1 FROM instances WHERE sop_key = ?", [key("sop", sop_uid)]))
 
     def receive(self, study_uid: str, sop_uid: str, data: bytes, calling_aet: str = "", address: str = "") -> bool:
         """Spool one instance durably and record it; False when it was already there (stored once)."""
@@ -184,7 +189,8 @@ class State:
                 )
         return bool(added)
 
-    def refuse(self, calling_aet: str, address: str, sop_uid: str, reason: str) -> None:
+    def refuse(self, calling_aet: str | None, address: str, reason: str, sop_uid: str | None = None) -> None:
+        """Record a refused association, connection or instance; ``reason`` is ``code: detail``."""
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO refused (time, calling_aet, address, sop_uid, reason) VALUES (?, ?, ?, ?, ?)",
@@ -192,13 +198,13 @@ class State:
             )
 
     def known_paths(self) -> set[str]:
-        return {p for (p,) in self._query("SELECT path FROM instances")}
+        return {p for (p,) in self.read("SELECT path FROM instances")}
 
     # --- scoring --------------------------------------------------------------------------------------------
 
     def stable_studies(self, quiet_seconds: float, limit: int = 16) -> list[str]:
         """The studies quiet for ``quiet_seconds`` (their keys), those that have waited longest first."""
-        found = self._query(
+        found = self.read(
             "SELECT study_key FROM studies WHERE state = ? AND last_received <= ? ORDER BY last_received LIMIT ?",
             [RECEIVING, time.time() - quiet_seconds, limit],
         )
@@ -272,7 +278,7 @@ class State:
     # --- sending --------------------------------------------------------------------------------------------
 
     def due(self, limit: int = 16) -> list[Send]:
-        found = self._query(
+        found = self.read(
             "SELECT id, study_key, sr_uid, sr_path, destination, attempts FROM outbox "
             "WHERE state = ? AND next_try <= ? ORDER BY next_try LIMIT ?",
             [PENDING, time.time(), limit],
@@ -295,80 +301,16 @@ class State:
 
     def next_send_in(self) -> float | None:
         """Seconds until the next outbox entry is due (0 when one is due now); None when none is pending."""
-        found = self._query("SELECT MIN(next_try) FROM outbox WHERE state = ?", [PENDING])[0][0]
+        found = self.read("SELECT MIN(next_try) FROM outbox WHERE state = ?", [PENDING])[0][0]
         return None if found is None else max(0.0, found - time.time())
 
-    # --- what the status shows ------------------------------------------------------------------------------
-
-    def status(self) -> dict:
-        """Counts, the last study answered, recent errors, the outbox and recent refusals (JSON-ready)."""
-        q = self._query
-        studies = dict(q("SELECT state, COUNT(*) FROM studies GROUP BY state"))
-        last = q(
-            "SELECT s.study_uid, s.answered, s.density, s.sr_uid, s.last_received, "
-            "(SELECT COUNT(*) FROM instances i WHERE i.study_key = s.study_key) "
-            "FROM studies s WHERE s.state = ? ORDER BY s.answered DESC LIMIT 1",
-            [ANSWERED],
-        )
-        outbox = dict(q("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
-        return {
-            "instances_received": q("SELECT COUNT(*) FROM instances")[0][0],
-            "queue_depth": {
-                "studies": studies.get(RECEIVING, 0),
-                "instances": q("SELECT COUNT(*) FROM instances WHERE row IS NULL")[0][0],
-            },
-            "studies": {
-                RECEIVING: studies.get(RECEIVING, 0),
-                ANSWERED: studies.get(ANSWERED, 0),
-                FAILED: studies.get(FAILED, 0),
-            },
-            "studies_processed": studies.get(ANSWERED, 0),
-            "last_study": None
-            if not last
-            else {
-                "study_uid": last[0][0],
-                "answered": _iso(last[0][1]),
-                "density": last[0][2] or None,
-                "sr_uid": last[0][3],
-                "last_instance": _iso(last[0][4]),
-                "instances": last[0][5],
-            },
-            "errors": {
-                "count": q("SELECT COUNT(*) FROM errors")[0][0],
-                "recent": [
-                    {"time": _iso(t), "study_uid": u, "message": m}
-                    for t, u, m in q("SELECT time, study_uid, message FROM errors ORDER BY id DESC LIMIT ?", [_RECENT])
-                ],
-            },
-            "outbox": {
-                PENDING: outbox.get(PENDING, 0),
-                SENT: outbox.get(SENT, 0),
-                "retrying": [
-                    {"destination": d, "sr_uid": u, "attempts": a, "last_error": e, "next_try": _iso(n)}
-                    for d, u, a, e, n in q(
-                        "SELECT destination, sr_uid, attempts, last_error, next_try FROM outbox "
-                        "WHERE state = ? AND attempts > 0 ORDER BY next_try LIMIT ?",
-                        [PENDING, _RECENT],
-                    )
-                ],
-            },
-            "refused": {
-                "count": q("SELECT COUNT(*) FROM refused")[0][0],
-                "recent": [
-                    {"time": _iso(t), "calling_aet": a, "address": h, "sop_uid": s, "reason": r}
-                    for t, a, h, s, r in q(
-                        "SELECT time, calling_aet, address, sop_uid, reason FROM refused ORDER BY id DESC LIMIT ?",
-                        [_RECENT],
-                    )
-                ],
-            },
-        }
+    # --- what the state holds -----------------------------------------------------------------------------
 
     def timeline(self) -> list[dict]:
         """Per answered study: its instance count, last instance received, answer, and each send (for
         benchmarks and audits)."""
         sends: dict[str, list[dict]] = {}
-        for study_key, destination, state, attempts, created, sent in self._query(
+        for study_key, destination, state, attempts, created, sent in self.read(
             "SELECT study_key, destination, state, attempts, created, sent FROM outbox ORDER BY id"
         ):
             sends.setdefault(study_key, []).append(
@@ -384,14 +326,10 @@ class State:
                 "sr_uid": sr_uid,
                 "sends": sends.get(study_key, []),
             }
-            for study_key, uid, n, last, answered, density, sr_uid in self._query(
+            for study_key, uid, n, last, answered, density, sr_uid in self.read(
                 "SELECT s.study_key, s.study_uid, (SELECT COUNT(*) FROM instances i WHERE i.study_key = s.study_key), "
                 "s.last_received, s.answered, s.density, s.sr_uid FROM studies s WHERE s.state = ? "
                 "ORDER BY s.answered",
                 [ANSWERED],
             )
         ]
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

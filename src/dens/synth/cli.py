@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dens import show_progress
+from dens import counted, show_progress
 from dens.synth.runner import MAX_SEED, SIZES, SynthConfig, run
 
 
@@ -35,6 +35,6 @@ def main(progress: bool | None, **options) -> None:
         raise click.UsageError(str(exc)) from exc
     elapsed = time.perf_counter() - start
     click.echo(
-        f"dens-synth: {len(table)} files, {cfg.patients} patients in {elapsed:.1f} s "
+        f"dens-synth: {counted(len(table), 'file')}, {counted(cfg.patients, 'patient')} in {elapsed:.1f} s "
         f"({len(table) / elapsed:.1f} img/s); labels in {cfg.out / 'train.csv'}"
     )

@@ -18,7 +18,7 @@ import yaml
 from click.core import ParameterSource
 
 from dens import runs, show_progress
-from dens.train import config, loop, report
+from dens.train import config, report
 from dens.train.config import TrainConfig
 
 DEFAULTS: dict = TrainConfig().to_dict()  # the recipe lives in one place
@@ -147,6 +147,8 @@ def _read_yaml(path: Path, ctx: click.Context) -> dict:
 def main(ctx: click.Context, config_file: Path | None, **options) -> None:
     """Fine-tune a density classifier and write a run directory: best.pt, last.pt, metrics.json, split.csv,
     config.yaml and plots."""
+    from dens.train import loop  # here: torch is imported once the options are known to be good
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     options["progress"] = show_progress(options["progress"])  # a display choice, never taken from a config

@@ -1,7 +1,8 @@
 """TrainConfig: every setting of a training run and the choices each one takes.
 
 The defaults are the seed recipe; ``dens-train``'s options take their defaults and choice lists from here,
-and a run writes its config to ``config.yaml``. Which architectures exist is :mod:`dens.artifact.model`'s to say.
+and a run writes its config to ``config.yaml``. Which architectures exist is :mod:`dens.artifact.metadata`'s to
+say. Nothing here imports torch: the command's usage errors answer without it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dens.artifact import model
+from dens.artifact.metadata import ARCHS
 from dens.route.config import HEIGHT, VERSION, VERSIONS, WIDTH
 from dens.scoring import TORCH_DEVICES as DEVICES
 
-ARCHS: tuple[str, ...] = tuple(model.ARCHS)
 OPTIMIZERS = ("adam", "adamw")
 BALANCES = ("weighted-loss", "sampler", "none")
 

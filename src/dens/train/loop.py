@@ -24,8 +24,9 @@ from tqdm import tqdm
 import dens
 from dens import labels, runs
 from dens.artifact import modelcard
-from dens.artifact.model import Checkpoint, build_model, load_checkpoint, save_checkpoint, softmax
+from dens.artifact.model import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from dens.figures import evaluation, metrics, plots
+from dens.figures.metrics import softmax
 from dens.labels import CLASSES
 from dens.route.preprocess import PreprocessConfig
 from dens.train import card, data, distributed, inputs
@@ -450,11 +451,17 @@ def run(cfg: TrainConfig, *, should_stop: Callable[[int, int], bool] | None = No
         raise ValueError("no --data given: name a dens-synth folder, an RSNA folder or a labels CSV")
     ranks = setup_ranks(cfg.device)
     out = Path(cfg.out)
+    made: list[Path] = []  # the folders this run creates, the run folder first
     if ranks.main:
         _check_out(out, cfg.resume)
+        made = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
     ranks.barrier()
-    trainer = Trainer(cfg, ranks, out)
+    try:
+        trainer = Trainer(cfg, ranks, out)
+    except BaseException:
+        _remove_empty(made)
+        raise
     progress = trainer.progress
     with _StopRequest(should_stop) as stop:
         while progress.epoch < cfg.epochs:
@@ -464,6 +471,16 @@ def run(cfg: TrainConfig, *, should_stop: Callable[[int, int], bool] | None = No
             if progress.epoch < cfg.epochs and stop(progress.epoch - 1, -1, ranks):
                 return {"interrupted": True, "epoch": progress.epoch, "step": 0, "out": str(out)}
     return trainer.finish()
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a failed run made (the run folder, then those above it) while they are empty: never
+    one that holds anything, or that was there before."""
+    for folder in made:
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
 
 
 def _seed(*key: int) -> int:

@@ -16,7 +16,8 @@ from dens.verdicts.runner import VerdictsConfig, VerdictsError, run
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write EXAMS_CSV with the columns verdict, reviewer_density and reviewed_at here [default: report only].",
+    help="Write EXAMS_CSV with the columns verdict, reviewer_density, reviewed_at and reviewer here "
+    "[default: report only].",
 )
 def main(exams_csv: Path, verdicts_csv: Path, out: Path | None) -> None:
     """Merge a reviewer's verdicts (the review page's 'Export verdicts' CSV) into EXAMS_CSV (dens-infer's

@@ -3,9 +3,10 @@ model and reviewer agree (the figures the field accepts such tools on).
 
 The page exports one row per reviewed exam (:data:`dens.review.page.VERDICT_COLUMNS`): the exam key as
 preds.exam.csv writes it (``exam``, with the patient ID, accession and study UID it showed), the call the
-reviewer saw, ``agree`` or ``disagree``, and the category the reviewer would give. A verdict whose exam is
-not in preds.exam.csv, or whose identity or call differs from that exam's row there (the page of another
-run, a file edited since), is an error: a merge never pairs a verdict with the wrong exam.
+reviewer saw, ``agree`` or ``disagree``, the category the reviewer would give, and who the reviewer is
+(``reviewer``; an export from before the page asked has no such column, and merges with it empty). A verdict
+whose exam is not in preds.exam.csv, or whose identity or call differs from that exam's row there (the page of
+another run, a file edited since), is an error: a merge never pairs a verdict with the wrong exam.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dens import exams, labels
+from dens import counted, exams, labels
 from dens.agreement import weighted_kappa
 from dens.files import atomic_write
-from dens.review.page import AGREE, DISAGREE, MODEL_DENSITY, REVIEWED_AT, REVIEWER_DENSITY, VERDICT
+from dens.review.page import AGREE, DISAGREE, MODEL_DENSITY, REVIEWED_AT, REVIEWER, REVIEWER_DENSITY, VERDICT
 
-MERGED_COLUMNS = (VERDICT, REVIEWER_DENSITY, REVIEWED_AT)
+MERGED_COLUMNS = (VERDICT, REVIEWER_DENSITY, REVIEWED_AT, REVIEWER)
 _REQUIRED = (exams.EXAM, VERDICT, REVIEWER_DENSITY)
 _LISTED = 10  # errors named in a message; the rest counted
 
@@ -48,7 +49,8 @@ class Agreement:
 
     ``accepted``: verdicts ``agree``; ``categorised``: verdicts with the reviewer's category (every
     ``agree``, and each ``disagree`` that gives one); ``dense_agree``: of those, the exams both call on the
-    same side of the dense line (A/B against C/D); ``confusion``: counts [model, reviewer] over A-D.
+    same side of the dense line (A/B against C/D); ``confusion``: counts [model, reviewer] over A-D;
+    ``reviewers``: each reviewer's name and verdict count, most verdicts first (none: an export without names).
     """
 
     exams: int
@@ -57,6 +59,7 @@ class Agreement:
     categorised: int
     dense_agree: int
     confusion: np.ndarray = field(repr=False)
+    reviewers: tuple[tuple[str, int], ...] = ()
 
     @property
     def accepted_share(self) -> float:
@@ -77,13 +80,15 @@ class Agreement:
         table = ["  model \\ reviewer " + "".join(f"{c:>{width}}" for c in classes)]
         for k, c in enumerate(classes):
             table.append(f"  {c:<17}" + "".join(f"{n:>{width}}" for n in self.confusion[k]))
+        by = ", ".join(f"{name} ({n})" for name, n in self.reviewers)
         return [
-            f"{self.reviewed} of {self.exams} exams reviewed",
+            f"{self.reviewed} of {counted(self.exams, 'exam')} reviewed",
+            *([f"reviewed by {by}"] if by else []),
             f"accepted (agree): {self.accepted} of {self.reviewed} ({_pct(self.accepted_share)})",
             f"dense/non-dense agreement: {self.dense_agree} of {self.categorised} ({_pct(self.dense_share)})",
             f"Cohen's kappa over A-D, linear weights: {self.kappa('linear'):.3f} "
             f"(quadratic {self.kappa('quadratic'):.3f}, unweighted {self.kappa(None):.3f}) over "
-            f"{self.categorised} exams",
+            f"{counted(self.categorised, 'exam')}",
             "counts:",
             *table,
         ]
@@ -100,6 +105,7 @@ class Agreement:
             "kappa_linear": self.kappa("linear"),
             "kappa_quadratic": self.kappa("quadratic"),
             "confusion": self.confusion.tolist(),
+            "reviewers": dict(self.reviewers),
         }
 
 
@@ -160,6 +166,7 @@ def merge(exam_table: pd.DataFrame, verdicts: pd.DataFrame) -> tuple[pd.DataFram
                 VERDICT: verdict,
                 REVIEWER_DENSITY: density or (row[labels.DENSITY] if verdict == AGREE else ""),
                 REVIEWED_AT: v.get(REVIEWED_AT, ""),
+                REVIEWER: v.get(REVIEWER, "").strip(),
             }
     if problems:
         listed = "\n  ".join(problems[:_LISTED])
@@ -194,6 +201,9 @@ def agreement(merged: pd.DataFrame) -> Agreement:
         categorised=len(categorised),
         dense_agree=int(dense_agree),
         confusion=confusion,
+        reviewers=tuple((str(name), int(n)) for name, n in reviewed[REVIEWER].value_counts().items() if name)
+        if REVIEWER in reviewed
+        else (),
     )
 
 
