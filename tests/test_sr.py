@@ -482,3 +482,15 @@ def test_dens_infer_sr_with_plain_images_reports_the_dicom_exams_and_goes_on(syn
     assert {dcmread(p).StudyInstanceUID for p in reports.glob("*.sr.dcm")} == dicom_exams
     assert "1 plain-image row" in done.stderr and "left out of the SRs" in done.stderr
     assert report.report_path(out).is_file()
+
+
+def test_a_side_imaged_in_no_standard_view_is_named_by_its_views_not_as_missing():
+    # A plain image with a side but no view (or an exam of only a spot view) has that breast: the page and the
+    # SR name the views it lacks, never "no left breast image".
+    from dens.exams import describe_missing
+
+    lacks = ["L-CC", "L-MLO", "R-CC", "R-MLO"]
+    assert describe_missing(lacks, ["L"]) == "no right breast image; missing L-CC, L-MLO"
+    assert describe_missing(lacks) == "no left breast image; no right breast image"
+    assert describe_missing(["R-MLO"], ["L", "R"]) == "missing R-MLO"
+    assert describe_missing([]) == ""

@@ -23,7 +23,7 @@ Rows are preds.csv's, as strings; torch-free, so dens-infer never imports torch 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,12 +129,14 @@ def missing_views(breast_calls: pd.DataFrame) -> list[str]:
 SIDE_NAMES = {"L": "left", "R": "right"}
 
 
-def describe_missing(missing: Sequence[str]) -> str:
+def describe_missing(missing: Sequence[str], imaged: Collection[str] = ()) -> str:
     """What an exam (or a breast) lacks of the standard views, as the SR's comments and the review page say it:
-    a side with neither view as the side (``no right breast image``), other views by name (``missing L-MLO``);
-    '' when nothing is missing."""
+    a side with neither view and no other image (``imaged``: the sides that have one, of any view) as the side
+    (``no right breast image``), other views by name (``missing L-MLO``); '' when nothing is missing."""
     gone = set(missing)
-    sides = [s for s in SIDE_NAMES if all(f"{s}-{v}" in gone for side, v in STANDARD_VIEWS if side == s)]
+    sides = [
+        s for s in SIDE_NAMES if s not in imaged and all(f"{s}-{v}" in gone for side, v in STANDARD_VIEWS if side == s)
+    ]
     views = [v for v in missing if v.split("-")[0] not in sides]
     parts = [f"no {SIDE_NAMES[s]} breast image" for s in sides]
     return "; ".join(parts + ([f"missing {', '.join(views)}"] if views else []))

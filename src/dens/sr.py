@@ -294,14 +294,17 @@ def _calls(
         notes = []
         if lacks:
             views = ", ".join(_split(breast[exams.VIEWS])) or "of unknown view"
-            notes.append(f"Incomplete breast ({exams.describe_missing(lacks)}): its composition is from {views}")
+            notes.append(
+                f"Incomplete breast ({exams.describe_missing(lacks, [side])}): its composition is from {views}"
+            )
         sources = [headers[p] for p in ok[ok[labels.LATERALITY] == side][labels.PATH]]
         groups.append(_group(f"breast {side or 'unknown'}", side, sources, breast, algorithm, notes))
     missing = _split(exam_call[exams.MISSING_VIEWS])
     notes = []
     if missing:
         notes.append(
-            f"Incomplete screening exam ({exams.describe_missing(missing)}): the exam's composition is the denser "
+            f"Incomplete screening exam ({exams.describe_missing(missing, set(breast_calls[labels.LATERALITY]))}): "
+            "the exam's composition is the denser "
             "breast's of those imaged"
         )
     # The exam's finding site: both breasts, or the one an exam of one breast has (a mastectomy).

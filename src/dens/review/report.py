@@ -290,7 +290,8 @@ def _exam_row(
     sort_value = f"{p_dense:.6f}" if p_dense == p_dense else "-1"
     sides = " · ".join(f"{s} {call[f'density_{s}']}" for s in ("R", "L") if call[f"density_{s}"])
     # An incomplete exam is called on the breasts it has: under its call, what it lacks, in the SR's words.
-    missing = exams.describe_missing([v for v in call[exams.MISSING_VIEWS].split(";") if v])
+    imaged = [s for s in ("L", "R") if call[f"density_{s}"]]
+    missing = exams.describe_missing([v for v in call[exams.MISSING_VIEWS].split(";") if v], imaged)
     missing_html = f'<div class="sides">{_e(missing)}</div>' if missing else ""
     tds = "".join(f'<td class="view">{"".join(cells[slot])}</td>' for slot in (*VIEW_SLOTS, None))
     data = {
