@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REAL_MAMMO, REAL_MAMMO_ENV, RESULTS, machine, shown
+from common import REAL_MAMMO, REAL_MAMMO_ENV, RESULTS, command, machine, shown
 from dens.qc.sheet import contact_sheet
 from dens.route import geometry, preprocess
 from dens.route.config import PreprocessConfig
@@ -233,7 +233,7 @@ def main() -> None:
     record = {
         "benchmark": "canonical",
         "machine": machine(),
-        "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
         "settings": {
             "real": shown(args.real),
             "routes": {name: cfg.to_dict() for name, cfg in ROUTES.items()},

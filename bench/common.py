@@ -131,6 +131,19 @@ def shown(path: Path | str) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 
 
+def command() -> str:
+    """The command that ran, as a result file records it: an absolute path in its arguments is cut to its
+    folder and file name, so that no result names a folder of the machine that made it."""
+
+    def shown(arg: str) -> str:
+        option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if Path(value).is_absolute():
+            value = Path(*Path(value).parts[-2:]).as_posix()
+        return f"{option}{eq}{value}"
+
+    return "python bench/" + " ".join([Path(sys.argv[0]).name, *map(shown, sys.argv[1:])])
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write ``payload`` plus machine info to bench/results/<name>-<host>-<timestamp>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -143,7 +156,7 @@ def write_result(name: str, payload: dict) -> Path:
         "benchmark": name,
         "date": stamp,
         "machine": info,
-        "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
         "load_average_end": list(os.getloadavg()),
         **payload,
     }

@@ -44,7 +44,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless, generate_uid
 
-from common import REPO, RESULTS, export_models, machine
+from common import REPO, RESULTS, command, export_models, machine
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 HUGE = 60000
@@ -297,7 +297,7 @@ def main() -> None:
         "name": "hostile",
         "date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "machine": machine(),
-        "command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command(),
         "load_average_end": list(os.getloadavg()),
         "settings": {"patients": args.patients, "good_files": len(good), "workers": args.workers},
         "hostile_file_costs": costs,

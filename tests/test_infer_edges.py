@@ -442,7 +442,8 @@ def test_every_row_records_the_preprocessing_of_the_model_that_made_it(model, tm
     meta["preprocess"].update(crop=False, orient=False)
     prop.value = json.dumps(meta)
     onnx.save(edited, str(tmp_path / "edited.onnx"))
-    infer(studies, tmp_path / "edited.csv", tmp_path / "edited.onnx")
+    # An edited model is refused unless allowed (tests/test_model_signature.py); allowed, its rows say so.
+    infer(studies, tmp_path / "edited.csv", tmp_path / "edited.onnx", allow_modified_model=True)
     changed = read(tmp_path / "edited.csv").iloc[0]
     assert "crop=false" in changed["preprocess"] and "orient=false" in changed["preprocess"]
     assert changed["model_sha256"] != row["model_sha256"]

@@ -400,19 +400,26 @@ def test_the_real_samples_go_through_the_node_into_valid_srs(node, real_mammo):
     assert len(mine) == len(files) and set(mine[labels.STATUS]) == {"ok"}
 
 
-def test_orthanc_sends_a_study_and_receives_its_sr(node, orthanc, tmp_path):
-    study, files = make_study(tmp_path / "study", PatientID="P-ORTHANC")
+def send_from_orthanc(orthanc: str, study: str, files) -> dict:
+    """Upload ``files`` to Orthanc, then have Orthanc C-STORE their study to the node (its modality 'dens');
+    Orthanc's job report."""
     for f in files:
         rest(f"{orthanc}/instances", f.read_bytes())
     orthanc_study = rest(f"{orthanc}/tools/lookup", study.encode())[0]["ID"]
-    job = rest(f"{orthanc}/modalities/dens/store", {"Resources": [orthanc_study], "Synchronous": True})
+    return rest(f"{orthanc}/modalities/dens/store", {"Resources": [orthanc_study], "Synchronous": True})
+
+
+def srs_in_orthanc(orthanc: str, study: str) -> list:
+    """The SR instances Orthanc holds for ``study``."""
+    query = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+    return rest(f"{orthanc}/tools/find", query)
+
+
+def test_orthanc_sends_a_study_and_receives_its_sr(node, orthanc, tmp_path):
+    study, files = make_study(tmp_path / "study", PatientID="P-ORTHANC")
+    job = send_from_orthanc(orthanc, study, files)
     assert job["InstancesCount"] == 4 and job["FailedInstancesCount"] == 0
-
-    def sr_in_orthanc():
-        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
-        return rest(f"{orthanc}/tools/find", query)
-
-    found = wait_for("the SR in Orthanc", sr_in_orthanc)
+    found = wait_for("the SR in Orthanc", lambda: srs_in_orthanc(orthanc, study))
     assert len(found) == 1  # sent by C-STORE and by STOW-RS: one instance (its UID is the study's and sources')
     path = tmp_path / "sr.dcm"
     path.write_bytes(rest(f"{orthanc}/instances/{found[0]}/file"))

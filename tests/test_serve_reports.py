@@ -21,6 +21,8 @@ from test_serve import (  # the node and Orthanc fixtures, shared
     preds,
     referenced,
     rest,
+    send_from_orthanc,
+    srs_in_orthanc,
     wait_for,
 )
 
@@ -52,17 +54,9 @@ def test_a_study_without_a_usable_image_gets_a_not_assessed_sr_at_the_pacs(node,
             **patient,
         ),
     ]
-    for f in files:
-        rest(f"{orthanc}/instances", f.read_bytes())
-    orthanc_study = rest(f"{orthanc}/tools/lookup", study.encode())[0]["ID"]
-    job = rest(f"{orthanc}/modalities/dens/store", {"Resources": [orthanc_study], "Synchronous": True})
+    job = send_from_orthanc(orthanc, study, files)
     assert job["InstancesCount"] == 2 and job["FailedInstancesCount"] == 0
-
-    def sr_in_orthanc():
-        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
-        return rest(f"{orthanc}/tools/find", query)
-
-    found = wait_for("the not-assessed SR in Orthanc", sr_in_orthanc)
+    found = wait_for("the not-assessed SR in Orthanc", lambda: srs_in_orthanc(orthanc, study))
     assert len(found) == 1
     path = tmp_path / "sr.dcm"
     path.write_bytes(rest(f"{orthanc}/instances/{found[0]}/file"))

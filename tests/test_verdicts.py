@@ -121,7 +121,7 @@ def test_the_reviewer_is_merged_and_exports_without_the_column_still_merge(tmp_p
         (verdict(3, "maybe", "D"), "neither agree nor disagree"),
         (verdict(3, "disagree", "E"), "not one of A-D"),
         (verdict(3, "agree", "B"), "agrees with D but gives B"),
-        (verdict(0, "agree", "A"), "a second verdict"),  # beside the good one for exam 0 below
+        (verdict(0, "agree", "C", model_density="B"), "the call 'B' (the CSV calls 'A')"),  # a repeat, refused too
     ],
 )
 def test_verdicts_that_fit_no_exam_are_errors_and_nothing_is_merged(tmp_path, bad, message):

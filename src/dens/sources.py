@@ -6,14 +6,17 @@ paths, and ``--shard i/N``.
   (``dens.route.dicom.read``), so a non-DICOM file becomes a ``skipped`` row, not a silent omission. Paths are
   ``str``; a name that is not UTF-8 carries its bytes as ``surrogateescape`` characters, as ``os`` gives it.
 * A manifest is a CSV or Parquet file with a ``path`` column, the way archives are exported. Its relative
-  paths are relative to its own folder. It is read in chunks, so a manifest of millions of paths is never
-  held whole. Identity columns, where it has them (patient, accession, study, series, SOP, laterality, view:
-  dens's names, and those public sets and DICOM use, :data:`IDENTITY_ALIASES`), travel with each path
-  (:attr:`Entry.identity`) to its row: a plain image has no header, so they are all it has.
-  :func:`fill_identity` says how they meet what a file's header says.
-* ``--shard i/N`` takes the files whose path hashes to ``i`` modulo ``N`` (CRC-32 of the path as written:
-  the same on every machine and every run), so N array jobs of a scheduler without Ray (Slurm, Kubernetes)
-  split an archive between them with no coordination, and ``dens-merge`` joins their outputs.
+  paths are relative to its own folder, and each is resolved (``os.path.realpath``), so however a file is
+  spelt (``a/../x``, its absolute path, a symlink) it is one file: listed twice, it is taken once, and the
+  repeats are counted (:class:`Repeats`). It is read in chunks, so a manifest of millions of paths is never
+  held whole (only the set of its resolved paths). Identity columns, where it has them (patient, accession,
+  study, series, SOP, laterality, view: dens's names, and those public sets and DICOM use,
+  :data:`IDENTITY_ALIASES`), travel with each path (:attr:`Entry.identity`) to its row: a plain image has no
+  header, so they are all it has. :func:`fill_identity` says how they meet what a file's header says.
+* ``--shard i/N`` takes the files whose path hashes to ``i`` modulo ``N`` (CRC-32 of the path as the walk
+  writes it, or of a manifest's resolved path: the same on every machine and every run), so N array jobs of a
+  scheduler without Ray (Slurm, Kubernetes) split an archive between them with no coordination, and
+  ``dens-merge`` joins their outputs.
 
 Standard library and pandas only: dens-infer's main process imports this, and never the decoders.
 """
@@ -87,6 +90,9 @@ class ManifestError(ValueError):
     """A manifest that cannot be read as one (no ``path`` column, not CSV or Parquet)."""
 
 
+MAX_SHARDS = 100_000  # more shards than an archive has files is a typo, not a plan: each would be empty
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard ``index`` of ``count`` (0-based): the files whose path's CRC-32 is ``index`` modulo ``count``."""
@@ -95,17 +101,22 @@ class Shard:
     count: int = 1
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"shard {self.index}/{self.count}: needs 0 <= i < N (e.g. --shard 0/4 ... 3/4)")
+        if not 1 <= self.count <= MAX_SHARDS or not 0 <= self.index < self.count:
+            raise ValueError(
+                f"shard {self.index}/{self.count}: needs 0 <= i < N <= {MAX_SHARDS} (e.g. --shard 0/4 ... 3/4)"
+            )
 
     @classmethod
     def parse(cls, text: str | None) -> Shard:
-        """``"i/N"`` (e.g. ``"2/8"``); None or ``""``: the whole archive."""
+        """``"i/N"`` (e.g. ``"2/8"``) in ASCII digits; None or ``""``: the whole archive."""
         if not text:
             return cls()
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*/\s*([0-9]{1,6})\s*", text, re.ASCII)
         if not match:
-            raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4 (shards 0/4 to 3/4 cover the archive)")
+            raise ValueError(
+                f"--shard {text!r}: expected i/N in ASCII digits with N at most {MAX_SHARDS}, e.g. 0/4 (shards 0/4 "
+                "to 3/4 cover the archive)"
+            )
         return cls(int(match.group(1)), int(match.group(2)))
 
     @property
@@ -122,21 +133,61 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def entries(studies: str | os.PathLike, exclude=(), shard: Shard | None = None) -> Iterator[Entry]:
+@dataclass
+class Repeats:
+    """How many of a manifest's entries named a file it had listed already (and were dropped), as counted by
+    the last pass of :func:`entries` that reached the manifest's end."""
+
+    count: int = 0
+
+
+def entries(
+    studies: str | os.PathLike, exclude=(), shard: Shard | None = None, repeats: Repeats | None = None
+) -> Iterator[Entry]:
     """The files to account for: the walk of a folder (``exclude``: files never to yield) or a manifest's
-    paths (one that does not exist is an entry with its problem), those of ``shard`` only."""
+    files, each once (one that cannot be read is an entry with its problem; ``repeats`` gets the number of
+    entries dropped as a file listed again), those of ``shard`` only."""
     shard = shard or Shard()
     if is_manifest(studies):
-        found = (
-            Entry(p, "" if os.path.isfile(p) else _missing(p), identity) for p, identity in manifest_entries(studies)
-        )
-    else:
-        found = walk(studies, exclude)
-    return (entry for entry in found if shard.takes(entry.path))
+        return _manifest_files(studies, shard, repeats)
+    return (entry for entry in walk(studies, exclude) if shard.takes(entry.path))
 
 
-def _missing(path: str) -> str:
-    return "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+def _manifest_files(manifest: str | os.PathLike, shard: Shard, repeats: Repeats | None) -> Iterator[Entry]:
+    seen: set[str] = set()
+    dropped = 0
+    for listed, identity in manifest_entries(manifest):
+        path = os.path.realpath(listed)
+        if not shard.takes(path):
+            continue
+        if path in seen:
+            dropped += 1
+            continue
+        seen.add(path)
+        yield Entry(path, file_problem(path), identity)
+    if repeats is not None:
+        repeats.count = dropped
+
+
+def file_problem(path: str) -> str:
+    """Why ``path`` cannot be read as a file ('' when it can): it does not exist, a folder on the way cannot be
+    searched, it is a folder or no regular file (a FIFO would block, a device never ends), or it cannot be
+    opened for reading."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except PermissionError:
+        return "permission denied (a folder on its path cannot be searched)"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return ""
 
 
 def is_manifest(studies: str | os.PathLike) -> bool:

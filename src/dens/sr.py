@@ -149,6 +149,19 @@ class ModelIdentity:
         return generate_uid(entropy_srcs=["dens-model", self.sha256])
 
 
+class InvalidStudyUID(ValueError):
+    """An exam whose images carry no valid StudyInstanceUID: its SR is refused, never written without one."""
+
+
+def valid_uid(uid: str) -> bool:
+    """Whether ``uid`` is a non-empty, valid DICOM UID (VR UI)."""
+    try:
+        validate_value("UI", uid, config.RAISE)
+    except ValueError:
+        return False
+    return bool(uid)
+
+
 def uid_filename(uid: str, suffix: str = "") -> str:
     """A file name for ``uid`` that can never hold a path character: the UID itself when it is a well-formed
     UID (digits and dots), else ``x`` + the sha256 of what was given (a hostile or damaged header)."""
@@ -226,6 +239,14 @@ def exam_report(
         cited = ok
         groups, complete = _calls(ok, headers, rule, algorithm, unused)
     sources = [headers[p] for p in cited[labels.PATH]]
+    study_uid = str(sources[0].get("StudyInstanceUID") or "")
+    if not valid_uid(study_uid):
+        # Type 1, and the SR must join its images' study: a UID made up here would file it in another study.
+        raise InvalidStudyUID(
+            f"no density SR for study {study_uid!r}: its images' StudyInstanceUID is missing or not a valid UID "
+            "(digits and dots, at most 64 characters); an SR needs its images' study UID. Fix the images' headers "
+            "at the source and send them again"
+        )
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -253,7 +274,6 @@ def exam_report(
         device_serial_number=model.sha256,
         contribution_description="BI-RADS breast composition by an automated model (not verified)",
     )
-    study_uid = str(sources[0].StudyInstanceUID)
     uids = sorted(str(s.SOPInstanceUID) for s in sources)
     sr = Comprehensive3DSR(
         evidence=sources,
@@ -460,7 +480,12 @@ def write_reports(
         if ok.empty:
             continue
         headers = dict(zip(ok[labels.PATH], read_headers(list(ok[labels.PATH])), strict=True))
-        written.append(save(exam_report(images, headers, model, rule), out_dir))
+        try:
+            report = exam_report(images, headers, model, rule)
+        except InvalidStudyUID as exc:
+            log.warning("SRs: %s", exc)
+            continue
+        written.append(save(report, out_dir))
     return written
 
 

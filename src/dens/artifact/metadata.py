@@ -1,4 +1,11 @@
-"""The contract an exported model carries: its ``dens`` metadata and the sha256 that names a file.
+"""The contract an exported model carries: its ``dens`` metadata, its signature and the sha256 that names a file.
+
+The signature is the metadata's ``signature`` entry: the sha256 of the graph (the serialized model without its
+metadata) and of the metadata (its canonical JSON without the signature), recorded by dens-export. A file whose
+graph or metadata was edited afterwards (a preprocess with crop off, another temperature, a changed weight) no
+longer matches it, and :func:`read_metadata` refuses it. It is a check against edits, not a cryptographic
+signature: whoever can write the file can sign it again, which ``dens-export --check-only`` catches by
+comparing the metadata with the checkpoint.
 
 torch-free (and onnx-free until a file is read), so that dens-infer's process and its decode workers check a
 model without importing torch; dens-export writes what this module checks.
@@ -17,6 +24,13 @@ from dens.route.config import PreprocessConfig
 
 METADATA_KEY = "dens"
 METADATA_FORMAT = 1
+SIGNATURE = "signature"  # the metadata's entry for the digests dens-export recorded: graph_sha256, metadata_sha256
+# What a signature's mismatch is worded as.
+_PARTS = {
+    "graph": "graph (operations, weights)",
+    "metadata": "metadata (preprocess, classes, temperature, ...)",
+}
+REEXPORT = "re-export it with `dens-export --onnx --checkpoint CHECKPOINT --out FILE`"
 # The graph's tensors: uint8 images [N, 1, H, W] in (H x W: the preprocess canvas; a preprocess without a version,
 # from before it existed, is version 1's square S x S route); calibrated probabilities and raw logits out.
 INPUT, PROBS, LOGITS = "image", "probs", "logits"
@@ -47,6 +61,16 @@ class OnnxMetadataError(ValueError):
     """An ONNX file without usable dens metadata; the message names the file and what to do."""
 
 
+class ModelModifiedError(OnnxMetadataError):
+    """An exported model whose graph or metadata is not what dens-export signed. ``parts``: what differs
+    (``graph``, ``metadata``); ``metadata``: what the file says, for a caller told to go on regardless."""
+
+    def __init__(self, message: str, metadata: dict[str, Any], parts: tuple[str, ...]):
+        super().__init__(message)
+        self.metadata = metadata
+        self.parts = parts
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -73,7 +97,9 @@ def variant_path(path: str | os.PathLike, precision: str) -> Path:
 
 
 def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
-    """The ``dens`` metadata of an exported model, parsed and checked (raises :class:`OnnxMetadataError`)."""
+    """The ``dens`` metadata of an exported model, parsed, checked and verified against its signature (raises
+    :class:`OnnxMetadataError`; :class:`ModelModifiedError` when the graph or the metadata was edited after
+    export). A model without a signature (exported by an older dens) is read as it is: the caller says so."""
     path = Path(onnx_path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} not found")
@@ -83,13 +109,69 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # a protobuf decode error says little; what matters is the file is not ONNX
         raise OnnxMetadataError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-    return parse_metadata({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY), path)
+    meta = parse_metadata({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY), path)
+    parts = signature_differences(model, meta)
+    if parts:
+        what = " and its ".join(_PARTS[p] for p in parts)
+        raise ModelModifiedError(
+            f"{path} was modified after dens-export wrote it: its {what} {'do' if len(parts) > 1 else 'does'} not "
+            f"match the digest dens-export recorded in its '{SIGNATURE}', so it would not call images as the "
+            f"exported model does; {REEXPORT}",
+            meta,
+            tuple(parts),
+        )
+    return meta
+
+
+def graph_sha256(model: Any) -> str:
+    """sha256 of ``model`` (an ``onnx.ModelProto``) serialized without its metadata_props: the graph, its weights,
+    opsets and header, everything ONNX Runtime runs. The proto is put back as it was."""
+    props = [(p.key, p.value) for p in model.metadata_props]
+    del model.metadata_props[:]
+    try:
+        data = model.SerializeToString(deterministic=True)
+    finally:
+        for key, value in props:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    return hashlib.sha256(data).hexdigest()
+
+
+def metadata_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of ``meta`` without its signature."""
+    body = {k: v for k, v in meta.items() if k != SIGNATURE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_metadata(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Sign ``meta`` for ``model`` (an ``onnx.ModelProto`` whose graph is final) and make it the model's only
+    metadata entry; returns the signed metadata. dens-export's fp32, fp16 and int8 files are all written so."""
+    meta = {k: v for k, v in meta.items() if k != SIGNATURE}
+    del model.metadata_props[:]  # before the graph digest, which never covers them
+    signed = {**meta, SIGNATURE: {"graph_sha256": graph_sha256(model), "metadata_sha256": metadata_sha256(meta)}}
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(signed, sort_keys=True)
+    return signed
+
+
+def signature_differences(model: Any, meta: dict[str, Any]) -> list[str] | None:
+    """What of ``model`` and its parsed ``meta`` does not match the signature in ``meta``: [] when all does,
+    ``graph`` and/or ``metadata`` when not, None when the model has no signature (an older dens wrote it)."""
+    signature = meta.get(SIGNATURE)
+    if signature is None:
+        return None
+    if not isinstance(signature, dict) or not all(
+        isinstance(signature.get(k), str) for k in ("graph_sha256", "metadata_sha256")
+    ):
+        return ["graph", "metadata"]  # a signature that cannot be read verifies neither
+    parts = [] if signature["graph_sha256"] == graph_sha256(model) else ["graph"]
+    return parts + ([] if signature["metadata_sha256"] == metadata_sha256(meta) else ["metadata"])
 
 
 def parse_metadata(text: str | None, where: str | os.PathLike) -> dict[str, Any]:
     """Parse and check the ``dens`` metadata value ``text`` (None: absent) of the model at ``where``. For a
     caller that already holds it, e.g. from ``InferenceSession.get_modelmeta().custom_metadata_map``."""
-    hint = "re-export it with `dens-export --onnx --checkpoint CHECKPOINT --out FILE`"
+    hint = REEXPORT
     if text is None:
         raise OnnxMetadataError(f"{where} has no '{METADATA_KEY}' metadata: it was not written by dens-export; {hint}")
     try:

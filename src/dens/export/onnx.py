@@ -4,7 +4,8 @@ The graph takes ``image``: ``uint8 [N, 1, S, S]`` (N dynamic) and gives ``probs`
 stored temperature) and ``logits``, both ``float32 [N, classes]``. The cast, scaling and normalisation are
 the first ops of the graph because they are in ``DensityNet.forward``. The file's ``metadata_props`` key
 ``dens`` holds JSON (classes, PreprocessConfig, temperature, model args, training summary, the checkpoint's
-sha256 ...), so ``dens-infer`` needs nothing but the file.
+sha256 ...) and its signature (digests of the graph and of that JSON), so ``dens-infer`` needs nothing but the
+file and knows when it was edited.
 
 Exporter: torch's legacy TorchScript exporter (``dynamo=False``). The dynamo exporter needs ``onnxscript``,
 which is not a dependency, and for a plain CNN the legacy one gives a clean graph: BatchNorm folded into the
@@ -14,7 +15,6 @@ convolutions, standard ops only, a symbolic batch axis.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import tempfile
 import warnings
@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import dens
-from dens.artifact.metadata import INPUT, LOGITS, METADATA_FORMAT, METADATA_KEY, PROBS, file_sha256
+from dens.artifact.metadata import INPUT, LOGITS, METADATA_FORMAT, PROBS, file_sha256, write_metadata
 from dens.artifact.model import Checkpoint, load_checkpoint
 from dens.export.config import DEFAULT_OPSET, OPSETS
 
@@ -92,7 +92,7 @@ def export_onnx(
             model = to_fp16(model, keep_fp32_after=LOGITS)
         meta = _metadata(ckpt, checkpoint_path, opset, "fp16" if fp16 else "fp32")
         model.doc_string = f"dens {meta['arch']} breast-density classifier ({meta['precision']}); see metadata 'dens'"
-        helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        write_metadata(model, meta)  # signed: the graph is final here
         staged = Path(tmp) / "model.onnx"
         onnx.save(model, staged)
         onnx.checker.check_model(str(staged), full_check=True)

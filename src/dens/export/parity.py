@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import time
 from collections import Counter
@@ -26,11 +27,12 @@ from tqdm import tqdm
 
 import dens
 from dens import counted
-from dens.artifact.metadata import INPUT, LOGITS, PROBS, read_metadata
+from dens.artifact.metadata import INPUT, LOGITS, PROBS, ModelModifiedError, read_metadata
 from dens.artifact.model import Checkpoint, file_sha256, load_checkpoint
 from dens.engine import DecodePool, in_input_order
 from dens.export.config import DEFAULT_BATCH_SIZES, DEFAULT_MAX_IMAGES
 from dens.figures.metrics import softmax
+from dens.route.config import PreprocessConfig
 from dens.route.errors import Reason
 
 RANDOM_IMAGES = 8  # random uint8 images; at least the largest batch size is used
@@ -141,7 +143,8 @@ def check_parity(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch; returns the parity report (``report["passed"]``, ``["failures"]``).
+    """Compare ONNX Runtime with PyTorch, and the model's signature and metadata with the checkpoint
+    (:func:`check_metadata`); returns the parity report (``report["passed"]``, ``["failures"]``).
 
     ``images``: a folder of files (or an already loaded :class:`ImageSet`) for the real-image check.
     ``atol`` / ``logit_rtol`` override the thresholds of the model's precision (:data:`THRESHOLDS`).
@@ -151,7 +154,7 @@ def check_parity(
     start = time.perf_counter()
     onnx_path = Path(onnx_path)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    meta = read_metadata(onnx_path)
+    meta, failures = check_metadata(onnx_path, ckpt)
     base = THRESHOLDS.get(meta["precision"], THRESHOLDS["fp16"])
     limits = Thresholds(base.prob_atol if atol is None else atol, base.logit_rtol if logit_rtol is None else logit_rtol)
     batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
@@ -164,7 +167,7 @@ def check_parity(
         session, interface = None, [f"ONNX Runtime cannot load the graph: {type(exc).__name__}: {exc}"]
     else:
         interface = check_interface(session, ckpt.preprocess.shape, len(ckpt.classes))
-    failures = list(interface)
+    failures += interface
     if meta["checkpoint_sha256"] != ckpt.sha256:
         failures.append(
             f"the model was exported from checkpoint sha256 {meta['checkpoint_sha256'][:12]}, not from "
@@ -224,6 +227,31 @@ def check_parity(
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def check_metadata(onnx_path: str | os.PathLike, ckpt: Checkpoint) -> tuple[dict[str, Any], list[str]]:
+    """The model's metadata, and what is wrong with it: a signature it does not match (the file was edited after
+    export), a preprocess, classes or temperature other than the checkpoint's (what the graph is run with, which
+    the comparison with PyTorch, run with the checkpoint's, cannot see)."""
+    try:
+        meta, failures = read_metadata(onnx_path), []
+    except ModelModifiedError as exc:
+        meta, failures = exc.metadata, [str(exc)]
+    said = {"classes": list(meta["classes"]), "temperature": float(meta["temperature"])}
+    expected = {"classes": list(ckpt.classes), "temperature": float(ckpt.temperature)}
+    failures += [
+        f"its metadata's {key} {said[key]!r} is not the checkpoint's {expected[key]!r}; re-export it"
+        for key in said
+        if said[key] != expected[key]
+    ]
+    # Each side through JSON (tuples as lists), as the metadata holds it.
+    ours = json.loads(json.dumps(PreprocessConfig.from_dict(meta["preprocess"]).to_dict()))
+    theirs = json.loads(json.dumps(ckpt.preprocess.to_dict()))
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        shown = "; ".join(f"{k}={ours.get(k)!r} (checkpoint: {theirs.get(k)!r})" for k in differ)
+        failures.append(f"its metadata's preprocess is not the checkpoint's: {shown}; re-export it")
+    return meta, failures
 
 
 def check_interface(session, shape: tuple[int, int], num_classes: int) -> list[str]:

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -36,10 +35,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from dens import counted, labels
-from dens.artifact.metadata import INPUT, LOGITS, METADATA_KEY, PROBS, file_sha256, read_metadata, variant_path
+from dens.artifact.metadata import (
+    INPUT,
+    LOGITS,
+    PROBS,
+    ModelModifiedError,
+    file_sha256,
+    read_metadata,
+    variant_path,
+    write_metadata,
+)
 from dens.export.config import DEFAULT_INT8_FORMAT, INT8_FORMATS
 from dens.export.parity import ImageSet, check_interface, ignored_note
 from dens.route.config import PreprocessConfig
@@ -137,7 +144,8 @@ def quantize_int8(
 ) -> Path:
     """Quantize the dens fp32 graph at ``fp32_path`` with ranges measured on ``split.calibration``; write it
     (atomically) to ``out_path`` with the fp32 file's metadata plus precision ``int8`` and an ``int8`` entry
-    (format, calibration set size and file-list hash, held-out size, the fp32 file's sha256)."""
+    (format, calibration set size and file-list hash, held-out size, the fp32 file's sha256), signed for its own
+    graph."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -187,8 +195,7 @@ def quantize_int8(
             },
         }
         model.doc_string = f"dens {meta['arch']} breast-density classifier (int8); see metadata 'dens'"
-        del model.metadata_props[:]
-        helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        write_metadata(model, meta)  # signed anew: the fp32 file's signature is of another graph
         staged = Path(tmp) / "model.onnx"
         onnx.save(model, str(staged))
         onnx.checker.check_model(str(staged), full_check=True)
@@ -242,6 +249,15 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray, num_classes: int) -> float | None:
     return float((observed - expected) / (1.0 - expected))
 
 
+def _verified(path: Path, failures: list[str]) -> dict[str, Any]:
+    """The metadata of ``path``; a signature it does not match is one of ``failures``, not the end of the check."""
+    try:
+        return read_metadata(path)
+    except ModelModifiedError as exc:
+        failures.append(str(exc))
+        return exc.metadata
+
+
 def _run(session, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(
         [session.run([PROBS], {INPUT: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
@@ -262,9 +278,10 @@ def check_int8_parity(
 
     start = time.perf_counter()
     int8_path, fp32_path = Path(int8_path), Path(fp32_path)
-    meta, source = read_metadata(int8_path), read_metadata(fp32_path)
-    classes = list(meta["classes"])
+    modified: list[str] = []  # failures too, but the graphs are still compared
+    meta, source = (_verified(p, modified) for p in (int8_path, fp32_path))
     failures = []
+    classes = list(meta["classes"])
     if meta["precision"] != "int8" or not isinstance(meta.get("int8"), dict):
         failures.append(f"{int8_path} is not an int8 graph (precision {meta['precision']!r})")
     quant = meta.get("int8") or {}
@@ -303,6 +320,7 @@ def check_int8_parity(
             failures.append(f"dense-call agreement {figures['dense_agreement']:.1%} < {limits.dense_agreement:.0%}")
         if not figures["mean_abs_prob_diff"] <= limits.mean_abs_prob_diff:
             failures.append(f"mean |Δp| {figures['mean_abs_prob_diff']:.3g} > {limits.mean_abs_prob_diff:g}")
+    failures = modified + failures
     return {
         "passed": not failures,
         "failures": failures,

@@ -65,6 +65,12 @@ def _terminate(signum, frame) -> None:
     help="Run the variant dens-export wrote beside --model: int8 (model.int8.onnx; the fast one on CPUs), fp16 "
     "(model.fp16.onnx; GPUs) or fp32 (model.onnx) [default: the --model file as it is].",
 )
+@click.option(
+    "--allow-modified-model",
+    is_flag=True,
+    help="Score a model whose graph or metadata was edited after dens-export signed it, with a loud warning "
+    "[default: refuse it; re-export instead].",
+)
 @scoring_options
 @click.option("--resume", is_flag=True, help="Continue a killed run: skip the files --out already has a row for.")
 @click.option(

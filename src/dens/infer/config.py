@@ -47,6 +47,7 @@ class InferConfig:
     engine: str = "local"
     ray_address: str | None = None  # --engine ray: None starts a local Ray; 'auto' or 'ray://host:10001' joins one
     shard: str | None = None  # 'i/N': only the files whose path hashes to shard i of N (dens.sources)
+    allow_modified_model: bool = False  # score a model edited after export (its signature fails), loudly warned
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot go together or cannot be read (ValueError, worded for the command line)."""
@@ -60,5 +61,10 @@ class InferConfig:
         if self.overwrite and (self.resume or self.retry_errors):
             asked = "--retry-errors" if self.retry_errors else "--resume"
             raise ValueError(f"{asked} and --overwrite contradict each other: choose one")
+        if self.allow_modified_model and self.engine == "ray":
+            raise ValueError(
+                "--allow-modified-model is for --engine local: the Ray engine's model actors verify the model "
+                "themselves and refuse an edited one"
+            )
         parse_flag(self.flag)
         Shard.parse(self.shard)

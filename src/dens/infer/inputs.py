@@ -10,7 +10,7 @@ with each item of its chunk. Either way the row gets :func:`dens.sources.fill_id
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dens import sources
@@ -20,16 +20,18 @@ from dens.preds.cells import path_cell
 @dataclass(frozen=True)
 class Inputs:
     """The files of ``studies`` (a folder or a manifest), ``exclude`` left out (the run's own outputs), those
-    of ``shard`` only; plain images read when ``plain_images``, else skipped rows."""
+    of ``shard`` only; plain images read when ``plain_images``, else skipped rows. ``repeats``: how many of a
+    manifest's entries were dropped as a file it listed already (known once :meth:`items` has run through)."""
 
     studies: Path
     exclude: tuple[Path, ...]
     shard: sources.Shard
     plain_images: bool
+    repeats: sources.Repeats = field(default_factory=sources.Repeats, compare=False)
 
     def items(self, done: set[str]) -> Iterator[sources.Item]:
         """The items whose path cell is not in ``done`` (the rows preds.csv already has), in the walk's order."""
-        found = sources.entries(self.studies, self.exclude, self.shard)
+        found = sources.entries(self.studies, self.exclude, self.shard, self.repeats)
         return sources.items((e for e in found if path_cell(e.path) not in done), self.plain_images)
 
 

@@ -68,6 +68,7 @@ class Summary:
     plain_skipped: int = 0  # plain images (PNG/PGM...) skipped: --plain-images was not given
     retried: int = 0  # error rows of the earlier run done again (--retry-errors)
     unseen_families: int = 0  # ok images of an acquisition family the model never saw (harmonisation: fallback)
+    repeats: int = 0  # manifest entries dropped: a file listed again, however spelt, is scored once
     seconds: float = 0.0
     decode_s: float = 0.0  # summed over workers (busy time)
     wait_s: float = 0.0  # the main thread waiting for decoded images: > 0 means decode-bound
@@ -129,6 +130,11 @@ class Summary:
                 f"{counted(self.plain_skipped, 'plain image')} (PNG/PGM/TIFF/JPEG) skipped: dens-infer reads DICOM "
                 "unless asked; pass --plain-images to read them as breast images"
             )
+        if self.repeats:
+            said.append(
+                f"{counted(self.repeats, 'manifest entry', 'manifest entries')} dropped: they named a file listed "
+                "before (however spelt), which is scored once"
+            )
         if self.exit_code == EXIT_NOTHING_SCORED:
             said.append(
                 f"nothing scored: no file gave an image the model could call (their rows in {self.out} say why; "
@@ -164,7 +170,10 @@ def run(cfg: InferConfig) -> Summary:
         raise InferError(f"{studies} does not exist: pass the folder of studies to read")
     try:
         path = resolve_model(cfg.model, "dens-infer")
-        model = ModelFile.read(path if cfg.precision is None else model_for_precision(path, cfg.precision))
+        model = ModelFile.read(
+            path if cfg.precision is None else model_for_precision(path, cfg.precision),
+            allow_modified=cfg.allow_modified_model,
+        )
     except ModelError as exc:
         raise InferError(str(exc)) from exc
     rule = parse_flag(cfg.flag)
@@ -206,11 +215,12 @@ def _run(
         records.begin(out, record, resume=cfg.resume or cfg.retry_errors)
     except (OutputExists, DeviceError, records.RecordError) as exc:
         raise InferError(str(exc)) from exc
-    entries = Inputs(studies, tuple(exclude), shard, cfg.plain_images).items
+    inputs = Inputs(studies, tuple(exclude), shard, cfg.plain_images)
     if cfg.engine == "ray":
-        summary = _score_on_ray(cfg, out, entries, model, rule)
+        summary = _score_on_ray(cfg, out, inputs.items, model, rule)
     else:
-        summary = _score_here(cfg, out, entries, model, rule)
+        summary = _score_here(cfg, out, inputs.items, model, rule)
+    summary.repeats = inputs.repeats.count
     t0 = time.perf_counter()
     try:
         summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)

@@ -2,9 +2,10 @@
 
 dens-infer (either engine), dens-serve and dens-qc score with an ONNX file that dens-export wrote. This module
 finds it (the path given, else the newest run's ``model.onnx``; a PyTorch checkpoint is refused with what to
-do), reads its metadata and hashes it once, checks that it calls the classes dens writes, says what its
-model card says against it once, and refuses to append its rows to a preds.csv of another model. ONNX Runtime
-is not imported here: the Ray engine's driver reads a model without opening a session.
+do), reads its metadata and hashes it once, verifies its signature (a file edited after export is refused),
+checks that it calls the classes dens writes, says what its model card says against it once, and refuses to
+append its rows to a preds.csv of another model. ONNX Runtime is not imported here: the Ray engine's driver
+reads a model without opening a session.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Any
 
 from dens import labels, runs
 from dens.artifact import modelcard
-from dens.artifact.metadata import OnnxMetadataError, file_sha256, read_metadata
+from dens.artifact.metadata import (
+    REEXPORT,
+    SIGNATURE,
+    ModelModifiedError,
+    OnnxMetadataError,
+    file_sha256,
+    read_metadata,
+)
 from dens.preds.columns import preprocess_cell
 from dens.route.config import PreprocessConfig
 
@@ -63,13 +71,35 @@ class ModelFile:
     sha256: str
 
     @classmethod
-    def read(cls, model: str | os.PathLike | None, stage: str = "dens-infer") -> ModelFile:
-        """Find (:func:`resolve_model`), read and check the model; ModelError says what is wrong."""
+    def read(
+        cls, model: str | os.PathLike | None, stage: str = "dens-infer", *, allow_modified: bool = False
+    ) -> ModelFile:
+        """Find (:func:`resolve_model`), read, verify against its signature and check the model; ModelError says
+        what is wrong. A model edited after export is refused, or with ``allow_modified`` (dens-infer's and
+        dens-serve's ``--allow-modified-model``) scored with a loud warning; one without a signature (an older
+        dens exported it) is scored with a warning that it cannot be verified."""
         path = resolve_model(model, stage)
         try:
             metadata = read_metadata(path)
+        except ModelModifiedError as exc:
+            if not allow_modified:
+                raise ModelError(
+                    f"{exc} (dens-infer and dens-serve score it anyway with --allow-modified-model)"
+                ) from exc
+            log.warning("%s: WARNING: %s; scoring it anyway, as --allow-modified-model asks", stage, exc)
+            metadata = exc.metadata
         except (OnnxMetadataError, OSError) as exc:
             raise ModelError(str(exc)) from exc
+        else:
+            if SIGNATURE not in metadata:
+                log.warning(
+                    "%s: warning: %s has no signature (dens %s exported it, before models were signed), so an edit "
+                    "of its graph or metadata cannot be detected; %s to sign it",
+                    stage,
+                    path,
+                    metadata.get("dens_version", "?"),
+                    REEXPORT,
+                )
         found = cls(path, metadata, file_sha256(path))
         if found.classes != labels.CLASSES:
             raise ModelError(f"{path} predicts classes {found.classes}; {stage} writes {labels.CLASSES}")

@@ -14,6 +14,8 @@ import click
 from dens.commands import flag_option, scoring_options
 from dens.serve.config import (
     DEFAULT_AET,
+    DEFAULT_MAX_INSTANCE_MIB,
+    DEFAULT_MAX_PEER_CONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_RETRY_SECONDS,
     DEFAULT_STABLE_SECONDS,
@@ -53,6 +55,12 @@ def _parse(kind):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="ONNX model from dens-export [default: runs/latest/model.onnx]. A state folder serves one model.",
+)
+@click.option(
+    "--allow-modified-model",
+    is_flag=True,
+    help="Serve a model whose graph or metadata was edited after dens-export signed it, with a loud warning "
+    "[default: refuse it; re-export instead].",
 )
 @click.option("--aet", default=DEFAULT_AET, show_default=True, help="The node's AE title (callers must call it).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
@@ -96,6 +104,21 @@ def _parse(kind):
     default=DEFAULT_RETRY_SECONDS,
     show_default=True,
     help="Wait before retrying a failed send; doubled each time, up to 10 minutes.",
+)
+@click.option(
+    "--max-instance-mib",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_INSTANCE_MIB,
+    show_default=True,
+    help="Refuse an instance whose data set is larger (0xA700, the reason in Error Comment); it is received "
+    "to the spool's disk, never to memory, and past this it is no longer kept.",
+)
+@click.option(
+    "--max-peer-connections",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PEER_CONNECTIONS,
+    show_default=True,
+    help="Connections one peer address may hold at once (the node has 16 association slots).",
 )
 @click.option(
     "--status-port",
@@ -208,15 +231,22 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
 
 
 def _print_status(folder: Path) -> None:
+    """Print the status read from ``folder``, which it never writes (a read-only folder is read as it is)."""
+    import sqlite3
+
     from dens.serve.state import State
     from dens.serve.status import snapshot
 
     try:
         state = State(folder, read_only=True)
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:
         click.echo(f"dens-serve: error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     try:
-        click.echo(json.dumps(snapshot(state), indent=1))
+        shown = json.dumps(snapshot(state), indent=1)
+    except sqlite3.Error as exc:  # not a dens-serve database, or one cut short
+        click.echo(f"dens-serve: error: cannot read the status from {folder} ({exc})", err=True)
+        sys.exit(EXIT_FAILED)
     finally:
         state.close()
+    click.echo(shown)

@@ -26,6 +26,10 @@ DEFAULT_PORT = 11112  # the registered DICOM port above 1024 (104 needs root)
 DEFAULT_STABLE_SECONDS = 60.0  # as Orthanc's StableAge: a study quiet this long is complete
 DEFAULT_RETRY_SECONDS = 5.0  # the first retry of a failed send; each next one waits twice as long
 MAX_RETRY_SECONDS = 600.0
+# An instance's data set larger than this is refused (0xA700, its reason in Error Comment): the largest digital
+# mammograms, uncompressed, take under 100 MiB, and dens' decode budget refuses a decode over 1 GiB.
+DEFAULT_MAX_INSTANCE_MIB = 256
+DEFAULT_MAX_PEER_CONNECTIONS = 4  # of the node's 16 association slots, those one peer address may hold at once
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: 16 characters of the default set, no backslash
 
 
@@ -98,6 +102,16 @@ def _url_host(url: str) -> str:
     return host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
 
 
+# A URL's userinfo (``scheme://USER:PASSWORD@``): up to the authority's last @, as urllib.parse splits it.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced by ``***``: what the node prints, logs or shows
+    of a URL never holds its password."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _secret(option: str, name: str, environ: Mapping[str, str]) -> str:
     secret = environ.get(name, "")
     if not secret:
@@ -111,6 +125,7 @@ class ServeConfig:
 
     state: Path  # the node's folder: spool, database, preds.csv, SRs
     model: Path | None = None  # default: runs/latest/model.onnx
+    allow_modified_model: bool = False  # serve a model edited after export (its signature fails), loudly warned
     aet: str = DEFAULT_AET
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -120,6 +135,8 @@ class ServeConfig:
     send_to: tuple[Destination, ...] = ()
     stow_urls: tuple[str, ...] = ()
     retry_seconds: float = DEFAULT_RETRY_SECONDS
+    max_instance_mib: int = DEFAULT_MAX_INSTANCE_MIB
+    max_peer_connections: int = DEFAULT_MAX_PEER_CONNECTIONS
     status_port: int | None = None
     # The name of the environment variable that holds the status port's bearer token (never the token).
     status_token_env: str | None = None
@@ -155,6 +172,8 @@ class ServeConfig:
             raise ValueError("--tls-ca needs --tls-cert and --tls-key")
         if self.stable_seconds < 0 or self.retry_seconds <= 0:
             raise ValueError("--stable-seconds must be >= 0 and --retry-seconds > 0")
+        if self.max_instance_mib < 1 or self.max_peer_connections < 1:
+            raise ValueError("--max-instance-mib and --max-peer-connections must be at least 1")
         check_ae_title(self.aet)
         parse_flag(self.flag)  # a bad --flag is a bad option
         if self.status_token_env is not None and self.status_port is None:
@@ -174,11 +193,16 @@ class ServeConfig:
         for url in self.stow_urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
-                    f"--stow-url {url!r}: an http:// or https:// URL (such as http://pacs/dicom-web/studies)"
+                    f"--stow-url {redact(url)!r}: an http:// or https:// URL (such as http://pacs/dicom-web/studies)"
+                )
+            if redact(url) != url:  # a command line shows in ps, and urllib would take USER:PASSWORD for the host
+                raise ValueError(
+                    f"--stow-url {redact(url)!r}: no credentials in the URL; give them with --stow-user USER and "
+                    "--stow-password-env NAME, or --stow-token-env NAME"
                 )
             if self.stow_auth and url.startswith("http://") and not _loopback(_url_host(url)):
                 raise ValueError(
-                    f"--stow-url {url!r}: credentials go to https:// URLs only (or http:// on this machine's "
+                    f"--stow-url {redact(url)!r}: credentials go to https:// URLs only (or http:// on this machine's "
                     "loopback), not in clear over the network"
                 )
         if self.stow_token_env and self.stow_user:

@@ -7,10 +7,14 @@ Ctrl-C), after the studies being scored.
 Threads: pynetdicom's (one per association) spool instances; the caller's thread (:meth:`Node.serve`)
 schedules and scores the studies quiet at the time, together; the sender empties the outbox; the status
 endpoint answers.
+
+A state that cannot be written (a full disk) stops no thread: a C-STORE is refused with 0xA700, the scheduler
+and the sender wait and try again, and preds.csv's rows that the database missed meanwhile are adopted then.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import ssl
@@ -24,11 +28,11 @@ from pydicom import dcmread
 
 from dens.flags import parse_flag
 from dens.scoring.model import ModelFile
-from dens.serve.config import EXIT_FAILED, ServeConfig
+from dens.serve.config import EXIT_FAILED, ServeConfig, redact
 from dens.serve.pipeline import Pipeline, PipelineError
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender, outgoing
-from dens.serve.state import State, StateLocked
+from dens.serve.state import State, StateLocked, StateWriteError
 from dens.serve.status import serve as serve_status
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 _SCHEDULE_WAIT = 0.25  # seconds between looks for a quiet study while none is due
 # Quiet studies scored together: their images share the decode workers and the model's batches.
 _STUDIES_AT_ONCE = 16
+_STATE_RETRY = 5.0  # seconds the scheduler waits after the state could not be written
 
 
 class ServeError(Exception):
@@ -73,9 +78,10 @@ class Node:
     _status_server: object = None
     _dirty: bool = True  # preds.csv has rows the breast and exam CSVs lack
     failed: str | None = None  # why the node stopped on its own (the pipeline broke down)
+    _unrecorded: bool = False  # a state write failed: preds.csv may hold rows the database lacks
 
     def info(self) -> dict:
-        """What the node says about itself in its status."""
+        """What the node says about itself in its status (:func:`dens.serve.status.view` says who sees which)."""
         return {
             "aet": self.cfg.aet,
             "address": f"{self.address[0]}:{self.address[1]}",
@@ -87,7 +93,7 @@ class Node:
             if self.cfg.allow_any
             else [a.aet + (f"@{a.address}" if a.address else "") for a in self.cfg.allow],
             "stable_seconds": self.cfg.stable_seconds,
-            "destinations": list(self.cfg.destinations),
+            "destinations": [redact(d) for d in self.cfg.destinations],
             "model": {"name": self.pipeline.identity.name, "sha256": self.pipeline.model.sha256},
             "state": str(self.state.folder),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
@@ -113,16 +119,34 @@ class Node:
         """Score quiet studies until :meth:`stop`; then close everything."""
         try:
             while not self._stop.is_set():
-                studies = self.state.stable_studies(self.cfg.stable_seconds, _STUDIES_AT_ONCE)
-                if not studies:
-                    if self._dirty:
-                        self._aggregate()
-                    self.received.wait(_SCHEDULE_WAIT)
-                    self.received.clear()
-                    continue
-                self._process(studies)
+                try:
+                    self._step()
+                except OSError as exc:  # a full disk: the studies stay receiving, scored once it can be written
+                    if not _no_room(exc):
+                        raise
+                    self._unrecorded = True
+                    log.error(
+                        "dens-serve: cannot write to the state folder (%s); the quiet studies wait, tried again in "
+                        "%.0f s",
+                        redact(exc.strerror or str(exc)),
+                        _STATE_RETRY,
+                    )
+                    self._stop.wait(_STATE_RETRY)
         finally:
             self.close()
+
+    def _step(self) -> None:
+        if self._unrecorded:  # rows appended to preds.csv whose record failed: not scored twice
+            self.state.adopt_rows(self.pipeline.existing_rows())
+            self._unrecorded = False
+        studies = self.state.stable_studies(self.cfg.stable_seconds, _STUDIES_AT_ONCE)
+        if not studies:
+            if self._dirty:
+                self._aggregate()
+            self.received.wait(_SCHEDULE_WAIT)
+            self.received.clear()
+            return
+        self._process(studies)
 
     def close(self) -> None:
         self.scp.stop()
@@ -154,7 +178,9 @@ class Node:
             self.failed = str(exc)
             self.stop()
             return
-        except Exception as exc:  # a full disk, a model failure: the studies are kept until the next start
+        except Exception as exc:  # a model failure: the studies are kept until the next start
+            if _no_room(exc):  # a full disk: preds.csv was cut back to its last whole row; serve() tries again
+                raise
             for key, uid, generation, _ in studies:
                 self._fail(key, uid, generation, exc)
             return
@@ -175,7 +201,9 @@ class Node:
         try:
             rows = [i.row or new[i.sop_key] for i in instances]
             report = self.pipeline.report(rows, [i.path for i in instances], self.state.sr_dir)
-        except Exception as exc:  # an SR highdicom refuses, a full disk
+        except Exception as exc:  # an SR highdicom refuses
+            if _no_room(exc):  # a full disk: serve() tries again
+                raise
             self._fail(key, uid, generation, exc)
             return
         if not self.state.answer(key, generation, report.sr_uid, report.path, report.density, self.cfg.destinations):
@@ -194,6 +222,14 @@ class Node:
         )
         if self.cfg.destinations:
             self.sender.wake.set()
+
+
+def _no_room(exc: BaseException) -> bool:
+    """Whether ``exc`` says the state folder cannot take a write now (full, over quota, read-only): a wait, not
+    a study's failure."""
+    return isinstance(exc, StateWriteError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    )
 
 
 def recover(state: State) -> int:
@@ -234,7 +270,7 @@ def run(cfg: ServeConfig, ready: Callable[[Node], None] | None = None) -> ServeR
 def start(cfg: ServeConfig) -> Node:
     """Open the state, recover, open the pipeline and listen; raises ServeError when the node cannot start."""
     try:
-        model = ModelFile.read(cfg.model, "dens-serve")
+        model = ModelFile.read(cfg.model, "dens-serve", allow_modified=cfg.allow_modified_model)
         how = outgoing(cfg)
         status_token = cfg.status_token()
     except ValueError as exc:  # ModelError, a bad destination, an unset token variable

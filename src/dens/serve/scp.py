@@ -13,30 +13,42 @@ What it accepts, and why:
 * an instance whose header cannot be read, whose Modality is another than MG (an absent one is the SOP
   class's), or that lacks its UIDs is refused
   (a failure status with the reason in Error Comment, a line in the log and in the status' refusals);
-* anything else is written to the spool (:meth:`State.receive`) before the success status goes back.
+* an instance whose data set is larger than ``--max-instance-mib`` is refused (0xA700, out of resources); each
+  data set goes to a file in the spool as it arrives (:mod:`dens.serve.incoming`), never to memory;
+* anything else is renamed into the spool, and recorded, before the success status goes back.
 
-Each refusal is a line in the log and a row in the state (the status counts them by reason), its reason
+Before any of this, :mod:`dens.serve.transport` bounds what a connection may cost: the TLS handshake and the
+A-ASSOCIATE-RQ within a deadline, each PDU's size, and the connections one peer address may hold.
+
+Each refusal is a line in the log and a row in the state (the status counts them by reason; a connection's, at
+most 8 a second per address and reason, the next saying how many more there were), its reason
 ``code: detail``: ``calling_aet_not_allowed``, ``called_aet_wrong`` (or ``calling_and_called_aet_wrong``),
-``address_not_allowed``, ``too_many_associations`` for associations and connections; ``unreadable_header``,
-``not_mammography``, ``sop_class_mismatch`` and ``missing_uid`` for instances.
+``address_not_allowed``, ``too_many_associations`` for associations; ``address_not_allowed``,
+``too_many_connections``, ``tls_failed``, ``idle``, ``slow`` and ``pdu_too_large`` for connections;
+``unreadable_header``, ``not_mammography``, ``sop_class_mismatch``, ``missing_uid`` and ``instance_too_large`` for
+instances.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
+from dens.files import fsync_dir
 from dens.serve.config import Allowed, ServeConfig
+from dens.serve.incoming import INCOMING, InstanceFile, SpoolingDIMSE
 from dens.serve.state import State
+from dens.serve.transport import Server
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +75,7 @@ TRANSFER_SYNTAXES = (
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C): success, refused for lack of resources, refused as not authorised,
 # data set does not match the SOP class, cannot understand.
 SUCCESS, OUT_OF_RESOURCES, NOT_AUTHORISED, MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0x0124, 0xA900, 0xC000
+DROPPED_PER_S = 8  # connection refusals recorded a second per address and reason, at most
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -70,21 +83,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]  # LO
     return ds
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, closing connections from addresses none of the allowed titles names
-    (when every one names an address) before any association is read; ``closed`` is told of each."""
-
-    addresses: frozenset[str] | None = None
-    closed: Callable[[str], None] | None = None
-
-    def verify_request(self, request, client_address) -> bool:
-        if self.addresses is None or client_address[0] in self.addresses:
-            return True
-        if self.closed is not None:
-            self.closed(client_address[0])
-        return False
 
 
 def tls_context(cfg: ServeConfig) -> ssl.SSLContext | None:
@@ -117,20 +115,30 @@ class StorageSCP:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.maximum_associations = 16
         self.ae = ae
-        self.server: _Server | None = None
+        self.server: Server | None = None
+        # Connection refusals by (address, reason code): [this second's start, recorded in it, not recorded]
+        self._unrecorded: dict[tuple[str, str], list] = {}
+        self._unrecorded_lock = threading.Lock()
 
     def start(self) -> tuple[str, int]:
         """Listen on the configured host and port; the address bound."""
-        handlers = [(evt.EVT_C_ECHO, self._echo), (evt.EVT_C_STORE, self._store), (evt.EVT_REJECTED, self._rejected)]
+        handlers = [
+            (evt.EVT_C_ECHO, self._echo),
+            (evt.EVT_C_STORE, self._store),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_CONN_CLOSE, self._closed),
+        ]
         server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             ssl_context=tls_context(self.cfg),
             evt_handlers=handlers,
-            server_class=_Server,
+            server_class=Server,
         )
         if not self.cfg.allow_any and all(a.address for a in self.allow):
             server.addresses = frozenset(a.address for a in self.allow)
-            server.closed = self._closed
+        server.max_peer_connections = self.cfg.max_peer_connections
+        server.dropped = self._dropped
+        server.prepare = self._prepare
         thread = threading.Thread(target=server.serve_forever, name="dens-serve-scp", daemon=True)
         thread.start()
         # As AE.start_server does: the server's shutdown() removes itself from this list.
@@ -157,14 +165,42 @@ class StorageSCP:
         allowed = sorted(a.address for a in self.allow if a.aet.strip() == aet and a.address)
         return f"address_not_allowed: {aet!r} is allowed from {', '.join(allowed)} only, not from {address}"
 
-    def _closed(self, address: str) -> None:
-        self._record("a connection", "", address, f"address_not_allowed: no allowed AE title names {address}")
+    def _dropped(self, address: str, reason: str) -> None:
+        """A connection closed for ``reason``: recorded at most :data:`DROPPED_PER_S` times a second per address
+        and reason code (a flood of connections costs no more than that in log lines and database rows), the
+        next record saying how many were not."""
+        now = time.monotonic()
+        with self._unrecorded_lock:
+            window = self._unrecorded.setdefault((address, reason.partition(":")[0]), [now, 0, 0])
+            if now - window[0] >= 1:
+                window[:2] = [now, 0]
+            if window[1] >= DROPPED_PER_S:
+                window[2] += 1
+                return
+            window[1] += 1
+            more, window[2] = window[2], 0
+            if len(self._unrecorded) > 4096:  # addresses long gone
+                self._unrecorded = {k: v for k, v in self._unrecorded.items() if now - v[0] < 1}
+        self._record("a connection", "", address, reason + (f" (and {more} more like it before)" if more else ""))
+
+    def _prepare(self, assoc) -> None:
+        """Each association's C-STORE data sets go to files in the spool as they arrive (never to memory)."""
+        assoc.dimse = SpoolingDIMSE(assoc, self.state.spool / INCOMING, self.cfg.max_instance_mib << 20)
+
+    def _closed(self, event) -> None:
+        """A connection closed mid-instance: its file goes."""
+        if isinstance(event.assoc.dimse, SpoolingDIMSE):
+            event.assoc.dimse.discard()
 
     def _rejected(self, event) -> None:
         """An association pynetdicom rejected: why, from what it was asked (the calling and called titles)."""
         request = event.assoc.requestor.primitive
         aet, address = self._caller(event)
         called = str(request.called_ae_title).strip()
+        sent = event.assoc.acceptor.primitive
+        if sent is not None and sent.result_source == 0x03:  # local limit exceeded, whoever asked
+            self._record("an association", aet, address, self._too_many())
+            return
         calling_ok = self.cfg.allow_any or any(a.aet.strip() == aet for a in self.allow)
         called_ok = called == self.cfg.aet.strip()
         not_allowed = f"{aet!r} is not an allowed calling AE title"
@@ -175,9 +211,12 @@ class StorageSCP:
             reason = f"calling_aet_not_allowed: {not_allowed}"
         elif not called_ok:
             reason = f"called_aet_wrong: {wrong_called}"
-        else:  # the only other rejection the node's AE makes
-            reason = f"too_many_associations: {self.ae.maximum_associations} already open"
+        else:
+            reason = self._too_many()
         self._record("an association", aet, address, reason)
+
+    def _too_many(self) -> str:
+        return f"too_many_associations: {self.ae.maximum_associations} already open"
 
     def _echo(self, event) -> int:
         if self._admitted(event):
@@ -187,13 +226,31 @@ class StorageSCP:
         return NOT_AUTHORISED
 
     def _store(self, event) -> int | Dataset:
+        incoming: InstanceFile = event.request.DataSet
+        try:
+            return self._receive(event, incoming)
+        finally:
+            incoming.discard()  # what was not renamed into the spool
+
+    def _receive(self, event, incoming: InstanceFile) -> int | Dataset:
         aet, address = self._caller(event)
         claimed = str(event.request.AffectedSOPInstanceUID or "")
         if not self._admitted(event):
             return self._refuse(aet, address, claimed, NOT_AUTHORISED, self._not_admitted(aet, address))
+        if incoming.over:
+            size = f"{incoming.size / (1 << 20):.1f} MiB"
+            reason = f"instance_too_large: {size}, over --max-instance-mib {self.cfg.max_instance_mib}"
+            return self._refuse(aet, address, claimed, OUT_OF_RESOURCES, reason)
         try:
-            data = event.encoded_dataset(include_meta=True)
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+            path = incoming.finish() if incoming.error is None else None
+        except OSError as exc:
+            incoming.error = exc
+        if incoming.error is not None:  # a full or unwritable spool: the sender keeps the instance and retries
+            exc = incoming.error
+            log.error("dens-serve: cannot spool an instance from %s (%s)", aet, exc)
+            return _status(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
+        try:  # large values stay on the disk: only the header's small elements are read
+            ds = dcmread(path, stop_before_pixels=True, defer_size="1 MB")
             modality = str(ds.get("Modality", ""))
             study_uid, sop_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
             sop_class = str(ds.get("SOPClassUID", ""))
@@ -210,7 +267,7 @@ class StorageSCP:
         if not study_uid or not sop_uid:
             return self._refuse(aet, address, sop_uid, MISMATCH, "missing_uid: no StudyInstanceUID or SOPInstanceUID")
         try:
-            added = self.state.receive(study_uid, sop_uid, data, aet, address)
+            added = self._spool(study_uid, sop_uid, path, aet, address)
         except OSError as exc:  # a full or unwritable spool: the sender keeps the instance and retries
             log.error("dens-serve: cannot spool an instance from %s (%s)", aet, exc)
             return _status(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
@@ -219,6 +276,23 @@ class StorageSCP:
         if self.received is not None:
             self.received.set()
         return SUCCESS
+
+    def _spool(self, study_uid: str, sop_uid: str, path: Path, aet: str, address: str) -> bool:
+        """Rename a received file (already on the disk) into the spool and record it, as :meth:`State.receive`
+        does with bytes; False when the instance was already there."""
+        if self.state.knows(sop_uid):
+            return False
+        target = self.state.spool_path(study_uid, sop_uid)
+        if not target.parent.is_dir():
+            target.parent.mkdir(exist_ok=True)
+            fsync_dir(self.state.spool)
+        os.replace(path, target)
+        fsync_dir(target.parent)  # durable before the C-STORE is acknowledged
+        try:
+            return self.state.register(study_uid, sop_uid, target, aet, address)
+        except OSError:  # not recorded (a full disk), so not kept: the sender sends it again
+            target.unlink(missing_ok=True)
+            raise
 
     def _refuse(self, aet: str, address: str, sop_uid: str, code: int, reason: str) -> Dataset:
         self._record("an instance", aet, address, reason, sop_uid)

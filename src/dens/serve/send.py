@@ -10,7 +10,10 @@ How the sender reaches its destinations (:class:`Outgoing`, from :func:`outgoing
 every C-STORE goes over TLS, the destination's certificate checked against that CA and its host name or
 address; STOW-RS to https:// URLs checks the server's certificate against the system's CAs or ``--stow-ca``,
 and sends the ``Authorization`` header the options name (read from the environment, kept out of every log
-line, error message and status).
+line, error message and status). A URL is logged and recorded with its userinfo redacted (:func:`redact`).
+
+A send whose outcome the state cannot record (a full disk) is tried again later: a destination may get the
+same SR twice, which stores nothing new.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dens.serve.config import MAX_RETRY_SECONDS, Destination, ServeConfig
-from dens.serve.state import Send, State
+from dens.serve.config import MAX_RETRY_SECONDS, Destination, ServeConfig, redact
+from dens.serve.state import Send, State, StateWriteError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 # C-STORE statuses that mean stored: success, and the warnings (coercion, elements discarded, mismatch).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 _TIMEOUT = 30.0  # seconds for a connection, an association or a response
+_STATE_RETRY = 5.0  # seconds before the sender looks at the outbox again after the state could not be written
 
 
 class SendError(Exception):
@@ -142,17 +146,18 @@ def send_stow(path: Path, url: str, tls: ssl.SSLContext | None = None, authoriza
     )
     if authorization is not None:  # not carried to where a redirect points
         request.add_unredirected_header("Authorization", authorization)
+    shown = redact(url)
     try:
         with urllib.request.urlopen(request, timeout=_TIMEOUT, context=tls) as response:
             code, answer = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        raise SendError(f"{url} answered HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise SendError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+        raise SendError(f"{shown} answered HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: a URL urllib cannot parse
+        raise SendError(redact(f"{shown}: {getattr(exc, 'reason', exc)}")) from exc
     if code == 202 and _failed_sop(answer):  # accepted in part: the SR is among the failures
-        raise SendError(f"{url} answered HTTP 202 listing the SR as failed")
+        raise SendError(f"{shown} answered HTTP 202 listing the SR as failed")
     if code not in (200, 202):
-        raise SendError(f"{url} answered HTTP {code}")
+        raise SendError(f"{shown} answered HTTP {code}")
 
 
 def _failed_sop(answer: bytes) -> bool:
@@ -170,7 +175,7 @@ def deliver(send: Send, calling_aet: str, how: Outgoing = Outgoing()) -> None:
     elif kind == "stow":
         send_stow(send.sr_path, where, how.stow_tls, how.stow_authorization)
     else:
-        raise SendError(f"unknown destination {send.destination!r}")
+        raise SendError(f"unknown destination {redact(send.destination)!r}")
 
 
 def backoff(attempts: int, first: float) -> float:
@@ -201,10 +206,15 @@ class Sender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for send in self.state.due():
-                if self._stop.is_set():
-                    return
-                self._try(send)
+            try:
+                for send in self.state.due():
+                    if self._stop.is_set():
+                        return
+                    self._try(send)
+            except StateWriteError as exc:  # the entry stays pending: tried again once the state can be written
+                log.error("dens-serve: the outbox cannot be updated (%s); tried again in %.0f s", exc, _STATE_RETRY)
+                self._stop.wait(_STATE_RETRY)
+                continue
             wait = self.state.next_send_in()
             self.wake.wait(timeout=1.0 if wait is None else min(max(wait, 0.05), 1.0))
             self.wake.clear()
@@ -214,15 +224,16 @@ class Sender:
             deliver(send, self.calling_aet, self.how)
         except Exception as exc:  # SendError, an unreadable SR file, a pynetdicom failure: retried later
             delay = backoff(send.attempts + 1, self.first_retry)
+            error = redact(str(exc))
             log.warning(
                 "dens-serve: sending SR %s to %s failed (attempt %d: %s); next try in %.0f s",
                 send.sr_uid,
-                send.destination,
+                redact(send.destination),
                 send.attempts + 1,
-                exc,
+                error,
                 delay,
             )
-            self.state.retry_later(send.id, str(exc), delay)
+            self.state.retry_later(send.id, error, delay)
             return
         self.state.sent(send.id)
-        log.info("dens-serve: sent SR %s to %s", send.sr_uid, send.destination)
+        log.info("dens-serve: sent SR %s to %s", send.sr_uid, redact(send.destination))

@@ -18,16 +18,25 @@ stored twice. preds.csv is the truth about which instances are scored (a row per
 fsync'd before the database learns it; :meth:`State.adopt_rows` reconciles the two after a crash). A study is
 answered in one transaction with its outbox entries, and an outbox entry is unique per SR instance and
 destination, so no SR goes twice to a destination that acknowledged it.
+
+A write the database cannot make (a full disk, a folder made read-only) raises :class:`StateWriteError`, an
+OSError: the transaction is rolled back whole, the caller refuses what it could not record (a C-STORE gets
+0xA700) or tries again later, and the node goes on. A read-only folder is read as it is, or from a copy
+(:class:`State` with ``read_only``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +45,8 @@ from pathlib import Path
 
 from dens import labels
 from dens.files import atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
 
 DB_NAME, SPOOL, SR_DIR, PREDS, LOCK = "serve.db", "spool", "sr", "preds.csv", "serve.lock"
 RECEIVING, ANSWERED, FAILED = "receiving", "answered", "failed"
@@ -95,6 +106,48 @@ class StateLocked(RuntimeError):
     """Another node keeps this state folder."""
 
 
+class StateWriteError(OSError):
+    """The state's database could not record a change (nothing of it was kept): the disk is full, or the folder
+    cannot be written. ``strerror`` says which, short enough for a C-STORE's Error Comment."""
+
+    @classmethod
+    def of(cls, exc: sqlite3.Error) -> StateWriteError:
+        text = str(exc).lower()
+        if "full" in text:
+            return cls(errno.ENOSPC, "no space left for the state database")
+        if "readonly" in text or "read-only" in text:
+            return cls(errno.EROFS, "the state database is read-only")
+        return cls(errno.EIO, f"the state database cannot be written ({exc})")
+
+
+def _open_read_only(db: Path) -> tuple[sqlite3.Connection, tempfile.TemporaryDirectory | None]:
+    """A connection that reads ``db`` and writes nothing next to it, and the temporary folder it needs (None when
+    it needs none). SQLite reads a WAL database in place when its shared-memory file can be used; in a folder
+    that cannot be written, where that file is missing, the database and its WAL are read from a copy."""
+    try:
+        con = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    except sqlite3.OperationalError as exc:
+        why = exc
+    else:
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # opens the file (and its WAL) now
+            return con, None
+        except sqlite3.OperationalError as exc:
+            con.close()
+            why = exc
+    copy = tempfile.TemporaryDirectory(prefix="dens-serve-status-")
+    try:
+        for suffix in ("", "-wal"):
+            if Path(f"{db}{suffix}").is_file():
+                shutil.copyfile(f"{db}{suffix}", Path(copy.name) / f"{DB_NAME}{suffix}")
+        con = sqlite3.connect(Path(copy.name) / DB_NAME, check_same_thread=False)
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+    except (OSError, sqlite3.Error) as exc:
+        copy.cleanup()
+        raise OSError(f"cannot read {db} ({why}; from a copy: {exc})") from exc
+    return con, copy
+
+
 class State:
     """The state folder's database, shared by the node's threads (one connection, one lock). Opened for
     writing, it holds the folder's lock file until :meth:`close` (raises StateLocked when another process
@@ -107,10 +160,11 @@ class State:
         self.preds = self.folder / PREDS
         db = self.folder / DB_NAME
         self._lock_file = None
+        self._copy: tempfile.TemporaryDirectory | None = None
         if read_only:
             if not db.is_file():
                 raise FileNotFoundError(f"{self.folder} holds no dens-serve state ({DB_NAME} not found)")
-            self._db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+            self._db, self._copy = _open_read_only(db)
         else:
             for folder_ in (self.folder, self.spool, self.sr_dir):
                 folder_.mkdir(parents=True, exist_ok=True)
@@ -133,17 +187,26 @@ class State:
             self._db.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
+        if self._copy is not None:
+            self._copy.cleanup()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write, whole or not at all; StateWriteError when the database cannot take it (the transaction
+        is rolled back, so the connection stays usable for the next one)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back a failed COMMIT itself
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:  # full, read-only, I/O error: not a bug in a statement
+                raise StateWriteError.of(exc) from exc
 
     def read(self, sql: str, args: Iterable = ()) -> list[tuple]:
         """The rows a query gives (a query that changes nothing: the status' and audits')."""
@@ -168,7 +231,12 @@ class State:
             fsync_dir(self.spool)
         with atomic_write(path, "wb", fsync=True) as f:  # durable before the C-STORE is acknowledged
             f.write(data)
-        return self.register(study_uid, sop_uid, path, calling_aet, address)
+        try:
+            return self.register(study_uid, sop_uid, path, calling_aet, address)
+        except StateWriteError:  # refused, so not kept: the sender sends it again
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
 
     def register(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
         """Record a spooled file: its study goes back to receiving (its quiet time starts again)."""
@@ -190,12 +258,16 @@ class State:
         return bool(added)
 
     def refuse(self, calling_aet: str | None, address: str, reason: str, sop_uid: str | None = None) -> None:
-        """Record a refused association, connection or instance; ``reason`` is ``code: detail``."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO refused (time, calling_aet, address, sop_uid, reason) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), calling_aet, address, sop_uid, reason),
-            )
+        """Record a refused association, connection or instance; ``reason`` is ``code: detail``. A refusal the
+        database cannot take (a full disk) is logged only: the refusal itself still goes back."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO refused (time, calling_aet, address, sop_uid, reason) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), calling_aet, address, sop_uid, reason),
+                )
+        except StateWriteError as exc:
+            log.error("dens-serve: a refusal (%s) could not be recorded: %s", reason, exc.strerror)
 
     def known_paths(self) -> set[str]:
         return {p for (p,) in self.read("SELECT path FROM instances")}

@@ -8,29 +8,49 @@ studies answered, the last one (its call and SR), errors (studies that failed, a
 (pending, sent, the entries being retried and why), refusals counted by reason, and the last studies, each with
 its images' outcome, its call and where its SR went.
 
-With a token (``--status-token-env``), every request must carry ``Authorization: Bearer TOKEN``; others get 401
-and nothing else, whatever they ask for.
+Who sees what (:func:`view`): with a token (``--status-token-env``), every request must carry
+``Authorization: Bearer TOKEN``; others get 401 and nothing else, whatever they ask for, and a token holder sees
+everything (``"view": "full"``). Without a token, a client on this machine (a loopback peer) sees the studies
+but not the node's configuration (its allow-list, state folder and destinations: ``"local"``), and a client
+from elsewhere sees counts only (``"counts"``: no UID, call, AE title, address or message). No view, nor
+``dens-serve STATE --status`` (which shows all the folder holds, to whoever can read it), shows a URL's
+userinfo (:func:`dens.serve.config.redact`).
+
+Against a web page on this machine (DNS rebinding), a request whose Host header names another host than the
+one the endpoint listens on (its ``--host``, localhost, 127.0.0.1 or [::1], and its port) gets 421. Against
+connections that are opened and never finish their request, each has :data:`REQUEST_SECONDS` to send its
+request, however it trickles it, and at most :data:`MAX_CONNECTIONS` are open at once (:data:`MAX_PER_PEER`
+from one address); a connection beyond either gets 503 at once, without a thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from dens import labels
+from dens.serve.config import redact
 from dens.serve.state import ANSWERED, FAILED, PENDING, RECEIVING, ROW_STATUS, SENT, State
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STUDIES, MAX_STUDIES = 20, 1000  # the last studies listed, by default and at most
 RECENT = 10  # errors, refusals and failed sends listed
+REQUEST_SECONDS = 10  # for a client to send its whole request (a GET: its line and headers), however slowly
+MAX_CONNECTIONS, MAX_PER_PEER = 64, 8  # status connections open at once, in all and from one address
+FULL, LOCAL, COUNTS = "full", "local", "counts"  # what a client sees (:func:`view`)
+_CONFIGURATION = ("allow", "state", "destinations")  # the node's own words a token-less client does not see
 OUTCOMES = ("ok", "skipped", "error")  # an instance's row status (preds.csv's `status`)
 # A refusal's reason is `code: detail`; its code, as the status counts it.
 _REASON_CODE = "CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END"
@@ -38,8 +58,39 @@ _REASON_CODE = "CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(re
 
 def snapshot(state: State, node: dict | None = None, studies: int = DEFAULT_STUDIES) -> dict:
     """The status document: ``node`` (what the running node says about itself, when it runs), the state's
-    counts and its last ``studies`` studies (``last_studies``)."""
-    return {**({"node": node} if node else {}), **counts(state), "last_studies": last_studies(state, studies)}
+    counts and its last ``studies`` studies (``last_studies``); every URL's userinfo redacted."""
+    return _redacted(
+        {**({"node": node} if node else {}), **counts(state), "last_studies": last_studies(state, studies)}
+    )
+
+
+def view(doc: dict, level: str) -> dict:
+    """What a client sees of the status document ``doc``: all of it (``FULL``: a token holder), all but the
+    node's configuration (``LOCAL``: no token, a client on this machine), or its counts only (``COUNTS``: no
+    token, a client from elsewhere)."""
+    if level == FULL:
+        return {"view": FULL, **doc}
+    node = {k: v for k, v in doc.get("node", {}).items() if k not in _CONFIGURATION}
+    if level == LOCAL:
+        return {"view": LOCAL, **doc, **({"node": node} if "node" in doc else {})}
+    return {
+        "view": COUNTS,
+        **({"node": {k: node[k] for k in ("aet", "tls", "status_auth", "started") if k in node}} if node else {}),
+        **{k: doc[k] for k in ("instances_received", "instances", "queue_depth", "studies", "studies_processed")},
+        "errors": {k: doc["errors"][k] for k in ("count", "studies", "instances")},
+        "outbox": {k: doc["outbox"][k] for k in (PENDING, SENT)},
+        "refused": {k: doc["refused"][k] for k in ("count", "by_reason")},
+    }
+
+
+def _redacted(value):
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def counts(state: State) -> dict:
@@ -182,17 +233,139 @@ def _authorised(header: str | None, expected: bytes) -> bool:
     return matches and scheme.lower() == "bearer"
 
 
+def host_allowed(header: str | None, listen: str, port: int) -> bool:
+    """Whether a request's Host header names the endpoint listening on ``listen:port``: ``listen`` itself,
+    localhost, 127.0.0.1 or [::1], with ``port`` (absent: 80); on a wildcard address (0.0.0.0, ::), also any
+    IP address and this machine's name. A name a page's author controls (DNS rebinding) is none of these."""
+    text = (header or "").strip().lower()
+    if text.startswith("["):  # [IPv6]:PORT
+        name, _, rest = text[1:].partition("]")
+        if rest[:1] not in ("", ":"):
+            return False
+        given = rest[1:] if rest else "80"
+    else:
+        name, sep, given = text.partition(":")
+        given = given if sep else "80"
+    if not (given.isascii() and given.isdigit()) or int(given) != port:
+        return False
+    name, listen = name.rstrip("."), listen.strip("[]").lower()
+    if not name:
+        return False
+    if name in ("localhost", "127.0.0.1", "::1", listen):
+        return True
+    if listen not in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name == socket.gethostname().lower()
+
+
+def _loopback_peer(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+class _Deadline(io.RawIOBase):
+    """A socket's reads, each given only what is left of ``seconds`` from the first: a client trickling its
+    request a byte at a time is cut off as one that stalls is (TimeoutError, which the handler answers by
+    closing the connection)."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        self.sock, self.deadline = sock, time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _Server(ThreadingHTTPServer):
+    """The threaded HTTP server with a cap: a connection beyond :data:`MAX_CONNECTIONS` open, or
+    :data:`MAX_PER_PEER` from its address, gets 503 from the accepting thread and is closed."""
+
+    daemon_threads = True
+    request_queue_size = MAX_CONNECTIONS  # a burst waits for accept() rather than being reset
+    _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+
+    def __init__(self, address: tuple[str, int], handler) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+        self._count = threading.Lock()
+        self._open: Counter[str] = Counter()
+        self._busy_logged = 0.0
+
+    def process_request(self, request, client_address) -> None:
+        peer = client_address[0]
+        with self._count:
+            full = self._open.total() >= MAX_CONNECTIONS or self._open[peer] >= MAX_PER_PEER
+            if not full:
+                self._open[peer] += 1
+        if not full:
+            super().process_request(request, client_address)  # its thread releases the slot
+            return
+        try:
+            request.settimeout(0.5)
+            request.sendall(self._BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        if time.monotonic() - self._busy_logged > 60:  # one line a minute, however many are refused
+            self._busy_logged = time.monotonic()
+            log.warning(
+                "dens-serve: status connection from %s refused: %d open (at most %d, %d from one address)",
+                peer,
+                self._open.total(),
+                MAX_CONNECTIONS,
+                MAX_PER_PEER,
+            )
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self._open[client_address[0]] -= 1
+                if self._open[client_address[0]] <= 0:
+                    del self._open[client_address[0]]
+
+
 def serve(
     state: State, host: str, port: int, node: Callable[[], dict], token: str | None = None
 ) -> ThreadingHTTPServer:
     """Start the status endpoint on ``host:port`` in a thread; the server (``.shutdown()`` stops it). With
-    ``token``, a request without ``Authorization: Bearer TOKEN`` gets 401."""
+    ``token``, a request without ``Authorization: Bearer TOKEN`` gets 401; a Host header that names another
+    host gets 421."""
     expected = None if token is None else hashlib.sha256(token.encode()).digest()
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 30  # seconds a client may stall mid-request before its connection is closed
+        timeout = REQUEST_SECONDS
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the socket closes only once no file of it is open
+            self.rfile = io.BufferedReader(_Deadline(self.connection, REQUEST_SECONDS))
 
         def do_GET(self) -> None:
+            self.connection.settimeout(REQUEST_SECONDS)  # for the answer, whatever the request's deadline left
+            if not host_allowed(self.headers.get("Host"), host, self.server.server_address[1]):
+                log.warning(
+                    "dens-serve: status request from %s refused: Host %r is not this endpoint",
+                    self.client_address[0],
+                    (self.headers.get("Host") or "")[:100],
+                )
+                self._reply(421, {"error": "the Host header names another host than this status endpoint"})
+                return
             if expected is not None and not _authorised(self.headers.get("Authorization"), expected):
                 self._refuse()
                 return
@@ -203,7 +376,8 @@ def serve(
                 except ValueError as exc:
                     self._reply(400, {"error": str(exc)})
                     return
-                self._reply(200, snapshot(state, node(), studies))
+                level = FULL if expected is not None else LOCAL if _loopback_peer(self.client_address[0]) else COUNTS
+                self._reply(200, view(snapshot(state, node(), studies), level))
             elif url.path == "/health":
                 self._reply(200, {"ok": True})
             else:
@@ -232,8 +406,7 @@ def serve(
         def log_message(self, format: str, *args) -> None:
             log.debug("status: " + format, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = _Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="dens-serve-status", daemon=True).start()
     return server
 
