@@ -3,7 +3,10 @@ report) is written through, so that a reader, or a run killed half-way, never se
 
 A run killed mid-write leaves its temporary behind (``.NAME.PID.THREAD.tmp``); the next write of the same file
 removes it, once its writer's process is gone and it has not changed for :data:`STALE_AFTER_S` (the grace
-covers a writer on another machine sharing the folder)."""
+covers a writer on another machine sharing the folder). A process lists a folder for such leftovers once, at
+its first write there: the training cache and the spool write thousands of files into one folder, and a
+listing per write would make each write cost the folder's size. Leftovers are older than the process that
+finds them, so the first listing holds them all."""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from pathlib import Path
 from typing import IO, Any
 
 STALE_AFTER_S = 60.0
+_TMP = re.compile(r"\.(.+)\.([0-9]+)\.[0-9]+\.tmp")
+# Folder -> target file name -> the temporaries of it found at this process's first write there.
+_leftovers: dict[Path, dict[str, list[str]]] = {}
+_leftovers_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -45,25 +52,37 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that writes of ``path`` killed half-way left behind: those whose process no longer
     runs on this machine, unchanged for :data:`STALE_AFTER_S`. Returns the ones removed."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.") + r"([0-9]+)\.[0-9]+\.tmp")
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return []
-    removed = []
+    with _leftovers_lock:
+        if path.parent not in _leftovers:
+            _leftovers[path.parent] = _list_leftovers(path.parent)
+        names = _leftovers[path.parent].pop(path.name, [])
+    removed, kept = [], []
     for name in names:
-        match = pattern.fullmatch(name)
-        if not match or _running(int(match.group(1))):
-            continue
         tmp = path.with_name(name)
         try:
-            if time.time() - tmp.stat().st_mtime < STALE_AFTER_S:
+            if _running(int(_TMP.fullmatch(name).group(2))) or time.time() - tmp.stat().st_mtime < STALE_AFTER_S:
+                kept.append(name)
                 continue
             tmp.unlink()
         except OSError:
             continue  # gone already, or not ours to remove
         removed.append(tmp)
+    if kept:  # looked at again at the next write of ``path``
+        with _leftovers_lock:
+            _leftovers[path.parent].setdefault(path.name, []).extend(kept)
     return removed
+
+
+def _list_leftovers(folder: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        if match := _TMP.fullmatch(name):
+            found.setdefault(match.group(1), []).append(name)
+    return found
 
 
 def _running(pid: int) -> bool:
