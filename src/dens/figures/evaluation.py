@@ -28,8 +28,6 @@ LEVELS = ("image", "breast", "exam")
 RESAMPLES = 1000  # bootstrap draws: the 2.5th and 97.5th percentiles move by well under 0.01 beyond this
 CONFIDENCE = 0.95
 # Figures that get an interval: the class figures, and dense-vs-not's.
-CLASS_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "kappa_linear", "kappa_quadratic")
-DENSE_FIGURES = ("accuracy", "sensitivity", "specificity", "auc")
 _CHUNK = 100
 
 

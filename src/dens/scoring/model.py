@@ -10,6 +10,7 @@ reads a model without opening a session.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -105,12 +106,12 @@ class ModelFile:
             raise ModelError(f"{path} predicts classes {found.classes}; {stage} writes {labels.CLASSES}")
         return found
 
-    @property
+    @functools.cached_property
     def preprocess(self) -> PreprocessConfig:
-        """The route its images are made by, as its metadata says."""
+        """The route its images are made by, as its metadata says (parsed once)."""
         return PreprocessConfig.from_dict(self.metadata["preprocess"])
 
-    @property
+    @functools.cached_property
     def classes(self) -> tuple[str, ...]:
         return tuple(str(c) for c in self.metadata["classes"])
 
@@ -119,7 +120,7 @@ class ModelFile:
         """What the graph computes in: fp32, fp16 or int8."""
         return str(self.metadata.get("precision", "fp32"))
 
-    @property
+    @functools.cached_property
     def preprocess_cell(self) -> str:
         """The ``preprocess`` cell of its rows."""
         return preprocess_cell(self.preprocess)
