@@ -32,19 +32,16 @@ instances.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from dens.files import fsync_dir
 from dens.serve.config import Allowed, ServeConfig
 from dens.serve.incoming import INCOMING, InstanceFile, SpoolingDIMSE
 from dens.serve.state import State
@@ -267,7 +264,7 @@ class StorageSCP:
         if not study_uid or not sop_uid:
             return self._refuse(aet, address, sop_uid, MISMATCH, "missing_uid: no StudyInstanceUID or SOPInstanceUID")
         try:
-            added = self._spool(study_uid, sop_uid, path, aet, address)
+            added = self.state.receive_file(study_uid, sop_uid, path, aet, address)
         except OSError as exc:  # a full or unwritable spool: the sender keeps the instance and retries
             log.error("dens-serve: cannot spool an instance from %s (%s)", aet, exc)
             return _status(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
@@ -276,23 +273,6 @@ class StorageSCP:
         if self.received is not None:
             self.received.set()
         return SUCCESS
-
-    def _spool(self, study_uid: str, sop_uid: str, path: Path, aet: str, address: str) -> bool:
-        """Rename a received file (already on the disk) into the spool and record it, as :meth:`State.receive`
-        does with bytes; False when the instance was already there."""
-        if self.state.knows(sop_uid):
-            return False
-        target = self.state.spool_path(study_uid, sop_uid)
-        if not target.parent.is_dir():
-            target.parent.mkdir(exist_ok=True)
-            fsync_dir(self.state.spool)
-        os.replace(path, target)
-        fsync_dir(target.parent)  # durable before the C-STORE is acknowledged
-        try:
-            return self.state.register(study_uid, sop_uid, target, aet, address)
-        except OSError:  # not recorded (a full disk), so not kept: the sender sends it again
-            target.unlink(missing_ok=True)
-            raise
 
     def _refuse(self, aet: str, address: str, sop_uid: str, code: int, reason: str) -> Dataset:
         self._record("an instance", aet, address, reason, sop_uid)

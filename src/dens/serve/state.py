@@ -222,20 +222,33 @@ class State:
         return bool(self.read("SELECT 1 FROM instances WHERE sop_key = ?", [key("sop", sop_uid)]))
 
     def receive(self, study_uid: str, sop_uid: str, data: bytes, calling_aet: str = "", address: str = "") -> bool:
-        """Spool one instance durably and record it; False when it was already there (stored once)."""
+        """Spool one instance's bytes durably and record it; False when it was already there (stored once)."""
         if self.knows(sop_uid):
             return False
-        path = self.spool_path(study_uid, sop_uid)
-        if not path.parent.is_dir():
-            path.parent.mkdir(exist_ok=True)
-            fsync_dir(self.spool)
-        with atomic_write(path, "wb", fsync=True) as f:  # durable before the C-STORE is acknowledged
+        part = self.spool / f".{key('sop', sop_uid)}.part"
+        with atomic_write(part, "wb", fsync=True) as f:
             f.write(data)
         try:
-            return self.register(study_uid, sop_uid, path, calling_aet, address)
-        except StateWriteError:  # refused, so not kept: the sender sends it again
-            with contextlib.suppress(OSError):
-                path.unlink()
+            return self.receive_file(study_uid, sop_uid, part, calling_aet, address)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def receive_file(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
+        """Move a received file (durable, on the spool's filesystem) into the spool and record it, durable before
+        the C-STORE is acknowledged; False when the instance was already there (``path`` is then left where it is).
+        A record the database cannot take (a full disk) removes the file again: the sender sends it again."""
+        if self.knows(sop_uid):
+            return False
+        target = self.spool_path(study_uid, sop_uid)
+        if not target.parent.is_dir():
+            target.parent.mkdir(exist_ok=True)
+            fsync_dir(self.spool)
+        os.replace(path, target)
+        fsync_dir(target.parent)
+        try:
+            return self.register(study_uid, sop_uid, target, calling_aet, address)
+        except OSError:
+            target.unlink(missing_ok=True)
             raise
 
     def register(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
