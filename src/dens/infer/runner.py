@@ -37,8 +37,8 @@ from dens.preds.lock import OutputLocked, lock_path, output_lock
 from dens.preds.writer import CorruptOutput, NotAFolder, OutputExists, PredsWriter, check_folder, check_output
 from dens.route import families
 from dens.route.errors import Reason
-from dens.scoring.model import ModelError, ModelFile, resolve_model
-from dens.scoring.runtime import DeviceError, model_for_precision, planned_device
+from dens.scoring.model import ModelError, ModelFile
+from dens.scoring.runtime import DeviceError, planned_device
 from dens.scoring.scorer import RowMaker, Scorer, ScoringError
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,8 @@ def run(cfg: InferConfig) -> Summary:
     if not studies.exists():
         raise InferError(f"{studies} does not exist: pass the folder of studies to read")
     try:
-        path = resolve_model(cfg.model, "dens-infer")
         model = ModelFile.read(
-            path if cfg.precision is None else model_for_precision(path, cfg.precision),
-            allow_modified=cfg.allow_modified_model,
+            cfg.model, "dens-infer", precision=cfg.precision, allow_modified=cfg.allow_modified_model
         )
     except ModelError as exc:
         raise InferError(str(exc)) from exc

@@ -26,6 +26,7 @@ from dens.artifact.metadata import (
     OnnxMetadataError,
     file_sha256,
     read_metadata,
+    variant_path,
 )
 from dens.preds.columns import preprocess_cell
 from dens.route.config import PreprocessConfig
@@ -63,6 +64,19 @@ def resolve_model(model: str | os.PathLike | None, stage: str = "dens-infer") ->
     return model
 
 
+def model_for_precision(model_path: str | os.PathLike, precision: str) -> Path:
+    """The ``precision`` variant dens-export wrote beside ``model_path`` (``model.onnx`` + int8 ->
+    ``model.int8.onnx``); raises ModelError, saying how to make it, when it is not there."""
+    path = variant_path(model_path, precision)
+    if not path.is_file():
+        make = {"int8": " --int8 --calibrate DIR", "fp16": " --fp16"}.get(precision, "")
+        raise ModelError(
+            f"--precision {precision}: {path} not found beside {model_path}; make it with `dens-export --onnx{make} "
+            f"--out {variant_path(model_path, 'fp32')}`, or pass the file with --model"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class ModelFile:
     """An exported dens model as read from its file: its path, its ``dens`` metadata and its sha256."""
@@ -73,13 +87,21 @@ class ModelFile:
 
     @classmethod
     def read(
-        cls, model: str | os.PathLike | None, stage: str = "dens-infer", *, allow_modified: bool = False
+        cls,
+        model: str | os.PathLike | None,
+        stage: str = "dens-infer",
+        *,
+        precision: str | None = None,
+        allow_modified: bool = False,
     ) -> ModelFile:
         """Find (:func:`resolve_model`), read, verify against its signature and check the model; ModelError says
         what is wrong. A model edited after export is refused, or with ``allow_modified`` (dens-infer's and
         dens-serve's ``--allow-modified-model``) scored with a loud warning; one without a signature (an older
-        dens exported it) is scored with a warning that it cannot be verified."""
+        dens exported it) is scored with a warning that it cannot be verified. ``precision``: the variant
+        dens-export wrote beside the model (:func:`model_for_precision`) rather than the model itself."""
         path = resolve_model(model, stage)
+        if precision is not None:
+            path = model_for_precision(path, precision)
         try:
             metadata = read_metadata(path)
         except ModelModifiedError as exc:

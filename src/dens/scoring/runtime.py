@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 import dens
-from dens.artifact.metadata import INPUT, PROBS, variant_path
+from dens.artifact.metadata import INPUT, PROBS
 from dens.route.config import PreprocessConfig
 from dens.scoring import DEVICES
 from dens.scoring.model import ModelError, ModelFile
@@ -160,19 +160,6 @@ def _provider_options(
     if name == "cuda":
         return PROVIDERS[name], {"device_id": 0, **(cuda_options or {})}
     return PROVIDERS[name], {}
-
-
-def model_for_precision(model_path: str | os.PathLike, precision: str) -> Path:
-    """The ``precision`` variant dens-export wrote beside ``model_path`` (``model.onnx`` + int8 ->
-    ``model.int8.onnx``); raises ModelError, saying how to make it, when it is not there."""
-    path = variant_path(model_path, precision)
-    if not path.is_file():
-        make = {"int8": " --int8 --calibrate DIR", "fp16": " --fp16"}.get(precision, "")
-        raise ModelError(
-            f"--precision {precision}: {path} not found beside {model_path}; make it with `dens-export --onnx{make} "
-            f"--out {variant_path(model_path, 'fp32')}`, or pass the file with --model"
-        )
-    return path
 
 
 @dataclass
