@@ -293,6 +293,39 @@ def test_a_full_disk_refuses_c_stores_with_a_comment_and_the_node_goes_on(onnx_m
             assert crash not in log, log[log.index(crash) - 2000 :]
 
 
+def test_a_disk_that_fills_while_an_instance_streams_in_refuses_it_and_keeps_the_association(onnx_model, tmp_path):
+    """No room for the instance: its stream fails, the C-STORE gets 0xA700 with a comment, the same association's
+    next C-STORE is answered, and no thread dies of it (closing a file whose buffer cannot be flushed fails too)."""
+    from pynetdicom import AE
+
+    with tmpfs(tmp_path / "state", "3m") as folder:
+        node = Node(folder, onnx_model, "--allow-aet", "STORESCU", "--stable-seconds", "1")
+        try:
+            study, files = make_study(tmp_path / "study")
+            filler = fill(folder, 0)
+            ae = AE(ae_title="STORESCU")
+            datasets = [dcmread(p) for p in files[:2]]
+            ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DENS")
+            assert assoc.is_established
+            try:
+                statuses = [assoc.send_c_store(ds) for ds in datasets]
+                for status in statuses:
+                    assert "Status" in status and status.Status == 0xA700, status
+                    assert status.ErrorComment.startswith("cannot store: "), status
+                assert assoc.is_established
+            finally:
+                assoc.release()
+            filler.unlink()
+            assert store(node.port, files[0]).Status == 0x0000  # once there is room, it is taken
+        finally:
+            code = node.stop()
+        log = node.log.read_text()
+        assert code == 0, log[-3000:]
+        assert "Exception in thread" not in log, log[log.index("Exception in thread") - 2000 :]
+        assert "No space left" in log
+
+
 def test_a_state_write_that_cannot_be_made_raises_and_leaves_the_state_usable(tmp_path):
     with tmpfs(tmp_path / "state", "1m") as folder:
         state = State(folder)

@@ -87,9 +87,11 @@ class InstanceFile(BytesIO):
         return self.path
 
     def discard(self) -> None:
-        """Close and remove the file (once it is renamed into the spool, there is nothing to remove)."""
+        """Close and remove the file (once it is renamed into the spool, there is nothing to remove). Never
+        raises: on a full disk, closing flushes what the file buffers and fails, though the file is closed."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
         self._file = self.path = None
