@@ -4,10 +4,12 @@ runs a live node (test_serve's Node) and stops its peers itself; every loop is b
 
 from __future__ import annotations
 
+import gc
 import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -187,3 +189,34 @@ def test_instances_stream_to_the_spool_and_one_over_the_limit_is_refused_with_it
     assert len(spooled) == 1  # the one that fits, nothing of the other, no temporary left
     assert dcmread(spooled[0]).PixelData == dcmread(fits).PixelData
     assert "instance_too_large" in node.log.read_text()
+
+
+def test_a_flood_of_refused_connections_runs_no_garbage_collection_per_connection(monkeypatch):
+    """pynetdicom's accept loop collects garbage every 60 turns: a peer reconnecting 1,500 times a second made
+    that 25 full collections a second, each holding every thread of the node. The node's server collects on a
+    clock (dens.serve.transport.GC_SECONDS) instead."""
+    from pynetdicom import AE
+
+    from dens.serve import transport
+
+    collections_run = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections_run.append(a) or 0)  # pynetdicom's calls too
+    ae = AE(ae_title="DENS")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.make_server(("127.0.0.1", 0), server_class=transport.Server)
+    ae._servers.append(server)  # as AE.start_server does (and StorageSCP.start): shutdown() takes it out
+    server.addresses = frozenset({"192.0.2.1"})  # no loopback peer is allowed: each connection refused at accept
+    dropped = []
+    server.dropped = lambda address, reason: dropped.append(reason)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for _ in range(240):
+            connect(server.server_address[1]).close()
+        deadline = time.monotonic() + 30
+        while len(dropped) < 240 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(dropped) == 240 and all(r.startswith("address_not_allowed") for r in dropped)
+        assert collections_run == []  # pynetdicom's own loop would have run 4
+    finally:
+        server.shutdown()
