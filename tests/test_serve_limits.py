@@ -301,7 +301,7 @@ def test_a_disk_that_fills_while_an_instance_streams_in_refuses_it_and_keeps_the
     with tmpfs(tmp_path / "state", "3m") as folder:
         node = Node(folder, onnx_model, "--allow-aet", "STORESCU", "--stable-seconds", "1")
         try:
-            study, files = make_study(tmp_path / "study")
+            _, files = make_study(tmp_path / "study")
             filler = fill(folder, 0)
             ae = AE(ae_title="STORESCU")
             datasets = [dcmread(p) for p in files[:2]]

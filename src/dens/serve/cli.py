@@ -14,12 +14,16 @@ import click
 from dens.commands import flag_option, scoring_options
 from dens.serve.config import (
     DEFAULT_AET,
+    DEFAULT_AUDIT_KEEP,
+    DEFAULT_AUDIT_MAX_MIB,
+    DEFAULT_DRIFT_WINDOW,
     DEFAULT_MAX_INSTANCE_MIB,
     DEFAULT_MAX_PEER_CONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_RETRY_SECONDS,
     DEFAULT_STABLE_SECONDS,
     EXIT_FAILED,
+    MIN_DRIFT_WINDOW,
     Allowed,
     Destination,
     ServeConfig,
@@ -124,7 +128,8 @@ def _parse(kind):
     "--status-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve the status as JSON over HTTP on --host at this port (GET /status, /status?studies=N, /health).",
+    help="Serve the status as JSON over HTTP on --host at this port (GET /status, /status?studies=N, /health; "
+    "GET /metrics for Prometheus, with --status-token-env).",
 )
 @click.option(
     "--status-token-env",
@@ -132,6 +137,35 @@ def _parse(kind):
     metavar="NAME",
     help="Every status request must carry 'Authorization: Bearer TOKEN', TOKEN read from the environment "
     "variable NAME (never on the command line); 401 otherwise. Give one whenever --host is not loopback.",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append one JSON line per event (associations, refusals, studies received and scored, SRs sent) to "
+    "this file [default: STATE/audit.jsonl].",
+)
+@click.option(
+    "--audit-max-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_AUDIT_MAX_MIB,
+    show_default=True,
+    help="Rotate the audit log before it grows past this (audit.jsonl -> audit.jsonl.1 -> ...).",
+)
+@click.option(
+    "--audit-keep",
+    type=click.IntRange(min=1),
+    default=DEFAULT_AUDIT_KEEP,
+    show_default=True,
+    help="Rotated audit logs kept besides the current one (the oldest goes).",
+)
+@click.option(
+    "--drift-window",
+    type=click.IntRange(min=MIN_DRIFT_WINDOW),
+    default=DEFAULT_DRIFT_WINDOW,
+    show_default=True,
+    help="Exams per manufacturer and model whose mix of calls is compared with the model card's test split "
+    "(/status, /metrics; a warning when the dense share leaves the expected range).",
 )
 @click.option(
     "--tls-cert",

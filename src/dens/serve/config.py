@@ -30,6 +30,11 @@ MAX_RETRY_SECONDS = 600.0
 # mammograms, uncompressed, take under 100 MiB, and dens' decode budget refuses a decode over 1 GiB.
 DEFAULT_MAX_INSTANCE_MIB = 256
 DEFAULT_MAX_PEER_CONNECTIONS = 4  # of the node's 16 association slots, those one peer address may hold at once
+AUDIT_NAME = "audit.jsonl"  # the audit log's default, in the state folder
+DEFAULT_AUDIT_MAX_MIB = 64.0  # the audit log is rotated before it grows past this
+DEFAULT_AUDIT_KEEP = 10  # rotated audit logs kept besides the current one
+DEFAULT_DRIFT_WINDOW = 500  # exams per acquisition unit in the drift window
+MIN_DRIFT_WINDOW = 50  # no drift verdict is given on fewer exams
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: 16 characters of the default set, no backslash
 
 
@@ -159,6 +164,10 @@ class ServeConfig:
     workers: int | None = None
     threads: int | None = None
     flag: str | None = None
+    audit_log: Path | None = None  # default: STATE/audit.jsonl
+    audit_max_mib: float = DEFAULT_AUDIT_MAX_MIB
+    audit_keep: int = DEFAULT_AUDIT_KEEP
+    drift_window: int = DEFAULT_DRIFT_WINDOW
 
     def __post_init__(self) -> None:
         if not self.allow and not self.allow_any:
@@ -174,6 +183,10 @@ class ServeConfig:
             raise ValueError("--stable-seconds must be >= 0 and --retry-seconds > 0")
         if self.max_instance_mib < 1 or self.max_peer_connections < 1:
             raise ValueError("--max-instance-mib and --max-peer-connections must be at least 1")
+        if self.audit_max_mib <= 0 or self.audit_keep < 1:
+            raise ValueError("--audit-max-mib must be > 0 and --audit-keep at least 1")
+        if self.drift_window < MIN_DRIFT_WINDOW:
+            raise ValueError(f"--drift-window must be at least {MIN_DRIFT_WINDOW} exams (no verdict is given on fewer)")
         check_ae_title(self.aet)
         parse_flag(self.flag)  # a bad --flag is a bad option
         if self.status_token_env is not None and self.status_port is None:
@@ -232,6 +245,11 @@ class ServeConfig:
         ``--status-token-env`` names (None without one). Raises ValueError, naming the variable only, when it is
         unset or empty."""
         return None if self.status_token_env is None else _secret("--status-token-env", self.status_token_env, environ)
+
+    @property
+    def audit_path(self) -> Path:
+        """Where the audit log goes (absolute): ``--audit-log``, else ``audit.jsonl`` in the state folder."""
+        return (Path(self.audit_log) if self.audit_log is not None else Path(self.state) / AUDIT_NAME).absolute()
 
     @property
     def status_exposed(self) -> bool:

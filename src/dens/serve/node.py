@@ -6,7 +6,12 @@ Ctrl-C), after the studies being scored.
 
 Threads: pynetdicom's (one per association) spool instances; the caller's thread (:meth:`Node.serve`)
 schedules and scores the studies quiet at the time, together; the sender empties the outbox; the status
-endpoint answers.
+endpoint answers (and serves the metrics).
+
+What the node tells those who watch it: its metrics (:mod:`dens.serve.metrics`), its audit log
+(:mod:`dens.serve.audit`) and the drift of its calls per acquisition unit (:mod:`dens.serve.drift`), each fed
+where the event happens: here for the studies, in the SCP for associations and refusals, in the sender for
+the SRs' sends.
 
 A state that cannot be written (a full disk) stops no thread: a C-STORE is refused with 0xA700, the scheduler
 and the sender wait and try again, and preds.csv's rows that the database missed meanwhile are adopted then.
@@ -26,10 +31,14 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+import dens
 from dens.flags import parse_flag
 from dens.scoring.model import ModelFile
+from dens.serve.audit import AuditLog, utc_iso
 from dens.serve.config import EXIT_FAILED, ServeConfig, redact
-from dens.serve.pipeline import Pipeline, PipelineError
+from dens.serve.drift import Change, Drift, Reference, unit_of
+from dens.serve.metrics import Metrics
+from dens.serve.pipeline import Pipeline, PipelineError, Report
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender, outgoing
 from dens.serve.state import State, StateLocked, StateWriteError
@@ -71,6 +80,9 @@ class Node:
     scp: StorageSCP
     sender: Sender
     address: tuple[str, int]
+    metrics: Metrics
+    audit: AuditLog
+    drift: Drift
     started: float = field(default_factory=time.time)
     status_address: tuple[str, int] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -79,6 +91,7 @@ class Node:
     _dirty: bool = True  # preds.csv has rows the breast and exam CSVs lack
     failed: str | None = None  # why the node stopped on its own (the pipeline broke down)
     _unrecorded: bool = False  # a state write failed: preds.csv may hold rows the database lacks
+    _announced: bool = False  # the audit log says it started
 
     def info(self) -> dict:
         """What the node says about itself in its status (:func:`dens.serve.status.view` says who sees which)."""
@@ -96,6 +109,8 @@ class Node:
             "destinations": [redact(d) for d in self.cfg.destinations],
             "model": {"name": self.pipeline.identity.name, "sha256": self.pipeline.model.sha256},
             "state": str(self.state.folder),
+            "audit_log": str(self.audit.path),
+            "drift_window": self.drift.window,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }
 
@@ -158,6 +173,22 @@ class Node:
             self._aggregate()
         self.pipeline.close()
         self.state.close()
+        if self._announced:
+            self.audit.write("node_stopped", failed=self.failed)
+        self.audit.close()
+
+    def announce(self) -> None:
+        """The audit log's first line of this node's life: who it is, where it listens, what it scores with."""
+        reference, info = self.drift.reference, self.info()
+        self.audit.write(
+            "node_started",
+            **{k: info[k] for k in ("aet", "address", "tls", "destinations", "allow")},
+            model=self.pipeline.identity.name,
+            model_sha256=self.pipeline.model.sha256,
+            dens_version=dens.__version__,
+            drift_reference=None if reference is None else round(reference.share, 4),
+        )
+        self._announced = True
 
     def _aggregate(self) -> None:
         self._dirty = False  # a failure is tried again after the next study, not in a loop
@@ -170,6 +201,8 @@ class Node:
         """Score the new instances of quiet studies together, then write and queue each study's SR."""
         studies = [(key, *self.state.snapshot(key)) for key in keys]
         todo = [i for *_, instances in studies for i in instances if i.row is None]
+        for key, uid, _, instances in studies:
+            self._received(key, uid, instances)
         t0 = time.perf_counter()
         try:
             new = dict(zip((i.sop_key for i in todo), self.pipeline.score([i.path for i in todo]), strict=True))
@@ -191,9 +224,26 @@ class Node:
         for key, uid, generation, instances in studies:
             self._answer(key, uid, generation, instances, new, scored)
 
+    def _received(self, key: str, uid: str, instances: list) -> None:
+        """The audit's line for a study going to scoring: its instances and who sent them."""
+        peers = self.state.read(
+            "SELECT DISTINCT calling_aet, address FROM instances WHERE study_key = ? ORDER BY 1, 2 LIMIT 16", [key]
+        )
+        first = self.state.read("SELECT first_received FROM studies WHERE study_key = ?", [key])[0][0]
+        self.audit.write(
+            "study_received",
+            study_uid=uid,
+            instances=len(instances),
+            unscored=sum(i.row is None for i in instances),
+            peers=[f"{aet}@{address}" for aet, address in peers],
+            first_received=utc_iso(first),
+        )
+
     def _fail(self, key: str, uid: str, generation: int, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         log.error("dens-serve: study %s failed (%s); it is retried at the next start", uid, message)
+        self.metrics.studies_scored.labels("failed").inc()
+        self.audit.write("study_failed", study_uid=uid, error=message)
         self.state.fail(key, generation, message)
 
     def _answer(self, key: str, uid: str, generation: int, instances: list, new: dict, scored: float) -> None:
@@ -209,6 +259,7 @@ class Node:
         if not self.state.answer(key, generation, report.sr_uid, report.path, report.density, self.cfg.destinations):
             log.info("dens-serve: study %s received more instances while it was scored; scored again when quiet", uid)
             return
+        self._scored(key, uid, rows, report)
         call = report.density or "not assessed (no usable image; the SR says why)"
         log.info(
             "dens-serve: study %s: %d instance(s), %s; scored in %.2f s (with the studies quiet at the time), "
@@ -222,6 +273,36 @@ class Node:
         )
         if self.cfg.destinations:
             self.sender.wake.set()
+
+    def _scored(self, key: str, uid: str, rows: list, report: Report) -> None:
+        """A study answered: counted, its latency observed, its call in the audit log and its unit's window."""
+        first = self.state.read("SELECT first_received FROM studies WHERE study_key = ?", [key])[0][0]
+        self.metrics.latency_scored.observe(max(0.0, time.time() - first))
+        self.metrics.studies_scored.labels("assessed" if report.density else "not_assessed").inc()
+        if report.density:
+            self.metrics.exam_calls.labels(report.density).inc()
+        unit = unit_of(rows)
+        images = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "error")}
+        self.audit.write(
+            "study_scored",
+            study_uid=uid,
+            density=report.density or None,
+            breasts=report.breasts,
+            p_dense=report.p_dense,
+            images=images,
+            manufacturer=unit[0],
+            manufacturer_model=unit[1],
+            sr_uid=report.sr_uid,
+            model_sha256=self.pipeline.model.sha256,
+        )
+        change = self.drift.add(key, unit, report.density)
+        if change is not None:
+            self.drifted(change)
+
+    def drifted(self, change: Change) -> None:
+        """Say that a unit's dense share left its expected range (a warning), or came back."""
+        log.log(logging.WARNING if change.warning else logging.INFO, "dens-serve: %s", change.line())
+        self.audit.write("drift_warning" if change.warning else "drift_cleared", **change.fields())
 
 
 def _no_room(exc: BaseException) -> bool:
@@ -282,6 +363,9 @@ def start(cfg: ServeConfig) -> Node:
         raise ServeError(str(exc)) from exc
     except (ValueError, OSError) as exc:
         raise ServeError(f"cannot use {cfg.state} as the state folder ({exc})") from exc
+    metrics = Metrics()
+    metrics.destinations(sorted({d.partition(":")[0] for d in cfg.destinations}))
+    audit = AuditLog(cfg.audit_path, int(cfg.audit_max_mib * (1 << 20)), cfg.audit_keep, metrics.audit_errors.inc)
     try:
         adopted = recover(state)
         pipeline = Pipeline(
@@ -292,6 +376,7 @@ def start(cfg: ServeConfig) -> Node:
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             threads=cfg.threads,
+            metrics=metrics,
         )
     except Exception as exc:
         state.close()
@@ -305,9 +390,11 @@ def start(cfg: ServeConfig) -> Node:
             scored,
             retried,
         )
+    drift = Drift(cfg.drift_window, *Reference.of(model.metadata))
+    drifted = drift.load(state)
     received = threading.Event()
-    scp = StorageSCP(cfg, state, received)
-    sender = Sender(state, cfg.aet, cfg.retry_seconds, how)
+    scp = StorageSCP(cfg, state, received, metrics, audit)
+    sender = Sender(state, cfg.aet, cfg.retry_seconds, how, metrics=metrics, audit=audit)
     try:
         address = scp.start()
     except ssl.SSLError as exc:  # before OSError: it is one
@@ -318,11 +405,20 @@ def start(cfg: ServeConfig) -> Node:
         pipeline.close()
         state.close()
         raise ServeError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from exc
-    node = Node(cfg, state, pipeline, scp, sender, address, received=received)
+    node = Node(cfg, state, pipeline, scp, sender, address, metrics, audit, drift, received=received)
+    metrics.watch(state, drift, node.started)
     sender.start()
     if cfg.status_port is not None:
         try:
-            node._status_server = serve_status(state, cfg.host, cfg.status_port, node.info, status_token)
+            node._status_server = serve_status(
+                state,
+                cfg.host,
+                cfg.status_port,
+                node.info,
+                status_token,
+                metrics=metrics.render,
+                drift=drift.snapshot,
+            )
         except OSError as exc:
             node.close()
             raise ServeError(
@@ -336,4 +432,9 @@ def start(cfg: ServeConfig) -> Node:
                 *node.status_address,
                 cfg.host,
             )
+    node.announce()
+    if drift.reference is None:
+        log.info("dens-serve: drift: %s", drift.why)
+    for change in drifted:
+        node.drifted(change)
     return node

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ from dens.preds.columns import COLUMNS
 from dens.preds.writer import PredsWriter, read_existing
 from dens.scoring.model import ModelFile
 from dens.scoring.scorer import Scorer
+from dens.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,14 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Report:
-    """A study's SR as written: its instance UID, its file, the exam's call ('' when no image was usable)."""
+    """A study's SR as written: its instance UID, its file, the exam's call ('' when no image was usable), each
+    breast's call (by laterality) and the exam's p_dense."""
 
     sr_uid: str
     path: Path
     density: str
+    breasts: dict[str, str | None] = field(default_factory=dict)
+    p_dense: float | None = None
 
 
 class Pipeline:
@@ -65,8 +70,10 @@ class Pipeline:
         batch_size: int | None = None,
         workers: int | None = None,
         threads: int | None = None,
+        metrics: Metrics | None = None,
     ):
         self.rule = rule
+        self.metrics = metrics or Metrics()
         self.preds = preds
         self.scorer = Scorer(model, rule=rule, device=device, batch_size=batch_size, workers=workers, threads=threads)
         try:
@@ -120,10 +127,19 @@ class Pipeline:
                 got[decoded.path] = decoded
                 self._outstanding -= 1
         ordered = [got[p] for p in wanted]
+        t0 = time.perf_counter()
         rows = self.scorer.score(ordered)
+        usable = sum(d.status == "ok" for d in ordered)
+        if usable:
+            self.metrics.model_seconds.observe(time.perf_counter() - t0)
+            self.metrics.model_images.inc(usable)
         for d in ordered:
+            if d.seconds > 0:  # decoded by a worker (not refused before one took it)
+                self.metrics.decode_seconds.observe(d.seconds)
             if d.status != "ok":
                 log.info("dens-serve: %s: %s %s", d.path, d.status, d.reason)
+        for row in rows:
+            self.metrics.instances_scored.labels(row[labels.STATUS]).inc()
         self.writer.write(rows)
         return rows
 
@@ -138,8 +154,11 @@ class Pipeline:
         headers = dict(zip(cited[labels.PATH], sr.read_headers(list(cited[labels.PATH])), strict=True))
         report = sr.exam_report(frame, headers, self.identity, self.rule)
         path = sr.save(report, out_dir, sr.uid_filename(str(report.SOPInstanceUID), ".dcm"))
-        call = "" if ok.empty else str(exam_calls(ok, self.rule)[labels.DENSITY].iloc[0])
-        return Report(str(report.SOPInstanceUID), path, call)
+        if ok.empty:
+            return Report(str(report.SOPInstanceUID), path, "")
+        exam = exam_calls(ok, self.rule).iloc[0]
+        breasts = {side: str(exam[f"{labels.DENSITY}_{side}"]) or None for side in ("L", "R")}
+        return Report(str(report.SOPInstanceUID), path, str(exam[labels.DENSITY]), breasts, float(exam[labels.P_DENSE]))
 
     def write_aggregates(self) -> None:
         """Rewrite preds.breast.csv and preds.exam.csv from the whole preds.csv."""

@@ -20,9 +20,10 @@ What it accepts, and why:
 Before any of this, :mod:`dens.serve.transport` bounds what a connection may cost: the TLS handshake and the
 A-ASSOCIATE-RQ within a deadline, each PDU's size, and the connections one peer address may hold.
 
-Each refusal is a line in the log and a row in the state (the status counts them by reason; a connection's, at
-most 8 a second per address and reason, the next saying how many more there were), its reason
-``code: detail``: ``calling_aet_not_allowed``, ``called_aet_wrong`` (or ``calling_and_called_aet_wrong``),
+Each refusal is counted in the node's metrics, and is a line in the log, a row in the state (the status counts
+them by reason) and a line in the audit log, at most :data:`DROPPED_PER_S` a second per address and reason
+code (the next saying how many more there were), so that a flood of refusals costs the disk no more than that;
+its reason ``code: detail``: ``calling_aet_not_allowed``, ``called_aet_wrong`` (or ``calling_and_called_aet_wrong``),
 ``address_not_allowed``, ``too_many_associations`` for associations; ``address_not_allowed``,
 ``too_many_connections``, ``tls_failed``, ``idle``, ``slow`` and ``pdu_too_large`` for connections;
 ``unreadable_header``, ``not_mammography``, ``sop_class_mismatch``, ``missing_uid`` and ``instance_too_large`` for
@@ -42,8 +43,10 @@ from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from dens.serve.audit import AuditLog
 from dens.serve.config import Allowed, ServeConfig
 from dens.serve.incoming import INCOMING, InstanceFile, SpoolingDIMSE
+from dens.serve.metrics import Metrics
 from dens.serve.state import State
 from dens.serve.transport import Server
 
@@ -72,7 +75,8 @@ TRANSFER_SYNTAXES = (
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C): success, refused for lack of resources, refused as not authorised,
 # data set does not match the SOP class, cannot understand.
 SUCCESS, OUT_OF_RESOURCES, NOT_AUTHORISED, MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0x0124, 0xA900, 0xC000
-DROPPED_PER_S = 8  # connection refusals recorded a second per address and reason, at most
+DROPPED_PER_S = 8  # refusals (and accepted associations that are not admitted) written a second per address and code
+_WHAT = {"a connection": "connection", "an association": "association", "a C-ECHO": "echo", "an instance": "instance"}
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -98,10 +102,19 @@ def tls_context(cfg: ServeConfig) -> ssl.SSLContext | None:
 class StorageSCP:
     """The listening AE; :meth:`start` binds it, :meth:`stop` stops it (associations in flight end first)."""
 
-    def __init__(self, cfg: ServeConfig, state: State, received: threading.Event | None = None):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        state: State,
+        received: threading.Event | None = None,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
+    ):
         self.cfg = cfg
         self.state = state
         self.received = received  # set after each instance spooled: the scheduler looks sooner
+        self.metrics = metrics or Metrics()
+        self.audit = audit or AuditLog(None)
         self.allow: Sequence[Allowed] = cfg.allow
         ae = AE(ae_title=cfg.aet)
         ae.require_called_aet = True
@@ -113,13 +126,14 @@ class StorageSCP:
         ae.maximum_associations = 16
         self.ae = ae
         self.server: Server | None = None
-        # Connection refusals by (address, reason code): [this second's start, recorded in it, not recorded]
+        # Refusals by (address, reason code): [this second's start, written in it, not written]
         self._unrecorded: dict[tuple[str, str], list] = {}
         self._unrecorded_lock = threading.Lock()
 
     def start(self) -> tuple[str, int]:
         """Listen on the configured host and port; the address bound."""
         handlers = [
+            (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_REJECTED, self._rejected),
@@ -163,22 +177,35 @@ class StorageSCP:
         return f"address_not_allowed: {aet!r} is allowed from {', '.join(allowed)} only, not from {address}"
 
     def _dropped(self, address: str, reason: str) -> None:
-        """A connection closed for ``reason``: recorded at most :data:`DROPPED_PER_S` times a second per address
-        and reason code (a flood of connections costs no more than that in log lines and database rows), the
-        next record saying how many were not."""
+        """A connection closed for ``reason`` (by :mod:`dens.serve.transport`)."""
+        self._record("a connection", "", address, reason)
+
+    def _limited(self, address: str, code: str) -> int | None:
+        """Whether a record of ``code`` from ``address`` may be written now: None when :data:`DROPPED_PER_S` were
+        this second (a flood costs no more than that in log lines, database rows and audit lines), else how many
+        were not written before it."""
         now = time.monotonic()
         with self._unrecorded_lock:
-            window = self._unrecorded.setdefault((address, reason.partition(":")[0]), [now, 0, 0])
+            window = self._unrecorded.setdefault((address, code), [now, 0, 0])
             if now - window[0] >= 1:
                 window[:2] = [now, 0]
             if window[1] >= DROPPED_PER_S:
                 window[2] += 1
-                return
+                return None
             window[1] += 1
             more, window[2] = window[2], 0
             if len(self._unrecorded) > 4096:  # addresses long gone
                 self._unrecorded = {k: v for k, v in self._unrecorded.items() if now - v[0] < 1}
-        self._record("a connection", "", address, reason + (f" (and {more} more like it before)" if more else ""))
+        return more
+
+    def _accepted(self, event) -> None:
+        """An association accepted: its peer and AE titles in the audit log (one whose title is allowed from
+        other addresses only is limited as a refusal is: its messages will be refused)."""
+        aet, address = self._caller(event)
+        more = 0 if self._admitted(event) else self._limited(address, "accepted_not_admitted")
+        if more is not None:
+            called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+            self.audit.write("association_accepted", peer=address, calling_aet=aet, called_aet=called, more=more)
 
     def _prepare(self, assoc) -> None:
         """Each association's C-STORE data sets go to files in the spool as they arrive (never to memory)."""
@@ -196,7 +223,7 @@ class StorageSCP:
         called = str(request.called_ae_title).strip()
         sent = event.assoc.acceptor.primitive
         if sent is not None and sent.result_source == 0x03:  # local limit exceeded, whoever asked
-            self._record("an association", aet, address, self._too_many())
+            self._record("an association", aet, address, self._too_many(), called=called)
             return
         calling_ok = self.cfg.allow_any or any(a.aet.strip() == aet for a in self.allow)
         called_ok = called == self.cfg.aet.strip()
@@ -210,7 +237,7 @@ class StorageSCP:
             reason = f"called_aet_wrong: {wrong_called}"
         else:
             reason = self._too_many()
-        self._record("an association", aet, address, reason)
+        self._record("an association", aet, address, reason, called=called)
 
     def _too_many(self) -> str:
         return f"too_many_associations: {self.ae.maximum_associations} already open"
@@ -269,7 +296,10 @@ class StorageSCP:
             log.error("dens-serve: cannot spool an instance from %s (%s)", aet, exc)
             return _status(OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
         if not added:
+            self.metrics.instances_duplicate.inc()
             log.info("dens-serve: instance from %s already received; acknowledged again", aet)
+        else:
+            self.metrics.instances_received.inc()
         if self.received is not None:
             self.received.set()
         return SUCCESS
@@ -278,6 +308,20 @@ class StorageSCP:
         self._record("an instance", aet, address, reason, sop_uid)
         return _status(code, reason)
 
-    def _record(self, what: str, aet: str, address: str, reason: str, sop_uid: str | None = None) -> None:
+    def _record(
+        self, what: str, aet: str, address: str, reason: str, sop_uid: str | None = None, called: str | None = None
+    ) -> None:
+        """A refusal: counted, then written (log, state, audit) as :meth:`_limited` allows."""
+        self.metrics.refusal(_WHAT.get(what, what), reason)
+        code = reason.partition(":")[0]
+        more = self._limited(address, code)
+        if more is None:
+            return
+        if more:
+            reason += f" (and {more} more like it before)"
         log.warning("dens-serve: refused %s from %s: %s", what, f"{aet!r} at {address}" if aet else address, reason)
         self.state.refuse(aet or None, address, reason, sop_uid)
+        fields = {"peer": address, "calling_aet": aet or None, "called_aet": called, "sop_uid": sop_uid}
+        event = f"{_WHAT.get(what, 'association')}_refused"
+        shown = {k: v for k, v in fields.items() if v is not None or k == "calling_aet"}
+        self.audit.write(event, **shown, code=code, reason=reason, more=more)

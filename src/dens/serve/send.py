@@ -14,6 +14,9 @@ line, error message and status). A URL is logged and recorded with its userinfo 
 
 A send whose outcome the state cannot record (a full disk) is tried again later: a destination may get the
 same SR twice, which stores nothing new.
+
+Each attempt is counted in the node's metrics (by destination kind and outcome, retries apart, and the time
+from the study's first instance to its delivery) and written to the audit log (``sr_sent``, ``sr_failed``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -33,7 +37,9 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dens.serve.audit import AuditLog
 from dens.serve.config import MAX_RETRY_SECONDS, Destination, ServeConfig, redact
+from dens.serve.metrics import SEND_KINDS, Metrics
 from dens.serve.state import Send, State, StateWriteError
 
 log = logging.getLogger(__name__)
@@ -187,11 +193,22 @@ def backoff(attempts: int, first: float) -> float:
 class Sender:
     """A thread that empties the outbox: due entries are sent; failures wait their backoff."""
 
-    def __init__(self, state: State, calling_aet: str, first_retry: float, how: Outgoing = Outgoing()):
+    def __init__(
+        self,
+        state: State,
+        calling_aet: str,
+        first_retry: float,
+        how: Outgoing = Outgoing(),
+        *,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
+    ):
         self.state = state
         self.calling_aet = calling_aet
         self.how = how
         self.first_retry = first_retry
+        self.metrics = metrics or Metrics()
+        self.audit = audit or AuditLog(None)
         self.wake = threading.Event()  # set when new entries are queued
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dens-serve-sender", daemon=True)
@@ -220,6 +237,13 @@ class Sender:
             self.wake.clear()
 
     def _try(self, send: Send) -> None:
+        kind = send.destination.partition(":")[0]
+        kind = kind if kind in SEND_KINDS else "other"
+        if send.attempts:
+            self.metrics.retries.labels(kind).inc()
+        found = self.state.read("SELECT study_uid, first_received FROM studies WHERE study_key = ?", [send.study_key])
+        study_uid, first = found[0] if found else (None, None)
+        where = {"study_uid": study_uid, "sr_uid": send.sr_uid, "destination": redact(send.destination), "kind": kind}
         try:
             deliver(send, self.calling_aet, self.how)
         except Exception as exc:  # SendError, an unreadable SR file, a pynetdicom failure: retried later
@@ -233,7 +257,15 @@ class Sender:
                 error,
                 delay,
             )
+            self.metrics.sends.labels(kind, "failed").inc()
+            self.audit.write(
+                "sr_failed", **where, outcome="retry", attempt=send.attempts + 1, error=error, retry_in=delay
+            )
             self.state.retry_later(send.id, error, delay)
             return
+        self.metrics.sends.labels(kind, "sent").inc()
+        if first is not None:
+            self.metrics.latency_sent.labels(kind).observe(max(0.0, time.time() - first))
+        self.audit.write("sr_sent", **where, outcome="sent", attempt=send.attempts + 1)
         self.state.sent(send.id)
         log.info("dens-serve: sent SR %s to %s", send.sr_uid, redact(send.destination))

@@ -1,6 +1,7 @@
 """The node's status as JSON: on a small HTTP endpoint while it runs (``--status-port``: ``GET /status``,
 ``GET /status?studies=N``, and ``GET /health`` for a probe), and from its state folder at any time
-(``dens-serve STATE --status``).
+(``dens-serve STATE --status``). The same endpoint serves ``GET /metrics``, the node's Prometheus metrics
+(:mod:`dens.serve.metrics`), to token holders only.
 
 What it shows (:func:`snapshot`, read from the state's database): instances received and their rows (ok,
 skipped, error), the queue (studies waiting for their quiet time or their scoring, instances not yet scored),
@@ -10,9 +11,10 @@ its images' outcome, its call and where its SR went.
 
 Who sees what (:func:`view`): with a token (``--status-token-env``), every request must carry
 ``Authorization: Bearer TOKEN``; others get 401 and nothing else, whatever they ask for, and a token holder sees
-everything (``"view": "full"``). Without a token, a client on this machine (a loopback peer) sees the studies
-but not the node's configuration (its allow-list, state folder and destinations: ``"local"``), and a client
-from elsewhere sees counts only (``"counts"``: no UID, call, AE title, address or message). No view, nor
+everything (``"view": "full"``: the drift windows too, and ``/metrics``). Without a token, a client on this
+machine (a loopback peer) sees the studies but not the node's configuration (its allow-list, state folder,
+destinations and audit log: ``"local"``), nor drift or metrics, and a client from elsewhere sees counts only
+(``"counts"``: no UID, call, AE title, address or message). No view, nor
 ``dens-serve STATE --status`` (which shows all the folder holds, to whoever can read it), shows a URL's
 userinfo (:func:`dens.serve.config.redact`).
 
@@ -39,6 +41,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from dens import labels
 from dens.serve.config import redact
 from dens.serve.state import ANSWERED, FAILED, PENDING, RECEIVING, ROW_STATUS, SENT, State
@@ -50,7 +54,8 @@ RECENT = 10  # errors, refusals and failed sends listed
 REQUEST_SECONDS = 10  # for a client to send its whole request (a GET: its line and headers), however slowly
 MAX_CONNECTIONS, MAX_PER_PEER = 64, 8  # status connections open at once, in all and from one address
 FULL, LOCAL, COUNTS = "full", "local", "counts"  # what a client sees (:func:`view`)
-_CONFIGURATION = ("allow", "state", "destinations")  # the node's own words a token-less client does not see
+_CONFIGURATION = ("allow", "state", "destinations", "audit_log")  # the node's words a token-less client does not see
+_FULL_ONLY = ("drift",)  # sections a token holder alone sees
 OUTCOMES = ("ok", "skipped", "error")  # an instance's row status (preds.csv's `status`)
 # A refusal's reason is `code: detail`; its code, as the status counts it.
 _REASON_CODE = "CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END"
@@ -72,7 +77,8 @@ def view(doc: dict, level: str) -> dict:
         return {"view": FULL, **doc}
     node = {k: v for k, v in doc.get("node", {}).items() if k not in _CONFIGURATION}
     if level == LOCAL:
-        return {"view": LOCAL, **doc, **({"node": node} if "node" in doc else {})}
+        shown = {k: v for k, v in doc.items() if k not in _FULL_ONLY}
+        return {"view": LOCAL, **shown, **({"node": node} if "node" in doc else {})}
     return {
         "view": COUNTS,
         **({"node": {k: node[k] for k in ("aet", "tls", "status_auth", "started") if k in node}} if node else {}),
@@ -341,11 +347,19 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(
-    state: State, host: str, port: int, node: Callable[[], dict], token: str | None = None
+    state: State,
+    host: str,
+    port: int,
+    node: Callable[[], dict],
+    token: str | None = None,
+    *,
+    metrics: Callable[[], bytes] | None = None,
+    drift: Callable[[], dict] | None = None,
 ) -> ThreadingHTTPServer:
     """Start the status endpoint on ``host:port`` in a thread; the server (``.shutdown()`` stops it). With
     ``token``, a request without ``Authorization: Bearer TOKEN`` gets 401; a Host header that names another
-    host gets 421."""
+    host gets 421. A token holder also gets ``GET /metrics`` (``metrics``: the page) and the status' drift
+    section (``drift``); without a token given to the node, /metrics answers 403."""
     expected = None if token is None else hashlib.sha256(token.encode()).digest()
 
     class Handler(BaseHTTPRequestHandler):
@@ -377,11 +391,19 @@ def serve(
                     self._reply(400, {"error": str(exc)})
                     return
                 level = FULL if expected is not None else LOCAL if _loopback_peer(self.client_address[0]) else COUNTS
-                self._reply(200, view(snapshot(state, node(), studies), level))
+                doc = snapshot(state, node(), studies)
+                if level == FULL and drift is not None:
+                    doc["drift"] = _redacted(drift())
+                self._reply(200, view(doc, level))
             elif url.path == "/health":
                 self._reply(200, {"ok": True})
+            elif url.path == "/metrics" and metrics is not None:
+                if expected is None:  # as the full view: a token holder's only
+                    self._reply(403, {"error": "/metrics needs a status token: start the node with --status-token-env"})
+                else:
+                    self._send(200, metrics(), CONTENT_TYPE_LATEST)
             else:
-                self._reply(404, {"error": f"no {url.path}: GET /status, /status?studies=N or /health"})
+                self._reply(404, {"error": f"no {url.path}: GET /status, /status?studies=N, /health or /metrics"})
 
         def _refuse(self) -> None:
             given = "Authorization" in self.headers
@@ -394,9 +416,11 @@ def serve(
             self._reply(401, {"error": "the status needs 'Authorization: Bearer TOKEN'"}, challenge)
 
         def _reply(self, code: int, body: dict, challenge: str | None = None) -> None:
-            data = json.dumps(body, indent=1).encode()
+            self._send(code, json.dumps(body, indent=1).encode(), "application/json", challenge)
+
+        def _send(self, code: int, data: bytes, content_type: str, challenge: str | None = None) -> None:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             if challenge:
                 self.send_header("WWW-Authenticate", challenge)
