@@ -14,16 +14,13 @@ import os
 import queue
 import re
 import secrets
-import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -39,42 +36,14 @@ from dens.serve.config import Allowed, Destination, ServeConfig
 from dens.serve.scp import MAMMOGRAPHY_SOP_CLASSES
 from dens.serve.send import SendError, backoff, outgoing, send_stow
 from dens.serve.state import State, key
+from pacs import DICOMWEB_PLUGIN, WAIT, free_port, need, rest, wait_for
+from pacs import orthanc as start_orthanc
 
 DENS_SERVE = [sys.executable, "-c", "from dens.serve.cli import main; main()"]
 VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
-ORTHANC = "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 BREAST_COMPOSITION, MEASUREMENT_GROUP, FINDING_SITE, LATERALITY = "129715009", "125007", "363698007", "272741003"
 SIDE_CODES = {"7771000": "L", "24028007": "R", "51440002": "B"}
 COMPOSITION_CODES = {"129716005": "A", "129717001": "B", "129718006": "C", "129719003": "D"}
-WAIT = 90.0  # seconds any one wait may take on a loaded 2-core machine before the test fails
-
-
-def need(program: str) -> str:
-    found = shutil.which(program)
-    if not found:
-        pytest.skip(
-            f"{program} is not installed (Debian packages dcmtk, dicom3tools, orthanc; `make test` installs them)"
-        )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT, every: float = 0.2):
-    """Poll ``check`` until it returns something true; that value (fails the test after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 def make_study(folder: Path, views=VIEWS, **tags) -> tuple[str, list[Path]]:
@@ -285,47 +254,10 @@ def node(onnx_model, ports, tmp_path_factory):
 @pytest.fixture(scope="module")
 def orthanc(ports, tmp_path_factory):
     """Orthanc with a temporary configuration: its own storage, loopback only, dens-serve as modality 'dens'."""
-    if not Path(ORTHANC).is_file():
-        pytest.skip(f"Orthanc ({ORTHANC}, Debian package orthanc) is not installed; `make test` installs it")
     root = tmp_path_factory.mktemp("orthanc")
-    config = {
-        "Name": "dens-test",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": ports["orthanc_http"],
-        "DicomPort": ports["orthanc_dicom"],
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomModalities": {"dens": ["DENS", "127.0.0.1", ports["node"]]},
-        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    with open(root / "orthanc.log", "w") as log:
-        proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{ports['orthanc_http']}"
-
-    def up() -> bool:
-        try:
-            return bool(rest(url + "/system"))
-        except OSError:
-            return proc.poll() is not None and pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()}")
-
-    wait_for("Orthanc to answer", up)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def rest(url: str, body: object = None):
-    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as response:
-        raw = response.read()
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+    dens = {"dens": ["DENS", "127.0.0.1", ports["node"]]}
+    with start_orthanc(root, ports["orthanc_http"], ports["orthanc_dicom"], modalities=dens) as url:
+        yield url
 
 
 def test_echo_is_answered_for_an_allowed_title_and_refused_for_another(node):

@@ -3,7 +3,7 @@
 The shape of every stage: :mod:`dens.infer.cli` (click) -> :class:`InferConfig` (:mod:`dens.infer.config`) ->
 :func:`run` (:mod:`dens.infer.runner`). Nothing heavy is imported here: a spawned decode worker imports the
 console script's module before it starts, and should not pay for ONNX Runtime or pandas. ``run``,
-``InferError`` and ``Summary`` load from :mod:`dens.infer.runner` on first use.
+``InferError`` and ``Summary`` load from :mod:`dens.infer.runner` and :mod:`dens.infer.summary` on first use.
 """
 
 from __future__ import annotations

@@ -19,17 +19,22 @@ from dens.infer.config import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     PRECISIONS,
+    RETRIEVES,
     InferConfig,
 )
+from dens.pull import is_remote
+from dens.pull.source import DEFAULT_AE_TITLE, DEFAULT_MOVE_PORT
 
 _EPILOG = f"""\b
 Exit status: 0 every file ok or skipped, some scored; {EXIT_ERRORS} the run finished but --out holds
-'error' rows (see their reason; --retry-errors does them again); {EXIT_NOTHING_SCORED} nothing scored:
+'error' rows (see their reason, pull_failed for an instance a PACS did not deliver; --retry-errors does
+them again), or a pulled study's instances could not be listed; {EXIT_NOTHING_SCORED} nothing scored:
 the run finished but no file gave an image to call (every one skipped or an error: plain
 images without --plain-images, reports, unusable files; their rows say why); {EXIT_FAILED} the
 run could not start or go on (no model, no GPU for an explicit --device, an existing --out,
-another run writing --out, no files in STUDIES, an output that cannot be written); {EXIT_USAGE}
-bad options; {EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue with --resume).
+another run writing --out, no files in STUDIES, a PACS that cannot be reached, refuses the
+credentials or finds no study, an output that cannot be written); {EXIT_USAGE} bad options;
+{EXIT_INTERRUPTED} interrupted, {EXIT_TERMINATED} terminated (continue with --resume).
 """
 
 
@@ -42,8 +47,111 @@ def _terminate(signum, frame) -> None:
     raise _Terminated
 
 
+_PULL = (
+    click.option(
+        "--study-date",
+        default=None,
+        metavar="DATE[-DATE]",
+        help="PACS: the studies of this StudyDate, YYYYMMDD, or of a range YYYYMMDD-YYYYMMDD (an end may be open).",
+    ),
+    click.option(
+        "--since",
+        default=None,
+        metavar="Nh|Nd",
+        help="PACS: the studies of the last N hours or days (24h, 7d): a StudyDate range ending today.",
+    ),
+    click.option(
+        "--modality",
+        default=None,
+        metavar="CODE",
+        help="PACS: only studies holding this modality (ModalitiesInStudy) [default: MG; with --study-uid, any].",
+    ),
+    click.option(
+        "--study-uid",
+        "study_uid",
+        multiple=True,
+        metavar="UID",
+        help="PACS: pull this study (repeatable), instead of a search by date.",
+    ),
+    click.option(
+        "--query",
+        "query",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="PACS: one more matching key of the study search (repeatable), a DICOM keyword: AccessionNumber=A123, "
+        "PatientID=P1, InstitutionName=...",
+    ),
+    click.option(
+        "--pull-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="PACS: where the pulled files are kept, as STUDY_UID/SERIES_UID/SOP_UID.dcm; Grad-CAM and the review "
+        "page read them later [default: <--out stem>.pulled beside --out].",
+    ),
+    click.option(
+        "--pull-token-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: send 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
+    ),
+    click.option("--pull-user", default=None, metavar="USER", help="DICOMweb: HTTP basic authentication as USER."),
+    click.option(
+        "--pull-password-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: the password for --pull-user, read from the environment variable NAME.",
+    ),
+    click.option(
+        "--pull-ca",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
+        "[default: the system's].",
+    ),
+    click.option(
+        "--ae-title",
+        default=None,
+        metavar="AET",
+        help=f"DIMSE: dens's AE title, calling the PACS and receiving its C-MOVE [default: {DEFAULT_AE_TITLE}].",
+    ),
+    click.option(
+        "--retrieve",
+        type=click.Choice(RETRIEVES),
+        default=None,
+        help="DIMSE: move (C-MOVE to dens's own storage SCP on --move-port; the PACS must know dens's AE title, "
+        "address and port) or get (C-GET on the query's association; nothing to register) [default: move].",
+    ),
+    click.option(
+        "--move-port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        help=f"DIMSE, --retrieve move: the port dens receives the C-MOVE on, while the pull runs "
+        f"[default: {DEFAULT_MOVE_PORT}].",
+    ),
+)
+
+
+def pull_options(command):
+    """The options of a pull from a PACS (dens.pull): the query, the pull folder, and how dens reaches it."""
+    for option in reversed(_PULL):
+        command = option(command)
+    return command
+
+
+def _studies(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+    """STUDIES: a PACS's URL as it is (its checks are the config's), else a folder or manifest that exists."""
+    if is_remote(value):
+        return value
+    if not Path(value).exists():
+        raise click.BadParameter(
+            f"{value!r} does not exist: give a folder of studies, a manifest (.csv, .parquet), a DICOMweb URL "
+            "(https://HOST/dicom-web) or dicom://AET@HOST:PORT"
+        )
+    return Path(value)
+
+
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("studies", type=click.Path(exists=True, path_type=Path))
+@click.argument("studies", callback=_studies)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -72,7 +180,12 @@ def _terminate(signum, frame) -> None:
     "[default: refuse it; re-export instead].",
 )
 @scoring_options
-@click.option("--resume", is_flag=True, help="Continue a killed run: skip the files --out already has a row for.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue a killed run: skip the files --out already has a row for (from a PACS: the instances whose SOP "
+    "Instance UID has one, which are not fetched again).",
+)
 @click.option(
     "--retry-errors",
     is_flag=True,
@@ -133,13 +246,15 @@ def _terminate(signum, frame) -> None:
     "breast with a usable view gets its composition, the exam the denser breast's; a missing view or side is named "
     "and the SR marked PARTIAL. Plain images get no SR.",
 )
+@pull_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every skipped or failed file.")
 def main(gradcam: Path | None, checkpoint: Path | None, verbose: bool, **options) -> None:
-    """Classify breast density (BI-RADS A-D) for every file under STUDIES (a folder, or a CSV/Parquet
-    manifest with a 'path' column, and optionally identity columns: patient_id, study_uid or study_id,
-    accession, laterality L/R, view CC/MLO, which name plain images and fill what a DICOM header leaves
-    out): one row per file in --out (status ok | skipped | error, with a reason), plus breast- and
-    exam-level calls beside it."""
+    """Classify breast density (BI-RADS A-D) for every file under STUDIES: a folder; a CSV/Parquet
+    manifest with a 'path' column, and optionally identity columns (patient_id, study_uid or study_id,
+    accession, laterality L/R, view CC/MLO), which name plain images and fill what a DICOM header leaves
+    out; or a PACS to pull the studies of a query from, a DICOMweb base URL (https://HOST/dicom-web) or
+    dicom://CALLED_AET@HOST:PORT (C-FIND, then C-MOVE or C-GET), the files kept in --pull-dir. One row per
+    file in --out (status ok | skipped | error, with a reason), plus breast- and exam-level calls beside it."""
     from dens.infer.runner import InferError, run  # here: spawned workers import this module
 
     try:
@@ -148,8 +263,10 @@ def main(gradcam: Path | None, checkpoint: Path | None, verbose: bool, **options
         raise click.UsageError(str(exc)) from exc
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("PIL", "pydicom", "matplotlib", "highdicom"):
+    for noisy in ("PIL", "pydicom", "matplotlib", "highdicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pynetdicom logs a refused connection as an error of its own; the pull says it again, with what to check.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     try:
         summary = run(cfg)
     except InferError as exc:

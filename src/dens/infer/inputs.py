@@ -1,5 +1,6 @@
 """The files a dens-infer run takes, as both engines hand them on: the entries of STUDIES (this shard's) that
-preds.csv has no row for yet, and the identity a manifest gives them.
+preds.csv has no row for yet, and the identity a manifest gives them; or, for a PACS as STUDIES, the
+instances of a pull (:class:`PulledInputs`) as they land.
 
 The local engine's decode pool takes ``(path, problem)`` pairs and gives each result back with its input
 position, so :class:`InFlight` holds a manifest's identity by that position until the file's row is made: a
@@ -9,12 +10,14 @@ with each item of its chunk. Either way the row gets :func:`dens.sources.fill_id
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dens import sources
+from dens import labels, sources
 from dens.preds.cells import path_cell
+from dens.pull import Pull, Pulled, PullError
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,82 @@ class Inputs:
     plain_images: bool
     repeats: sources.Repeats = field(default_factory=sources.Repeats, compare=False)
 
+    countable = True  # a second pass over the items (the progress bar's total) costs a walk, nothing more
+
     def items(self, done: set[str]) -> Iterator[sources.Item]:
         """The items whose path cell is not in ``done`` (the rows preds.csv already has), in the walk's order."""
         found = sources.entries(self.studies, self.exclude, self.shard, self.repeats)
         return sources.items((e for e in found if path_cell(e.path) not in done), self.plain_images)
+
+    def opened(self) -> contextlib.AbstractContextManager:
+        """Nothing to open: the walk starts with :meth:`items`."""
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Nothing to stop: the walk ends when its consumer stops asking."""
+
+
+class PulledInputs:
+    """The instances of ``pull`` (:class:`dens.pull.Pull`) as the scoring engines take them, each as it lands: a
+    fetched file, or the file it would have been with why there is none (``pull_failed: ...``, an error row;
+    ``not_mammography: ...``, a skipped one). An instance whose SOP Instance UID already has a row in ``out``
+    (or whose file does, by its path) is not fetched again. :meth:`items` runs the pull, so it is called once."""
+
+    countable = False
+
+    def __init__(self, pull: Pull, out: Path):
+        self.pull, self.out = pull, Path(out)
+        self.repeats = sources.Repeats()  # none: a pull lists each instance once
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[Pull]:
+        """The pull, open: its source reached and its studies found (PullError when none is)."""
+        with self.pull as pull:
+            if not pull.studies:
+                raise PullError(f"no study on {pull.source} matches the query ({pull.query.describe()})")
+            yield pull
+
+    def items(self, done: set[str]) -> Iterator[sources.Item]:
+        """One item per instance found whose SOP Instance UID has no row in preds.csv and whose path cell is not in
+        ``done``; the others are counted as done by the pull, never fetched."""
+        scored = scored_instances(self.out)
+
+        def is_done(instance, path: Path) -> bool:
+            return instance.sop_uid in scored or path_cell(str(path)) in done
+
+        for pulled in self.pull.instances(is_done):
+            yield sources.Item(str(pulled.path), pulled.problem, pulled_identity(pulled))
+
+    def close(self) -> None:
+        """Stop the pull: :meth:`items` ends at once, so the decode pool's dispatcher, waiting for the next
+        instance, lets its pool close (Ctrl-C, an error) instead of waiting for the network."""
+        self.pull.close()
+
+
+def scored_instances(out: Path) -> set[str]:
+    """The SOP Instance UIDs preds.csv has rows for (as its writer kept them: without the error rows on
+    --retry-errors)."""
+    from dens.preds.columns import COLUMNS
+    from dens.preds.writer import read_existing
+
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    column = COLUMNS.index(labels.SOP_UID)
+    return {row[column] for row in read_existing(out).rows if row[column]}
+
+
+def pulled_identity(pulled: Pulled) -> sources.Identity:
+    """The identity the listing gave an instance, for its row: its UIDs (what its header says stays), and for one
+    not fetched the patient and accession too, since no header will say them."""
+    instance = pulled.instance
+    cells = [
+        (labels.STUDY_UID, instance.study_uid),
+        (labels.SERIES_UID, instance.series_uid),
+        (labels.SOP_UID, instance.sop_uid),
+    ]
+    if pulled.problem:
+        cells += [(labels.PATIENT_ID, instance.study.patient_id), (labels.ACCESSION, instance.study.accession)]
+    return tuple((column, value) for column, value in cells if value)
 
 
 class InFlight:

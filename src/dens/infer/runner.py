@@ -1,5 +1,6 @@
-"""``run(InferConfig) -> Summary``: walk the input folder, decode in worker processes, batch into one ONNX
-Runtime session, append rows to preds.csv, then write the breast and exam CSVs.
+"""``run(InferConfig) -> Summary``: walk the input folder (or pull from a PACS, :mod:`dens.pull`), decode in
+worker processes, batch into one ONNX Runtime session, append rows to preds.csv, then write the breast and exam
+CSVs.
 
 The main thread only batches, runs the model and writes; a dispatcher thread keeps the decode workers fed
 meanwhile (ONNX Runtime releases the GIL), so decoding and the model overlap. Decoded files may arrive out
@@ -16,27 +17,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import click
 from tqdm import tqdm
 
-from dens import counted, labels, show_progress, sources
-from dens.commands import EXIT_NOTHING_SCORED
+from dens import labels, show_progress, sources
 from dens.engine import DEFAULT_MEMORY_BUDGET, DEFAULT_TIMEOUT, Decoded, PoolError
 from dens.exams import aggregate_paths
 from dens.flags import FlagRule, parse_flag
-from dens.infer.config import EXIT_ERRORS, EXIT_OK, InferConfig
-from dens.infer.inputs import InFlight, Inputs
+from dens.infer.config import InferConfig
+from dens.infer.inputs import InFlight, Inputs, PulledInputs
+from dens.infer.summary import Summary
 from dens.preds import aggregate
 from dens.preds import shard as records
 from dens.preds.cells import escape_text
 from dens.preds.lock import OutputLocked, lock_path, output_lock
 from dens.preds.writer import CorruptOutput, NotAFolder, OutputExists, PredsWriter, check_folder, check_output
-from dens.route import families
-from dens.route.errors import Reason
+from dens.pull import Pull, PullError
 from dens.scoring.model import ModelError, ModelFile
 from dens.scoring.runtime import DeviceError, planned_device
 from dens.scoring.scorer import RowMaker, Scorer, ScoringError
@@ -53,121 +52,13 @@ class InferError(Exception):
     """A run that cannot start or go on (no model, no GPU, an existing output); the message says what to do."""
 
 
-@dataclass
-class Summary:
-    """Counts and where the time went; ``exit_code`` is 0, 3 when preds.csv holds error rows (this run's,
-    or an earlier run's that were not retried), or 4 when it holds no ``ok`` row at all."""
-
-    files: int = 0
-    ok: int = 0
-    skipped: int = 0
-    errors: int = 0
-    already_done: int = 0
-    already_errors: int = 0  # error rows kept from the earlier run (--resume without --retry-errors)
-    already_ok: int = 0  # ok rows kept from the earlier run
-    plain_skipped: int = 0  # plain images (PNG/PGM...) skipped: --plain-images was not given
-    retried: int = 0  # error rows of the earlier run done again (--retry-errors)
-    unseen_families: int = 0  # ok images of an acquisition family the model never saw (harmonisation: fallback)
-    repeats: int = 0  # manifest entries dropped: a file listed again, however spelt, is scored once
-    seconds: float = 0.0
-    decode_s: float = 0.0  # summed over workers (busy time)
-    wait_s: float = 0.0  # the main thread waiting for decoded images: > 0 means decode-bound
-    model_s: float = 0.0
-    write_s: float = 0.0
-    provider: str = ""
-    workers: int = 0
-    threads: int = 0
-    batch_size: int = 0
-    model: Path | None = None  # the ONNX file that scored
-    out: Path | None = None
-    breast_csv: Path | None = None
-    exam_csv: Path | None = None
-    sr: Path | None = None  # --sr: the folder of the density SRs
-    reports: tuple[Path, ...] = ()  # --sr: the density SRs written, one per exam
-
-    def count(self, status: str, info: Mapping | None = None, reason: str = "") -> None:
-        """One more file accounted for, with its row's status and reason (and what the route learnt of it)."""
-        self.files += 1
-        self.plain_skipped += reason.startswith(Reason.PLAIN_IMAGE_NOT_REQUESTED.value)
-        self.unseen_families += status == "ok" and (info or {}).get(labels.HARMONISATION) == families.FALLBACK
-        self.ok += status == "ok"
-        self.skipped += status == "skipped"
-        self.errors += status == "error"
-
-    @property
-    def images_per_s(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if not self.ok and not self.already_ok:
-            return EXIT_NOTHING_SCORED
-        return EXIT_ERRORS if self.errors or self.already_errors else EXIT_OK
-
-    def line(self) -> str:
-        resumed = ""
-        if self.already_done:
-            kept = f", {counted(self.already_errors, 'error')} among them" if self.already_errors else ""
-            resumed = f" (+{self.already_done} from the earlier run{kept})"
-        if self.retried:
-            resumed += f" ({counted(self.retried, 'earlier error')} retried)"
-        return (
-            f"dens-infer: {counted(self.files, 'file')}{resumed}: {self.ok} ok, {self.skipped} skipped, "
-            f"{counted(self.errors, 'error')} in {self.seconds:.1f} s, {self.images_per_s:.2f} img/s; "
-            f"decode {self.decode_s:.1f} s ({self.workers} workers), model {self.model_s:.1f} s ({self.provider}, "
-            f"batch {self.batch_size}, {self.threads} threads), write {self.write_s:.1f} s, "
-            f"waiting for decode {self.wait_s:.1f} s"
-        )
-
-    def warnings(self) -> list[str]:
-        """What the reader of preds.csv should know about this run's calls, and of the files it did not read."""
-        said = []
-        if self.unseen_families:
-            advice = "review those calls with care (their rows: harmonisation=fallback), or train on those machines"
-            said.append(families.unseen_warning(self.unseen_families, self.ok, advice))
-        if self.plain_skipped:
-            said.append(
-                f"{counted(self.plain_skipped, 'plain image')} (PNG/PGM/TIFF/JPEG) skipped: dens-infer reads DICOM "
-                "unless asked; pass --plain-images to read them as breast images"
-            )
-        if self.repeats:
-            said.append(
-                f"{counted(self.repeats, 'manifest entry', 'manifest entries')} dropped: they named a file listed "
-                "before (however spelt), which is scored once"
-            )
-        if self.exit_code == EXIT_NOTHING_SCORED:
-            said.append(
-                f"nothing scored: no file gave an image the model could call (their rows in {self.out} say why; "
-                f"exit status {EXIT_NOTHING_SCORED})"
-            )
-        return said
-
-    def print(self) -> None:
-        """The run's summary as dens-infer prints it: the counts, what was written, and, on stderr, the warnings
-        and the errors to look at."""
-        click.echo(self.line())
-        for warning in self.warnings():
-            click.echo(f"dens-infer: warning: {warning}", err=True)
-        click.echo(f"dens-infer: wrote {self.out}, {self.breast_csv}, {self.exam_csv}")
-        if self.sr is not None:
-            click.echo(f"dens-infer: wrote {counted(len(self.reports), 'density SR')} (one per exam) to {self.sr}")
-        if self.errors or self.already_errors:
-            earlier = f" ({self.already_errors} from the earlier run)" if self.already_errors else ""
-            click.echo(
-                f"dens-infer: {counted(self.errors + self.already_errors, 'file')} could not be read{earlier}: their "
-                f"rows in {self.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does "
-                "them again",
-                err=True,
-            )
-
-
 def run(cfg: InferConfig) -> Summary:
     """Run inference as ``cfg`` says; returns the summary (raises InferError when the run cannot start or
     cannot go on: the message says what to do)."""
     start = time.perf_counter()
-    studies, out = Path(cfg.studies), Path(cfg.out)
-    if not studies.exists():
-        raise InferError(f"{studies} does not exist: pass the folder of studies to read")
+    out, source = Path(cfg.out), cfg.source
+    if source is None and not Path(cfg.studies).exists():
+        raise InferError(f"{cfg.studies} does not exist: pass the folder of studies to read")
     try:
         model = ModelFile.read(
             cfg.model, "dens-infer", precision=cfg.precision, allow_modified=cfg.allow_modified_model
@@ -175,19 +66,29 @@ def run(cfg: InferConfig) -> Summary:
     except ModelError as exc:
         raise InferError(str(exc)) from exc
     rule = parse_flag(cfg.flag)
-    # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
-    studies = Path(os.path.realpath(studies))
-    exclude = [out, *aggregate_paths(out), lock_path(out), records.record_path(out)]
-    try:
-        shard = sources.Shard.parse(cfg.shard)
-        if next(sources.entries(studies, exclude), None) is None:
-            raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
-    except ValueError as exc:  # a file that is no manifest
-        raise InferError(str(exc)) from exc
+    record = None
+    if source is not None:
+        try:
+            inputs = PulledInputs(Pull(source, cfg.pull_query(), cfg.pull_access(), cfg.pull_folder), out)
+        except ValueError as exc:  # a secret's variable unset since the options were read
+            raise InferError(str(exc)) from exc
+    else:
+        # Paths as the folder really is: a resume through another spelling of it (a symlink) finds its rows.
+        studies = Path(os.path.realpath(cfg.studies))
+        exclude = [out, *aggregate_paths(out), lock_path(out), records.record_path(out)]
+        try:
+            shard = sources.Shard.parse(cfg.shard)
+            if next(sources.entries(studies, exclude), None) is None:
+                raise InferError(f"no files under {studies}: nothing to classify; check the folder given as STUDIES")
+        except ValueError as exc:  # a file that is no manifest
+            raise InferError(str(exc)) from exc
+        inputs = Inputs(studies, tuple(exclude), shard, cfg.plain_images)
+        if cfg.shard is not None:  # what the shard is, for dens-merge
+            record = records.new_record(shard.index, shard.count, model.path, model.sha256, studies)
     try:
         check_folder(out)
         with output_lock(out):
-            return _run(cfg, studies, out, exclude, shard, model, rule, start)
+            return _run(cfg, out, inputs, record, model, rule, start)
     except (OutputLocked, NotAFolder) as exc:
         raise InferError(str(exc)) from exc
     except OSError as exc:  # the lock, or the output folder, cannot be written
@@ -196,29 +97,30 @@ def run(cfg: InferConfig) -> Summary:
 
 def _run(
     cfg: InferConfig,
-    studies: Path,
     out: Path,
-    exclude: list[Path],
-    shard: sources.Shard,
+    inputs: Inputs | PulledInputs,
+    record: records.ShardRecord | None,
     model: ModelFile,
     rule: FlagRule,
     start: float,
 ) -> Summary:
-    record = None
-    if cfg.shard is not None:  # what the shard is, for dens-merge
-        record = records.new_record(shard.index, shard.count, model.path, model.sha256, studies)
     try:
         check_output(out, resume=cfg.resume or cfg.retry_errors, overwrite=cfg.overwrite)
         planned_device(cfg.device)  # an explicit GPU without one: refused before any file is read
         records.begin(out, record, resume=cfg.resume or cfg.retry_errors)
     except (OutputExists, DeviceError, records.RecordError) as exc:
         raise InferError(str(exc)) from exc
-    inputs = Inputs(studies, tuple(exclude), shard, cfg.plain_images)
-    if cfg.engine == "ray":
-        summary = _score_on_ray(cfg, out, inputs.items, model, rule)
-    else:
-        summary = _score_here(cfg, out, inputs.items, model, rule)
+    try:
+        # A pull opens here: its source reached and its studies found before the scorer starts.
+        with inputs.opened() as pull:
+            if cfg.engine == "ray":
+                summary = _score_on_ray(cfg, out, inputs.items, model, rule)
+            else:
+                summary = _score_here(cfg, out, inputs, model, rule)
+    except PullError as exc:  # unreachable, credentials refused, no study (one stopped mid-run: InferError already)
+        raise InferError(f"cannot pull from {cfg.source}: {exc}") from exc
     summary.repeats = inputs.repeats.count
+    summary.pull = pull.summary if pull is not None else None
     t0 = time.perf_counter()
     try:
         summary.breast_csv, summary.exam_csv = aggregate.write_aggregates(out, rule)
@@ -251,7 +153,9 @@ def _check_model(writer: PredsWriter, model: ModelFile) -> None:
     model.warn_caveats("dens-infer")
 
 
-def _score_here(cfg: InferConfig, out: Path, entries: Callable, model: ModelFile, rule: FlagRule) -> Summary:
+def _score_here(
+    cfg: InferConfig, out: Path, inputs: Inputs | PulledInputs, model: ModelFile, rule: FlagRule
+) -> Summary:
     """The local engine: this machine's decode processes feeding one ONNX Runtime session."""
     try:
         scorer = Scorer(
@@ -290,7 +194,7 @@ def _score_here(cfg: InferConfig, out: Path, entries: Callable, model: ModelFile
                 runtime.threads,
                 summary.workers,
             )
-            _process(entries, scorer, writer, cfg, summary)
+            _process(inputs, scorer, writer, cfg, summary)
     return summary
 
 
@@ -391,16 +295,19 @@ def _score_on_ray(cfg: InferConfig, out: Path, entries: Callable, model: ModelFi
     return summary
 
 
-def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: InferConfig, summary: Summary) -> None:
+def _process(
+    inputs: Inputs | PulledInputs, scorer: Scorer, writer: PredsWriter, cfg: InferConfig, summary: Summary
+) -> None:
     def entries():
-        return entries_of(writer.done)
+        return inputs.items(writer.done)
 
     in_flight = InFlight(entries())  # the items the pool takes, with the manifest's identity until the row
 
     bar = tqdm(total=None, unit="img", desc="dens-infer", disable=not show_progress(cfg.progress), dynamic_ncols=True)
     # The total comes from a second walk in a thread, so the first file is read at once on any archive; only
-    # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing).
-    if not bar.disable:
+    # for a bar that is shown (a batch job's would cost a whole extra pass over the archive for nothing), and
+    # never for a pull (a second pass would pull again).
+    if not bar.disable and inputs.countable:
         threading.Thread(target=lambda: setattr(bar, "total", sum(1 for _ in entries())), daemon=True).start()
     pending: list[Decoded] = []
     images = 0
@@ -457,7 +364,13 @@ def _process(entries_of: Callable, scorer: Scorer, writer: PredsWriter, cfg: Inf
         _write([waiting.pop(i) for i in sorted(waiting)])  # none, unless the pool skipped an index
     except PoolError as exc:
         raise InferError(str(exc)) from exc
+    except PullError as exc:  # the pull cannot go on: what was fetched and scored is kept
+        raise InferError(
+            f"the pull from {cfg.source} stopped: {exc}; the rows written so far are in {writer.path}: fix the "
+            "cause, then --resume"
+        ) from exc
     finally:
+        inputs.close()
         bar.close()
 
 
