@@ -500,3 +500,15 @@ def test_rows_say_which_family_line_mapped_them_and_the_summary_warns_of_unseen_
     assert summary.unseen_families == 1 and summary.warnings()[0].startswith(
         "1 of 2 images are of acquisition families"
     )
+
+
+def test_the_summary_names_the_exit_status_the_run_ends_with(tmp_path, capsys):
+    """Every file an error: the run exits 4 (nothing scored), and its message about the errors says 4, not 3."""
+    from dens.infer.summary import Summary
+
+    out = tmp_path / "p.csv"
+    summary = Summary(out=out, breast_csv=out, exam_csv=out)
+    summary.count("error", reason="unreadable: x")
+    summary.print()
+    assert summary.exit_code == EXIT_NOTHING_SCORED
+    assert f"(exit status {EXIT_NOTHING_SCORED})" in capsys.readouterr().err

@@ -123,7 +123,7 @@ class Summary:
             earlier = f" ({self.already_errors} from the earlier run)" if self.already_errors else ""
             click.echo(
                 f"dens-infer: {counted(self.errors + self.already_errors, 'file')} could not be read{earlier}: their "
-                f"rows in {self.out} have status 'error' and say why (exit status {EXIT_ERRORS}); --retry-errors does "
-                "them again",
+                f"rows in {self.out} have status 'error' and say why (exit status {self.exit_code}); --retry-errors "
+                "does them again",
                 err=True,
             )
