@@ -293,12 +293,26 @@ def serve_figures(r: dict) -> list[Figure]:
     ]
 
 
+def pull_figures(r: dict) -> list[Figure]:
+    s, res = r["settings"], r["results"]
+    stage = f"dens-infer from Orthanc ({s['instances']} instances)"
+    out = []
+    for name, run in res.items():
+        setting = "folder run, the same files" if name == "folder" else f"{name} pull, fetched and scored"
+        note = "" if name == "folder" else f"{run['ratio_to_folder']}x the folder run"
+        if "pull_alone" in run:
+            note += f"; the pull alone {run['pull_alone']['instances_per_s']} instances/s"
+        out.append(Figure(stage, setting, run["instances_per_s"], note))
+    return out
+
+
 FIGURES = {
     "decode": decode_figures,
     "model": model_figures,
     "int8": int8_figures,
     "ray_engine": ray_figures,
     "serve": serve_figures,
+    "pull": pull_figures,
     "pipeline": pipeline_figures,
     "scaling": scaling_figures,
     "train_step": train_figures,
