@@ -6,10 +6,12 @@ or not the one listed; and STUDIES and query options that dens-infer refuses bef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -41,6 +43,10 @@ ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 def read(out: Path) -> pd.DataFrame:
     return pd.read_csv(out, dtype=str, keep_default_na=False)
+
+
+class Unannounced(bytes):
+    """An instance's bytes the fake server sends without a Content-Length (HTTP/1.0: until it closes)."""
 
 
 class FakeDicomWeb(ThreadingHTTPServer):
@@ -84,6 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer = self.server.served[parts[6]]
             if isinstance(answer, int):
                 return self.send_error(answer)
+            unannounced = isinstance(answer, Unannounced)  # no Content-Length: the body ends when the server closes
             boundary = "dens-test-boundary"
             body = b"".join(
                 [
@@ -94,9 +101,11 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self.send_response(200)
             self.send_header("Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}')
-            self.send_header("Content-Length", str(len(body)))
+            if not unannounced:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(OSError):  # dens hung up: it read enough
+                self.wfile.write(body)
             return None
         return self.send_error(404)
 
@@ -382,3 +391,25 @@ def test_a_pulled_folder_is_scored_like_any_folder(one_study, onnx_model, tmp_pa
         .equals(read(tmp_path / "p.csv").drop(columns=[labels.PATH]))
     )
     assert again.files == 1 and os.listdir(tmp_path / "p.pulled") == [a.StudyInstanceUID]
+
+
+def test_an_answer_longer_than_the_limit_is_refused_announced_or_not(one_study, tmp_path):
+    """A server announcing 2 MiB for an instance is refused before the body is read; one sending 2 MiB without
+    announcing a length is cut off at the limit (1 MiB here); either is an error row, and nothing is kept."""
+    (a, a_path), (b, _), (c, _), _ = one_study
+    study = a.StudyInstanceUID
+    huge = a_path.read_bytes() + bytes(2 << 20)
+    listing = [listed(study, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds, _ in one_study[:3]]
+    served = {a.SOPInstanceUID: a_path.read_bytes(), b.SOPInstanceUID: huge, c.SOPInstanceUID: Unannounced(huge)}
+    server = FakeDicomWeb(study, listing, served)
+    access = Access(max_answer_mib=1)
+    with Pull(parse_source(server.url), Query(study_uids=(study,)), access, tmp_path / "pulled") as pull:
+        got = {p.instance.sop_uid: p for p in pull.instances()}
+    assert got[a.SOPInstanceUID].problem == ""
+    assert re.fullmatch(
+        r"pull_failed: answer too long: announced (\d+) bytes; at most 1 MiB is read \(--max-answer-mib\)",
+        got[b.SOPInstanceUID].problem,
+    ), got
+    assert got[c.SOPInstanceUID].problem.startswith("pull_failed: answer too long: more than 1048576 bytes sent"), got
+    assert sorted(p.name for p in (tmp_path / "pulled").rglob("*.dcm")) == [f"{a.SOPInstanceUID}.dcm"]
+    assert not list((tmp_path / "pulled").rglob("*.tmp*"))

@@ -23,7 +23,7 @@ from dens.infer.config import (
     InferConfig,
 )
 from dens.pull import is_remote
-from dens.pull.source import DEFAULT_AE_TITLE, DEFAULT_MOVE_PORT
+from dens.pull.source import DEFAULT_AE_TITLE, DEFAULT_MAX_ANSWER_MIB, DEFAULT_MOVE_PORT
 
 _EPILOG = f"""\b
 Exit status: 0 every file ok or skipped, some scored; {EXIT_ERRORS} the run finished but --out holds
@@ -107,6 +107,13 @@ _PULL = (
         default=None,
         help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
         "[default: the system's].",
+    ),
+    click.option(
+        "--max-answer-mib",
+        type=click.IntRange(min=1),
+        default=None,
+        help=f"DICOMweb: the longest answer read from the server (an instance, a listing), in MiB; a longer "
+        f"instance is an error row, however the server sends it [default: {DEFAULT_MAX_ANSWER_MIB}].",
     ),
     click.option(
         "--ae-title",

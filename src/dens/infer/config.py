@@ -62,6 +62,7 @@ class InferConfig:
     pull_user: str | None = None
     pull_password_env: str | None = None
     pull_ca: Path | None = None
+    max_answer_mib: int | None = None  # DICOMweb: the longest answer read; None: dens.pull's default
     ae_title: str | None = None
     retrieve: str | None = None
     move_port: int | None = None
@@ -103,6 +104,7 @@ class InferConfig:
             user=self.pull_user,
             password_env=self.pull_password_env,
             ca=self.pull_ca,
+            **({} if self.max_answer_mib is None else {"max_answer_mib": self.max_answer_mib}),
             ae_title=self.ae_title,
             retrieve=self.retrieve,
             move_port=self.move_port,
@@ -130,6 +132,7 @@ class InferConfig:
                     ("--pull-user", self.pull_user),
                     ("--pull-password-env", self.pull_password_env),
                     ("--pull-ca", self.pull_ca),
+                    ("--max-answer-mib", self.max_answer_mib),
                     ("--ae-title", self.ae_title),
                     ("--retrieve", self.retrieve),
                     ("--move-port", self.move_port),

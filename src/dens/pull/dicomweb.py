@@ -4,7 +4,10 @@ instance (``retrieve_instance``) in the transfer syntax the server stores it in.
 
 Every request goes through one ``requests.Session`` made here: its ``Authorization`` header (a bearer token or
 HTTP basic, from :class:`dens.pull.source.Access`; requests drops it on a redirect to another host), the CA
-file for https:// (else the system's), and a timeout on every request (connecting, and each read).
+file for https:// (else the system's), a timeout on every request (connecting, and each read), and a limit on
+every answer's length (:class:`AnswerTooLong`): a server announcing more than ``Access.max_answer_mib`` is refused
+before its body is read, and one sending more than it announced, or announcing nothing (chunked), is cut off
+there, so no server makes dens hold or write more than that for one instance or one listing.
 """
 
 from __future__ import annotations
@@ -54,12 +57,63 @@ def describe(exc: BaseException, timeout: float) -> str:
         return f"TLS failed: {_first_line(exc)} (is --pull-ca the CA that signed the server's certificate?)"
     if isinstance(exc, requests.ConnectionError):
         return f"cannot connect: {_first_line(exc)}"
+    if isinstance(exc, AnswerTooLong):
+        return str(exc)
     return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class AnswerTooLong(requests.RequestException):
+    """A DICOMweb answer longer than the pull reads (``Access.max_answer_mib``)."""
+
+
+def limit_answers(session: requests.Session, limit: int) -> None:
+    """Refuse, on ``session``, every answer longer than ``limit`` bytes. A response hook runs once the headers
+    are in and before requests reads the body: it refuses a longer Content-Length at once, and counts the bytes
+    of the body as they are read (for an answer without one, or one that lies)."""
+
+    def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
+        announced = response.headers.get("Content-Length", "")
+        if announced.isascii() and announced.isdigit() and int(announced) > limit:
+            response.close()
+            raise AnswerTooLong(_too_long(f"announced {int(announced)} bytes", limit))
+        response.raw = _Counted(response.raw, limit)
+        return response
+
+    session.hooks["response"].append(hook)
+
+
+def _too_long(what: str, limit: int) -> str:
+    return f"answer too long: {what}; at most {limit >> 20} MiB is read (--max-answer-mib)"
+
+
+class _Counted:
+    """``raw`` (urllib3's response, which requests reads the body from), raising :class:`AnswerTooLong` once more
+    than ``limit`` bytes have come."""
+
+    def __init__(self, raw, limit: int):
+        self._raw, self._limit, self._count = raw, limit, 0
+
+    def _add(self, data: bytes) -> bytes:
+        self._count += len(data)
+        if self._count > self._limit:
+            self._raw.close()
+            raise AnswerTooLong(_too_long(f"more than {self._limit} bytes sent", self._limit))
+        return data
+
+    def stream(self, amt=None, decode_content=None):
+        for chunk in self._raw.stream(amt, decode_content=decode_content):
+            yield self._add(chunk)
+
+    def read(self, *args, **kwargs) -> bytes:
+        return self._add(self._raw.read(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
 
 
 class DicomWebPuller:
@@ -76,7 +130,8 @@ class DicomWebPuller:
         session.verify = str(access.ca) if access.ca is not None else True
         # No gzip: the pixel data a PACS stores is mostly compressed already (JPEG 2000, JPEG-LS), and gzipping
         # each instance cost the server 5 times the transfer on a LAN (Orthanc, 0.3 MB: 7 ms against 1.4 ms).
-        session.headers["Accept-Encoding"] = "identity"
+        session.headers["Accept-Encoding"] = "identity"  # and so the length counted is the length sent
+        limit_answers(session, access.max_answer_mib << 20)
         self.client = DICOMwebClient(source.url, session=session, timeout=(min(10.0, access.timeout), access.timeout))
         # Retried by the client with backoff: 408, 429, 503 and 504 (a busy server), up to 3 tries.
         self.client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)

@@ -25,6 +25,7 @@ DEFAULT_AE_TITLE = "DENS"
 DEFAULT_MOVE_PORT = 11113  # beside 11112, dens-serve's port
 RETRIEVES = ("move", "get")  # C-MOVE to dens's own storage SCP; C-GET on the query's association
 DEFAULT_TIMEOUT = 60.0  # seconds for a connection, an association, a request or a response
+DEFAULT_MAX_ANSWER_MIB = 256  # the longest DICOMweb answer read (an instance, a listing): dens-serve's instance limit
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5: 16 characters of the default set, no backslash
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -145,7 +146,9 @@ class Access:
     variable holding it) or HTTP basic (``user`` and ``password_env``), and ``ca`` (a PEM file of CA
     certificates for https://; None: the system's). DIMSE: dens's AE title (the calling one, and the C-MOVE
     destination the PACS must know), ``retrieve`` (``move`` or ``get``) and the port of dens's storage SCP
-    for C-MOVE. ``timeout``: seconds for any one connection, request or response. None means the default."""
+    for C-MOVE. ``timeout``: seconds for any one connection, request or response. ``max_answer_mib``: the
+    longest DICOMweb answer read, in MiB (longer ones are refused, however they are sent). None means the
+    default."""
 
     token_env: str | None = None
     user: str | None = None
@@ -155,6 +158,7 @@ class Access:
     retrieve: str | None = None
     move_port: int | None = None
     timeout: float = DEFAULT_TIMEOUT
+    max_answer_mib: int = DEFAULT_MAX_ANSWER_MIB
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False, compare=False)
 
     def check(self, source: Source) -> None:
@@ -186,6 +190,8 @@ class Access:
             check_ae_title(self.ae_title, "--ae-title")
         if self.timeout <= 0:
             raise ValueError("the pull's timeout must be more than 0 seconds")
+        if self.max_answer_mib < 1:
+            raise ValueError(f"--max-answer-mib {self.max_answer_mib}: at least 1 (MiB)")
         if isinstance(source, DicomWeb):
             host = urllib.parse.urlsplit(source.url).hostname or ""
             if self.auth and source.url.lower().startswith("http://") and not _loopback(host):
