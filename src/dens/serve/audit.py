@@ -30,6 +30,11 @@ sr_failed              as sr_sent with ``outcome`` retry, ``error`` and ``retry_
 drift_warning          ``manufacturer``, ``manufacturer_model``, ``exams``, ``dense_share``, ``expected`` ([low,
                        high]), ``reference`` (the test split's dense share)
 drift_cleared          as drift_warning: the window's dense share is back within the expected range
+pull_poll              ``source`` (``--pull``, credentials redacted), ``started``, ``seconds``, ``outcome`` (ok,
+                       failed), ``error`` (why it failed; tried again at the next poll), ``studies`` (found,
+                       answered, waiting, pulled, held), ``instances`` (fetched, failed, not_mammography)
+pull_study_failed      ``study_uid``, ``instances_failed`` (null: its instances could not be listed), ``reason``
+                       (the first), ``held`` (true: the study waits for the next poll; false: scored without them)
 =====================  ==========================================================================================
 
 ``more`` is how many refusals like it (same peer address and code) were not written in the second before: a

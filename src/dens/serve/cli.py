@@ -19,20 +19,26 @@ from dens.serve.config import (
     DEFAULT_DRIFT_WINDOW,
     DEFAULT_MAX_INSTANCE_MIB,
     DEFAULT_MAX_PEER_CONNECTIONS,
+    DEFAULT_MOVE_PORT,
     DEFAULT_PORT,
+    DEFAULT_PULL_EVERY,
+    DEFAULT_PULL_SINCE,
     DEFAULT_RETRY_SECONDS,
     DEFAULT_STABLE_SECONDS,
     EXIT_FAILED,
     MIN_DRIFT_WINDOW,
+    RETRIEVES,
     Allowed,
     Destination,
     ServeConfig,
+    parse_duration,
 )
 
 _EPILOG = f"""\b
 Exit status: 0 stopped (SIGTERM, Ctrl-C) after the studies being scored; {EXIT_FAILED} could not start
 (no model, a port in use, a state folder of another model or kept by another node) or could not go on
-(the decode engine broke down: restart it); 2 bad options.
+(the decode engine broke down: restart it); 2 bad options. A --pull PACS that cannot be reached stops
+nothing: the poll is logged, counted and tried again at the next one.
 """
 
 
@@ -44,6 +50,102 @@ def _parse(kind):
             raise click.BadParameter(str(exc)) from exc
 
     return parse
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value, f"--{param.name.replace('_', '-')}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+_PULL = (
+    click.option(
+        "--pull",
+        default=None,
+        metavar="URL",
+        help="Pull studies from a PACS on a schedule, into the same spool as C-STOREs: a DICOMweb base URL "
+        "(https://HOST/dicom-web: QIDO-RS, WADO-RS) or dicom://AET@HOST:PORT (C-FIND, then C-MOVE or C-GET). Each "
+        "poll asks for the studies of --pull-since and fetches those not answered yet; a study dated today is "
+        "fetched once its instance count is the same at two polls --stable-seconds apart (one dated before today "
+        "at once), then scored as a C-STORE'd study is.",
+    ),
+    click.option(
+        "--pull-every",
+        default=f"{DEFAULT_PULL_EVERY / 60:g}m",
+        show_default=True,
+        metavar="DURATION",
+        callback=_duration,
+        help="Poll this often (30s, 10m, 1h); the first poll runs at start.",
+    ),
+    click.option(
+        "--pull-since",
+        default=DEFAULT_PULL_SINCE,
+        show_default=True,
+        metavar="Nh|Nd",
+        help="Each poll asks for the studies of the last N hours or days (a StudyDate range ending today).",
+    ),
+    click.option(
+        "--pull-modality",
+        default=None,
+        metavar="CODE",
+        help="Only studies holding this modality (ModalitiesInStudy) [default: MG].",
+    ),
+    click.option(
+        "--pull-query",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="One more matching key of the search (repeatable), a DICOM keyword: InstitutionName=..., "
+        "ReferringPhysicianName=...",
+    ),
+    click.option(
+        "--pull-token-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: send 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
+    ),
+    click.option("--pull-user", default=None, metavar="USER", help="DICOMweb: HTTP basic authentication as USER."),
+    click.option(
+        "--pull-password-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: the password for --pull-user, read from the environment variable NAME.",
+    ),
+    click.option(
+        "--pull-ca",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
+        "[default: the system's].",
+    ),
+    click.option(
+        "--pull-ae-title",
+        default=None,
+        metavar="AET",
+        help="DIMSE: the node's AE title calling the PACS and receiving its C-MOVE [default: --aet].",
+    ),
+    click.option(
+        "--pull-retrieve",
+        type=click.Choice(RETRIEVES),
+        default=None,
+        help="DIMSE: move (C-MOVE to a storage SCP of the node's own on --pull-move-port, open while a poll fetches; "
+        "the PACS must know the pull's AE title, this address and that port) or get (C-GET on the query's "
+        "association; nothing to register) [default: move].",
+    ),
+    click.option(
+        "--pull-move-port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        help=f"DIMSE, --pull-retrieve move: the port the node receives the C-MOVE on [default: {DEFAULT_MOVE_PORT}].",
+    ),
+)
+
+
+def pull_options(command):
+    """The options of a scheduled pull from a PACS (dens.pull): where, how often, which studies, how."""
+    for option in reversed(_PULL):
+        command = option(command)
+    return command
 
 
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,6 +325,7 @@ def _parse(kind):
     default=None,
     help="CA certificates (PEM) for https:// --stow-url servers [default: the system's].",
 )
+@pull_options
 @scoring_options
 @flag_option
 @click.option("-v", "--verbose", is_flag=True, help="Log pynetdicom's protocol messages too.")
@@ -230,11 +333,12 @@ def main(state: Path, show_status: bool, verbose: bool, **options) -> None:
     """A DICOM node that scores breast density: it receives mammograms by C-STORE (and answers C-ECHO),
     spools each instance durably before acknowledging it, scores each study once it has been quiet for
     --stable-seconds, appends the rows to STATE/preds.csv and sends the study's density SR to each --send-to
-    AE and --stow-url. Listens on 127.0.0.1 unless --host says otherwise; only --allow-aet callers."""
+    AE and --stow-url. Listens on 127.0.0.1 unless --host says otherwise; only --allow-aet callers. With --pull,
+    it also asks a PACS for new studies every --pull-every and scores them as if they had been sent."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr
     )
-    for noisy in ("PIL", "highdicom", "pynetdicom"):
+    for noisy in ("PIL", "highdicom", "pynetdicom", "dicomweb_client", "dens.pull"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy == "pynetdicom" else logging.WARNING)
     # A sender's invalid values (a UID with path characters) are the node's to refuse or contain, not lines
     # in its log for every element read.

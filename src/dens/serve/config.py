@@ -1,13 +1,16 @@
 """What dens-serve is asked to do: :class:`ServeConfig`, and the peers it names (:class:`Destination`,
-:class:`Allowed`), parsed from their command-line spellings.
+:class:`Allowed`), parsed from their command-line spellings, and the durations of a scheduled pull
+(:func:`parse_duration`).
 
-Standard library only: dens-serve's command-line module imports this, and a spawned decode worker imports that
-module before it starts.
+Standard library only (dens.pull's query and source are too): dens-serve's command-line module imports this,
+and a spawned decode worker imports that module before it starts.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime as dt
 import ipaddress
 import os
 import re
@@ -20,6 +23,9 @@ from dens.commands import EXIT_FAILED as EXIT_FAILED
 from dens.commands import EXIT_OK as EXIT_OK
 from dens.commands import EXIT_USAGE as EXIT_USAGE
 from dens.flags import parse_flag
+from dens.pull import Access, Dimse, Query, Source, parse_source
+from dens.pull.source import DEFAULT_MOVE_PORT as DEFAULT_MOVE_PORT
+from dens.pull.source import RETRIEVES as RETRIEVES  # --pull-retrieve: C-MOVE or C-GET
 
 DEFAULT_AET = "DENS"
 DEFAULT_PORT = 11112  # the registered DICOM port above 1024 (104 needs root)
@@ -35,6 +41,9 @@ DEFAULT_AUDIT_MAX_MIB = 64.0  # the audit log is rotated before it grows past th
 DEFAULT_AUDIT_KEEP = 10  # rotated audit logs kept besides the current one
 DEFAULT_DRIFT_WINDOW = 500  # exams per acquisition unit in the drift window
 MIN_DRIFT_WINDOW = 50  # no drift verdict is given on fewer exams
+DEFAULT_PULL_EVERY = 600.0  # seconds between the polls of --pull
+DEFAULT_PULL_SINCE = "24h"  # the study dates each poll asks for
+MIN_PULL_EVERY = 1.0
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: 16 characters of the default set, no backslash
 
 
@@ -43,6 +52,26 @@ def check_ae_title(title: str) -> str:
     if not _AE_TITLE.match(title) or not title.strip():
         raise ValueError(f"{title!r} is not an AE title (1-16 printable characters, no backslash)")
     return title
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh])", re.ASCII)
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+# dens.pull words its errors for dens-infer's options; dens-serve's carry a --pull prefix.
+_PULL_OPTION = re.compile(r"\bSTUDIES\b|--(since|modality|query|ae-title|retrieve|move-port)\b")
+
+
+def parse_duration(text: str, option: str = "--pull-every") -> float:
+    """``30s``, ``10m``, ``1h`` (or ``1.5h``) as seconds; a ValueError says what is wrong."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{option} {text!r}: a duration, a number and its unit: 30s, 10m or 1h")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def _pull_words(text: str) -> str:
+    """An error of dens.pull with dens-serve's option names."""
+    text = text.replace("--study-date or --since", "--since")
+    return _PULL_OPTION.sub(lambda m: "--pull" if m.group(0) == "STUDIES" else f"--pull-{m.group(1)}", text)
 
 
 def _host_port(text: str, spelling: str) -> tuple[str, int]:
@@ -107,8 +136,9 @@ def _url_host(url: str) -> str:
     return host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
 
 
-# A URL's userinfo (``scheme://USER:PASSWORD@``): up to the authority's last @, as urllib.parse splits it.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+# A URL's userinfo (``scheme://USER:PASSWORD@``): up to the authority's last @, as urllib.parse splits it. A
+# ``dicom://AET@HOST:PORT`` source keeps its AE title, no secret (unless it holds a colon, as a password would).
+_USERINFO = re.compile(r"(?i)\b(?!dicom://[^/?#\s:@]*@)([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
 
 
 def redact(text: str) -> str:
@@ -168,6 +198,21 @@ class ServeConfig:
     audit_max_mib: float = DEFAULT_AUDIT_MAX_MIB
     audit_keep: int = DEFAULT_AUDIT_KEEP
     drift_window: int = DEFAULT_DRIFT_WINDOW
+    # A scheduled pull (dens.pull): the PACS each poll asks (a DICOMweb base URL or dicom://AET@HOST:PORT), how
+    # often (seconds), which studies, and how the node reaches it (None: dens.pull.Access's default; the AE title:
+    # --aet). Secrets are named by their environment variables, never given.
+    pull: str | None = None
+    pull_every: float = DEFAULT_PULL_EVERY
+    pull_since: str = DEFAULT_PULL_SINCE  # 24h, 7d: the study dates up to today
+    pull_modality: str | None = None  # ModalitiesInStudy; None: MG
+    pull_query: tuple[str, ...] = ()  # extra matching keys, KEY=VALUE
+    pull_token_env: str | None = None
+    pull_user: str | None = None
+    pull_password_env: str | None = None
+    pull_ca: Path | None = None
+    pull_ae_title: str | None = None
+    pull_retrieve: str | None = None
+    pull_move_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.allow and not self.allow_any:
@@ -193,6 +238,7 @@ class ServeConfig:
             raise ValueError("--status-token-env needs --status-port (the status port it protects)")
         self._check_send_tls()
         self._check_stow()
+        self._check_pull()
 
     def _check_send_tls(self) -> None:
         if (self.send_tls_cert is None) != (self.send_tls_key is None):
@@ -224,6 +270,65 @@ class ServeConfig:
             raise ValueError("HTTP basic authentication needs both --stow-user and --stow-password-env")
         if (self.stow_auth or self.stow_ca) and not self.stow_urls:
             raise ValueError("STOW-RS options (--stow-token-env, --stow-user, --stow-ca) need a --stow-url")
+
+    def _check_pull(self) -> None:
+        if self.pull is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [
+                "--" + name.replace("_", "-")
+                for name in defaults
+                if name.startswith("pull_") and getattr(self, name) != defaults[name]
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: options of a scheduled pull; name the PACS with --pull (a DICOMweb base URL "
+                    "such as https://pacs.example.org/dicom-web, or dicom://AET@HOST:PORT)"
+                )
+            return
+        if not re.match(r"(?i)(https?|dicom)://", self.pull):
+            raise ValueError(
+                f"--pull {redact(self.pull)!r}: a DICOMweb base URL (https://pacs.example.org/dicom-web) or "
+                "dicom://AET@HOST:PORT (the PACS's AE title, host and DICOM port)"
+            )
+        if not self.pull_every >= MIN_PULL_EVERY:
+            raise ValueError(f"--pull-every must be at least {MIN_PULL_EVERY:g} s (such as 30s, 10m or 1h)")
+        try:
+            source = parse_source(self.pull)
+            self.pull_search()
+            access = self.pull_access()
+            access.check(source)
+        except ValueError as exc:
+            raise ValueError(redact(_pull_words(str(exc)))) from None
+        if isinstance(source, Dimse) and access.how == "move" and access.port == self.port:
+            raise ValueError(
+                f"--pull-move-port {access.port} is the node's --port: C-MOVE needs a port of its own (the one the "
+                "PACS knows for the pull's AE title)"
+            )
+
+    @property
+    def pull_source(self) -> Source | None:
+        """The PACS --pull names (None: no scheduled pull)."""
+        return parse_source(self.pull) if self.pull else None
+
+    def pull_search(self, now: dt.datetime | None = None) -> Query:
+        """The studies a poll at ``now`` (default: this moment) asks for: those dated within --pull-since of it,
+        with --pull-modality (MG by default) and the --pull-query keys. ValueError, worded for dens.pull's options."""
+        return Query.parse(since=self.pull_since, modality=self.pull_modality, keys=self.pull_query, now=now)
+
+    def pull_access(self) -> Access:
+        """How the node reaches the PACS of --pull: over DIMSE as --pull-ae-title, else --aet; over DICOMweb, an
+        answer longer than --max-instance-mib is refused, as a C-STORE's instance would be."""
+        dimse = isinstance(self.pull_source, Dimse)
+        return Access(
+            token_env=self.pull_token_env,
+            user=self.pull_user,
+            password_env=self.pull_password_env,
+            ca=self.pull_ca,
+            max_answer_mib=self.max_instance_mib,
+            ae_title=(self.pull_ae_title or self.aet) if dimse else self.pull_ae_title,
+            retrieve=self.pull_retrieve,
+            move_port=self.pull_move_port,
+        )
 
     @property
     def stow_auth(self) -> str | None:

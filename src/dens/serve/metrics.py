@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from dens import labels
@@ -24,6 +24,8 @@ from dens.serve.state import PENDING, RECEIVING, ROW_STATUS, State
 REFUSED_WHAT = ("connection", "association", "echo", "instance")
 SEND_KINDS = ("dicom", "stow")
 SCORED = ("assessed", "not_assessed", "failed")  # a study's outcome
+PULL_POLLS = ("ok", "failed")  # a poll of --pull
+PULL_INSTANCES = ("fetched", "failed", "not_mammography")  # an instance a poll found and did not hold yet
 _CODE = re.compile(r"^[a-z_]{1,40}$")  # a refusal's code, as dens.serve.scp and transport word them
 # Seconds from a study's first instance to its answer or its SR's delivery: the quiet time (60 s by default)
 # and the scoring, or a destination down for hours.
@@ -44,7 +46,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.instances_received = Counter(
             "dens_serve_instances_received",
-            "Instances received and spooled (acknowledged with success; an instance sent again is not counted).",
+            "Instances received by C-STORE and spooled (acknowledged with success; an instance sent again is not "
+            "counted). A scheduled pull's count in dens_serve_pull_instances_total.",
             registry=r,
         )
         self.instances_duplicate = Counter(
@@ -124,6 +127,23 @@ class Metrics:
             "goes on without them.",
             registry=r,
         )
+        self.pull_polls = Counter(
+            "dens_serve_pull_polls",
+            "Polls of the PACS --pull names, by outcome: ok (searched, and what was ready fetched), failed (the PACS "
+            "could not be reached, refused the credentials or the query; tried again at the next poll).",
+            ["outcome"],
+            registry=r,
+        )
+        self.pull_instances = Counter(
+            "dens_serve_pull_instances",
+            "Instances a poll found and the node did not hold yet, by outcome: fetched (into the spool, scored as a "
+            "C-STORE's), failed (not delivered: its study is held back and tried again at the next poll), "
+            "not_mammography (not a mammogram's SOP class: left on the PACS).",
+            ["outcome"],
+            registry=r,
+        )
+        self.pull_waiting: Gauge | None = None  # the gauges of a scheduled pull: :meth:`pulling`
+        self.pull_last_ok: Gauge | None = None
         for status in ("ok", "skipped", "error"):
             self.instances_scored.labels(status)
         for outcome in SCORED:
@@ -138,6 +158,24 @@ class Metrics:
             self.latency_sent.labels(kind)
             for outcome in ("sent", "failed"):
                 self.sends.labels(kind, outcome)
+
+    def pulling(self) -> None:
+        """Add the gauges of a scheduled pull, and show its series at 0 until they move."""
+        self.pull_waiting = Gauge(
+            "dens_serve_pull_studies_waiting",
+            "Studies dated today that the last poll left on the PACS because they may still grow (their instance "
+            "count not yet the same at two polls --stable-seconds apart).",
+            registry=self.registry,
+        )
+        self.pull_last_ok = Gauge(
+            "dens_serve_pull_last_success_time_seconds",
+            "When the last poll that succeeded started (seconds since the epoch; 0: none yet).",
+            registry=self.registry,
+        )
+        for outcome in PULL_POLLS:
+            self.pull_polls.labels(outcome)
+        for outcome in PULL_INSTANCES:
+            self.pull_instances.labels(outcome)
 
     def refusal(self, what: str, reason: str) -> None:
         """Count one refusal (``what``: one of :data:`REFUSED_WHAT`; ``reason``: ``code: detail``)."""

@@ -4,9 +4,10 @@
 for ``stable_seconds``, writes its SR and queues it for every destination, until :meth:`Node.stop` (SIGTERM,
 Ctrl-C), after the studies being scored.
 
-Threads: pynetdicom's (one per association) spool instances; the caller's thread (:meth:`Node.serve`)
-schedules and scores the studies quiet at the time, together; the sender empties the outbox; the status
-endpoint answers (and serves the metrics).
+Threads: pynetdicom's (one per association) spool instances; with ``--pull``, the poller
+(:mod:`dens.serve.pull`) spools what it fetches; the caller's thread (:meth:`Node.serve`) schedules and scores
+the studies quiet at the time, together; the sender empties the outbox; the status endpoint answers (and serves
+the metrics).
 
 What the node tells those who watch it: its metrics (:mod:`dens.serve.metrics`), its audit log
 (:mod:`dens.serve.audit`) and the drift of its calls per acquisition unit (:mod:`dens.serve.drift`), each fed
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import signal
 import ssl
 import threading
@@ -39,6 +41,7 @@ from dens.serve.config import EXIT_FAILED, ServeConfig, redact
 from dens.serve.drift import Change, Drift, Reference, unit_of
 from dens.serve.metrics import Metrics
 from dens.serve.pipeline import Pipeline, PipelineError, Report
+from dens.serve.pull import Poller
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender, outgoing
 from dens.serve.state import State, StateLocked, StateWriteError
@@ -83,6 +86,7 @@ class Node:
     metrics: Metrics
     audit: AuditLog
     drift: Drift
+    poller: Poller | None = None  # --pull: the scheduled pull
     started: float = field(default_factory=time.time)
     status_address: tuple[str, int] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -164,6 +168,8 @@ class Node:
         self._process(studies)
 
     def close(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
         self.scp.stop()
         if self._status_server is not None:
             self._status_server.shutdown()
@@ -314,11 +320,15 @@ def _no_room(exc: BaseException) -> bool:
 
 
 def recover(state: State) -> int:
-    """What a crash can leave in the spool: temporaries (removed) and files renamed into place whose record
-    was not committed (their instance was not acknowledged; recorded now, as the sender will send it again).
+    """What a crash can leave in the spool: temporaries and hidden folders (removed: files on their way in) and
+    files renamed into place whose record was not committed (recorded now: a C-STORE's was not acknowledged, and
+    its sender would send it again; a pulled study's folder is renamed into place whole).
     How many files were recorded."""
     known = state.known_paths()
     adopted = 0
+    for entry in state.spool.iterdir():  # hidden: on its way in (a C-STORE's data, a pull's files, a study's folder)
+        if entry.name.startswith("."):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
     for path in sorted(state.spool.glob("*/*")):
         if path.name.startswith("."):
             path.unlink(missing_ok=True)
@@ -405,7 +415,8 @@ def start(cfg: ServeConfig) -> Node:
         pipeline.close()
         state.close()
         raise ServeError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from exc
-    node = Node(cfg, state, pipeline, scp, sender, address, metrics, audit, drift, received=received)
+    poller = Poller(cfg, state, metrics, audit, received) if cfg.pull else None
+    node = Node(cfg, state, pipeline, scp, sender, address, metrics, audit, drift, poller, received=received)
     metrics.watch(state, drift, node.started)
     sender.start()
     if cfg.status_port is not None:
@@ -418,6 +429,7 @@ def start(cfg: ServeConfig) -> Node:
                 status_token,
                 metrics=metrics.render,
                 drift=drift.snapshot,
+                pull=None if poller is None else poller.info,
             )
         except OSError as exc:
             node.close()
@@ -437,4 +449,6 @@ def start(cfg: ServeConfig) -> Node:
         log.info("dens-serve: drift: %s", drift.why)
     for change in drifted:
         node.drifted(change)
+    if poller is not None:
+        poller.start()
     return node

@@ -14,10 +14,11 @@ chose, so no UID (``../``, ``/``, a NUL) can name a file outside the spool.
 
 Exactly once: an instance is acknowledged only after its file is renamed into place (written, fsync'd, and
 its folder fsync'd) and its database row committed; an instance already known is acknowledged again and not
-stored twice. preds.csv is the truth about which instances are scored (a row per spool file, appended and
-fsync'd before the database learns it; :meth:`State.adopt_rows` reconciles the two after a crash). A study is
-answered in one transaction with its outbox entries, and an outbox entry is unique per SR instance and
-destination, so no SR goes twice to a destination that acknowledged it.
+stored twice. A pulled study's instances enter together (:meth:`State.receive_study`). preds.csv is the truth
+about which instances are scored (a row per spool file, appended and fsync'd before the database learns it;
+:meth:`State.adopt_rows` reconciles the two after a crash). A study is answered in one transaction with its
+outbox entries, and an outbox entry is unique per SR instance and destination, so no SR goes twice to a
+destination that acknowledged it.
 
 A write the database cannot make (a full disk, a folder made read-only) raises :class:`StateWriteError`, an
 OSError: the transaction is rolled back whole, the caller refuses what it could not record (a C-STORE gets
@@ -251,23 +252,76 @@ class State:
             target.unlink(missing_ok=True)
             raise
 
+    def receive_study(
+        self, study_uid: str, files: Mapping[str, Path], calling_aet: str = "", address: str = ""
+    ) -> list[str]:
+        """Move a study's files (by SOP Instance UID; durable, on the spool's filesystem) into the spool and record
+        them in one transaction, so that the scheduler sees all of them or none. A study new to the spool has its
+        folder put together beside it (hidden) and renamed into place whole, so that after a crash
+        :func:`dens.serve.node.recover` finds all of them or none. Returns the SOP Instance UIDs recorded; the
+        files of instances already held are left where they are."""
+        new = {sop_uid: Path(path) for sop_uid, path in files.items() if not self.knows(sop_uid)}
+        if not new:
+            return []
+        folder = self.spool / key("study", study_uid)
+        if folder.is_dir():
+            for sop_uid, path in new.items():
+                os.replace(path, self.spool_path(study_uid, sop_uid))
+        else:
+            stage = self.spool / f".{folder.name}.stage"
+            shutil.rmtree(stage, ignore_errors=True)  # what an attempt that failed left
+            stage.mkdir()
+            for sop_uid, path in new.items():
+                os.replace(path, stage / self.spool_path(study_uid, sop_uid).name)
+            fsync_dir(stage)
+            try:
+                os.replace(stage, folder)
+            except OSError as exc:  # a C-STORE of the study made its folder meanwhile: the files go one by one
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                for path in stage.iterdir():
+                    os.replace(path, folder / path.name)
+                stage.rmdir()
+            fsync_dir(self.spool)
+        fsync_dir(folder)
+        now = time.time()
+        try:
+            with self._transaction() as db:
+                return [
+                    sop_uid
+                    for sop_uid in new
+                    if self._record(
+                        db, study_uid, sop_uid, self.spool_path(study_uid, sop_uid), calling_aet, address, now
+                    )
+                ]
+        except OSError:  # nothing recorded: nothing kept (the next poll fetches them again)
+            for sop_uid in new:
+                if not self.knows(sop_uid):
+                    self.spool_path(study_uid, sop_uid).unlink(missing_ok=True)
+            raise
+
     def register(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
         """Record a spooled file: its study goes back to receiving (its quiet time starts again)."""
-        now = time.time()
-        study_key = key("study", study_uid)
         with self._transaction() as db:
-            added = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_key, study_key, sop_uid, path, calling_aet, address, received) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key("sop", sop_uid), study_key, sop_uid, str(path), calling_aet, address, now),
-            ).rowcount
-            if added:
-                db.execute(
-                    "INSERT INTO studies (study_key, study_uid, state, generation, first_received, last_received) "
-                    "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (study_key) DO UPDATE SET state = ?, "
-                    "generation = generation + 1, last_received = ?, error = NULL",
-                    (study_key, study_uid, RECEIVING, now, now, RECEIVING, now),
-                )
+            return self._record(db, study_uid, sop_uid, path, calling_aet, address, time.time())
+
+    @staticmethod
+    def _record(
+        db: sqlite3.Connection, study_uid: str, sop_uid: str, path: Path, calling_aet: str, address: str, now: float
+    ) -> bool:
+        study_key = key("study", study_uid)
+        added = db.execute(
+            "INSERT OR IGNORE INTO instances (sop_key, study_key, sop_uid, path, calling_aet, address, received) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key("sop", sop_uid), study_key, sop_uid, str(path), calling_aet, address, now),
+        ).rowcount
+        if added:
+            db.execute(
+                "INSERT INTO studies (study_key, study_uid, state, generation, first_received, last_received) "
+                "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (study_key) DO UPDATE SET state = ?, "
+                "generation = generation + 1, last_received = ?, error = NULL",
+                (study_key, study_uid, RECEIVING, now, now, RECEIVING, now),
+            )
         return bool(added)
 
     def refuse(self, calling_aet: str | None, address: str, reason: str, sop_uid: str | None = None) -> None:
@@ -281,6 +335,21 @@ class State:
                 )
         except StateWriteError as exc:
             log.error("dens-serve: a refusal (%s) could not be recorded: %s", reason, exc.strerror)
+
+    def answered(self, study_uids: Iterable[str]) -> set[str]:
+        """Those of ``study_uids`` the node has answered (scored, their SR queued or sent)."""
+        by_key = {key("study", uid): uid for uid in study_uids}
+        keys, found = list(by_key), set()
+        for i in range(0, len(keys), 500):  # SQLite's limit on a statement's variables
+            chunk = keys[i : i + 500]
+            found.update(
+                k
+                for (k,) in self.read(
+                    f"SELECT study_key FROM studies WHERE state = ? AND study_key IN ({', '.join('?' * len(chunk))})",
+                    [ANSWERED, *chunk],
+                )
+            )
+        return {by_key[k] for k in found}
 
     def known_paths(self) -> set[str]:
         return {p for (p,) in self.read("SELECT path FROM instances")}

@@ -11,9 +11,10 @@ its images' outcome, its call and where its SR went.
 
 Who sees what (:func:`view`): with a token (``--status-token-env``), every request must carry
 ``Authorization: Bearer TOKEN``; others get 401 and nothing else, whatever they ask for, and a token holder sees
-everything (``"view": "full"``: the drift windows too, and ``/metrics``). Without a token, a client on this
-machine (a loopback peer) sees the studies but not the node's configuration (its allow-list, state folder,
-destinations and audit log: ``"local"``), nor drift or metrics, and a client from elsewhere sees counts only
+everything (``"view": "full"``: the drift windows and the scheduled pull too, and ``/metrics``). Without a
+token, a client on this machine (a loopback peer) sees the studies but not the node's configuration (its
+allow-list, state folder, destinations and audit log: ``"local"``), nor drift, pull or metrics, and a client
+from elsewhere sees counts only
 (``"counts"``: no UID, call, AE title, address or message). No view, nor
 ``dens-serve STATE --status`` (which shows all the folder holds, to whoever can read it), shows a URL's
 userinfo (:func:`dens.serve.config.redact`).
@@ -55,7 +56,7 @@ REQUEST_SECONDS = 10  # for a client to send its whole request (a GET: its line 
 MAX_CONNECTIONS, MAX_PER_PEER = 64, 8  # status connections open at once, in all and from one address
 FULL, LOCAL, COUNTS = "full", "local", "counts"  # what a client sees (:func:`view`)
 _CONFIGURATION = ("allow", "state", "destinations", "audit_log")  # the node's words a token-less client does not see
-_FULL_ONLY = ("drift",)  # sections a token holder alone sees
+_FULL_ONLY = ("drift", "pull")  # sections a token holder alone sees
 OUTCOMES = ("ok", "skipped", "error")  # an instance's row status (preds.csv's `status`)
 # A refusal's reason is `code: detail`; its code, as the status counts it.
 _REASON_CODE = "CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END"
@@ -355,11 +356,12 @@ def serve(
     *,
     metrics: Callable[[], bytes] | None = None,
     drift: Callable[[], dict] | None = None,
+    pull: Callable[[], dict] | None = None,
 ) -> ThreadingHTTPServer:
     """Start the status endpoint on ``host:port`` in a thread; the server (``.shutdown()`` stops it). With
     ``token``, a request without ``Authorization: Bearer TOKEN`` gets 401; a Host header that names another
-    host gets 421. A token holder also gets ``GET /metrics`` (``metrics``: the page) and the status' drift
-    section (``drift``); without a token given to the node, /metrics answers 403."""
+    host gets 421. A token holder also gets ``GET /metrics`` (``metrics``: the page) and the status' drift and
+    scheduled pull sections (``drift``, ``pull``); without a token given to the node, /metrics answers 403."""
     expected = None if token is None else hashlib.sha256(token.encode()).digest()
 
     class Handler(BaseHTTPRequestHandler):
@@ -394,6 +396,8 @@ def serve(
                 doc = snapshot(state, node(), studies)
                 if level == FULL and drift is not None:
                     doc["drift"] = _redacted(drift())
+                if level == FULL and pull is not None:
+                    doc["pull"] = _redacted(pull())
                 self._reply(200, view(doc, level))
             elif url.path == "/health":
                 self._reply(200, {"ok": True})
