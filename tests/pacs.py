@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,3 +119,19 @@ def orthanc(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def orthanc_holding(root: Path, ports: dict[str, int], files: Iterable[Path]) -> Iterator[str]:
+    """:func:`orthanc` on ``ports`` (``http``, ``dicom``), holding ``files`` (uploaded by its REST API), with
+    dens (AE title DENS, on ``ports["move"]``) among its modalities, as C-MOVE's destination. Yields its URL."""
+    dens = {"dens": ["DENS", "127.0.0.1", ports["move"]]}
+    with orthanc(root, ports["http"], ports["dicom"], dens) as url:
+        for path in files:
+            rest(f"{url}/instances", path.read_bytes())
+        yield url
+
+
+def pacs_ports() -> dict[str, int]:
+    """Free loopback ports for :func:`orthanc_holding`: its HTTP and DICOM ports, and dens's move port."""
+    return {"http": free_port(), "dicom": free_port(), "move": free_port()}

@@ -21,7 +21,7 @@ from dens.commands import EXIT_NOTHING_SCORED
 from dens.infer import EXIT_FAILED, EXIT_OK, InferConfig
 from dens.infer.cli import main as infer_main
 from dens.infer.runner import run
-from pacs import free_port, need_dicomweb, orthanc, rest
+from pacs import free_port, need_dicomweb, orthanc, orthanc_holding, pacs_ports, rest
 
 PROBABILITIES = [*labels.PROB_COLUMNS, labels.P_DENSE]
 # InstanceCreationDate and Time, ContentDate and Time, ContributionDateTime; the Tracking UID (TID 1501).
@@ -73,17 +73,14 @@ def cohort(synthetic_cohort) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pacs_ports() -> dict[str, int]:
-    return {"http": free_port(), "dicom": free_port(), "move": free_port()}
+def ports() -> dict[str, int]:
+    return pacs_ports()
 
 
 @pytest.fixture(scope="module")
-def pacs(cohort, pacs_ports, tmp_path_factory) -> str:
+def pacs(cohort, ports, tmp_path_factory) -> str:
     """Orthanc holding the cohort, with dens (AE title DENS, the test's move port) among its modalities."""
-    dens = {"dens": ["DENS", "127.0.0.1", pacs_ports["move"]]}
-    with orthanc(tmp_path_factory.mktemp("orthanc"), pacs_ports["http"], pacs_ports["dicom"], dens) as url:
-        for path in sorted(cohort.rglob("*.dcm")):
-            rest(f"{url}/instances", path.read_bytes())
+    with orthanc_holding(tmp_path_factory.mktemp("orthanc"), ports, sorted(cohort.rglob("*.dcm"))) as url:
         yield url
 
 
@@ -138,14 +135,12 @@ def test_a_dicomweb_pull_of_a_date_range_is_a_folder_run_and_a_resume_fetches_no
     assert again.exit_code == EXIT_OK
 
 
-def test_a_c_find_c_move_pull_of_listed_studies_is_a_folder_run(
-    pacs, pacs_ports, cohort, folder_run, onnx_model, tmp_path
-):
+def test_a_c_find_c_move_pull_of_listed_studies_is_a_folder_run(pacs, ports, cohort, folder_run, onnx_model, tmp_path):
     studies = sorted(set(headers(cohort)["study"]))[:2]
     absent = "1.2.3.4.5.6.7.8.9"  # a study the PACS does not have: named in a warning
     cfg = InferConfig(
-        f"dicom://ORTHANC@127.0.0.1:{pacs_ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
-        study_uid=(*studies, absent), move_port=pacs_ports["move"], progress=False,
+        f"dicom://ORTHANC@127.0.0.1:{ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
+        study_uid=(*studies, absent), move_port=ports["move"], progress=False,
     )  # fmt: skip
     summary = run(cfg)
     rows, folder = read(tmp_path / "preds.csv"), folder_run[0]
@@ -158,11 +153,11 @@ def test_a_c_find_c_move_pull_of_listed_studies_is_a_folder_run(
         assert dcmread(row.path, stop_before_pixels=True).SOPInstanceUID == row.sop_uid
 
 
-def test_a_c_get_pull_with_a_matching_key_is_a_folder_run(pacs, pacs_ports, cohort, folder_run, onnx_model, tmp_path):
+def test_a_c_get_pull_with_a_matching_key_is_a_folder_run(pacs, ports, cohort, folder_run, onnx_model, tmp_path):
     files = headers(cohort)
     patient = sorted(set(files["patient"]))[-1]
     cfg = InferConfig(
-        f"dicom://ORTHANC@127.0.0.1:{pacs_ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
+        f"dicom://ORTHANC@127.0.0.1:{ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
         since="20000d", query=(f"PatientID={patient}",), retrieve="get", progress=False,
     )  # fmt: skip
     summary = run(cfg)
@@ -210,14 +205,14 @@ def test_http_basic_authentication_right_and_wrong_password(locked_pacs, onnx_mo
 
 
 def test_instances_a_retrieve_does_not_deliver_are_error_rows_and_retry_errors_fetches_them(
-    pacs, pacs_ports, cohort, onnx_model, tmp_path
+    pacs, ports, cohort, onnx_model, tmp_path
 ):
     """dens listening on another port than the one the PACS knows for it: the C-MOVE fails every instance with
     the PACS's status (error rows with their UIDs; nothing scored, so exit status 4); --retry-errors on the right
     port fetches them."""
     study = sorted(set(headers(cohort)["study"]))[0]
     cfg = InferConfig(
-        f"dicom://ORTHANC@127.0.0.1:{pacs_ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
+        f"dicom://ORTHANC@127.0.0.1:{ports['dicom']}", tmp_path / "preds.csv", model=onnx_model,
         study_uid=(study,), move_port=free_port(), progress=False,
     )  # fmt: skip
     failed = run(cfg)
@@ -228,7 +223,7 @@ def test_instances_a_retrieve_does_not_deliver_are_error_rows_and_retry_errors_f
     assert not any(Path(p).exists() for p in rows[labels.PATH])
     assert failed.pull.failed == 4 and failed.pull.fetched == 0
 
-    retried = run(dataclasses.replace(cfg, move_port=pacs_ports["move"], retry_errors=True))
+    retried = run(dataclasses.replace(cfg, move_port=ports["move"], retry_errors=True))
     rows = read(tmp_path / "preds.csv")
     assert retried.exit_code == EXIT_OK and retried.pull.fetched == 4 and retried.retried == 4
     assert set(rows[labels.STATUS]) == {"ok"} and len(rows) == 4

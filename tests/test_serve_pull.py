@@ -30,7 +30,7 @@ from dens.serve.config import ServeConfig, parse_duration
 from dens.serve.node import recover
 from dens.serve.pull import Growth
 from dens.serve.state import State, key
-from pacs import free_port, need_dicomweb, orthanc, rest, wait_for
+from pacs import free_port, need_dicomweb, orthanc, orthanc_holding, pacs_ports, rest, wait_for
 from test_serve import VIEWS, Node, preds
 from test_serve_metrics import Destination, get, samples, value
 
@@ -78,17 +78,14 @@ def studies(cohort) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pacs_ports() -> dict[str, int]:
-    return {"http": free_port(), "dicom": free_port(), "move": free_port()}
+def ports() -> dict[str, int]:
+    return pacs_ports()
 
 
 @pytest.fixture(scope="module")
-def pacs(cohort, pacs_ports, tmp_path_factory) -> str:
+def pacs(cohort, ports, tmp_path_factory) -> str:
     """Orthanc holding the cohort, with the node (AE title DENS, on the test's move port) among its modalities."""
-    dens = {"dens": ["DENS", "127.0.0.1", pacs_ports["move"]]}
-    with orthanc(tmp_path_factory.mktemp("orthanc"), pacs_ports["http"], pacs_ports["dicom"], dens) as url:
-        for path in sorted(cohort.rglob("*.dcm")):
-            rest(f"{url}/instances", path.read_bytes())
+    with orthanc_holding(tmp_path_factory.mktemp("orthanc"), ports, sorted(cohort.rglob("*.dcm"))) as url:
         yield url
 
 
@@ -236,11 +233,11 @@ def test_kill_9_mid_poll_and_after_an_sr_still_answer_each_study_once(pacs, stud
 
 
 def test_a_c_find_c_move_pull_answers_each_study_once(
-    pacs, pacs_ports, studies, folder_rows, onnx_model, destination, tmp_path
+    pacs, ports, studies, folder_rows, onnx_model, destination, tmp_path
 ):
     state = tmp_path / "state"
-    source = f"dicom://ORTHANC@127.0.0.1:{pacs_ports['dicom']}"
-    node = pulling_node(state, onnx_model, source, destination, "--pull-move-port", str(pacs_ports["move"]))
+    source = f"dicom://ORTHANC@127.0.0.1:{ports['dicom']}"
+    node = pulling_node(state, onnx_model, source, destination, "--pull-move-port", str(ports["move"]))
     try:
         wait_for("an SR per study", lambda: set(srs(destination)) == set(studies))
         wait_for("the exam CSV", lambda: (state / "preds.exam.csv").is_file())

@@ -1,12 +1,13 @@
 """What the commands share, defined once: the exit statuses of the scoring commands (dens-infer, dens-merge),
 and the options several take: where and how the model runs (dens-infer, dens-serve), which calls are
-flagged, and the progress bar.
+flagged, the progress bar, and how a pull from a PACS authenticates (dens-infer, dens-serve).
 
 click only at import: a spawned decode worker imports its command's module, and with it this one.
 """
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
 
 import click
@@ -72,6 +73,31 @@ flag_option = click.option(
 
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal]."
+)
+
+
+# How a pull from a PACS (dens.pull.Access) authenticates to a DICOMweb server: dens-infer's and dens-serve's.
+PULL_AUTH_OPTIONS = (
+    click.option(
+        "--pull-token-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: send 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
+    ),
+    click.option("--pull-user", default=None, metavar="USER", help="DICOMweb: HTTP basic authentication as USER."),
+    click.option(
+        "--pull-password-env",
+        default=None,
+        metavar="NAME",
+        help="DICOMweb: the password for --pull-user, read from the environment variable NAME.",
+    ),
+    click.option(
+        "--pull-ca",
+        type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+        default=None,
+        help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
+        "[default: the system's].",
+    ),
 )
 
 

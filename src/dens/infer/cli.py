@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from dens import show_progress
-from dens.commands import EXIT_NOTHING_SCORED, flag_option, progress_option, scoring_options
+from dens.commands import EXIT_NOTHING_SCORED, PULL_AUTH_OPTIONS, flag_option, progress_option, scoring_options
 from dens.infer.config import (
     ENGINES,
     EXIT_ERRORS,
@@ -88,26 +88,7 @@ _PULL = (
         help="PACS: where the pulled files are kept, as STUDY_UID/SERIES_UID/SOP_UID.dcm; Grad-CAM and the review "
         "page read them later [default: <--out stem>.pulled beside --out].",
     ),
-    click.option(
-        "--pull-token-env",
-        default=None,
-        metavar="NAME",
-        help="DICOMweb: send 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
-    ),
-    click.option("--pull-user", default=None, metavar="USER", help="DICOMweb: HTTP basic authentication as USER."),
-    click.option(
-        "--pull-password-env",
-        default=None,
-        metavar="NAME",
-        help="DICOMweb: the password for --pull-user, read from the environment variable NAME.",
-    ),
-    click.option(
-        "--pull-ca",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
-        "[default: the system's].",
-    ),
+    *PULL_AUTH_OPTIONS,
     click.option(
         "--max-answer-mib",
         type=click.IntRange(min=1),

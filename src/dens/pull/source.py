@@ -30,10 +30,12 @@ _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5: 16 characters of
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def check_ae_title(title: str, option: str) -> str:
-    """``title`` when it is an AE title (1-16 printable characters, no backslash, not all spaces)."""
+def check_ae_title(title: str, option: str = "") -> str:
+    """``title`` when it is an AE title (1-16 printable characters, no backslash, not all spaces); else a
+    ValueError naming it (and the ``option`` that gave it)."""
     if not _AE_TITLE.fullmatch(title) or not title.strip():
-        raise ValueError(f"{option} {title!r}: not an AE title (1-16 printable characters, no backslash)")
+        given = f"{option} {title!r}" if option else repr(title)
+        raise ValueError(f"{given}: not an AE title (1-16 printable characters, no backslash)")
     return title
 
 
@@ -118,22 +120,31 @@ def _dimse(text: str, rest: str) -> Dimse:
     return Dimse(check_ae_title(aet, "STUDIES: the called AE title"), host, int(port))
 
 
+# A URL's userinfo (``scheme://USER:PASSWORD@``): up to the authority's last @, as urllib.parse splits it. A
+# ``dicom://AET@HOST:PORT`` source keeps its AE title, no secret (unless it holds a colon, as a password would).
+_USERINFO = re.compile(r"(?i)\b(?!dicom://[^/?#\s:@]*@)([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+
+
 def redact(text: str) -> str:
-    """``text`` with the userinfo of an http(s) URL replaced by ``***``: what dens prints of a URL never holds
-    its password."""
-    return re.sub(r"(?i)\b(https?://)[^/?#\s]*@", r"\1***@", text)
+    """``text`` with the userinfo of every URL in it replaced by ``***``: what dens prints, logs or shows of a
+    URL never holds its password."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's loopback, reachable
+    from no other machine."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
 
-def _secret(option: str, name: str, environ: Mapping[str, str]) -> str:
+def secret_from_env(option: str, name: str, environ: Mapping[str, str]) -> str:
+    """The secret in the environment variable ``name`` that ``option`` names; a ValueError naming the variable
+    (never a value) when it is unset or empty."""
     secret = environ.get(name, "")
     if not secret:
         raise ValueError(f"{option} {name}: the environment variable {name} is not set (or empty)")
@@ -194,7 +205,7 @@ class Access:
             raise ValueError(f"--max-answer-mib {self.max_answer_mib}: at least 1 (MiB)")
         if isinstance(source, DicomWeb):
             host = urllib.parse.urlsplit(source.url).hostname or ""
-            if self.auth and source.url.lower().startswith("http://") and not _loopback(host):
+            if self.auth and source.url.lower().startswith("http://") and not is_loopback(host):
                 raise ValueError(
                     f"{source}: credentials go to https:// URLs only (or http:// on this machine's loopback), not "
                     "in clear over the network"
@@ -211,9 +222,9 @@ class Access:
         name (None without authentication); a ValueError naming the variable (never its value) when it is
         unset or empty."""
         if self.token_env:
-            return "Bearer " + _secret("--pull-token-env", self.token_env, self.environ)
+            return "Bearer " + secret_from_env("--pull-token-env", self.token_env, self.environ)
         if self.password_env:
-            secret = _secret("--pull-password-env", self.password_env, self.environ)
+            secret = secret_from_env("--pull-password-env", self.password_env, self.environ)
             return "Basic " + base64.b64encode(f"{self.user}:{secret}".encode()).decode("ascii")
         return None
 

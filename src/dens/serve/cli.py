@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from dens.commands import flag_option, scoring_options
+from dens.commands import PULL_AUTH_OPTIONS, flag_option, scoring_options
 from dens.serve.config import (
     DEFAULT_AET,
     DEFAULT_AUDIT_KEEP,
@@ -98,26 +98,7 @@ _PULL = (
         help="One more matching key of the search (repeatable), a DICOM keyword: InstitutionName=..., "
         "ReferringPhysicianName=...",
     ),
-    click.option(
-        "--pull-token-env",
-        default=None,
-        metavar="NAME",
-        help="DICOMweb: send 'Authorization: Bearer TOKEN', TOKEN read from the environment variable NAME.",
-    ),
-    click.option("--pull-user", default=None, metavar="USER", help="DICOMweb: HTTP basic authentication as USER."),
-    click.option(
-        "--pull-password-env",
-        default=None,
-        metavar="NAME",
-        help="DICOMweb: the password for --pull-user, read from the environment variable NAME.",
-    ),
-    click.option(
-        "--pull-ca",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="DICOMweb over https://: check the server's certificate against these CA certificates (PEM) "
-        "[default: the system's].",
-    ),
+    *PULL_AUTH_OPTIONS,
     click.option(
         "--pull-ae-title",
         default=None,

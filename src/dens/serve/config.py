@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +25,8 @@ from dens.flags import parse_flag
 from dens.pull import Access, Dimse, Query, Source, parse_source
 from dens.pull.source import DEFAULT_MOVE_PORT as DEFAULT_MOVE_PORT
 from dens.pull.source import RETRIEVES as RETRIEVES  # --pull-retrieve: C-MOVE or C-GET
+from dens.pull.source import check_ae_title, is_loopback, secret_from_env
+from dens.pull.source import redact as redact  # what the node prints of a URL (its modules import it from here)
 
 DEFAULT_AET = "DENS"
 DEFAULT_PORT = 11112  # the registered DICOM port above 1024 (104 needs root)
@@ -44,16 +45,6 @@ MIN_DRIFT_WINDOW = 50  # no drift verdict is given on fewer exams
 DEFAULT_PULL_EVERY = 600.0  # seconds between the polls of --pull
 DEFAULT_PULL_SINCE = "24h"  # the study dates each poll asks for
 MIN_PULL_EVERY = 1.0
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: 16 characters of the default set, no backslash
-
-
-def check_ae_title(title: str) -> str:
-    """``title`` when it is a valid AE title (1-16 printable characters, no backslash, not all spaces)."""
-    if not _AE_TITLE.match(title) or not title.strip():
-        raise ValueError(f"{title!r} is not an AE title (1-16 printable characters, no backslash)")
-    return title
-
-
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh])", re.ASCII)
 _SECONDS = {"s": 1, "m": 60, "h": 3600}
 # dens.pull words its errors for dens-infer's options; dens-serve's carry a --pull prefix.
@@ -121,37 +112,9 @@ class Allowed:
         return aet.strip() == self.aet.strip() and (self.address is None or self.address == address)
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) is this machine's loopback, reachable from no other machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _url_host(url: str) -> str:
     host = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
     return host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-
-
-# A URL's userinfo (``scheme://USER:PASSWORD@``): up to the authority's last @, as urllib.parse splits it. A
-# ``dicom://AET@HOST:PORT`` source keeps its AE title, no secret (unless it holds a colon, as a password would).
-_USERINFO = re.compile(r"(?i)\b(?!dicom://[^/?#\s:@]*@)([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the userinfo of every URL in it replaced by ``***``: what the node prints, logs or shows
-    of a URL never holds its password."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
-def _secret(option: str, name: str, environ: Mapping[str, str]) -> str:
-    secret = environ.get(name, "")
-    if not secret:
-        raise ValueError(f"{option} {name}: the environment variable {name} is not set (or empty)")
-    return secret
 
 
 @dataclass(frozen=True)
@@ -259,7 +222,7 @@ class ServeConfig:
                     f"--stow-url {redact(url)!r}: no credentials in the URL; give them with --stow-user USER and "
                     "--stow-password-env NAME, or --stow-token-env NAME"
                 )
-            if self.stow_auth and url.startswith("http://") and not _loopback(_url_host(url)):
+            if self.stow_auth and url.startswith("http://") and not is_loopback(_url_host(url)):
                 raise ValueError(
                     f"--stow-url {redact(url)!r}: credentials go to https:// URLs only (or http:// on this machine's "
                     "loopback), not in clear over the network"
@@ -339,9 +302,9 @@ class ServeConfig:
         """The ``Authorization`` header for STOW-RS requests, from the environment variable the options name
         (None without authentication). Raises ValueError, naming the variable only, when it is unset or empty."""
         if self.stow_token_env:
-            return "Bearer " + _secret("--stow-token-env", self.stow_token_env, environ)
+            return "Bearer " + secret_from_env("--stow-token-env", self.stow_token_env, environ)
         if self.stow_password_env:
-            secret = _secret("--stow-password-env", self.stow_password_env, environ)
+            secret = secret_from_env("--stow-password-env", self.stow_password_env, environ)
             return "Basic " + base64.b64encode(f"{self.stow_user}:{secret}".encode()).decode("ascii")
         return None
 
@@ -349,7 +312,11 @@ class ServeConfig:
         """The bearer token every request to the status port must carry, from the environment variable
         ``--status-token-env`` names (None without one). Raises ValueError, naming the variable only, when it is
         unset or empty."""
-        return None if self.status_token_env is None else _secret("--status-token-env", self.status_token_env, environ)
+        return (
+            None
+            if self.status_token_env is None
+            else secret_from_env("--status-token-env", self.status_token_env, environ)
+        )
 
     @property
     def audit_path(self) -> Path:
@@ -359,7 +326,7 @@ class ServeConfig:
     @property
     def status_exposed(self) -> bool:
         """Whether the status port answers anyone who can reach it: no token, on an address beyond loopback."""
-        return self.status_port is not None and self.status_token_env is None and not _loopback(self.host)
+        return self.status_port is not None and self.status_token_env is None and not is_loopback(self.host)
 
     @property
     def destinations(self) -> tuple[str, ...]:
