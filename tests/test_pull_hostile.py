@@ -328,6 +328,7 @@ def test_a_pacs_answering_hierarchical_queries_only_is_listed_series_by_series(o
     "args, said",
     [
         (["http://dens:hunter2@127.0.0.1:1/dicom-web", "--since", "1d"], "no credentials in the URL"),
+        (["dicom://dens:hunter2@10.0.0.5:104", "--since", "1d"], "DIMSE authenticates by AE title"),
         (["https://pacs.example.org/dicom-web"], "needs a query"),
         (["no/such/folder"], "does not exist"),
         (["ftp://pacs.example.org/x", "--since", "1d"], "no source dens pulls from"),
