@@ -10,6 +10,7 @@ finds them, so the first listing holds them all."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -21,9 +22,12 @@ from typing import IO, Any
 
 STALE_AFTER_S = 60.0
 _TMP = re.compile(r"\.(.+)\.([0-9]+)\.[0-9]+\.tmp")
-# Folder -> target file name -> the temporaries of it found at this process's first write there.
-_leftovers: dict[Path, dict[str, list[str]]] = {}
+# Folder -> target file name -> the temporaries of it found at this process's first write there; the folders
+# most recently written to, at most _FOLDERS_REMEMBERED (a node that runs for months writes to a folder per
+# study: one forgotten is listed again at its next write, which finds what is left there).
+_leftovers: collections.OrderedDict[Path, dict[str, list[str]]] = collections.OrderedDict()
 _leftovers_lock = threading.Lock()
+_FOLDERS_REMEMBERED = 4096
 
 
 @contextlib.contextmanager
@@ -55,6 +59,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     with _leftovers_lock:
         if path.parent not in _leftovers:
             _leftovers[path.parent] = _list_leftovers(path.parent)
+            while len(_leftovers) > _FOLDERS_REMEMBERED:
+                _leftovers.popitem(last=False)
+        _leftovers.move_to_end(path.parent)
         names = _leftovers[path.parent].pop(path.name, [])
     removed, kept = [], []
     for name in names:
@@ -69,7 +76,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         removed.append(tmp)
     if kept:  # looked at again at the next write of ``path``
         with _leftovers_lock:
-            _leftovers[path.parent].setdefault(path.name, []).extend(kept)
+            _leftovers.setdefault(path.parent, {}).setdefault(path.name, []).extend(kept)
     return removed
 
 
