@@ -414,3 +414,48 @@ def test_an_answer_longer_than_the_limit_is_refused_announced_or_not(one_study, 
     assert got[c.SOPInstanceUID].problem.startswith("pull_failed: answer too long: more than 1048576 bytes sent"), got
     assert sorted(p.name for p in (tmp_path / "pulled").rglob("*.dcm")) == [f"{a.SOPInstanceUID}.dcm"]
     assert not list((tmp_path / "pulled").rglob("*.tmp*"))
+
+
+_SILENT_LISTING = """
+import json, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dens.pull import Access, Pull, Query, parse_source
+
+class Silent(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.split("?")[0].rstrip("/").endswith("/studies"):
+            body = json.dumps([{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            time.sleep(3600)  # the study's listing never comes
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+server.daemon_threads = True
+threading.Thread(target=server.serve_forever, daemon=True).start()
+url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+pull = Pull(parse_source(url), Query(study_uids=("1.2.3",)), Access(timeout=300), sys.argv[1]).__enter__()
+threading.Thread(target=lambda: list(pull.instances()), daemon=True).start()
+time.sleep(1)
+print("interrupted", flush=True)
+sys.exit(130)
+"""
+
+
+def test_a_run_interrupted_while_a_listing_waits_on_a_silent_server_exits_at_once(tmp_path):
+    """A listing waits out its timeout (here 300 s) on a server that never answers: the process that asked for
+    it, interrupted meanwhile, still exits (the listing thread is a daemon, not an executor's, which Python joins
+    at exit)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SILENT_LISTING, str(tmp_path / "pulled")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130 and "interrupted" in done.stdout, done.stderr[-2000:]

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -168,14 +168,14 @@ class Pull:
 
     def _run(self, done: Callable[[Instance, Path], bool], out: queue.Queue) -> None:
         # The next studies are listed while one is retrieved: a listing waits on the server as a retrieve does.
-        lister = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dens-pull-list")
+        lister = _Lister(self._list)
         studies = iter(self._studies)
         listings: deque[tuple[Study, Future]] = deque()
 
         def list_next() -> None:
             study = next(studies, None)
             if study is not None:
-                listings.append((study, lister.submit(self._list, study)))
+                listings.append((study, lister.submit(study)))
 
         try:
             for _ in range(LIST_AHEAD):
@@ -188,7 +188,7 @@ class Pull:
             self._put(out, exc)
             return
         finally:
-            lister.shutdown(wait=False, cancel_futures=True)
+            lister.shutdown()
             self.summary.seconds = time.perf_counter() - self._start
             self.summary.unasked += self._puller.unasked
         if not self._stop.is_set():
@@ -239,3 +239,36 @@ class Pull:
         if pulled.problem:
             log.debug("dens pull: %s: %s", pulled.path, pulled.problem)
         return self._put(out, pulled)
+
+
+class _Lister:
+    """Lists studies one at a time on a daemon thread of its own. Not a ThreadPoolExecutor: Python joins an
+    executor's threads at exit, so a listing waiting out a silent PACS's timeout (60 s) would hold up the exit
+    of a run interrupted meanwhile."""
+
+    def __init__(self, list_study: Callable[[Study], list[Instance]]):
+        self._list = list_study
+        self._asked: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        threading.Thread(target=self._work, daemon=True, name="dens-pull-list").start()
+
+    def submit(self, study: Study) -> Future:
+        future: Future = Future()
+        self._asked.put((study, future))
+        return future
+
+    def shutdown(self) -> None:
+        """No more listings: those asked for and not started are cancelled, the one under way ends alone."""
+        self._closed.set()
+        self._asked.put(None)
+
+    def _work(self) -> None:
+        while (asked := self._asked.get()) is not None:
+            study, future = asked
+            if self._closed.is_set() or not future.set_running_or_notify_cancel():
+                future.cancel()
+                continue
+            try:
+                future.set_result(self._list(study))
+            except BaseException as exc:
+                future.set_exception(exc)
