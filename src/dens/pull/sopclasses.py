@@ -1,6 +1,7 @@
 """What dens takes from a PACS: the storage SOP classes of a mammogram it reads and the transfer syntaxes its
-decoders read (:mod:`dens.route.dicom`). A pull fetches instances of these classes only, and its storage SCP
-(C-MOVE, C-GET) accepts these classes in these syntaxes, so every file arrives as the PACS stores it.
+decoders read (:mod:`dens.route.dicom`). dens-serve accepts these in C-STOREs; a pull fetches instances of these
+classes only, and its storage SCP (C-MOVE, C-GET) accepts them in these syntaxes, so every file arrives as the
+PACS stores it.
 
 UIDs as text, the standard library only: dens-infer's main process imports this and never pydicom unless it
 pulls.

@@ -39,10 +39,12 @@ import time
 from collections.abc import Sequence
 
 from pydicom import dcmread
-from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from dens.pull.sopclasses import MAMMOGRAPHY_SOP_CLASSES as MAMMOGRAPHY_SOP_CLASSES  # what the node accepts
+from dens.pull.sopclasses import TRANSFER_SYNTAXES as TRANSFER_SYNTAXES
+from dens.pull.sopclasses import VERIFICATION as VERIFICATION
 from dens.serve.audit import AuditLog
 from dens.serve.config import Allowed, ServeConfig
 from dens.serve.incoming import INCOMING, InstanceFile, SpoolingDIMSE
@@ -52,26 +54,6 @@ from dens.serve.transport import Server
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
-MAMMOGRAPHY_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
-)
-# The transfer syntaxes dens.route.dicom decodes.
-TRANSFER_SYNTAXES = (
-    uids.ExplicitVRLittleEndian,
-    uids.ImplicitVRLittleEndian,
-    uids.DeflatedExplicitVRLittleEndian,
-    uids.JPEG2000Lossless,
-    uids.JPEG2000,
-    uids.JPEGLosslessSV1,
-    uids.JPEGLossless,
-    uids.JPEGBaseline8Bit,
-    uids.JPEGExtended12Bit,
-    uids.JPEGLSLossless,
-    uids.JPEGLSNearLossless,
-    uids.RLELossless,
-)
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C): success, refused for lack of resources, refused as not authorised,
 # data set does not match the SOP class, cannot understand.
 SUCCESS, OUT_OF_RESOURCES, NOT_AUTHORISED, MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0x0124, 0xA900, 0xC000
