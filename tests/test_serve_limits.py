@@ -377,3 +377,25 @@ def test_the_status_command_reads_a_read_only_state_folder(read_only_state):
     status = json.loads(printed.stdout)
     assert status["instances_received"] == 1 and status["last_studies"][0]["study_uid"] == study
     assert sorted(p.name for p in folder.iterdir()) == ["serve.db", "serve.db-wal"]  # nothing written there
+
+
+@pytest.mark.parametrize("uid", ["1.02.3", "1.2.abc"])
+def test_an_instance_whose_study_uid_is_invalid_is_refused_at_the_door_not_failed_at_every_start(
+    onnx_model, tmp_path, uid
+):
+    """No SR can name a study whose UID is not valid: the node refuses its instances with the reason, and keeps
+    nothing that would fail (and be retried) at every start."""
+    node = Node(tmp_path / "state", onnx_model, "--allow-aet", "STORESCU", "--stable-seconds", "1")
+    try:
+        _, files = make_study(tmp_path / "study", StudyInstanceUID=uid)
+        status = store(node.port, files[0])
+        assert status is not None and status.Status == 0xA900, status
+        assert status.ErrorComment.startswith(f"invalid_uid: StudyInstanceUID {uid!r} is not a valid UID")
+        time.sleep(2)  # past the quiet window: nothing to score
+    finally:
+        code = node.stop()
+    assert code == 0
+    state = State(tmp_path / "state")
+    assert state.read("SELECT COUNT(*) FROM studies")[0][0] == 0
+    assert state.read("SELECT COUNT(*) FROM instances")[0][0] == 0
+    assert "invalid_uid" in node.log.read_text()

@@ -26,8 +26,8 @@ code (the next saying how many more there were), so that a flood of refusals cos
 its reason ``code: detail``: ``calling_aet_not_allowed``, ``called_aet_wrong`` (or ``calling_and_called_aet_wrong``),
 ``address_not_allowed``, ``too_many_associations`` for associations; ``address_not_allowed``,
 ``too_many_connections``, ``tls_failed``, ``idle``, ``slow`` and ``pdu_too_large`` for connections;
-``unreadable_header``, ``not_mammography``, ``sop_class_mismatch``, ``missing_uid`` and ``instance_too_large`` for
-instances.
+``unreadable_header``, ``not_mammography``, ``sop_class_mismatch``, ``missing_uid``, ``invalid_uid`` and
+``instance_too_large`` for instances.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from dens.serve.incoming import INCOMING, InstanceFile, SpoolingDIMSE
 from dens.serve.metrics import Metrics
 from dens.serve.state import State
 from dens.serve.transport import Server
+from dens.sr import valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,15 @@ class StorageSCP:
             )
         if not study_uid or not sop_uid:
             return self._refuse(aet, address, sop_uid, MISMATCH, "missing_uid: no StudyInstanceUID or SOPInstanceUID")
+        if not valid_uid(study_uid):  # its SR could name no study: refused now, not failed at every start
+            return self._refuse(
+                aet,
+                address,
+                sop_uid,
+                MISMATCH,
+                f"invalid_uid: StudyInstanceUID {study_uid[:80]!r} is not a valid UID (digits and dots, no leading "
+                "zero, at most 64 characters): no SR could name its study; fix it at the source and send it again",
+            )
         try:
             added = self.state.receive_file(study_uid, sop_uid, path, aet, address)
         except OSError as exc:  # a full or unwritable spool: the sender keeps the instance and retries
