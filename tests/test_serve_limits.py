@@ -390,7 +390,7 @@ def test_an_instance_whose_study_uid_is_invalid_is_refused_at_the_door_not_faile
         _, files = make_study(tmp_path / "study", StudyInstanceUID=uid)
         status = store(node.port, files[0])
         assert status is not None and status.Status == 0xA900, status
-        assert status.ErrorComment.startswith(f"invalid_uid: StudyInstanceUID {uid!r} is not a valid UID")
+        assert status.ErrorComment.startswith(f"invalid_uid: the StudyInstanceUID is no valid UID ({uid!r}")
         time.sleep(2)  # past the quiet window: nothing to score
     finally:
         code = node.stop()

@@ -279,8 +279,8 @@ class StorageSCP:
                 address,
                 sop_uid,
                 MISMATCH,
-                f"invalid_uid: StudyInstanceUID {study_uid[:80]!r} is not a valid UID (digits and dots, no leading "
-                "zero, at most 64 characters): no SR could name its study; fix it at the source and send it again",
+                f"invalid_uid: the StudyInstanceUID is no valid UID ({study_uid[:80]!r}: digits and dots, no leading "
+                "zero, at most 64 characters); no SR could name its study: fix it at the source and send it again",
             )
         try:
             added = self.state.receive_file(study_uid, sop_uid, path, aet, address)
