@@ -384,3 +384,26 @@ def test_the_status_never_shows_a_pull_secret_and_keeps_a_dicom_ae_title():
     assert redact("dicom://PACS@10.0.0.5:104") == "dicom://PACS@10.0.0.5:104"
     assert redact("dicom://PACS:pw@10.0.0.5:104") == "dicom://***@10.0.0.5:104"
     assert redact("see https://u:pw@pacs/dicom-web") == "see https://***@pacs/dicom-web"
+
+
+def test_a_study_whose_uid_no_sr_could_name_is_left_on_the_pacs(tmp_path, caplog):
+    """As a C-STORE'd instance with such a StudyInstanceUID is refused, a pulled study with one (a leading zero:
+    digits and dots, but not a valid UID) is not fetched, and the log says why."""
+    import threading
+
+    from dens.pull import Query
+    from dens.serve.audit import AuditLog
+    from dens.serve.metrics import Metrics
+    from dens.serve.pull import Poller
+    from test_pull_hostile import FakeDicomWeb
+
+    server = FakeDicomWeb("1.02.3", [], {})
+    cfg = ServeConfig(tmp_path / "state", allow_any=True, pull=server.url)
+    state = State(tmp_path / "state")
+    try:
+        poller = Poller(cfg, state, Metrics(), AuditLog(tmp_path / "audit.jsonl"), threading.Event())
+        with caplog.at_level("WARNING", logger="dens.serve.pull"):
+            assert poller._search(Query(study_date="20000101-")) == []
+        assert "1 study left on the PACS: no valid StudyInstanceUID ('1.02.3')" in caplog.text
+    finally:
+        state.close()

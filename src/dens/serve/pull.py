@@ -41,6 +41,7 @@ from dens.serve.audit import AuditLog
 from dens.serve.config import ServeConfig, redact
 from dens.serve.metrics import Metrics
 from dens.serve.state import State
+from dens.sr import valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,18 @@ class Poller:
         return Pull(self.source, query, self.listing if listing else self.access, self.folder)
 
     def _search(self, query: Query) -> list[Study]:
+        """The studies ``query`` finds whose UID an SR can name (as a C-STORE's, another is left alone)."""
         with self._opened(query, listing=True) as pull:
-            return [s for s in pull.studies if is_uid(s.uid)]  # another UID names nothing
+            studies = pull.studies
+        invalid = [s.uid for s in studies if not (is_uid(s.uid) and valid_uid(s.uid))]
+        if invalid:
+            log.warning(
+                "dens-serve: pull: %s left on the PACS: no valid StudyInstanceUID (%r%s), so no SR could name it",
+                counted(len(invalid), "study", "studies"),
+                invalid[0][:80],
+                ", ..." if len(invalid) > 1 else "",
+            )
+        return [s for s in studies if s.uid not in invalid]
 
     def _count(self, study_uids: list[str]) -> dict[str, int]:
         """The instances each study lists now (a study whose listing failed is left out)."""
