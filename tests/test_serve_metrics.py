@@ -139,10 +139,17 @@ def test_a_study_through_the_node_moves_the_counters(node, destination, tmp_path
         found = samples(get(node.status_port, "/metrics", node.token)[1])
         sent = value(found, "dens_serve_sr_sends_total", kind="dicom", outcome="sent")
         retried = value(found, "dens_serve_sr_retries_total", kind="dicom")
+        failed = value(found, "dens_serve_sr_sends_total", kind="dicom", outcome="failed")
         done = sent > value(before, "dens_serve_sr_sends_total", kind="dicom", outcome="sent")
-        return found if done and retried > value(before, "dens_serve_sr_retries_total", kind="dicom") else None
+        # A retry is counted as it starts, its failure once it has failed: wait for both.
+        failed_twice = failed >= value(before, "dens_serve_sr_sends_total", kind="dicom", outcome="failed") + 2
+        return (
+            found
+            if done and failed_twice and retried > value(before, "dens_serve_sr_retries_total", kind="dicom")
+            else None
+        )
 
-    after = wait_for("the SR sent and the send to the AE that is down retried", moved)
+    after = wait_for("the SR sent and the send to the AE that is down retried, and failed again", moved)
 
     def delta(name: str, **labels) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
