@@ -11,7 +11,7 @@ with each item of its chunk. Either way the row gets :func:`dens.sources.fill_id
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +34,9 @@ class Inputs:
 
     countable = True  # a second pass over the items (the progress bar's total) costs a walk, nothing more
 
-    def items(self, done: set[str]) -> Iterator[sources.Item]:
-        """The items whose path cell is not in ``done`` (the rows preds.csv already has), in the walk's order."""
+    def items(self, done: set[str], done_sops: Set[str] = frozenset()) -> Iterator[sources.Item]:
+        """The items whose path cell is not in ``done`` (the rows preds.csv already has), in the walk's order
+        (``done_sops`` is a pull's: a file on disk is known by its path)."""
         found = sources.entries(self.studies, self.exclude, self.shard, self.repeats)
         return sources.items((e for e in found if path_cell(e.path) not in done), self.plain_images)
 
@@ -55,8 +56,8 @@ class PulledInputs:
 
     countable = False
 
-    def __init__(self, pull: Pull, out: Path):
-        self.pull, self.out = pull, Path(out)
+    def __init__(self, pull: Pull):
+        self.pull = pull
         self.repeats = sources.Repeats()  # none: a pull lists each instance once
 
     @contextlib.contextmanager
@@ -67,13 +68,12 @@ class PulledInputs:
                 raise PullError(f"no study on {pull.source} matches the query ({pull.query.describe()})")
             yield pull
 
-    def items(self, done: set[str]) -> Iterator[sources.Item]:
-        """One item per instance found whose SOP Instance UID has no row in preds.csv and whose path cell is not in
-        ``done``; the others are counted as done by the pull, never fetched."""
-        scored = scored_instances(self.out)
+    def items(self, done: set[str], done_sops: Set[str] = frozenset()) -> Iterator[sources.Item]:
+        """One item per instance found whose SOP Instance UID is not in ``done_sops`` and whose path cell is not in
+        ``done`` (the rows preds.csv already has); the others are counted as done by the pull, never fetched."""
 
         def is_done(instance, path: Path) -> bool:
-            return instance.sop_uid in scored or path_cell(str(path)) in done
+            return instance.sop_uid in done_sops or path_cell(str(path)) in done
 
         for pulled in self.pull.instances(is_done):
             yield sources.Item(str(pulled.path), pulled.problem, pulled_identity(pulled))
@@ -82,18 +82,6 @@ class PulledInputs:
         """Stop the pull: :meth:`items` ends at once, so the decode pool's dispatcher, waiting for the next
         instance, lets its pool close (Ctrl-C, an error) instead of waiting for the network."""
         self.pull.close()
-
-
-def scored_instances(out: Path) -> set[str]:
-    """The SOP Instance UIDs preds.csv has rows for (as its writer kept them: without the error rows on
-    --retry-errors)."""
-    from dens.preds.columns import COLUMNS
-    from dens.preds.writer import read_existing
-
-    if not out.is_file() or out.stat().st_size == 0:
-        return set()
-    column = COLUMNS.index(labels.SOP_UID)
-    return {row[column] for row in read_existing(out).rows if row[column]}
 
 
 def pulled_identity(pulled: Pulled) -> sources.Identity:

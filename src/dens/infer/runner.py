@@ -69,7 +69,7 @@ def run(cfg: InferConfig) -> Summary:
     record = None
     if source is not None:
         try:
-            inputs = PulledInputs(Pull(source, cfg.pull_query(), cfg.pull_access(), cfg.pull_folder), out)
+            inputs = PulledInputs(Pull(source, cfg.pull_query(), cfg.pull_access(), cfg.pull_folder))
         except ValueError as exc:  # a secret's variable unset since the options were read
             raise InferError(str(exc)) from exc
     else:
@@ -299,7 +299,7 @@ def _process(
     inputs: Inputs | PulledInputs, scorer: Scorer, writer: PredsWriter, cfg: InferConfig, summary: Summary
 ) -> None:
     def entries():
-        return inputs.items(writer.done)
+        return inputs.items(writer.done, writer.done_sops)
 
     in_flight = InFlight(entries())  # the items the pool takes, with the manifest's identity until the row
 

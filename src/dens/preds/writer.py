@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dens.files import atomic_write
+from dens.labels import SOP_UID
 from dens.preds.columns import COLUMNS, HEADER, MODEL_SHA256, OLDER_LAYOUTS, STATUSES
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class Existing:
     def paths(self) -> set[str]:
         """The path cells."""
         return {r[0] for r in self.rows}
+
+    @property
+    def sop_uids(self) -> set[str]:
+        """The SOP Instance UID cells (a pull knows an instance by it)."""
+        column = COLUMNS.index(SOP_UID)
+        return {r[column] for r in self.rows if r[column]}
 
     @property
     def errors(self) -> int:
@@ -138,7 +145,8 @@ class PredsWriter:
         self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, retry_errors: bool = False
     ):
         self.path = Path(path)
-        self.done: set[str] = set()
+        self.done: set[str] = set()  # the kept rows' path cells
+        self.done_sops: set[str] = set()  # and their SOP Instance UIDs
         self.models: set[str] = set()
         self.kept = self.kept_errors = self.kept_ok = self.retried = 0
         check_output(self.path, resume=resume, overwrite=overwrite)
@@ -152,6 +160,7 @@ class PredsWriter:
                 self.retried = len(existing.rows) - len(rows)
             kept = Existing(rows)
             self.done, self.models, self.kept, self.kept_errors = kept.paths, kept.models, len(rows), kept.errors
+            self.done_sops = kept.sop_uids
             self.kept_ok = sum(r[1] == "ok" for r in rows)
             if existing.torn:
                 log.warning(
