@@ -764,13 +764,20 @@ def test_stow_basic_authentication_over_https_checked_against_the_given_ca(
     assert "s3cret" not in repr(trusted) + str(refused.value)
 
 
+def spool_bytes(state: State, study_uid: str, sop_uid: str, data: bytes = b"DICM") -> bool:
+    """``data`` received as an instance is (a file on the spool's file system, then State.receive_file)."""
+    part = state.spool / f".{key('sop', sop_uid)}.part"
+    part.write_bytes(data)
+    return state.receive_file(study_uid, sop_uid, part)
+
+
 @pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/3", "1.2.3\x00", "a" * 500])
 def test_spool_names_never_hold_a_character_of_the_uid(tmp_path, uid):
     state = State(tmp_path / "state")
     path = state.spool_path(uid, uid)
     assert path.parent.parent == state.spool and re.fullmatch(r"[0-9a-f]{32}\.dcm", path.name)
     assert path.parent.name == key("study", uid) != key("sop", uid)
-    assert state.receive(uid, uid, b"DICM") and not state.receive(uid, uid, b"DICM")  # stored once
+    assert spool_bytes(state, uid, uid) and not spool_bytes(state, uid, uid)  # stored once
     assert path.read_bytes() == b"DICM"
     state.close()
     assert os.listdir(tmp_path) == ["state"]

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dens.serve.metrics import Metrics
-from test_serve import Node, free_port, make_study, wait_for
+from test_serve import Node, free_port, make_study, spool_bytes, wait_for
 
 TOKEN_ENV = "DENS_TEST_METRICS_TOKEN"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR, what the node sends
@@ -205,8 +205,8 @@ def test_metrics_read_the_queue_from_the_state(tmp_path):
 
     state = State(tmp_path / "state")
     try:
-        state.receive("1.2.3", "1.2.3.4", b"DICM")
-        state.receive("1.2.3", "1.2.3.5", b"DICM")
+        spool_bytes(state, "1.2.3", "1.2.3.4")
+        spool_bytes(state, "1.2.3", "1.2.3.5")
         metrics = Metrics()
         metrics.watch(state, started=1.5e9)
         found = samples(metrics.render().decode())

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dens import labels
-from dens.files import atomic_write, fsync_dir
+from dens.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +221,6 @@ class State:
 
     def knows(self, sop_uid: str) -> bool:
         return bool(self.read("SELECT 1 FROM instances WHERE sop_key = ?", [key("sop", sop_uid)]))
-
-    def receive(self, study_uid: str, sop_uid: str, data: bytes, calling_aet: str = "", address: str = "") -> bool:
-        """Spool one instance's bytes durably and record it; False when it was already there (stored once)."""
-        if self.knows(sop_uid):
-            return False
-        part = self.spool / f".{key('sop', sop_uid)}.part"
-        with atomic_write(part, "wb", fsync=True) as f:
-            f.write(data)
-        try:
-            return self.receive_file(study_uid, sop_uid, part, calling_aet, address)
-        finally:
-            part.unlink(missing_ok=True)
 
     def receive_file(self, study_uid: str, sop_uid: str, path: Path, calling_aet: str = "", address: str = "") -> bool:
         """Move a received file (durable, on the spool's filesystem) into the spool and record it, durable before
