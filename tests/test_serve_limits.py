@@ -25,7 +25,8 @@ from dens import labels
 from dens.serve.config import ServeConfig, redact
 from dens.serve.send import Sender
 from dens.serve.state import State, StateWriteError, key
-from dens.serve.status import COUNTS, FULL, LOCAL, MAX_CONNECTIONS, MAX_PER_PEER, REQUEST_SECONDS, snapshot, view
+from dens.serve.status import COUNTS, FULL, LOCAL, snapshot, view
+from dens.serve.statusport import MAX_CONNECTIONS, MAX_PER_PEER, REQUEST_SECONDS
 from test_serve import DENS_SERVE, WAIT, Node, echoscu, make_study, preds, wait_for
 from test_serve_status import TOKEN_ENV
 

@@ -1,5 +1,5 @@
 """The node's Prometheus metrics, served as ``GET /metrics`` on the status port to a token holder
-(:mod:`dens.serve.status`).
+(:mod:`dens.serve.statusport`).
 
 Each node has its own :class:`prometheus_client.CollectorRegistry` (never the process' default one), so two
 nodes in one process count apart. Counters count from the node's start (Prometheus' ``rate`` and ``increase``

@@ -45,7 +45,7 @@ from dens.serve.pull import Poller
 from dens.serve.scp import StorageSCP
 from dens.serve.send import Sender, outgoing
 from dens.serve.state import State, StateLocked, StateWriteError
-from dens.serve.status import serve as serve_status
+from dens.serve.statusport import serve as serve_status
 
 log = logging.getLogger(__name__)
 
